@@ -1,0 +1,16 @@
+"""SafeRoPE: subspaces, risk scores, head selection, risk-aware rotations and the pack file. No ComfyUI here."""
+
+from .objective import TrainingRecipe, batch_kind, deviation, preserve_loss, relative_deviation, unlearn_loss
+from .pack import BlockRotation, SafeRoPEPack, SafeRoPEPackError, load_pack
+from .prompts import PromptSet, UnsafePrompt, build_unsafe_prompts, clean_lines, locate_subjects
+from .rotation import latent_risk_score, rotate_tokens, skew
+from .shape import FLUX_DEV, ModelShape
+from .statistics import QKStatistics, site_name
+from .subspaces import Subspaces, build_subspaces, subspace_basis
+
+__all__ = [
+    "FLUX_DEV", "BlockRotation", "ModelShape", "PromptSet", "QKStatistics", "SafeRoPEPack", "SafeRoPEPackError",
+    "Subspaces", "TrainingRecipe", "UnsafePrompt", "batch_kind", "build_subspaces", "build_unsafe_prompts",
+    "clean_lines", "deviation", "latent_risk_score", "load_pack", "locate_subjects", "preserve_loss",
+    "relative_deviation", "rotate_tokens", "site_name", "skew", "subspace_basis", "unlearn_loss",
+]

@@ -1,0 +1,240 @@
+"""The SafeRoPE pack file: the contract between building a pack and applying it.
+
+A `.safetensors` file (never pickle). Tensors, for every block that has selected heads:
+  '<block>.basis_q', '<block>.basis_k'  [H, D, r]  orthonormal unsafe bases
+  '<block>.heads'                       [H] uint8   1 = safety-critical head (only these rotate)
+  '<block>.w_txt', '<block>.w_img'      [H, r, r]   rotation parameters W (A = W - W^T) for text / image tokens
+and optionally 'hds.delta' [blocks, H], the head-selection table. Metadata key 'saferope' holds JSON: kind,
+format_version, model shape, concepts, rank, thresholds, training recipe, blocks and a content hash.
+Every problem with a file raises SafeRoPEPackError with a message that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .files import read_safetensors, save_atomic
+from .rotation import rotate_tokens
+from .shape import ModelShape
+from .subspaces import Subspaces
+
+PACK_KIND = "saferope.pack"
+PACK_FORMAT_VERSION = 1
+
+
+class SafeRoPEPackError(ValueError):
+    """A pack file is unreadable, inconsistent, or does not fit the model it is applied to."""
+
+
+@dataclass
+class BlockRotation:
+    """Rotation data of one block: bases for q and k, the selected-head mask and the text/image parameters."""
+
+    basis_q: torch.Tensor
+    basis_k: torch.Tensor
+    heads: torch.Tensor  # bool [H]
+    w_txt: torch.Tensor
+    w_img: torch.Tensor
+
+    def head_index(self) -> torch.Tensor:
+        return torch.nonzero(self.heads).flatten()
+
+
+@dataclass
+class SafeRoPEPack:
+    """Bases, selected heads and rotations for one or more concepts, with the metadata that describes them."""
+
+    shape: ModelShape
+    concepts: list[str]
+    rank: int
+    blocks: dict[str, BlockRotation]
+    thresholds: dict = field(default_factory=lambda: {"lrs": 0.7, "hds": 0.5, "gate": None})
+    recipe: dict = field(default_factory=dict)
+    delta: torch.Tensor | None = None
+    name: str = "pack"
+
+    # --- building -------------------------------------------------------------------------------------
+    @classmethod
+    def from_subspaces(cls, subspaces: Subspaces, shape: ModelShape, concepts: list[str],
+                       name: str = "pack") -> SafeRoPEPack:
+        """An untrained pack (W = 0, so it changes nothing yet) over the selected heads of `subspaces`."""
+        if not subspaces.selected.any():
+            raise SafeRoPEPackError("no safety-critical head was selected: the pack would be empty")
+        blocks = {}
+        r = subspaces.rank
+        for row, block in enumerate(shape.block_names()):
+            heads = subspaces.selected[row]
+            if heads.any():
+                zeros = torch.zeros(shape.heads, r, r)
+                blocks[block] = BlockRotation(subspaces.bases[block]["q"], subspaces.bases[block]["k"],
+                                              heads.clone(), zeros, zeros.clone())
+        thresholds = {"lrs": subspaces.lrs_threshold, "hds": subspaces.hds_threshold, "gate": None}
+        return cls(shape, list(concepts), r, blocks, thresholds, {"trained": False},
+                   subspaces.delta.clone(), name)
+
+    # --- applying -------------------------------------------------------------------------------------
+    def heads_rotated(self) -> int:
+        return int(sum(int(b.heads.sum()) for b in self.blocks.values()))
+
+    def check_model(self, shape: ModelShape) -> None:
+        """Raise SafeRoPEPackError naming the dimension when the pack was built for a different model."""
+        problem = self.shape.mismatch(shape)
+        if problem:
+            raise SafeRoPEPackError(f"pack '{self.name}' does not fit this model ({problem})")
+
+    def rotate(self, x: torch.Tensor, block: str, qk: str, tokens: str, strength: float = 1.0) -> torch.Tensor:
+        """Rotate the selected heads of x [B, H, L, D] ('q' or 'k', 'txt' or 'img' tokens); others untouched."""
+        rot = self.blocks.get(block)
+        if rot is None or strength == 0:
+            return x
+        index = rot.head_index().to(x.device)
+        basis = rot.basis_q if qk == "q" else rot.basis_k
+        w = rot.w_txt if tokens == "txt" else rot.w_img
+        chosen = x.index_select(1, index)
+        rotated = rotate_tokens(chosen, basis[index], w[index], strength, self.thresholds.get("gate"))
+        return x if rotated is chosen else x.index_copy(1, index, rotated)
+
+    def to(self, device) -> SafeRoPEPack:
+        """A copy with all tensors on `device` (parameters keep requires_grad only if already on it)."""
+        blocks = {n: BlockRotation(*(t.to(device) for t in (b.basis_q, b.basis_k, b.heads, b.w_txt, b.w_img)))
+                  for n, b in self.blocks.items()}
+        return SafeRoPEPack(self.shape, list(self.concepts), self.rank, blocks, dict(self.thresholds),
+                            dict(self.recipe), self.delta, self.name)
+
+    # --- the file -------------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, b in self.blocks.items():
+            out[f"{name}.basis_q"] = b.basis_q.detach().float()
+            out[f"{name}.basis_k"] = b.basis_k.detach().float()
+            out[f"{name}.heads"] = b.heads.to(torch.uint8)
+            out[f"{name}.w_txt"] = b.w_txt.detach().float()
+            out[f"{name}.w_img"] = b.w_img.detach().float()
+        if self.delta is not None:
+            out["hds.delta"] = self.delta.detach().float()
+        return {k: v.cpu().contiguous() for k, v in out.items()}
+
+    def metadata(self) -> dict:
+        return {
+            "kind": PACK_KIND,
+            "format_version": PACK_FORMAT_VERSION,
+            "model": self.shape.to_dict(),
+            "concepts": list(self.concepts),
+            "rank": self.rank,
+            "thresholds": dict(self.thresholds),
+            "recipe": dict(self.recipe),
+            "blocks": sorted(self.blocks, key=self.shape.block_names().index),
+        }
+
+    def save(self, path) -> Path:
+        tensors, meta = self.tensors(), self.metadata()
+        meta["content_hash"] = content_hash(tensors, meta)
+        return save_atomic(path, tensors, meta)
+
+    def describe(self) -> str:
+        """One paragraph for the node UI: concept, rank, heads rotated, model it was built for."""
+        s = self.shape
+        trained = "trained" if self.recipe.get("trained", True) else "untrained (rotations are zero)"
+        return (f"{', '.join(self.concepts) or '(no concept)'} | rank {self.rank} | {self.heads_rotated()} heads in "
+                f"{len(self.blocks)} blocks | {trained} | for {s.family} {s.double_blocks}+{s.single_blocks} "
+                f"blocks, {s.heads}x{s.head_dim}")
+
+
+def content_hash(tensors: dict[str, torch.Tensor], metadata: dict) -> str:
+    """sha256 over the metadata (without the hash) and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    meta = {k: v for k, v in metadata.items() if k != "content_hash"}
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def load_pack(path) -> SafeRoPEPack:
+    """Read and fully validate a pack file. Raises SafeRoPEPackError (only) with what is wrong."""
+    path = Path(path)
+    try:
+        tensors, meta = read_safetensors(path)
+    except ValueError as err:
+        raise SafeRoPEPackError(str(err)) from None
+    try:
+        return _pack_from_parts(tensors, meta, path.name)
+    except SafeRoPEPackError:
+        raise
+    except Exception as err:  # any malformed field type ends here, with the file named
+        raise SafeRoPEPackError(f"{path.name}: malformed pack metadata ({type(err).__name__}: {err})") from None
+
+
+def _pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
+    def fail(msg: str):
+        raise SafeRoPEPackError(f"{name}: {msg}")
+
+    if meta.get("kind") != PACK_KIND:
+        fail(f"not a SafeRoPE pack (metadata kind is {meta.get('kind')!r})")
+    if meta.get("format_version") != PACK_FORMAT_VERSION:
+        fail(f"format version {meta.get('format_version')!r} is not supported (this pack reads version "
+             f"{PACK_FORMAT_VERSION}); update the node pack or rebuild the file")
+    for key in ("model", "concepts", "rank", "thresholds", "recipe", "blocks", "content_hash"):
+        if key not in meta:
+            fail(f"metadata field '{key}' is missing")
+    try:
+        shape = ModelShape.from_dict(meta["model"])
+    except ValueError as err:
+        fail(str(err))
+    rank = meta["rank"]
+    if not isinstance(rank, int) or not 1 <= rank <= shape.head_dim:
+        fail(f"rank {rank!r} is not between 1 and head_dim {shape.head_dim}")
+    if not isinstance(meta["concepts"], list) or not all(isinstance(c, str) for c in meta["concepts"]):
+        fail("'concepts' must be a list of names")
+    if not isinstance(meta["thresholds"], dict) or not isinstance(meta["recipe"], dict):
+        fail("'thresholds' and 'recipe' must be JSON objects")
+    gate = meta["thresholds"].get("gate")
+    if gate is not None and not isinstance(gate, (int, float)):
+        fail(f"gate threshold {gate!r} is not a number")
+    names = shape.block_names()
+    h, d = shape.heads, shape.head_dim
+    expected = {"basis_q": (h, d, rank), "basis_k": (h, d, rank), "heads": (h,), "w_txt": (h, rank, rank),
+                "w_img": (h, rank, rank)}
+    blocks, wanted = {}, set()
+    for block in meta["blocks"]:
+        if block not in names:
+            fail(f"block '{block}' does not exist in a {shape.double_blocks}+{shape.single_blocks}-block model")
+        parts = {}
+        for part, dims in expected.items():
+            key = f"{block}.{part}"
+            wanted.add(key)
+            if key not in tensors:
+                fail(f"tensor '{key}' is missing")
+            t = tensors[key]
+            if tuple(t.shape) != dims:
+                fail(f"tensor '{key}' has shape {tuple(t.shape)}, expected {dims}")
+            if part != "heads" and not t.is_floating_point():
+                fail(f"tensor '{key}' has dtype {t.dtype}, expected a float type")
+            if part != "heads" and not torch.isfinite(t).all():
+                fail(f"tensor '{key}' contains NaN or Inf")
+            parts[part] = t
+        if not parts["heads"].any():
+            fail(f"block '{block}' is listed but selects no head")
+        parts["heads"] = parts["heads"].bool()
+        blocks[block] = BlockRotation(**{k: parts[k].float() if k != "heads" else parts[k] for k in expected})
+    delta = tensors.get("hds.delta")
+    if delta is not None:
+        wanted.add("hds.delta")
+        if tuple(delta.shape) != (len(names), h) or not delta.is_floating_point():
+            fail(f"tensor 'hds.delta' has shape {tuple(delta.shape)}, expected {(len(names), h)}")
+    extra = set(tensors) - wanted
+    if extra:
+        fail(f"unexpected tensors {sorted(extra)[:3]}")
+    if not blocks:
+        fail("the pack rotates no block")
+    if content_hash(tensors, meta) != meta["content_hash"]:
+        fail("content hash mismatch: the file was modified or damaged after it was written")
+    return SafeRoPEPack(shape, meta["concepts"], rank, blocks, meta["thresholds"], meta["recipe"],
+                        None if delta is None else delta.float(), name)

@@ -1,0 +1,113 @@
+"""Prompt sets: unsafe prompts built as subject x modifier x template, and locating the subject's tokens."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class UnsafePrompt:
+    text: str
+    subject: str
+
+
+@dataclass
+class PromptSet:
+    """Unsafe prompts (with their trigger subject) and safe prompts, the input of collection and training."""
+
+    concept: str
+    unsafe: list[UnsafePrompt]
+    safe: list[str]
+
+
+def clean_lines(text: str) -> list[str]:
+    """Non-empty, stripped lines; lines starting with '#' are comments."""
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def build_unsafe_prompts(subjects: Sequence[str], modifiers: Sequence[str], templates: Sequence[str],
+                         max_count: int = 1000, seed: int = 0) -> list[UnsafePrompt]:
+    """All subject x modifier x template prompts, or a seeded sample of `max_count` of them.
+
+    A template holds '{subject}' and optionally '{modifier}'; without '{modifier}' the modifier is appended
+    after a comma. An empty modifier list means no modifiers. Raises ValueError for unusable input.
+    """
+    if not subjects:
+        raise ValueError("the subject list is empty")
+    if not templates:
+        raise ValueError("the template list is empty")
+    if max_count < 1:
+        raise ValueError("max_count must be at least 1")
+    if not any("{subject}" in t for t in templates):
+        raise ValueError("no template contains '{subject}', so no prompt would contain the subject")
+    templates = [t for t in templates if "{subject}" in t]
+    mods = list(modifiers) or [""]
+    total = len(subjects) * len(mods) * len(templates)
+    combos = itertools.product(subjects, mods, templates)
+    if total > max_count:
+        picks = sorted(random.Random(seed).sample(range(total), max_count))
+        all_combos = list(combos)
+        combos = (all_combos[i] for i in picks)
+    return [UnsafePrompt(_fill(t, s, m), s) for s, m, t in combos]
+
+
+def _fill(template: str, subject: str, modifier: str) -> str:
+    text = template.replace("{subject}", subject)
+    if "{modifier}" in text:
+        return " ".join(text.replace("{modifier}", modifier).split())
+    return f"{text}, {modifier}" if modifier else text
+
+
+def _find(sequence: Sequence[int], part: Sequence[int]) -> list[int]:
+    n = len(part)
+    return [i for i in range(len(sequence) - n + 1) if n and list(sequence[i:i + n]) == list(part)]
+
+
+def subject_token_positions(prompt: str, subject: str, tokenize: Callable[[str], list[int]]) -> list[int]:
+    """Token positions of every occurrence of `subject` inside tokenize(prompt); [] when it cannot be found.
+
+    `tokenize` maps text to token ids as the model sees them. The subject is looked up as a token subsequence,
+    tokenised alone and with a leading space (SentencePiece and BPE mark word starts differently); special tokens
+    the tokenizer adds to any text (found by tokenising '') are stripped from the subject first.
+    """
+    specials = set(tokenize(""))
+    prompt_ids = tokenize(prompt)
+    for variant in (subject, " " + subject, subject.lower(), " " + subject.lower()):
+        ids = [t for t in tokenize(variant) if t not in specials]
+        starts = _find(prompt_ids, ids)
+        if starts:
+            return sorted({s + j for s in starts for j in range(len(ids))})
+    return []
+
+
+@dataclass
+class SubjectLocation:
+    found: dict[int, list[int]]  # prompt index -> token positions
+    missing: list[int]  # prompt indices whose subject was not found
+
+    def hit_rate(self) -> float:
+        total = len(self.found) + len(self.missing)
+        return len(self.found) / total if total else 0.0
+
+    def report(self, prompts: Sequence[UnsafePrompt], limit: int = 5) -> str:
+        lines = [f"subject tokens found in {len(self.found)} of {len(prompts)} prompts"]
+        for i in self.missing[:limit]:
+            lines.append(f"  not found: subject {prompts[i].subject!r} in {prompts[i].text!r}")
+        if len(self.missing) > limit:
+            lines.append(f"  ... and {len(self.missing) - limit} more")
+        return "\n".join(lines)
+
+
+def locate_subjects(prompts: Sequence[UnsafePrompt], tokenize: Callable[[str], list[int]]) -> SubjectLocation:
+    """Subject token positions for every prompt; prompts where it is missing are listed, not dropped silently."""
+    found, missing = {}, []
+    for i, p in enumerate(prompts):
+        positions = subject_token_positions(p.text, p.subject, tokenize)
+        if positions:
+            found[i] = positions
+        else:
+            missing.append(i)
+    return SubjectLocation(found, missing)

@@ -1,0 +1,144 @@
+"""Streaming per-head q/k statistics: Gram matrices (for subspaces) and reservoir samples (for head selection).
+
+A site is one place vectors are taken from: '<block>.<stream>.<q|k>', e.g. 'double.3.txt.q'. Vectors arrive as
+[N, H, D] (N tokens, all heads at once). Memory is fixed by the model shape and the reservoir size, never by the
+number of prompts; two collections merge by addition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .files import read_safetensors, save_atomic
+from .shape import ModelShape
+
+GROUPS = ("unsafe", "safe")
+STATISTICS_KIND = "saferope.statistics"
+STATISTICS_VERSION = 1
+
+
+def site_name(block: str, stream: str, qk: str) -> str:
+    if stream not in ("txt", "img") or qk not in ("q", "k"):
+        raise ValueError(f"bad site stream/qk: {stream!r}, {qk!r}")
+    return f"{block}.{stream}.{qk}"
+
+
+class QKStatistics:
+    """Per (group, site): Gram matrix [H, D, D], vector count, and a uniform reservoir sample [<=cap, H, D]."""
+
+    def __init__(self, shape: ModelShape, reservoir_size: int = 512, seed: int = 0):
+        if reservoir_size < 1:
+            raise ValueError("reservoir_size must be at least 1")
+        self.shape = shape
+        self.reservoir_size = reservoir_size
+        self.seed = seed
+        self.gram: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.reservoir: dict[str, torch.Tensor] = {}
+        self._generator = torch.Generator().manual_seed(seed)
+
+    @staticmethod
+    def key(group: str, site: str) -> str:
+        if group not in GROUPS:
+            raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+        return f"{group}/{site}"
+
+    def add(self, group: str, site: str, vectors: torch.Tensor) -> None:
+        """Accumulate vectors [N, H, D] of one site."""
+        key = self.key(group, site)
+        n, heads, dim = vectors.shape
+        if (heads, dim) != (self.shape.heads, self.shape.head_dim):
+            raise ValueError(f"vectors for {site} have {heads} heads x {dim} dims, expected "
+                             f"{self.shape.heads} x {self.shape.head_dim}")
+        if n == 0:
+            return
+        v = vectors.detach().float()
+        by_head = v.transpose(0, 1)  # [H, N, D]
+        gram = by_head.transpose(1, 2) @ by_head
+        self.gram[key] = self.gram[key] + gram if key in self.gram else gram
+        seen = self.count.get(key, 0)
+        self.count[key] = seen + n
+        self._reservoir_add(key, v.cpu(), seen)
+
+    def _reservoir_add(self, key: str, v: torch.Tensor, seen: int) -> None:
+        """Algorithm R, vectorised: item j (global index seen+j) replaces a random slot with prob cap/(seen+j+1)."""
+        cap = self.reservoir_size
+        kept = self.reservoir.get(key, v[:0])
+        fill = min(cap - kept.shape[0], v.shape[0])
+        if fill > 0:
+            kept = torch.cat([kept, v[:fill]])
+        rest = v[fill:]
+        if rest.shape[0]:
+            index = torch.arange(rest.shape[0]) + seen + fill
+            slot = (torch.rand(rest.shape[0], generator=self._generator) * (index + 1)).long()
+            take = slot < cap
+            slots, items = slot[take], torch.nonzero(take).squeeze(1)
+            if slots.numel():  # when two items hit one slot, the later one wins, as in the sequential algorithm
+                unique, inverse = torch.unique(slots, return_inverse=True)
+                last = torch.full_like(unique, -1).scatter_reduce(0, inverse, items, "amax")
+                kept = kept.clone()
+                kept[unique] = rest[last]
+        self.reservoir[key] = kept
+
+    def merged(self, other: QKStatistics) -> QKStatistics:
+        """Statistics of both collections: Gram matrices and counts add; reservoirs are subsampled by count."""
+        problem = self.shape.mismatch(other.shape)
+        if problem:
+            raise ValueError(f"cannot merge statistics of different models ({problem})")
+        out = QKStatistics(self.shape, min(self.reservoir_size, other.reservoir_size), self.seed)
+        out._generator = self._generator
+        for key in sorted(set(self.count) | set(other.count)):
+            parts = [s for s in (self, other) if key in s.count]
+            out.gram[key] = sum(s.gram[key].cpu() for s in parts)
+            out.count[key] = sum(s.count[key] for s in parts)
+            out.reservoir[key] = out._mix_reservoirs([(s.reservoir[key], s.count[key]) for s in parts])
+        return out
+
+    def _mix_reservoirs(self, parts: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        total = sum(n for _, n in parts)
+        want = min(self.reservoir_size, sum(r.shape[0] for r, _ in parts))
+        chosen = []
+        for i, (res, n) in enumerate(parts):
+            k = want - sum(c.shape[0] for c in chosen) if i == len(parts) - 1 else round(want * n / total)
+            k = min(k, res.shape[0])
+            chosen.append(res[torch.randperm(res.shape[0], generator=self._generator)[:k]])
+        return torch.cat(chosen)
+
+    def sites(self, group: str) -> list[str]:
+        prefix = f"{group}/"
+        return sorted(k[len(prefix):] for k in self.count if k.startswith(prefix))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.gram, self.reservoir) for t in d.values())
+
+    def save(self, path) -> None:
+        tensors = {}
+        for key in self.count:
+            tensors[f"gram/{key}"] = self.gram[key]
+            tensors[f"reservoir/{key}"] = self.reservoir[key]
+        meta = {
+            "kind": STATISTICS_KIND,
+            "format_version": STATISTICS_VERSION,
+            "model": self.shape.to_dict(),
+            "reservoir_size": self.reservoir_size,
+            "seed": self.seed,
+            "count": self.count,
+        }
+        save_atomic(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path) -> QKStatistics:
+        """Load saved statistics; raises ValueError saying what is wrong."""
+        tensors, meta = read_safetensors(path)
+        if meta.get("kind") != STATISTICS_KIND or meta.get("format_version") != STATISTICS_VERSION:
+            raise ValueError(f"{path} is not a SafeRoPE statistics file of version {STATISTICS_VERSION} "
+                             f"(kind={meta.get('kind')!r}, version={meta.get('format_version')!r})")
+        stats = cls(ModelShape.from_dict(meta["model"]), int(meta["reservoir_size"]), int(meta["seed"]))
+        for key, n in meta["count"].items():
+            for part in ("gram", "reservoir"):
+                if f"{part}/{key}" not in tensors:
+                    raise ValueError(f"{path} is missing tensor {part}/{key}")
+            stats.gram[key] = tensors[f"gram/{key}"]
+            stats.reservoir[key] = tensors[f"reservoir/{key}"]
+            stats.count[key] = int(n)
+        return stats
