@@ -1,0 +1,162 @@
+"""The FLUX adapter: the only place that touches ComfyUI's model internals.
+
+One mechanism serves every feature (rotation, visualisation, collection, training, UVR): a DIFFUSION_MODEL
+wrapper, registered on a ModelPatcher clone, that for the duration of one model call installs forward hooks on
+the QKNorm modules of every block. A hook sees q/k after the RMSNorm and before RoPE, per stream in double blocks
+and for the joint sequence in single blocks, splits them by the call's token layout into text and image tokens,
+and hands each part to an editor:
+
+    editor.edit_qk(call: ModelCall, block: str, tokens: "txt" | "img", q, k) -> (q, k)
+
+Hooks are removed in `finally`; nothing is renamed, no weight or shared dict is touched, and wrappers of several
+nodes nest (each installs its own hooks, run in the order the nodes were chained). No ComfyUI forward code is
+copied: the stock forward runs, the hooks only see and replace QKNorm's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import comfy.ldm.flux.model
+import comfy.patcher_extension
+import torch
+
+from ..saferope_core import ModelShape
+
+WRAPPER_KEY = "saferope"
+
+
+class NotFluxError(TypeError):
+    """The model is not a FLUX-family transformer that SafeRoPE can patch."""
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Token layout of one model call. Joint sequence order: [text | image | reference images]."""
+
+    batch: int
+    txt: int
+    img: int
+    img_hw: tuple[int, int]
+    refs: tuple[int, ...] = ()
+    ref_hw: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def total(self) -> int:
+        return self.txt + self.img + sum(self.refs)
+
+    def image_slice(self) -> slice:
+        """The generated image's tokens inside the image stream (reference tokens follow them)."""
+        return slice(0, self.img)
+
+
+@dataclass
+class ModelCall:
+    """What an editor knows about the current model call."""
+
+    layout: TokenLayout
+    sigma: torch.Tensor
+    transformer_options: dict = field(default_factory=dict)
+
+
+def _tokens_hw(latent: torch.Tensor, patch: int) -> tuple[int, int]:
+    h, w = latent.shape[-2:]
+    return (h + patch // 2) // patch, (w + patch // 2) // patch
+
+
+def token_layout(model, x: torch.Tensor, context: torch.Tensor, ref_latents=None) -> TokenLayout:
+    """Layout from the inputs of Flux.forward (latent x, text context, Kontext reference latents)."""
+    patch = model.patch_size
+    hw = _tokens_hw(x, patch)
+    ref_hw = tuple(_tokens_hw(r, patch) for r in (ref_latents or []))
+    return TokenLayout(x.shape[0], context.shape[1], hw[0] * hw[1], hw, tuple(h * w for h, w in ref_hw), ref_hw)
+
+
+def flux_model(patcher) -> comfy.ldm.flux.model.Flux:
+    """The FLUX transformer inside a ModelPatcher, or NotFluxError naming what was found instead."""
+    inner = getattr(getattr(patcher, "model", None), "diffusion_model", None)
+    if inner is None:
+        raise NotFluxError(f"expected a diffusion MODEL, got {type(patcher).__name__}")
+    name = f"{type(inner).__module__}.{type(inner).__name__}"
+    if "nunchaku" in name.lower() or type(inner).__name__ == "ComfyFluxWrapper":
+        raise NotFluxError(f"the model is a Nunchaku transformer ({name}); it replaces FLUX's attention and ignores "
+                           "ComfyUI's transformer options, so SafeRoPE cannot reach its queries and keys. Load the "
+                           "model with Load Diffusion Model (bf16, fp8 or GGUF) instead")
+    if not isinstance(inner, comfy.ldm.flux.model.Flux):
+        raise NotFluxError(f"the model is {name}, not a FLUX-family transformer (comfy.ldm.flux.model.Flux); "
+                           "SafeRoPE supports FLUX.1 dev, schnell and Kontext")
+    return inner
+
+
+def model_shape(patcher) -> ModelShape:
+    model = flux_model(patcher)
+    return ModelShape("flux", len(model.double_blocks), len(model.single_blocks), model.num_heads,
+                      model.hidden_size // model.num_heads)
+
+
+def qk_sites(model) -> list[tuple[torch.nn.Module, str, str]]:
+    """(QKNorm module, block name, stream) for every attention of the model: 'txt'/'img' or 'joint'."""
+    sites = []
+    for i, block in enumerate(model.double_blocks):
+        sites.append((block.txt_attn.norm, f"double.{i}", "txt"))
+        sites.append((block.img_attn.norm, f"double.{i}", "img"))
+    for i, block in enumerate(model.single_blocks):
+        sites.append((block.norm, f"single.{i}", "joint"))
+    return sites
+
+
+def _make_hook(editor, call: ModelCall, block: str, stream: str) -> Callable:
+    def hook(_module, _args, output):
+        q, k = output
+        if stream != "joint":
+            return editor.edit_qk(call, block, stream, q, k)
+        n = call.layout.txt
+        q_txt, k_txt = editor.edit_qk(call, block, "txt", q[:, :, :n], k[:, :, :n])
+        q_img, k_img = editor.edit_qk(call, block, "img", q[:, :, n:], k[:, :, n:])
+        return torch.cat((q_txt, q_img), dim=2), torch.cat((k_txt, k_img), dim=2)
+
+    return hook
+
+
+class QKEditWrapper:
+    """DIFFUSION_MODEL wrapper that routes every block's q/k through `editor` during one model call.
+
+    Holds no per-call state, so ModelPatcher.clone()'s deep copies may share it (__deepcopy__ returns self).
+    """
+
+    def __init__(self, editor):
+        self.editor = editor
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                 transformer_options=None, **kwargs):
+        model = executor.class_obj
+        transformer_options = transformer_options if transformer_options is not None else {}
+        call = ModelCall(token_layout(model, x, context, ref_latents), timestep, transformer_options)
+        handles = [m.register_forward_hook(_make_hook(self.editor, call, block, stream))
+                   for m, block, stream in qk_sites(model)]
+        try:
+            return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def with_qk_editor(patcher, editor):
+    """A clone of `patcher` whose model calls route q/k through `editor` (stacks with earlier editors)."""
+    flux_model(patcher)
+    clone = patcher.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, QKEditWrapper(editor))
+    return clone
+
+
+def call_options(patcher, model_options: dict | None = None) -> dict:
+    """transformer_options for calling patcher.model.apply_model directly (outside a sampler), with the patcher's
+    wrappers merged in, as ComfyUI's sampler does."""
+    options = comfy.patcher_extension.copy_nested_dicts((model_options or patcher.model_options).get(
+        "transformer_options", {}))
+    comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
+    return options
