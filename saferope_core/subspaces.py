@@ -42,7 +42,7 @@ class Subspaces:
         """Readable report: selected heads per block and the delta distribution."""
         lines = [f"rank {self.rank}, LRS > {self.lrs_threshold}, keep heads with delta >= {self.hds_threshold}",
                  f"selected {int(self.selected.sum())} of {self.selected.numel()} heads"]
-        for name, row, sel in zip(block_names, self.delta, self.selected):
+        for name, row, sel in zip(block_names, self.delta, self.selected, strict=True):
             if sel.any():
                 heads = ", ".join(f"h{int(h)} ({row[h]:.2f})" for h in torch.nonzero(sel).flatten())
                 lines.append(f"  {name}: {heads}")
