@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULTS_DIR = Path(__file__).parent / "default_prompts"
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ def build_unsafe_prompts(subjects: Sequence[str], modifiers: Sequence[str], temp
 def _fill(template: str, subject: str, modifier: str) -> str:
     text = template.replace("{subject}", subject)
     if "{modifier}" in text:
-        return " ".join(text.replace("{modifier}", modifier).split())
+        return " ".join(text.replace("{modifier}", modifier).split()).strip(" ,")
     return f"{text}, {modifier}" if modifier else text
 
 
@@ -111,3 +116,39 @@ def locate_subjects(prompts: Sequence[UnsafePrompt], tokenize: Callable[[str], l
         else:
             missing.append(i)
     return SubjectLocation(found, missing)
+
+
+def default_concepts() -> list[str]:
+    """Concepts with lists shipped in the pack (written for it): nudity, violence, an art style, an IP character."""
+    return sorted(p.stem for p in DEFAULTS_DIR.glob("*.json"))
+
+
+def default_lists(concept: str) -> dict[str, list[str]]:
+    """The shipped subjects, modifiers, templates and safe prompts of a concept."""
+    path = DEFAULTS_DIR / f"{concept}.json"
+    if not path.is_file():
+        raise ValueError(f"no default prompt lists for {concept!r}; known: {', '.join(default_concepts())}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_prompt_file(path: str | Path, limit: int | None = None) -> list[str]:
+    """Prompts from a .txt file (one per line) or a .csv file (column 'prompt', 'caption' or 'text', else the
+    first column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompt file not found: {path}")
+    if path.suffix.lower() != ".csv":
+        lines = clean_lines(path.read_text(encoding="utf-8", errors="replace"))
+        return lines[:limit] if limit else lines
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        lowered = [h.strip().lower() for h in header]
+        column = next((lowered.index(c) for c in ("prompt", "caption", "text") if c in lowered), 0)
+        out = []
+        for row in reader:
+            if len(row) > column and row[column].strip():
+                out.append(row[column].strip())
+                if limit and len(out) >= limit:
+                    break
+    return out
