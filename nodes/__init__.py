@@ -1,15 +1,21 @@
 """ComfyUI nodes of the SafeRoPE pack (thin: inputs -> saferope_core -> outputs) and the FLUX adapter."""
 
 from . import model_files
+from .collect_nodes import (
+    BuildSubspaces,
+    CollectQK,
+    LoadStatistics,
+    MergeStatistics,
+    SafeRoPEPromptSet,
+    SaveSafeRoPEPack,
+    SaveStatistics,
+)
 from .rotation_nodes import ApplyRiskRotation, LoadSafeRoPEPack
 
-model_files.register_folder()
+model_files.register_folders()
 
-NODE_CLASS_MAPPINGS = {
-    "LoadSafeRoPEPack": LoadSafeRoPEPack,
-    "ApplyRiskRotation": ApplyRiskRotation,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "LoadSafeRoPEPack": "Load SafeRoPE Pack",
-    "ApplyRiskRotation": "Apply Risk Rotation",
-}
+_NODES = [LoadSafeRoPEPack, ApplyRiskRotation, SafeRoPEPromptSet, CollectQK, MergeStatistics, BuildSubspaces,
+          SaveSafeRoPEPack, SaveStatistics, LoadStatistics]
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: cls.NODE for cls in _NODES}

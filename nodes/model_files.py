@@ -6,17 +6,19 @@ import os
 
 import folder_paths
 
-FOLDER = "saferope"
+FOLDER = "saferope"  # packs (trained, or untrained subspaces)
+STATS_FOLDER = "saferope_statistics"  # collected q/k statistics
 EXTENSIONS = {".safetensors"}
 
 
-def register_folder() -> None:
-    """Register the folder with folder_paths, keeping paths configured elsewhere; only .safetensors files."""
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    paths, _ = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
-    if default not in paths:
-        paths = [*paths, default]
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(EXTENSIONS))
+def register_folders() -> None:
+    """Register both folders with folder_paths, keeping paths configured elsewhere; only .safetensors files."""
+    for name in (FOLDER, STATS_FOLDER):
+        default = os.path.join(folder_paths.models_dir, name)
+        paths, _ = folder_paths.folder_names_and_paths.get(name, ([], set()))
+        if default not in paths:
+            paths = [*paths, default]
+        folder_paths.folder_names_and_paths[name] = (paths, set(EXTENSIONS))
 
 
 def pack_files() -> list[str]:
@@ -27,9 +29,9 @@ def resolve(name: str) -> str:
     return folder_paths.get_full_path_or_raise(FOLDER, name)
 
 
-def output_dir() -> str:
-    """The first saferope folder: where new files are written."""
-    path = folder_paths.get_folder_paths(FOLDER)[0]
+def output_dir(folder: str = FOLDER) -> str:
+    """The first path of a folder: where new files are written."""
+    path = folder_paths.get_folder_paths(folder)[0]
     os.makedirs(path, exist_ok=True)
     return path
 

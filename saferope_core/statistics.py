@@ -26,10 +26,12 @@ def site_name(block: str, stream: str, qk: str) -> str:
 class QKStatistics:
     """Per (group, site): Gram matrix [H, D, D], vector count, and a uniform reservoir sample [<=cap, H, D]."""
 
-    def __init__(self, shape: ModelShape, reservoir_size: int = 512, seed: int = 0):
+    def __init__(self, shape: ModelShape, reservoir_size: int = 512, seed: int = 0,
+                 concepts: list[str] | None = None):
         if reservoir_size < 1:
             raise ValueError("reservoir_size must be at least 1")
         self.shape = shape
+        self.concepts = list(concepts or [])
         self.reservoir_size = reservoir_size
         self.seed = seed
         self.gram: dict[str, torch.Tensor] = {}
@@ -85,7 +87,8 @@ class QKStatistics:
         problem = self.shape.mismatch(other.shape)
         if problem:
             raise ValueError(f"cannot merge statistics of different models ({problem})")
-        out = QKStatistics(self.shape, min(self.reservoir_size, other.reservoir_size), self.seed)
+        concepts = self.concepts + [c for c in other.concepts if c not in self.concepts]
+        out = QKStatistics(self.shape, min(self.reservoir_size, other.reservoir_size), self.seed, concepts)
         out._generator = self._generator
         for key in sorted(set(self.count) | set(other.count)):
             parts = [s for s in (self, other) if key in s.count]
@@ -122,6 +125,7 @@ class QKStatistics:
             "model": self.shape.to_dict(),
             "reservoir_size": self.reservoir_size,
             "seed": self.seed,
+            "concepts": self.concepts,
             "count": self.count,
         }
         save_atomic(path, tensors, meta)
@@ -133,7 +137,8 @@ class QKStatistics:
         if meta.get("kind") != STATISTICS_KIND or meta.get("format_version") != STATISTICS_VERSION:
             raise ValueError(f"{path} is not a SafeRoPE statistics file of version {STATISTICS_VERSION} "
                              f"(kind={meta.get('kind')!r}, version={meta.get('format_version')!r})")
-        stats = cls(ModelShape.from_dict(meta["model"]), int(meta["reservoir_size"]), int(meta["seed"]))
+        stats = cls(ModelShape.from_dict(meta["model"]), int(meta["reservoir_size"]), int(meta["seed"]),
+                    list(meta.get("concepts", [])))
         for key, n in meta["count"].items():
             for part in ("gram", "reservoir"):
                 if f"{part}/{key}" not in tensors:
