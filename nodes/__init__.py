@@ -11,11 +11,12 @@ from .collect_nodes import (
     SaveStatistics,
 )
 from .rotation_nodes import ApplyRiskRotation, LoadSafeRoPEPack
+from .train_nodes import TrainRiskRotations
 
 model_files.register_folders()
 
 _NODES = [LoadSafeRoPEPack, ApplyRiskRotation, SafeRoPEPromptSet, CollectQK, MergeStatistics, BuildSubspaces,
-          SaveSafeRoPEPack, SaveStatistics, LoadStatistics]
+          TrainRiskRotations, SaveSafeRoPEPack, SaveStatistics, LoadStatistics]
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: cls.NODE for cls in _NODES}

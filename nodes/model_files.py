@@ -8,12 +8,13 @@ import folder_paths
 
 FOLDER = "saferope"  # packs (trained, or untrained subspaces)
 STATS_FOLDER = "saferope_statistics"  # collected q/k statistics
+TRAINING_FOLDER = "saferope_training"  # resumable training checkpoints
 EXTENSIONS = {".safetensors"}
 
 
 def register_folders() -> None:
     """Register both folders with folder_paths, keeping paths configured elsewhere; only .safetensors files."""
-    for name in (FOLDER, STATS_FOLDER):
+    for name in (FOLDER, STATS_FOLDER, TRAINING_FOLDER):
         default = os.path.join(folder_paths.models_dir, name)
         paths, _ = folder_paths.folder_names_and_paths.get(name, ([], set()))
         if default not in paths:

@@ -1,14 +1,17 @@
 """The SafeRoPE training objective over two velocity callables, so it does not depend on any model class.
 
 Paper (sec. 3.4): maximise ||v_base - v_rot||^2 on unsafe prompts (x_t = noise), minimise it on safe
-caption/image pairs (u_t = (1 - t) u + t noise), as a bi-level problem. Practical form used here:
+caption/image pairs (u_t = (1 - t) u + t noise), as a bi-level problem. Practical form used here, with D the
+deviation relative to the base velocity's energy, ||v_base - v_rot||^2 / ||v_base||^2:
 
-    loss = preserve_weight * D_safe - unlearn_weight * min(D_unsafe, unlearn_cap)
+    unlearn step:   loss = -unlearn_weight  * log(tol + min(D_unsafe, unlearn_cap))
+    preserve step:  loss =  preserve_weight * log(tol + D_safe)
 
-with D the deviation relative to the base velocity's energy, ||v_base - v_rot||^2 / ||v_base||^2, so weights
-do not depend on the model's scale. The cap bounds the unlearn term: once an unsafe prompt is pushed far enough,
-only the preserve term acts, which keeps the maximisation from running away (the paper's lower level as a
-penalty). Batches alternate between unsafe and safe in runs (`batch_kind`), as in the authors' schedule.
+Logarithms make the steps independent of how strongly a model reacts to a rotation (D grows like the square of
+the angle, so a plain D has vanishing gradients at the small angles training starts from). The cap bounds the
+unlearn term: once an unsafe prompt deviates enough, only the preserve term acts. For D_safe << tol the preserve
+term is D_safe / tol: deviations below `tol` count as "unchanged" (the paper's lower level as a penalty). Batches
+alternate between unsafe and safe in runs (`batch_kind`), as in the authors' schedule.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ class TrainingRecipe:
     steps: int = 1000
     learning_rate: float = 1e-3
     unlearn_weight: float = 1.0
-    preserve_weight: float = 10.0
+    preserve_weight: float = 1.0
     unlearn_cap: float = 1.0
+    tolerance: float = 1e-3
     run_length: int = 10
+    text_init_scale: float = 0.1
     image_init_scale: float = 0.01
+    sigma_min: float = 0.3
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -62,11 +68,13 @@ def deviation(base: Velocity, rotated: Velocity, cond, noise: torch.Tensor, sigm
 
 
 def unlearn_loss(unsafe_deviation: torch.Tensor, recipe: TrainingRecipe) -> torch.Tensor:
-    return -recipe.unlearn_weight * unsafe_deviation.clamp(max=recipe.unlearn_cap).mean()
+    """Maximise the (capped) deviation on unsafe prompts."""
+    return -recipe.unlearn_weight * torch.log(recipe.tolerance + unsafe_deviation.clamp(max=recipe.unlearn_cap)).mean()
 
 
 def preserve_loss(safe_deviation: torch.Tensor, recipe: TrainingRecipe) -> torch.Tensor:
-    return recipe.preserve_weight * safe_deviation.mean()
+    """Keep the deviation on safe prompts below the tolerance."""
+    return recipe.preserve_weight * torch.log(recipe.tolerance + safe_deviation).mean()
 
 
 def batch_kind(step: int, run_length: int) -> str:

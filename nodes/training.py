@@ -1,0 +1,236 @@
+"""Training risk rotations on a frozen FLUX inside a ComfyUI node.
+
+- Only the rotation parameters W (text and image, per selected head) are leaf tensors with gradients.
+- ComfyUI runs nodes under torch.inference_mode(); training runs under inference_mode(False) + enable_grad.
+- The stock FLUX blocks update their residual stream in place (`txt += ...`, `x += ...`) after layer norms saved
+  that same tensor for backward. A block-replace patch (ComfyUI's "dit" patches_replace, chained with any patch
+  already there) clones, through saved_tensors_hooks, only tensors that share storage with the block's inputs,
+  so no weight is ever copied; optional gradient checkpointing recomputes each block in backward.
+- Each step's randomness comes from (seed, step), so a run resumed from a checkpoint (W + Adam state, written to a
+  temp file and renamed into place) reaches the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint
+
+from ..saferope_core import (
+    PromptSet,
+    SafeRoPEPack,
+    TrainingRecipe,
+    batch_kind,
+    deviation,
+    preserve_loss,
+    unlearn_loss,
+)
+from ..saferope_core.files import read_safetensors, save_atomic
+from ..saferope_core.pack import content_hash
+from .flux_adapter import call_options, with_qk_editor
+from .model_calls import EncodedPrompt, encode_prompt, velocity
+from .rotation_nodes import RiskRotation
+
+CHECKPOINT_KIND = "saferope.training_checkpoint"
+
+
+class BackwardSafeBlock:
+    """dit block-replace patch that makes a stock block differentiable despite its in-place residual updates."""
+
+    def __init__(self, inner=None, checkpoint: bool = False):
+        self.inner, self.checkpoint = inner, checkpoint
+
+    def __call__(self, args, extra):
+        def run(block_args):
+            storages = {t.untyped_storage().data_ptr() for k in ("img", "txt")
+                        if torch.is_tensor(t := block_args.get(k))}
+
+            def pack(t):
+                return t.clone() if t.untyped_storage().data_ptr() in storages else t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = self.inner(block_args, extra) if self.inner else extra["original_block"](block_args)
+            return out
+
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(run, args, use_reentrant=False)
+        return run(args)
+
+
+def training_options(patcher, checkpointing: bool) -> dict:
+    """transformer_options for a differentiable call: the patcher's own, with every block wrapped."""
+    options = call_options(patcher)
+    model = patcher.model.diffusion_model
+    replace = options.setdefault("patches_replace", {}).setdefault("dit", {})
+    for kind, blocks in (("double_block", model.double_blocks), ("single_block", model.single_blocks)):
+        for i in range(len(blocks)):
+            replace[(kind, i)] = BackwardSafeBlock(replace.get((kind, i)), checkpointing)
+    return options
+
+
+def make_autograd_safe(model: torch.nn.Module) -> int:
+    """Give inference-mode weights a normal tensor, one parameter at a time, so autograd may save them.
+
+    ComfyUI may create weights under inference_mode; autograd refuses to save such tensors for backward. Each is
+    replaced by a normal tensor with the same values (peak extra memory: one parameter). Returns how many changed.
+    """
+    changed = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.is_inference():
+                    module._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+                    changed += 1
+    return changed
+
+
+def trainable_pack(pack: SafeRoPEPack, recipe: TrainingRecipe, device) -> tuple[SafeRoPEPack, list[torch.Tensor]]:
+    """A copy of `pack` on `device` whose W tensors are leaf parameters (text and image, all blocks)."""
+    g = torch.Generator().manual_seed(recipe.seed)
+    out = pack.to(device)
+    params = []
+    for name in sorted(out.blocks, key=pack.shape.block_names().index):
+        b = out.blocks[name]
+        for attr, scale in (("w_txt", recipe.text_init_scale), ("w_img", recipe.image_init_scale)):
+            w = getattr(b, attr).detach().clone()
+            if not torch.any(w):
+                w = scale * torch.randn(w.shape, generator=g)
+            w = w.to(device).requires_grad_(True)
+            setattr(b, attr, w)
+            params.append(w)
+    return out, params
+
+
+@dataclass
+class TrainingState:
+    step: int
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+
+
+def save_checkpoint(path, state: TrainingState, recipe: TrainingRecipe, subspaces_id: str) -> None:
+    tensors = {f"param/{i}": p for i, p in enumerate(state.params)}
+    opt = state.optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for key, value in st.items():
+            tensors[f"opt/{idx}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    meta = {"kind": CHECKPOINT_KIND, "step": state.step, "recipe": recipe.to_dict(), "subspaces": subspaces_id,
+            "param_groups": json.loads(json.dumps(opt["param_groups"]))}
+    save_atomic(path, tensors, meta)
+
+
+def load_checkpoint(path, state: TrainingState, recipe: TrainingRecipe, subspaces_id: str) -> None:
+    """Restore W and the optimizer into `state`; ValueError if the checkpoint belongs to another run."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"{path} is not a SafeRoPE training checkpoint")
+    if meta.get("subspaces") != subspaces_id:
+        raise ValueError(f"{path} was trained on different subspaces")
+    theirs = dict(meta.get("recipe", {}))
+    mine = recipe.to_dict()
+    for key in mine:
+        if key != "steps" and theirs.get(key) != mine[key]:
+            raise ValueError(f"{path} used {key}={theirs.get(key)!r}, this run uses {mine[key]!r}")
+    with torch.no_grad():
+        for i, p in enumerate(state.params):
+            p.copy_(tensors[f"param/{i}"].to(p.device))
+    opt_state = {}
+    for name, value in tensors.items():
+        if name.startswith("opt/"):
+            _, idx, key = name.split("/")
+            opt_state.setdefault(int(idx), {})[key] = value
+    state.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    state.step = int(meta["step"])
+
+
+@dataclass
+class TrainingData:
+    prompts: PromptSet
+    latent_size: tuple[int, int, int]
+    safe_latents: torch.Tensor | None = None  # [N, C, h, w], model-space latents of safe images
+    safe_captions: list[str] | None = None
+
+
+class RotationTrainer:
+    """Trains the rotations of an untrained (or partly trained) pack on a frozen FLUX ModelPatcher."""
+
+    def __init__(self, patcher, clip, subspaces: SafeRoPEPack, data: TrainingData, recipe: TrainingRecipe,
+                 checkpointing: bool = False):
+        self.patcher, self.clip, self.data, self.recipe = patcher, clip, data, recipe
+        self.subspaces = subspaces
+        self.subspaces_id = content_hash(subspaces.tensors(), {"rank": subspaces.rank})
+        self.checkpointing = checkpointing
+        self._encoded: dict[str, EncodedPrompt] = {}
+
+    def _prompt(self, text: str) -> EncodedPrompt:
+        if text not in self._encoded:
+            self._encoded[text] = encode_prompt(self.clip, text)
+        return self._encoded[text]
+
+    def _batch(self, step: int, device):
+        """The (deterministic) sample of a step: kind, prompt, noise, sigma, clean latent or None."""
+        rng = random.Random(self.recipe.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step)
+        kind = batch_kind(step, self.recipe.run_length)
+        clean = None
+        if kind == "unsafe":
+            text = rng.choice(self.data.prompts.unsafe).text
+        elif self.data.safe_latents is not None:
+            i = rng.randrange(self.data.safe_latents.shape[0])
+            text, clean = self.data.safe_captions[i], self.data.safe_latents[i:i + 1].to(device)
+        else:
+            text = rng.choice(self.data.prompts.safe)
+        shape = clean.shape[1:] if clean is not None else self.data.latent_size
+        noise = torch.randn((1, *shape), generator=g).to(device)
+        sigma = torch.tensor([self.recipe.sigma_min + (1 - self.recipe.sigma_min) * rng.random()], device=device)
+        return kind, self._prompt(text), noise, sigma, clean
+
+    def train(self, checkpoint_path: str | None = None, resume: bool = True, checkpoint_every: int = 100,
+              on_step=None, should_stop=None) -> SafeRoPEPack:
+        recipe = self.recipe
+        device = self.patcher.load_device
+        with torch.inference_mode(False), torch.enable_grad():
+            pack, params = trainable_pack(self.subspaces, recipe, device)
+            state = TrainingState(0, params, torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0))
+            if resume and checkpoint_path and os.path.isfile(checkpoint_path):
+                load_checkpoint(checkpoint_path, state, recipe, self.subspaces_id)
+            rotated = with_qk_editor(self.patcher, RiskRotation(pack, 1.0, ("txt", "img")))
+            make_autograd_safe(self.patcher.model)
+            base_opts = call_options(self.patcher)
+            train_opts = training_options(rotated, self.checkpointing)
+
+            def base(x, s, p):
+                return velocity(self.patcher, x, s, p, options=base_opts)
+
+            def rot(x, s, p):
+                return velocity(rotated, x, s, p, options=train_opts)
+
+            while state.step < recipe.steps:
+                if should_stop is not None:
+                    should_stop()
+                kind, prompt, noise, sigma, clean = self._batch(state.step, device)
+                dev = deviation(base, rot, prompt, noise, sigma, clean)
+                loss = unlearn_loss(dev, recipe) if kind == "unsafe" else preserve_loss(dev, recipe)
+                state.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                state.optimizer.step()
+                state.step += 1
+                if on_step is not None:
+                    on_step(state.step, kind, float(dev.mean()), float(loss))
+                if checkpoint_path and (state.step % checkpoint_every == 0 or state.step == recipe.steps):
+                    save_checkpoint(checkpoint_path, state, recipe, self.subspaces_id)
+        return finished_pack(self.subspaces, pack, recipe)
+
+
+def finished_pack(subspaces: SafeRoPEPack, trained: SafeRoPEPack, recipe: TrainingRecipe) -> SafeRoPEPack:
+    out = subspaces.to("cpu")
+    for name, b in out.blocks.items():
+        b.w_txt = trained.blocks[name].w_txt.detach().float().cpu()
+        b.w_img = trained.blocks[name].w_img.detach().float().cpu()
+    out.recipe = {"trained": True, **recipe.to_dict()}
+    return out
+
