@@ -189,15 +189,15 @@ def _pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
     except ValueError as err:
         fail(str(err))
     rank = meta["rank"]
-    if not isinstance(rank, int) or not 1 <= rank <= shape.head_dim:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= shape.head_dim:
         fail(f"rank {rank!r} is not between 1 and head_dim {shape.head_dim}")
     if not isinstance(meta["concepts"], list) or not all(isinstance(c, str) for c in meta["concepts"]):
         fail("'concepts' must be a list of names")
     if not isinstance(meta["thresholds"], dict) or not isinstance(meta["recipe"], dict):
         fail("'thresholds' and 'recipe' must be JSON objects")
     gate = meta["thresholds"].get("gate")
-    if gate is not None and not isinstance(gate, (int, float)):
-        fail(f"gate threshold {gate!r} is not a number")
+    if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 <= gate < 1):
+        fail(f"gate threshold {gate!r} is not a number in [0, 1)")
     names = shape.block_names()
     h, d = shape.heads, shape.head_dim
     expected = {"basis_q": (h, d, rank), "basis_k": (h, d, rank), "heads": (h,), "w_txt": (h, rank, rank),
@@ -227,8 +227,12 @@ def _pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
     delta = tensors.get("hds.delta")
     if delta is not None:
         wanted.add("hds.delta")
-        if tuple(delta.shape) != (len(names), h) or not delta.is_floating_point():
+        if tuple(delta.shape) != (len(names), h):
             fail(f"tensor 'hds.delta' has shape {tuple(delta.shape)}, expected {(len(names), h)}")
+        if not delta.is_floating_point():
+            fail(f"tensor 'hds.delta' has dtype {delta.dtype}, expected a float type")
+        if not torch.isfinite(delta).all():
+            fail("tensor 'hds.delta' contains NaN or Inf")
     extra = set(tensors) - wanted
     if extra:
         fail(f"unexpected tensors {sorted(extra)[:3]}")

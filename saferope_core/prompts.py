@@ -80,12 +80,11 @@ def subject_token_positions(prompt: str, subject: str, tokenize: Callable[[str],
     """
     specials = set(tokenize(""))
     prompt_ids = tokenize(prompt)
-    for variant in (subject, " " + subject, subject.lower(), " " + subject.lower()):
+    positions = set()
+    for variant in dict.fromkeys((subject, " " + subject, subject.lower(), " " + subject.lower())):
         ids = [t for t in tokenize(variant) if t not in specials]
-        starts = _find(prompt_ids, ids)
-        if starts:
-            return sorted({s + j for s in starts for j in range(len(ids))})
-    return []
+        positions.update(s + j for s in _find(prompt_ids, ids) for j in range(len(ids)))
+    return sorted(positions)
 
 
 @dataclass
@@ -132,8 +131,8 @@ def default_lists(concept: str) -> dict[str, list[str]]:
 
 
 def read_prompt_file(path: str | Path, limit: int | None = None) -> list[str]:
-    """Prompts from a .txt file (one per line) or a .csv file (column 'prompt', 'caption' or 'text', else the
-    first column)."""
+    """Prompts from a .txt file (one per line) or a .csv file with a header row (column 'prompt', 'caption' or
+    'text', else the first column)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"prompt file not found: {path}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+MAX_SIZE = 4096  # bound on any block/head count or head_dim read from a file, so a damaged file fails fast
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -26,17 +28,16 @@ class ModelShape:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelShape:
-        try:
-            shape = cls(
-                family=str(data["family"]),
-                double_blocks=int(data["double_blocks"]),
-                single_blocks=int(data["single_blocks"]),
-                heads=int(data["heads"]),
-                head_dim=int(data["head_dim"]),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"model shape is incomplete or malformed ({err!r}): {data!r}") from None
-        if min(shape.heads, shape.head_dim) < 1 or min(shape.double_blocks, shape.single_blocks) < 0:
+        sizes = ("double_blocks", "single_blocks", "heads", "head_dim")
+        if not isinstance(data, dict) or not isinstance(data.get("family"), str):
+            raise ValueError(f"model shape is incomplete or malformed: {data!r}")
+        for key in sizes:
+            value = data.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SIZE:
+                raise ValueError(f"model shape field '{key}' = {value!r} is impossible: expected an integer in "
+                                 f"[0, {MAX_SIZE}]")
+        shape = cls(data["family"], *(data[key] for key in sizes))
+        if min(shape.heads, shape.head_dim) < 1:
             raise ValueError(f"model shape has impossible sizes: {data!r}")
         return shape
 

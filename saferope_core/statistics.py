@@ -72,7 +72,7 @@ class QKStatistics:
         rest = v[fill:]
         if rest.shape[0]:
             index = torch.arange(rest.shape[0]) + seen + fill
-            slot = (torch.rand(rest.shape[0], generator=self._generator) * (index + 1)).long()
+            slot = (torch.rand(rest.shape[0], generator=self._generator, dtype=torch.float64) * (index + 1)).long()
             take = slot < cap
             slots, items = slot[take], torch.nonzero(take).squeeze(1)
             if slots.numel():  # when two items hit one slot, the later one wins, as in the sequential algorithm
