@@ -1,0 +1,259 @@
+"""The ComfyUI tier of the tests: find and import a ComfyUI checkout, build a tiny FLUX from ComfyUI's own classes,
+call it the way sampling does, and make text conditioning without a text encoder.
+
+Plain functions, no pytest fixtures. Everything comfy is imported lazily, so this module imports anywhere; call
+`import_comfyui()` first in a test process (a ComfyUI server has comfy imported already).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+KINDS = ("dev", "schnell", "kontext")
+CONTEXT_DIM = 32  # width of a text token of the tiny models (T5-XXL's 4096 in FLUX)
+POOLED_DIM = 16  # width of the pooled text vector (CLIP-L's 768 in FLUX)
+DEFAULT_GUIDANCE = 3.5  # what ComfyUI's Flux.extra_conds uses when a conditioning has no "guidance"
+CPU = torch.device("cpu")
+
+
+def _is_comfyui(path: Path) -> bool:
+    return (path / "comfy" / "model_patcher.py").is_file()
+
+
+def find_comfyui() -> Path | None:
+    """The ComfyUI checkout to test against, or None.
+
+    $COMFYUI_PATH when set (set it empty to skip the tier), else $HOME/ComfyUI, else the ComfyUI whose
+    custom_nodes folder holds this repository.
+    """
+    env = os.environ.get("COMFYUI_PATH")
+    if env is not None:
+        candidates = [Path(env)] if env else []
+    else:
+        candidates = [Path.home() / "ComfyUI"]
+        if REPO.parent.name == "custom_nodes":
+            candidates.append(REPO.parent.parent)
+    return next((p.resolve() for p in candidates if _is_comfyui(p)), None)
+
+
+def import_comfyui(path: str | Path | None = None) -> Path:
+    """Put ComfyUI first on sys.path and import it on the CPU. Idempotent; returns the checkout used.
+
+    ComfyUI parses the command line only after `comfy.options.enable_args_parsing()` (main.py calls it), so
+    pytest's argv never reaches its argparse. Its own top-level modules (`nodes`, `utils`, `tests`, ...) win over
+    same-named ones of this repo: import the pack with `import_pack()`, never as `nodes`.
+    """
+    path = Path(path or find_comfyui() or "").resolve()
+    if not _is_comfyui(path):
+        raise RuntimeError(f"no ComfyUI checkout at {path} (set COMFYUI_PATH)")
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    import comfy.options  # comfy is a namespace package: check where its modules come from
+
+    if Path(comfy.options.__file__).resolve().parent != path / "comfy":
+        raise RuntimeError(f"comfy is already imported from {comfy.options.__file__}, not from {path}")
+
+    if "comfy.cli_args" not in sys.modules:
+        comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    if "comfy.model_management" in sys.modules and not comfy.cli_args.args.cpu:
+        raise RuntimeError("comfy.model_management was imported before import_comfyui(): it may not be on the CPU")
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401  (reads args.cpu once, at import)
+
+    return path
+
+
+def import_pack(name: str = "comfyui_saferope"):
+    """Import this repository as a package, the way ComfyUI loads a custom node folder (after import_comfyui)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny FLUX
+
+
+def flux_unet_config(kind: str = "dev", depth: int = 2, depth_single: int = 2, hidden: int = 64,
+                     heads: int = 4) -> dict:
+    """The unet_config of a small FLUX: what comfy.model_detection would find, with small sizes.
+
+    axes_dim keeps FLUX's split of a head (16/56/56 of 128): [4, 6, 6] for head_dim 16.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    head_dim = hidden // heads
+    axis = head_dim * 7 // 32 * 2  # even, 56 for head_dim 128
+    return {
+        "image_model": "flux",
+        "in_channels": 16,  # latent channels; img_in sees 16 * 2 * 2 = 64 after 2x2 patchify
+        "out_channels": 16,
+        "patch_size": 2,
+        "vec_in_dim": POOLED_DIM,
+        "context_in_dim": CONTEXT_DIM,
+        "hidden_size": hidden,
+        "mlp_ratio": 4.0,
+        "num_heads": heads,
+        "depth": depth,
+        "depth_single_blocks": depth_single,
+        "axes_dim": [head_dim - 2 * axis, axis, axis],
+        "theta": 10000,
+        "qkv_bias": True,
+        "guidance_embed": kind != "schnell",
+    }
+
+
+def init_weights(module: torch.nn.Module, seed: int = 0) -> None:
+    """Deterministic weights (ComfyUI leaves them torch.empty): norm scales 1, weights N(0, 1/fan_in), biases
+    N(0, 0.02^2), so activations and attention logits are of order one. Keeps the ambient grad/inference mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(".scale"):
+                p.fill_(1.0)
+            elif p.ndim == 1:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+
+
+def tiny_flux(kind: str = "dev", depth: int = 2, depth_single: int = 2, hidden: int = 64, heads: int = 4,
+              seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random FLUX.1 dev / schnell / Kontext (= dev config) as a comfy ModelPatcher on the CPU.
+
+    Built like a loaded checkpoint: supported_models.Flux / FluxSchnell -> model_base.Flux -> ldm Flux, same
+    model types (FLUX for dev, FLOW for schnell), latent format and model sampling as the real ones.
+    """
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config_class = comfy.supported_models.FluxSchnell if kind == "schnell" else comfy.supported_models.Flux
+    model_config = config_class(flux_unet_config(kind, depth, depth_single, hidden, heads))
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, device=CPU)
+    init_weights(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text conditioning without a text encoder
+
+
+def _word_vector(word: str, tag: str, seed: int, dim: int) -> torch.Tensor:
+    digest = hashlib.sha256(f"{tag}:{seed}:{word}".encode()).digest()
+    return torch.randn(dim, generator=torch.Generator().manual_seed(int.from_bytes(digest[:7], "little")))
+
+
+def encode_text(text: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context [1, L, CONTEXT_DIM], pooled [1, POOLED_DIM]) of a text, deterministic per word.
+
+    Token i is the embedding of word i (lower-cased, split on white space); the same word always gives the
+    same token. pooled is the mean of per-word vectors. Empty text is one "<pad>" token.
+    """
+    words = text.lower().split() or ["<pad>"]
+    context = torch.stack([_word_vector(w, "token", seed, CONTEXT_DIM) for w in words])[None]
+    pooled = torch.stack([_word_vector(w, "pooled", seed, POOLED_DIM) for w in words]).mean(0, keepdim=True)
+    return context, pooled
+
+
+def conditioning(text: str, seed: int = 0, guidance: float | None = None, reference_latents=None,
+                 reference_latents_method: str | None = None) -> list:
+    """A ComfyUI CONDITIONING: [[context, {"pooled_output": ..., ...}]].
+
+    reference_latents are VAE-space latents (what the ReferenceLatent node adds), for Kontext.
+    """
+    context, pooled = encode_text(text, seed)
+    options = {"pooled_output": pooled}
+    if guidance is not None:
+        options["guidance"] = guidance
+    if reference_latents is not None:
+        options["reference_latents"] = list(reference_latents)
+    if reference_latents_method is not None:
+        options["reference_latents_method"] = reference_latents_method
+    return [[context, options]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running the model
+
+
+def run_model(patcher, latent: torch.Tensor, sigma, context: torch.Tensor, pooled: torch.Tensor,
+              guidance: float | None = None, ref_latents=None, ref_latents_method: str | None = None) -> torch.Tensor:
+    """One denoiser call `patcher.model.apply_model` (returns the denoised x0 prediction), prepared as sampling
+    prepares it: the patcher's wrappers and callbacks are merged into transformer_options by ComfyUI's
+    sampler_helpers.prepare_model_patcher, the model is loaded (patches applied) by load_models_gpu, and
+    transformer_options is assembled as in samplers._calc_cond_batch.
+
+    latent, ref_latents: model space (after process_latent_in), [B, 16, h, w] (ref_latents repeated to B, as
+    sampling does). sigma: float or [B].
+    guidance: None -> 3.5, ComfyUI's default (schnell ignores it). Runs in the ambient grad mode.
+    """
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.patcher_extension
+    import comfy.sampler_helpers
+    import comfy.samplers
+    import comfy.utils
+
+    sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).expand(latent.shape[0])
+    model_options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
+    model_options.setdefault("transformer_options", {})
+    comfy.sampler_helpers.prepare_model_patcher(patcher, {}, model_options)
+    comfy.model_management.load_models_gpu([patcher])
+    comfy.samplers.cast_to_load_options(model_options, device=patcher.load_device, dtype=patcher.model_dtype())
+
+    kwargs = {"c_crossattn": context, "y": pooled,
+              "guidance": torch.full((latent.shape[0],), DEFAULT_GUIDANCE if guidance is None else guidance)}
+    if ref_latents is not None:
+        kwargs["ref_latents"] = [comfy.utils.repeat_to_batch_size(r, latent.shape[0]) for r in ref_latents]
+        if ref_latents_method is not None:
+            kwargs["ref_latents_method"] = ref_latents_method
+    try:
+        patcher.pre_run()
+        patcher.prepare_state(sigma)
+        transformer_options = comfy.patcher_extension.merge_nested_dicts(
+            patcher.apply_hooks(hooks=None), model_options["transformer_options"], copy_dict1=False)
+        transformer_options.setdefault("sample_sigmas", torch.stack([sigma[0], torch.zeros(())]))
+        transformer_options.update(cond_or_uncond=[0], uuids=[uuid.uuid4()], sigmas=sigma)
+        return patcher.model.apply_model(latent, sigma, transformer_options=transformer_options, **kwargs)
+    finally:
+        patcher.cleanup()
+        comfy.samplers.cast_to_load_options(model_options, device=patcher.offload_device)
+
+
+def sample(patcher, positive, negative=None, width: int = 64, height: int = 64, steps: int = 3, cfg: float = 1.0,
+           seed: int = 0, sampler_name: str = "euler", scheduler: str = "simple", denoise: float = 1.0,
+           latent: torch.Tensor | None = None) -> torch.Tensor:
+    """End to end through comfy.sample.sample, as the KSampler node does, under torch.inference_mode like
+    ComfyUI's executor. positive/negative: CONDITIONING lists or texts (see conditioning()); negative None is
+    the empty text. latent: a VAE-space start latent, default an empty [1, 16, height/8, width/8].
+    Returns the VAE-space samples."""
+    import comfy.sample
+
+    positive = conditioning(positive) if isinstance(positive, str) else positive
+    negative = conditioning(negative or "") if negative is None or isinstance(negative, str) else negative
+    with torch.inference_mode():
+        if latent is None:
+            latent = torch.zeros(1, 16, height // 8, width // 8)
+        latent = comfy.sample.fix_empty_latent_channels(patcher, latent)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                   denoise=denoise, disable_pbar=True, seed=seed)

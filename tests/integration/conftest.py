@@ -1,0 +1,37 @@
+"""ComfyUI tier: every test here runs against a real ComfyUI checkout, or is skipped with one clear reason."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parents[1]
+if str(TESTS) not in sys.path:
+    sys.path.append(str(TESTS))
+
+import comfyui_env  # noqa: E402
+
+COMFYUI = comfyui_env.find_comfyui()
+SKIP_REASON = ("ComfyUI tier did not run: no ComfyUI checkout (COMFYUI_PATH="
+               f"{os.environ.get('COMFYUI_PATH')!r}, ~/ComfyUI, or the ComfyUI around custom_nodes/)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if COMFYUI is None:
+        skip = pytest.mark.skip(reason=SKIP_REASON)
+        for item in items:
+            if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI imported on the CPU (session-wide)."""
+    return comfyui_env.import_comfyui(COMFYUI)
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """This repository imported as ComfyUI imports a custom node package: `pack.nodes`, `pack.saferope_core`."""
+    return comfyui_env.import_pack()

@@ -1,0 +1,48 @@
+"""Test-only ComfyUI nodes: a tiny random FLUX and word-hash text conditioning, so a headless server graph needs
+no model file and no text encoder. The builders live in tests/comfyui_env.py (shared with in-process tests)."""
+
+import sys
+from pathlib import Path
+
+_TESTS = str(Path(__file__).resolve().parents[1])  # resolve(): the server sees this folder through a symlink
+if _TESTS not in sys.path:
+    sys.path.append(_TESTS)
+
+import comfyui_env  # noqa: E402
+
+
+class TinyFluxLoader:
+    """A random FLUX (2 double + 2 single blocks, 4 heads of 16) built from ComfyUI's own classes."""
+
+    CATEGORY = "testing/tiny flux"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"kind": (list(comfyui_env.KINDS),),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    def load(self, kind, seed):
+        return (comfyui_env.tiny_flux(kind, seed=seed),)
+
+
+class TinyFluxConditioning:
+    """Text -> CONDITIONING for the tiny FLUX: token i is a fixed random vector of word i, no text encoder."""
+
+    CATEGORY = "testing/tiny flux"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"multiline": True, "default": ""}),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    def encode(self, text, seed):
+        return (comfyui_env.conditioning(text, seed),)
+
+
+NODE_CLASS_MAPPINGS = {"TinyFluxLoader": TinyFluxLoader, "TinyFluxConditioning": TinyFluxConditioning}
+NODE_DISPLAY_NAME_MAPPINGS = {"TinyFluxLoader": "Tiny FLUX Loader (test)",
+                              "TinyFluxConditioning": "Tiny FLUX Conditioning (test)"}
