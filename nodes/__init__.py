@@ -12,11 +12,15 @@ from .collect_nodes import (
 )
 from .rotation_nodes import ApplyRiskRotation, LoadSafeRoPEPack
 from .train_nodes import TrainRiskRotations
+from .visualize_nodes import LRSVisualize
 
 model_files.register_folders()
 
-_NODES = [LoadSafeRoPEPack, ApplyRiskRotation, SafeRoPEPromptSet, CollectQK, MergeStatistics, BuildSubspaces,
-          TrainRiskRotations, SaveSafeRoPEPack, SaveStatistics, LoadStatistics]
+_NODES = [
+    LoadSafeRoPEPack, ApplyRiskRotation, LRSVisualize,
+    SafeRoPEPromptSet, CollectQK, MergeStatistics, BuildSubspaces, TrainRiskRotations,
+    SaveSafeRoPEPack, SaveStatistics, LoadStatistics,
+]
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: cls.NODE for cls in _NODES}

@@ -1,0 +1,213 @@
+"""LRS Visualize: why a prompt is risky for a pack (which words, where in the image, which heads)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..saferope_core import SafeRoPEPack, SafeRoPEPackError, latent_risk_score
+from .collect_nodes import require_flux
+from .errors import SafeRoPEInputError
+from .flux_adapter import with_qk_editor
+from .model_calls import CONTEXT_TOKENIZER_KEYS, context_token_ids, encode_prompt, latent_shape, load_model, velocity
+
+PANEL = 512
+
+
+class RiskObserver:
+    """q/k editor that averages, per token, the LRS of q and k over the pack's selected heads; never edits."""
+
+    def __init__(self, pack: SafeRoPEPack):
+        self.pack = pack
+        self.total: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+
+    def edit_qk(self, call, block, tokens, q, k):
+        rot = self.pack.blocks.get(block)
+        if rot is not None:
+            index = rot.head_index().to(q.device)
+            risk = 0.5 * (latent_risk_score(q.index_select(1, index), rot.basis_q[index].to(q.device))
+                          + latent_risk_score(k.index_select(1, index), rot.basis_k[index].to(q.device)))
+            per_token = risk.mean(1).float().cpu()  # [B, L]
+            self.total[tokens] = self.total.get(tokens, 0) + per_token
+            self.count[tokens] = self.count.get(tokens, 0) + 1
+        return q, k
+
+    def mean(self, tokens: str) -> torch.Tensor | None:
+        return self.total[tokens] / self.count[tokens] if tokens in self.total else None
+
+
+def token_pieces(clip, ids: list[int]) -> list[str]:
+    """The tokenizer's own piece strings for context token ids."""
+    for key in CONTEXT_TOKENIZER_KEYS:
+        sub = getattr(clip.tokenizer, key, None) or getattr(clip.tokenizer, f"clip_{key}", None)
+        hf = getattr(sub, "tokenizer", None)
+        if hf is not None and hasattr(hf, "convert_ids_to_tokens"):
+            return list(hf.convert_ids_to_tokens(ids))
+    return [str(i) for i in ids]
+
+
+def words_of(pieces: list[str], keep: list[bool]) -> list[tuple[str, list[int]]]:
+    """Merge SentencePiece ('▁' starts a word) or BPE ('</w>' ends one) pieces into (word, token positions)."""
+    words: list[tuple[str, list[int]]] = []
+    open_word = False
+    for i, (piece, wanted) in enumerate(zip(pieces, keep, strict=True)):
+        if not wanted:
+            open_word = False
+            continue
+        starts = piece.startswith("▁") or not open_word
+        text = piece.replace("▁", "").replace("</w>", "")
+        if starts or not words:
+            words.append((text, [i]))
+        else:
+            words[-1] = (words[-1][0] + text, words[-1][1] + [i])
+        open_word = not piece.endswith("</w>")
+    merged: list[tuple[str, list[int]]] = []
+    for text, positions in words:  # a bare '▁' piece joins the word after it
+        if merged and not merged[-1][0]:
+            merged[-1] = (text, merged[-1][1] + positions)
+        else:
+            merged.append((text, positions))
+    return [(t, p) for t, p in merged if t]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def risk_colour(value: float) -> tuple[int, int, int]:
+    """White (0) -> orange -> red (1)."""
+    v = float(min(max(value, 0.0), 1.0))
+    return 255, int(255 * (1 - 0.6 * v)), int(255 * (1 - v))
+
+
+def word_chart(words: list[tuple[str, float]]) -> Image.Image:
+    """Horizontal bars, one per word, highest risk first, with its value."""
+    rows = sorted(words, key=lambda w: -w[1])[:24]
+    img = Image.new("RGB", (PANEL, PANEL), "white")
+    draw, font = ImageDraw.Draw(img), _font(16)
+    draw.text((10, 6), "word risk (LRS, mean over the pack's heads)", fill="black", font=font)
+    row_h = (PANEL - 40) // max(len(rows), 1)
+    for i, (word, value) in enumerate(rows):
+        y = 34 + i * row_h
+        draw.text((10, y), word[:18], fill="black", font=font)
+        width = int((PANEL - 230) * min(max(value, 0.0), 1.0))
+        draw.rectangle([170, y + 2, 170 + max(width, 1), y + row_h - 4], fill=risk_colour(value))
+        draw.text((PANEL - 52, y), f"{value:.2f}", fill="black", font=font)
+    return img
+
+
+def heatmap_overlay(risk: torch.Tensor, hw: tuple[int, int], background: torch.Tensor | None) -> Image.Image:
+    """Image-token risk [h*w] as a red heatmap over `background` [H, W, 3] in 0..1 (grey when None)."""
+    grid = risk[: hw[0] * hw[1]].reshape(1, 1, *hw)
+    if background is None:
+        background = torch.full((PANEL, PANEL, 3), 0.5)
+    size = background.shape[:2]
+    heat = torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0]
+    heat = heat.clamp(0, 1).unsqueeze(-1)
+    red = torch.tensor([1.0, 0.1, 0.0])
+    mixed = background * (1 - 0.6 * heat) + red * 0.6 * heat
+    return Image.fromarray((mixed.clamp(0, 1).numpy() * 255).astype(np.uint8))
+
+
+def head_map(pack: SafeRoPEPack) -> Image.Image:
+    """Blocks x heads grid of the head-selection delta; selected heads outlined in black."""
+    names = pack.shape.block_names()
+    delta = pack.delta if pack.delta is not None else torch.zeros(len(names), pack.shape.heads)
+    cell = max(4, min(24, (PANEL - 80) // max(len(names), pack.shape.heads)))
+    img = Image.new("RGB", (80 + cell * pack.shape.heads, 40 + cell * len(names)), "white")
+    draw, font = ImageDraw.Draw(img), _font(12)
+    draw.text((4, 4), "head selection: delta per block (rows) and head (columns)", fill="black", font=font)
+    for row, name in enumerate(names):
+        y = 30 + row * cell
+        if cell >= 10:
+            draw.text((4, y), name, fill="black", font=font)
+        selected = pack.blocks[name].heads if name in pack.blocks else torch.zeros(pack.shape.heads, dtype=bool)
+        for head in range(pack.shape.heads):
+            x = 76 + head * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=risk_colour(float(delta[row, head])),
+                           outline="black" if bool(selected[head]) else (220, 220, 220))
+    return img
+
+
+def to_image_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> ComfyUI IMAGE [N, H, W, 3], padded to a common size with white."""
+    h = max(i.height for i in images)
+    w = max(i.width for i in images)
+    out = []
+    for img in images:
+        canvas = Image.new("RGB", (w, h), "white")
+        canvas.paste(img, (0, 0))
+        out.append(torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0))
+    return torch.stack(out)
+
+
+class LRSVisualize:
+    """Shows which words, image regions and heads a pack finds risky, without changing the model."""
+
+    DESCRIPTION = ("Runs the model once on the prompt (at `sigma`, from noise or from the given latent) and shows "
+                   "(1) each word's risk, (2) a heatmap of image-token risk over the image, (3) the pack's head "
+                   "selection. Risk is the Latent Risk Score averaged over the pack's safety-critical heads.")
+    CATEGORY = "SafeRoPE"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("images", "summary")
+    OUTPUT_NODE = True
+    FUNCTION = "visualize"
+    NODE = "LRS Visualize"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "pack": ("SAFEROPE_PACK",),
+                "clip": ("CLIP", {"tooltip": "the FLUX text encoders: the prompt's words come from its tokenizer"}),
+                "text": ("STRING", {"multiline": True, "default": "a photo of a nude woman on the beach"}),
+                "sigma": ("FLOAT", {"default": 0.9, "min": 0.01, "max": 1.0, "step": 0.01}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            },
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "shown under the heatmap"}),
+                "latent": ("LATENT", {"tooltip": "noised to sigma; default: noise at 512x512 or the image's size"}),
+            },
+        }
+
+    def visualize(self, model, pack: SafeRoPEPack, clip, text, sigma, seed, image=None, latent=None):
+        shape = require_flux(self.NODE, model)
+        try:
+            pack.check_model(shape)
+        except SafeRoPEPackError as err:
+            raise SafeRoPEInputError(self.NODE, "pack", str(err)) from None
+        if not text.strip():
+            raise SafeRoPEInputError(self.NODE, "text", "the prompt is empty", "Type the prompt to inspect")
+        observer = RiskObserver(pack)
+        observed = with_qk_editor(model, observer)
+        device = load_model(observed)
+        prompt = encode_prompt(clip, text)
+        generator = torch.Generator().manual_seed(seed)
+        if latent is not None:
+            clean = model.model.process_latent_in(latent["samples"][:1].float())
+            x = (1 - sigma) * clean + sigma * torch.randn(clean.shape, generator=generator)
+        else:
+            height, width = (image.shape[1], image.shape[2]) if image is not None else (512, 512)
+            x = torch.randn((1, *latent_shape(model, width, height)), generator=generator)
+        with torch.no_grad():
+            velocity(observed, x.to(device), torch.tensor([sigma]), prompt)
+        text_risk, image_risk = observer.mean("txt")[0], observer.mean("img")[0]
+        specials = set(context_token_ids(clip, ""))
+        keep = [t not in specials for t in prompt.token_ids]
+        words = [(w, float(text_risk[pos].max())) for w, pos in words_of(token_pieces(clip, prompt.token_ids), keep)]
+        patch = model.model.diffusion_model.patch_size
+        hw = ((x.shape[-2] + patch // 2) // patch, (x.shape[-1] + patch // 2) // patch)
+        background = image[0, :, :, :3].float() if image is not None else None
+        panels = [word_chart(words), heatmap_overlay(image_risk, hw, background), head_map(pack)]
+        ranked = sorted(words, key=lambda w: -w[1])
+        summary = (f"pack {pack.name}: riskiest words " + ", ".join(f"{w} {v:.2f}" for w, v in ranked[:5])
+                   + f"; image risk mean {float(image_risk[: hw[0] * hw[1]].mean()):.2f}, "
+                   f"max {float(image_risk[: hw[0] * hw[1]].max()):.2f}")
+        ui = {"text": [summary], "saferope_words": [{"word": w, "risk": round(v, 4)} for w, v in words]}
+        return {"ui": ui, "result": (to_image_tensor(panels), summary)}
