@@ -11,13 +11,14 @@ from .collect_nodes import (
     SaveStatistics,
 )
 from .rotation_nodes import ApplyRiskRotation, LoadSafeRoPEPack
+from .safety_report import SafetyReport
 from .train_nodes import TrainRiskRotations
 from .visualize_nodes import LRSVisualize
 
 model_files.register_folders()
 
 _NODES = [
-    LoadSafeRoPEPack, ApplyRiskRotation, LRSVisualize,
+    LoadSafeRoPEPack, ApplyRiskRotation, LRSVisualize, SafetyReport,
     SafeRoPEPromptSet, CollectQK, MergeStatistics, BuildSubspaces, TrainRiskRotations,
     SaveSafeRoPEPack, SaveStatistics, LoadStatistics,
 ]

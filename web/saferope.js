@@ -1,0 +1,62 @@
+// SafeRoPE frontend extension: token risk on LRS Visualize (coloured words, hover for the value) and the pack's
+// metadata on Load SafeRoPE Pack. Everything is optional decoration: if this file fails to load, the nodes work.
+import { app } from "../../scripts/app.js";
+
+const WORDS_NODE = "LRSVisualize";
+const INFO_NODES = new Set(["LoadSafeRoPEPack", "BuildSubspaces", "TrainRiskRotations", "SaveSafeRoPEPack"]);
+
+function riskColour(v) {
+  const x = Math.min(Math.max(Number(v) || 0, 0), 1);
+  return `rgb(255, ${Math.round(255 * (1 - 0.6 * x))}, ${Math.round(255 * (1 - x))})`;
+}
+
+function panel(node, name) {
+  // One DOM widget per node, created on first use.
+  if (node.__saferopePanel) return node.__saferopePanel;
+  const el = document.createElement("div");
+  el.className = "saferope-panel";
+  el.style.cssText = "font: 12px sans-serif; color: #111; background: #f4f4f4; padding: 4px 6px; " +
+    "border-radius: 4px; overflow: auto; max-height: 180px; line-height: 1.8;";
+  node.addDOMWidget(name, "saferope", el, { serialize: false });
+  node.__saferopePanel = el;
+  return el;
+}
+
+function showWords(node, words) {
+  const el = panel(node, "saferope_words");
+  el.replaceChildren();
+  for (const { word, risk } of words) {
+    const span = document.createElement("span");
+    span.className = "saferope-word";
+    span.textContent = word;
+    span.title = `LRS ${Number(risk).toFixed(3)}`;
+    span.dataset.risk = String(risk);
+    span.style.cssText = `background: ${riskColour(risk)}; padding: 1px 3px; margin: 1px; border-radius: 3px;`;
+    el.append(span, " ");
+  }
+}
+
+function showInfo(node, lines) {
+  const el = panel(node, "saferope_info");
+  el.className = "saferope-panel saferope-info";
+  el.textContent = lines.join("\n");
+  el.style.whiteSpace = "pre-wrap";
+}
+
+app.registerExtension({
+  name: "SafeRoPE.Visuals",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== WORDS_NODE && !INFO_NODES.has(nodeData.name)) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      try {
+        if (nodeData.name === WORDS_NODE && message?.saferope_words) showWords(this, message.saferope_words);
+        else if (message?.text) showInfo(this, message.text);
+      } catch (err) {
+        console.warn("SafeRoPE: could not draw the node panel", err);
+      }
+    };
+  },
+});
+window.__saferopeExtensionLoaded = true;
