@@ -8,6 +8,16 @@ and hands each part to an editor:
 
     editor.edit_qk(call: ModelCall, block: str, tokens: "txt" | "img", q, k) -> (q, k)
 
+An editor may also define
+
+    editor.edit_attention(call, block, q, k, v, heads, attend) -> out
+
+to see a block's attention itself (post-RoPE q/k, v, output [B, L, heads * head_dim] before the output
+projection). The same wrapper then puts an `optimized_attention_override` into the transformer_options it passes
+down (chaining any override already there); `attend(q, k, v, key_bias=None)` runs the attention underneath, with an
+optional additive logit bias per key [B, Lk]. Such editors also get the RoPE position ids of the call
+(`call.img_ids`, recorded by a `post_input` patch) and the running block (`call.block`, set by the QK hook).
+
 Hooks are removed in `finally`; nothing is renamed, no weight or shared dict is touched, and wrappers of several
 nodes nest (each installs its own hooks, run in the order the nodes were chained). No ComfyUI forward code is
 copied: the stock forward runs, the hooks only see and replace QKNorm's output.
@@ -58,6 +68,9 @@ class ModelCall:
     layout: TokenLayout
     sigma: torch.Tensor
     transformer_options: dict = field(default_factory=dict)
+    block: str | None = None  # the block whose attention runs next
+    img_ids: torch.Tensor | None = None  # RoPE ids of image + reference tokens [B, L, 3] (attention editors)
+    scratch: dict = field(default_factory=dict)  # per-call state of editors
 
 
 def _tokens_hw(latent: torch.Tensor, patch: int) -> tuple[int, int]:
@@ -108,6 +121,7 @@ def qk_sites(model) -> list[tuple[torch.nn.Module, str, str]]:
 
 def _make_hook(editor, call: ModelCall, block: str, stream: str) -> Callable:
     def hook(_module, _args, output):
+        call.block = block
         q, k = output
         if stream != "joint":
             return editor.edit_qk(call, block, stream, q, k)
@@ -136,6 +150,8 @@ class QKEditWrapper:
         model = executor.class_obj
         transformer_options = transformer_options if transformer_options is not None else {}
         call = ModelCall(token_layout(model, x, context, ref_latents), timestep, transformer_options)
+        if hasattr(self.editor, "edit_attention"):
+            transformer_options = _with_attention_editor(transformer_options, self.editor, call)
         handles = [m.register_forward_hook(_make_hook(self.editor, call, block, stream))
                    for m, block, stream in qk_sites(model)]
         try:
@@ -143,6 +159,31 @@ class QKEditWrapper:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _with_attention_editor(options: dict, editor, call: ModelCall) -> dict:
+    """A copy of transformer_options whose attention override (chained) and post_input patch serve `editor`."""
+    previous = options.get("optimized_attention_override")
+
+    def override(func, q, k, v, heads, *args, **kwargs):
+        def attend(q2, k2, v2, key_bias=None):
+            kw = dict(kwargs)
+            if key_bias is not None:
+                bias = key_bias[:, None, None, :].to(q2.dtype)
+                kw["mask"] = bias if kw.get("mask") is None else kw["mask"] + bias
+            if previous is not None:
+                return previous(func, q2, k2, v2, heads, *args, **kw)
+            return func(q2, k2, v2, heads, *args, **kw)
+
+        return editor.edit_attention(call, call.block, q, k, v, heads, attend)
+
+    def record_ids(data):
+        call.img_ids = data["img_ids"]
+        return data
+
+    patches = {name: list(value) for name, value in options.get("patches", {}).items()}
+    patches["post_input"] = [*patches.get("post_input", []), record_ids]
+    return {**options, "optimized_attention_override": override, "patches": patches}
 
 
 def with_qk_editor(patcher, editor):

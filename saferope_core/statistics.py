@@ -17,10 +17,11 @@ STATISTICS_KIND = "saferope.statistics"
 STATISTICS_VERSION = 1
 
 
-def site_name(block: str, stream: str, qk: str) -> str:
-    if stream not in ("txt", "img") or qk not in ("q", "k"):
-        raise ValueError(f"bad site stream/qk: {stream!r}, {qk!r}")
-    return f"{block}.{stream}.{qk}"
+def site_name(block: str, stream: str, kind: str) -> str:
+    """'<block>.<txt|img>.<q|k|o>': queries, keys, or per-head attention outputs (o, used by UVR anchors)."""
+    if stream not in ("txt", "img") or kind not in ("q", "k", "o"):
+        raise ValueError(f"bad site stream/kind: {stream!r}, {kind!r}")
+    return f"{block}.{stream}.{kind}"
 
 
 class QKStatistics:
