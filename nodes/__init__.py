@@ -13,6 +13,7 @@ from .collect_nodes import (
 from .rotation_nodes import ApplyRiskRotation, LoadSafeRoPEPack
 from .safety_report import SafetyReport
 from .train_nodes import TrainRiskRotations
+from .uvr_nodes import CollectUVRAnchors, LoadUVRAnchors, RestrictUnsafeFlow, SaveUVRAnchors
 from .visualize_nodes import LRSVisualize
 
 model_files.register_folders()
@@ -21,6 +22,7 @@ _NODES = [
     LoadSafeRoPEPack, ApplyRiskRotation, LRSVisualize, SafetyReport,
     SafeRoPEPromptSet, CollectQK, MergeStatistics, BuildSubspaces, TrainRiskRotations,
     SaveSafeRoPEPack, SaveStatistics, LoadStatistics,
+    CollectUVRAnchors, RestrictUnsafeFlow, SaveUVRAnchors, LoadUVRAnchors,
 ]
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _NODES}

@@ -112,7 +112,8 @@ def patch_mask(scores: torch.Tensor, threshold: float, min_patches: int = 2, blu
     """(core, ring) boolean masks [B, h, w] from patch scores [B, h, w].
 
     Threshold, drop connected components smaller than `min_patches`, smooth with a (2*blur+1) box filter (keep where
-    the smoothed mask >= 0.5), and a ring `ring` patches wide around the core.
+    the smoothed mask >= 0.4: fills holes, keeps 2x2 regions, drops 1-patch-wide lines), and a ring `ring` patches
+    wide around the core.
     """
     binary = scores > threshold
     labels = connected_components(binary)
@@ -124,7 +125,7 @@ def patch_mask(scores: torch.Tensor, threshold: float, min_patches: int = 2, blu
     if blur > 0:
         size = 2 * blur + 1
         smoothed = F.avg_pool2d(core.float().unsqueeze(1), size, stride=1, padding=blur, count_include_pad=False)
-        core = smoothed.squeeze(1) >= 0.5
+        core = smoothed.squeeze(1) >= 0.4
     grown = F.max_pool2d(core.float().unsqueeze(1), 2 * ring + 1, stride=1, padding=ring).squeeze(1) > 0
     return core, grown & ~core
 
