@@ -1,0 +1,180 @@
+"""Restrict Unsafe Flow (UVR) on ComfyUI's tiny FLUX: detection finds planted patches, identity where it must not act,
+Kontext references with every reference method, and batch/CFG independence."""
+
+import pytest
+import torch
+
+import comfyui_env
+
+SIGMA_START = 0.85
+
+
+@pytest.fixture(scope="module")
+def uvr(pack):
+    return pack.nodes.uvr_nodes
+
+
+@pytest.fixture(scope="module")
+def model(comfy):
+    return comfyui_env.tiny_flux("kontext", seed=3)
+
+
+def text(words="a red fox in the snow", batch=1):
+    context, pooled = comfyui_env.encode_text(words)
+    return context.expand(batch, -1, -1), pooled.expand(batch, -1)
+
+
+def latent(seed, batch=1, size=16):
+    return torch.randn(batch, 16, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def plant(x, chosen, seed=99):
+    """x with a fixed, strong latent pattern written into the `chosen` patches [8, 8]: the 'unsafe concept'."""
+    pattern = 3 * torch.randn(16, 2, 2, generator=torch.Generator().manual_seed(seed))
+    cells = chosen.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    tiled = pattern.repeat(1, x.shape[-2] // 2, x.shape[-1] // 2)
+    return torch.where(cells, tiled, x)
+
+
+def detection_outputs(pack, uvr, model, x, sigma, refs=None):
+    """Per-head attention outputs [B, img, H, D] of image tokens at single block 0, captured by the pack's collector."""
+    shape = pack.nodes.flux_adapter.model_shape(model)
+    stats = pack.saferope_core.QKStatistics(shape, reservoir_size=100000)
+    collector = uvr.AttentionOutputCollector(stats, "single.0")
+    collector.group = "unsafe"
+    observed = pack.nodes.flux_adapter.with_qk_editor(model, collector)
+    comfyui_env.run_model(observed, x, sigma, *text(batch=x.shape[0]), ref_latents=refs)
+    vectors = stats.reservoir["unsafe/single.0.img.o"]
+    return vectors.reshape(x.shape[0], -1, shape.heads, shape.head_dim)
+
+
+def planted_anchors(pack, model, outputs, chosen):
+    """Anchors pointing at the outputs of the `chosen` patches of sample 0, threshold between chosen and the rest."""
+    core = pack.saferope_core.uvr
+    shape = pack.nodes.flux_adapter.model_shape(model)
+    sample = outputs[0]
+    rest = torch.ones(sample.shape[0], dtype=torch.bool)
+    rest[chosen] = False
+    safe_mean = sample[rest].mean(0)
+    direction = torch.nn.functional.normalize((sample[chosen] - safe_mean).mean(0), dim=-1)  # [H, D]
+    anchors = direction.unsqueeze(1)
+    scores = core.patch_scores(sample, anchors, safe_mean)
+    assert scores[chosen].min() > scores[rest].max(), "the tiny model's patches are not separable"
+    threshold = float(scores[chosen].min() + scores[rest].max()) / 2
+    return core.UVRAnchors(shape, "single.0", anchors, safe_mean, threshold, SIGMA_START, ["planted"])
+
+
+def region(hw, rows, cols):
+    grid = torch.zeros(hw, dtype=torch.bool)
+    grid[rows, cols] = True
+    return grid
+
+
+def test_mask_finds_planted_patches(pack, uvr, model):
+    """Anchors planted on a 2x2 region of the image are found there, and nowhere else."""
+    chosen = region((8, 8), slice(2, 4), slice(4, 6))
+    x = plant(latent(0), chosen)
+    outputs = detection_outputs(pack, uvr, model, x, 0.95)
+    anchors = planted_anchors(pack, model, outputs, chosen.flatten())
+    editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
+    patched = pack.nodes.flux_adapter.with_qk_editor(model, editor)
+    comfyui_env.run_model(patched, x, 0.95, *text())
+    core, ring = editor.last_detection["core"][0], editor.last_detection["ring"][0]
+    assert torch.equal(core, chosen)
+    assert ring.sum() > 0 and not (ring & core).any()
+    assert (ring <= torch.nn.functional.max_pool2d(chosen[None, None].float(), 3, 1, 1)[0, 0].bool()).all()
+
+
+def test_identity_outside_startup_and_for_safe_inputs(pack, uvr, model):
+    """After the start-up steps, or when no patch scores above the threshold, the output is bit-identical."""
+    chosen = region((8, 8), slice(0, 2), slice(0, 2))
+    x = plant(latent(1), chosen)
+    anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x, 0.95), chosen.flatten())
+    restricted = uvr.RestrictUnsafeFlow().apply(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0]
+    never = uvr.RestrictUnsafeFlow().apply(model, anchors, 1.0, 1.0, SIGMA_START, -1)[0]  # cosine never > 1
+    for sigma in (0.84, 0.5, 0.1):
+        assert torch.equal(comfyui_env.run_model(model, x, sigma, *text()),
+                           comfyui_env.run_model(restricted, x, sigma, *text()))
+    assert torch.equal(comfyui_env.run_model(model, x, 0.95, *text()),
+                       comfyui_env.run_model(never, x, 0.95, *text()))
+    assert not torch.equal(comfyui_env.run_model(model, x, 0.95, *text()),
+                           comfyui_env.run_model(restricted, x, 0.95, *text()))
+
+
+def test_text_to_image_suppresses_flagged_tokens_only(pack, uvr, model):
+    """In T2I the flagged patches' output changes far more than the others' (flow into them is cut)."""
+    chosen = region((8, 8), slice(4, 7), slice(1, 4))
+    x = plant(latent(2), chosen)
+    anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x, 0.95), chosen.flatten())
+    restricted = uvr.RestrictUnsafeFlow().apply(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0]
+    diff = (comfyui_env.run_model(model, x, 0.95, *text()) - comfyui_env.run_model(restricted, x, 0.95, *text()))
+    per_patch = diff.abs().reshape(16, 8, 2, 8, 2).mean((0, 2, 4))  # latent 16x16 -> 8x8 patches of 2x2
+    assert per_patch[chosen].mean() > 5 * per_patch[~chosen].mean()
+
+
+@pytest.mark.parametrize("method", ["offset", "index", "uxo"])
+@pytest.mark.parametrize("n_refs", [1, 2])
+def test_kontext_restricts_reference_keys(pack, uvr, model, method, n_refs):
+    """With reference images, flagged output patches lower attention to the reference tokens mapped onto them."""
+    chosen = region((8, 8), slice(2, 5), slice(2, 5))
+    x = plant(latent(3), chosen)
+    refs = [latent(10 + i, size=16 if i == 0 else 12) for i in range(n_refs)]
+    outputs = detection_outputs(pack, uvr, model, x, 0.95, refs)
+    anchors = planted_anchors(pack, model, outputs, chosen.flatten())
+    editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
+    patched = pack.nodes.flux_adapter.with_qk_editor(model, editor)
+    out = comfyui_env.run_model(patched, x, 0.95, *text(), ref_latents=refs, ref_latents_method=method)
+    base = comfyui_env.run_model(model, x, 0.95, *text(), ref_latents=refs, ref_latents_method=method)
+    assert torch.equal(editor.last_detection["core"][0], chosen)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    late = comfyui_env.run_model(patched, x, 0.3, *text(), ref_latents=refs, ref_latents_method=method)
+    assert torch.equal(late, comfyui_env.run_model(model, x, 0.3, *text(), ref_latents=refs,
+                                                   ref_latents_method=method))
+
+
+def test_reference_patches_follow_rope_ids(pack):
+    """Reference tokens map onto output patches by their own (h, w) ids, whatever the offsets of the method."""
+    core = pack.saferope_core.uvr
+    h, w = torch.meshgrid(torch.arange(4), torch.arange(6), indexing="ij")
+    first = torch.stack([torch.ones_like(h), h, w], -1).reshape(-1, 3)  # same size as the output, offset 0
+    second = torch.stack([torch.ones(2, 3, dtype=torch.long), *torch.meshgrid(torch.arange(2) + 4,
+                                                                             torch.arange(3) + 10, indexing="ij")],
+                         -1).reshape(-1, 3)  # half size, placed beside the first
+    mapped = core.reference_patches(torch.cat([first, second]), (4, 6), [24, 6])
+    assert torch.equal(mapped[:24], torch.arange(24))
+    assert mapped[24:].tolist() == [0, 2, 4, 12, 14, 16]
+
+
+def test_batch_and_cfg_branches_are_independent(pack, uvr, model):
+    """Masks are computed per sample: a batch [cond, uncond] gives each sample the mask it gets alone."""
+    chosen = region((8, 8), slice(1, 3), slice(1, 3))
+    x = torch.cat([plant(latent(4), chosen), latent(5)])
+    anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x[:1], 0.95), chosen.flatten())
+    editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
+    patched = pack.nodes.flux_adapter.with_qk_editor(model, editor)
+    comfyui_env.run_model(patched, x, 0.95, *text(batch=2))
+    together = editor.last_detection["core"].clone()
+    alone = []
+    for i in range(2):
+        comfyui_env.run_model(patched, x[i:i + 1], 0.95, *text())
+        alone.append(editor.last_detection["core"][0])
+    assert torch.equal(together, torch.stack(alone))
+    sampled = comfyui_env.sample(uvr.RestrictUnsafeFlow().apply(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0],
+                                 "a red fox", "blurry", width=128, height=128, steps=3, cfg=2.0)
+    assert torch.isfinite(sampled).all()
+
+
+def test_anchor_errors_and_round_trip(pack, uvr, model, tmp_path):
+    """Anchors from another model or block are refused with the input named; save/load is exact."""
+    errors = pack.nodes.errors
+    chosen = region((8, 8), slice(0, 2), slice(0, 2))
+    outputs = detection_outputs(pack, uvr, model, plant(latent(6), chosen), 0.95)
+    anchors = planted_anchors(pack, model, outputs, chosen.flatten())
+    with pytest.raises(errors.SafeRoPEInputError, match="detection_block"):
+        uvr.RestrictUnsafeFlow().apply(model, anchors, 1.0, -1.0, SIGMA_START, 1)
+    other = comfyui_env.tiny_flux("dev", heads=2)
+    with pytest.raises(errors.SafeRoPEInputError, match="anchors.*heads"):
+        uvr.RestrictUnsafeFlow().apply(other, anchors, 1.0, -1.0, SIGMA_START, -1)
+    anchors.save(tmp_path / "a.safetensors")
+    again = pack.saferope_core.uvr.UVRAnchors.load(tmp_path / "a.safetensors")
+    assert torch.equal(again.anchors, anchors.anchors) and again.threshold == anchors.threshold
