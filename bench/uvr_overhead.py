@@ -1,0 +1,103 @@
+"""Step-time overhead of Restrict Unsafe Flow, during the start-up steps and after them, as ratios to the
+unpatched model measured in one run; and the peak memory it adds.
+
+    python -m bench.uvr_overhead [--repeats 5] [--slice-only | --tiny-only]
+
+Models: the tiny FLUX of the tests, and a full-width FLUX slice (hidden 3072, 24 heads x 128, one double and two
+single blocks: detection at single block 0, restriction in single block 1), 512x512 image (1,024 image tokens),
+512 text tokens. Anchors are random and the threshold is -1, so every patch is flagged: the worst case for the
+restriction's cost (the mask is built and the flagged outputs are replaced in every later single block).
+Peak memory: maximum resident set size (ru_maxrss) of separate processes that run only the base or only the
+patched model, so one does not hide the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path.insert(0, str(TESTS))
+
+import comfyui_env  # noqa: E402
+
+MODELS = {"tiny": dict(hidden=64, heads=4, depth=2, depth_single=2, size=64, text=32),
+          "slice": dict(hidden=3072, heads=24, depth=1, depth_single=2, size=512, text=512)}
+
+
+def setup(name: str, kind: str = "dev"):
+    comfyui_env.import_comfyui()
+    pack = comfyui_env.import_pack()
+    cfg = MODELS[name]
+    model = comfyui_env.tiny_flux(kind, depth=cfg["depth"], depth_single=cfg["depth_single"], hidden=cfg["hidden"],
+                                  heads=cfg["heads"])
+    shape = pack.nodes.flux_adapter.model_shape(model)
+    g = torch.Generator().manual_seed(0)
+    anchors = torch.nn.functional.normalize(torch.randn(shape.heads, 4, shape.head_dim, generator=g), dim=-1)
+    uvr = pack.saferope_core.uvr.UVRAnchors(shape, "single.0", anchors, torch.zeros(shape.heads, shape.head_dim),
+                                            0.0, 0.85, ["random"])
+    x = torch.randn(1, 16, cfg["size"] // 8, cfg["size"] // 8, generator=g)
+    context = torch.randn(1, cfg["text"], comfyui_env.CONTEXT_DIM, generator=g)
+    pooled = torch.randn(1, comfyui_env.POOLED_DIM, generator=g)
+    editor = pack.nodes.uvr_nodes.UnsafeFlowRestriction(uvr, 1.0, -1.0, 0.85)
+    return model, pack.nodes.flux_adapter.with_qk_editor(model, editor), editor, (x, context, pooled)
+
+
+def timed(model, inputs, sigma) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        comfyui_env.run_model(model, inputs[0], sigma, inputs[1], inputs[2])
+    return time.perf_counter() - start
+
+
+def ratios(name: str, repeats: int) -> dict:
+    model, patched, editor, inputs = setup(name)
+    out = {}
+    for label, sigma in (("start-up (sigma 0.95)", 0.95), ("after (sigma 0.5)", 0.5)):
+        timed(model, inputs, sigma), timed(patched, inputs, sigma)
+        base, mine = [], []
+        for _ in range(repeats):  # interleaved, medians
+            base.append(timed(model, inputs, sigma))
+            mine.append(timed(patched, inputs, sigma))
+        out[label] = (statistics.median(base), statistics.median(mine))
+    flagged = float(editor.last_detection["core"].float().mean())
+    return {"times": out, "flagged": flagged}
+
+
+def peak_rss_mib(name: str, patched: bool) -> float:
+    code = (f"import sys; sys.argv=['x']; import bench.uvr_overhead as b; m, p, e, i = b.setup({name!r}); "
+            f"b.timed({'p' if patched else 'm'}, i, 0.95); import resource; "
+            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tiny-only", action="store_true")
+    p.add_argument("--slice-only", action="store_true")
+    args = p.parse_args(argv)
+    if comfyui_env.find_comfyui() is None:
+        sys.exit("no ComfyUI checkout found (set COMFYUI_PATH): this benchmark runs ComfyUI's FLUX classes")
+    names = ["tiny"] if args.tiny_only else ["slice"] if args.slice_only else ["tiny", "slice"]
+    print(f"{'model':6} {'phase':22} {'base ms':>9} {'UVR ms':>9} {'ratio':>6}")
+    for name in names:
+        result = ratios(name, args.repeats)
+        for label, (base, mine) in result["times"].items():
+            print(f"{name:6} {label:22} {base * 1e3:9.1f} {mine * 1e3:9.1f} {mine / base:6.3f}")
+        print(f"{name:6} patches flagged: {100 * result['flagged']:.0f}%")
+        base_rss, uvr_rss = peak_rss_mib(name, False), peak_rss_mib(name, True)
+        print(f"{name:6} peak RSS base {base_rss:.0f} MiB, with UVR {uvr_rss:.0f} MiB, "
+              f"added {uvr_rss - base_rss:+.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
