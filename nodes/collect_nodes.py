@@ -25,8 +25,8 @@ from ..saferope_core import (
 )
 from ..saferope_core.prompts import default_concepts, default_lists, read_prompt_file
 from . import model_files
-from .errors import SafeRoPEInputError
-from .flux_adapter import NotFluxError, model_shape, with_qk_editor
+from .errors import SafeRoPEInputError, require_flux
+from .flux_adapter import with_qk_editor
 from .model_calls import context_token_ids, encode_prompt, latent_shape, load_model, velocity
 from .model_files import STATS_FOLDER
 
@@ -133,13 +133,6 @@ def parse_sigmas(text: str, node: str) -> list[float]:
         raise SafeRoPEInputError(node, "sigmas", f"'{text}' is not a list of numbers in (0, 1]",
                                  "Write e.g. '1.0, 0.8, 0.6' (1.0 = pure noise)")
     return sigmas
-
-
-def require_flux(node: str, model):
-    try:
-        return model_shape(model)
-    except NotFluxError as err:
-        raise SafeRoPEInputError(node, "model", str(err)) from None
 
 
 class CollectQK:

@@ -6,8 +6,8 @@ import os
 
 from ..saferope_core import SafeRoPEPack, SafeRoPEPackError, load_pack
 from . import model_files
-from .errors import SafeRoPEInputError
-from .flux_adapter import NotFluxError, model_shape, with_qk_editor
+from .errors import SafeRoPEInputError, require_pack_fits
+from .flux_adapter import with_qk_editor
 
 NO_FILE = "none"
 TOKEN_CHOICES = {"both": ("txt", "img"), "text": ("txt",), "image": ("img",)}
@@ -118,14 +118,6 @@ class ApplyRiskRotation:
         }
 
     def apply(self, model, pack, strength, apply_to):
-        try:
-            shape = model_shape(model)
-        except NotFluxError as err:
-            raise SafeRoPEInputError(self.NODE, "model", str(err)) from None
-        try:
-            pack.check_model(shape)
-        except SafeRoPEPackError as err:
-            raise SafeRoPEInputError(self.NODE, "pack", str(err),
-                                     "Use a pack built for this model (FLUX.1 dev/schnell/Kontext share one shape)"
-                                     ) from None
+        require_pack_fits(self.NODE, "pack", pack, model,
+                          "Use a pack built for this model (FLUX.1 dev/schnell/Kontext share one shape)")
         return (with_qk_editor(model, RiskRotation(pack, float(strength), TOKEN_CHOICES[apply_to])),)

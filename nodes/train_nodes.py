@@ -9,10 +9,9 @@ import comfy.model_management
 import comfy.utils
 import torch
 
-from ..saferope_core import PromptSet, SafeRoPEPack, SafeRoPEPackError, TrainingRecipe, clean_lines
+from ..saferope_core import PromptSet, SafeRoPEPack, TrainingRecipe, clean_lines
 from . import model_files
-from .collect_nodes import require_flux
-from .errors import SafeRoPEInputError
+from .errors import SafeRoPEInputError, require_pack_fits
 from .model_calls import latent_shape, load_model
 from .training import RotationTrainer, TrainingData
 
@@ -76,12 +75,8 @@ class TrainRiskRotations:
     def train(self, model, clip, subspaces: SafeRoPEPack, prompts: PromptSet, steps, learning_rate, unlearn_weight,
               preserve_weight, seed, width, height, run_name, checkpoint_every, resume, gradient_checkpointing,
               vae=None, safe_images=None, safe_captions="", unique_id=None):
-        shape = require_flux(self.NODE, model)
-        try:
-            subspaces.check_model(shape)
-        except SafeRoPEPackError as err:
-            raise SafeRoPEInputError(self.NODE, "subspaces", str(err),
-                                     "Collect statistics and build subspaces on this model") from None
+        require_pack_fits(self.NODE, "subspaces", subspaces, model,
+                          "Collect statistics and build subspaces on this model")
         if steps < 1:
             raise SafeRoPEInputError(self.NODE, "steps", "must be at least 1")
         if not prompts.unsafe or not prompts.safe:

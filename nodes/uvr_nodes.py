@@ -22,8 +22,8 @@ import torch
 from ..saferope_core import PromptSet, QKStatistics, site_name
 from ..saferope_core.uvr import UVRAnchors, build_anchors, patch_mask, patch_scores, reference_patches
 from . import model_files
-from .collect_nodes import parse_sigmas, require_flux, target_path
-from .errors import SafeRoPEInputError
+from .collect_nodes import parse_sigmas, target_path
+from .errors import SafeRoPEInputError, require_flux
 from .flux_adapter import with_qk_editor
 from .model_calls import encode_prompt, latent_shape, load_model, velocity
 

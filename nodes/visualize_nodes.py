@@ -6,9 +6,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..saferope_core import SafeRoPEPack, SafeRoPEPackError, latent_risk_score
-from .collect_nodes import require_flux
-from .errors import SafeRoPEInputError
+from ..saferope_core import SafeRoPEPack, latent_risk_score
+from .errors import SafeRoPEInputError, require_pack_fits
 from .flux_adapter import with_qk_editor
 from .model_calls import CONTEXT_TOKENIZER_KEYS, context_token_ids, encode_prompt, latent_shape, load_model, velocity
 
@@ -177,11 +176,7 @@ class LRSVisualize:
         }
 
     def visualize(self, model, pack: SafeRoPEPack, clip, text, sigma, seed, image=None, latent=None):
-        shape = require_flux(self.NODE, model)
-        try:
-            pack.check_model(shape)
-        except SafeRoPEPackError as err:
-            raise SafeRoPEInputError(self.NODE, "pack", str(err)) from None
+        require_pack_fits(self.NODE, "pack", pack, model, "Use the pack built for this model")
         if not text.strip():
             raise SafeRoPEInputError(self.NODE, "text", "the prompt is empty", "Type the prompt to inspect")
         observer = RiskObserver(pack)
