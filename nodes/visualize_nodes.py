@@ -117,14 +117,17 @@ def head_map(pack: SafeRoPEPack) -> Image.Image:
     """Blocks x heads grid of the head-selection delta; selected heads outlined in black."""
     names = pack.shape.block_names()
     delta = pack.delta if pack.delta is not None else torch.zeros(len(names), pack.shape.heads)
-    cell = max(4, min(24, (PANEL - 80) // max(len(names), pack.shape.heads)))
-    img = Image.new("RGB", (80 + cell * pack.shape.heads, 40 + cell * len(names)), "white")
-    draw, font = ImageDraw.Draw(img), _font(12)
-    draw.text((4, 4), "head selection: delta per block (rows) and head (columns)", fill="black", font=font)
+    cell = max(12, min(24, (PANEL - 80) // max(len(names), pack.shape.heads)))
+    font = _font(11)
+    title = "head selection: delta per block (rows) and head (columns)"
+    title_width = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font)) + 12
+    width = max(80 + cell * pack.shape.heads, title_width)
+    img = Image.new("RGB", (width, 40 + cell * len(names)), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((4, 4), title, fill="black", font=font)
     for row, name in enumerate(names):
         y = 30 + row * cell
-        if cell >= 10:
-            draw.text((4, y), name, fill="black", font=font)
+        draw.text((4, y), name, fill="black", font=font)
         selected = pack.blocks[name].heads if name in pack.blocks else torch.zeros(pack.shape.heads, dtype=bool)
         for head in range(pack.shape.heads):
             x = 76 + head * cell

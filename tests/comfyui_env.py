@@ -1,5 +1,5 @@
-"""The ComfyUI tier of the tests: find and import a ComfyUI checkout, build a tiny FLUX from ComfyUI's own classes,
-call it the way sampling does, and make text conditioning without a text encoder.
+"""The ComfyUI tier of the tests: find and import a ComfyUI checkout, build a tiny FLUX and a tiny FLUX text encoder
+from ComfyUI's own classes, call the model the way sampling does, and make text conditioning without a text encoder.
 
 Plain functions, no pytest fixtures. Everything comfy is imported lazily, so this module imports anywhere; call
 `import_comfyui()` first in a test process (a ComfyUI server has comfy imported already).
@@ -151,6 +151,76 @@ def tiny_flux(kind: str = "dev", depth: int = 2, depth_single: int = 2, hidden: 
     model = model_config.get_model({}, device=CPU)
     init_weights(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny FLUX text encoder (ComfyUI's FLUX CLIP classes and real tokenizers, small random weights)
+
+
+def tiny_text_encoder_options(context_dim: int = CONTEXT_DIM, pooled_dim: int = POOLED_DIM, layers: int = 1) -> dict:
+    """model_options that shrink comfy.text_encoders.flux.FluxClipModel: SDClipModel reads
+    `<model_name>_model_config` and lets its keys override the JSON config of T5-XXL and of CLIP-L.
+
+    T5's d_model is FLUX's context width, CLIP-L's hidden size its pooled width (FLUX uses CLIP-L's unprojected
+    pooled output). Vocabularies and CLIP's 77 positions stay, so the real tokenizers' ids fit.
+    """
+    t5_heads = 4 if context_dim % 4 == 0 else 1
+    clip_heads = 2 if pooled_dim % 2 == 0 else 1
+    return {
+        "t5xxl_model_config": {"d_model": context_dim, "d_ff": 2 * context_dim, "num_heads": t5_heads,
+                               "d_kv": context_dim // t5_heads, "num_layers": layers},
+        "clip_l_model_config": {"hidden_size": pooled_dim, "intermediate_size": 2 * pooled_dim,
+                                "num_attention_heads": clip_heads, "num_hidden_layers": layers,
+                                "projection_dim": pooled_dim},
+        "dtype": torch.float32,
+    }
+
+
+EMBEDDING_STD = 3.0
+
+
+def init_text_encoder_weights(module: torch.nn.Module, seed: int = 0) -> None:
+    """Deterministic weights for a text encoder ComfyUI created empty: token/position embeddings N(0, 3^2), norm
+    weights 1, biases 0, T5's relative attention bias N(0, 0.1^2), other matrices N(0, 1/fan_in).
+
+    The layers are pre-norm, so their updates have unit scale whatever the embeddings': embeddings 3x larger keep
+    each token's own identity dominant in its output (as in a trained encoder) instead of a context average."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("logit_scale"):
+                continue  # a real value ComfyUI sets (not empty); unused for FLUX
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias") and p.ndim == 1:
+                p.zero_()
+            elif "embedding" in name or name.endswith("shared.weight"):
+                p.copy_(EMBEDDING_STD * torch.randn(p.shape, generator=g))
+            elif "relative_attention_bias" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+
+
+def tiny_flux_clip(seed: int = 0, context_dim: int = CONTEXT_DIM, pooled_dim: int = POOLED_DIM, layers: int = 1):
+    """A FLUX CLIP object (comfy.sd.CLIP over FluxTokenizer + FluxClipModel) with tiny random T5-XXL and CLIP-L
+    and ComfyUI's real T5 and CLIP-L tokenizers, on the CPU.
+
+    `clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)` gives cond
+    [1, 256 (T5's min_length, more for long texts), context_dim] and pooled_output [1, pooled_dim]: what the
+    tiny FLUX of tiny_flux() takes. Builds in well under a second (the vocabularies dominate).
+    """
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux
+
+    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer,
+                                                    comfy.text_encoders.flux.FluxClipModel)
+    options = {**tiny_text_encoder_options(context_dim, pooled_dim, layers), "load_device": CPU,
+               "offload_device": CPU, "initial_device": CPU}
+    clip = comfy.sd.CLIP(target=target, model_options=options)
+    init_text_encoder_weights(clip.cond_stage_model, seed)
+    return clip
 
 
 # ---------------------------------------------------------------------------------------------------------------

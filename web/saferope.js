@@ -17,9 +17,19 @@ function panel(node, name) {
   el.className = "saferope-panel";
   el.style.cssText = "font: 12px sans-serif; color: #111; background: #f4f4f4; padding: 4px 6px; " +
     "border-radius: 4px; overflow: auto; max-height: 180px; line-height: 1.8;";
-  node.addDOMWidget(name, "saferope", el, { serialize: false });
+  const widget = node.addDOMWidget(name, "saferope", el, { serialize: false });
+  widget.computeSize = (width) => [width, Math.min(el.scrollHeight, 180) + 12];
   node.__saferopePanel = el;
   return el;
+}
+
+function fit(node) {
+  // Grow the node so the panel's whole content is visible (up to the panel's own max height).
+  requestAnimationFrame(() => {
+    const wanted = node.computeSize();
+    node.setSize([Math.max(node.size[0], wanted[0]), Math.max(node.size[1], wanted[1])]);
+    node.setDirtyCanvas?.(true, true);
+  });
 }
 
 function showWords(node, words) {
@@ -34,6 +44,7 @@ function showWords(node, words) {
     span.style.cssText = `background: ${riskColour(risk)}; padding: 1px 3px; margin: 1px; border-radius: 3px;`;
     el.append(span, " ");
   }
+  fit(node);
 }
 
 function showInfo(node, lines) {
@@ -41,6 +52,7 @@ function showInfo(node, lines) {
   el.className = "saferope-panel saferope-info";
   el.textContent = lines.join("\n");
   el.style.whiteSpace = "pre-wrap";
+  fit(node);
 }
 
 app.registerExtension({

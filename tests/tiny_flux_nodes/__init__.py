@@ -1,5 +1,6 @@
-"""Test-only ComfyUI nodes: a tiny random FLUX and word-hash text conditioning, so a headless server graph needs
-no model file and no text encoder. The builders live in tests/comfyui_env.py (shared with in-process tests)."""
+"""Test-only ComfyUI nodes: a tiny random FLUX, word-hash text conditioning and a tiny random FLUX text encoder
+(ComfyUI's own FLUX CLIP classes with the real T5 and CLIP-L tokenizers), so a headless server graph needs no model
+file. The builders live in tests/comfyui_env.py (shared with in-process tests)."""
 
 import sys
 from pathlib import Path
@@ -43,6 +44,23 @@ class TinyFluxConditioning:
         return (comfyui_env.conditioning(text, seed),)
 
 
-NODE_CLASS_MAPPINGS = {"TinyFluxLoader": TinyFluxLoader, "TinyFluxConditioning": TinyFluxConditioning}
+class TinyFluxClipLoader:
+    """A FLUX CLIP (T5-XXL + CLIP-L, one tiny random layer each) whose outputs fit the Tiny FLUX Loader's model."""
+
+    CATEGORY = "testing/tiny flux"
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    def load(self, seed):
+        return (comfyui_env.tiny_flux_clip(seed=seed),)
+
+
+NODE_CLASS_MAPPINGS = {"TinyFluxLoader": TinyFluxLoader, "TinyFluxConditioning": TinyFluxConditioning,
+                       "TinyFluxClipLoader": TinyFluxClipLoader}
 NODE_DISPLAY_NAME_MAPPINGS = {"TinyFluxLoader": "Tiny FLUX Loader (test)",
-                              "TinyFluxConditioning": "Tiny FLUX Conditioning (test)"}
+                              "TinyFluxConditioning": "Tiny FLUX Conditioning (test)",
+                              "TinyFluxClipLoader": "Tiny FLUX CLIP Loader (test)"}

