@@ -124,13 +124,17 @@ class TrainRiskRotations:
 
 
 def summarize(history, checkpoint: str) -> str:
-    def mean(kind, part):
-        values = [d for _, k, d in part if k == kind]
-        return sum(values) / len(values) if values else float("nan")
-
+    """Mean relative deviation per kind over the first and the last fifth of that kind's steps."""
     if not history:
         return f"already trained (checkpoint {checkpoint})"
-    head, tail = history[: max(len(history) // 5, 1)], history[-max(len(history) // 5, 1):]
-    return (f"{history[-1][0]} steps; relative deviation on unsafe prompts {mean('unsafe', head):.4g} -> "
-            f"{mean('unsafe', tail):.4g}, on safe prompts {mean('safe', head):.4g} -> {mean('safe', tail):.4g}; "
-            f"checkpoint {checkpoint}")
+
+    def ends(kind):
+        values = [d for _, k, d in history if k == kind]
+        if not values:
+            return float("nan"), float("nan")
+        n = max(len(values) // 5, 1)
+        return sum(values[:n]) / n, sum(values[-n:]) / n
+
+    (u0, u1), (s0, s1) = ends("unsafe"), ends("safe")
+    return (f"{history[-1][0]} steps; relative deviation on unsafe prompts {u0:.4g} -> {u1:.4g}, on safe prompts "
+            f"{s0:.4g} -> {s1:.4g}; checkpoint {checkpoint}")

@@ -1,6 +1,7 @@
 """Training risk rotations on a frozen FLUX inside a ComfyUI node.
 
-- Only the rotation parameters W (text and image, per selected head) are leaf tensors with gradients.
+- Only the rotation parameters W (text and image, per selected head) are leaf tensors with gradients; the model's
+  own parameters are frozen for the duration (requires_grad restored afterwards).
 - ComfyUI runs nodes under torch.inference_mode(); training runs under inference_mode(False) + enable_grad.
 - The stock FLUX blocks update their residual stream in place (`txt += ...`, `x += ...`) after layer norms saved
   that same tensor for backward. A block-replace patch (ComfyUI's "dit" patches_replace, chained with any patch
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -70,6 +72,20 @@ def training_options(patcher, checkpointing: bool) -> dict:
         for i in range(len(blocks)):
             replace[(kind, i)] = BackwardSafeBlock(replace.get((kind, i)), checkpointing)
     return options
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module):
+    """Switch requires_grad off on every parameter for the duration (restored after): only W may get gradients."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            with torch.inference_mode(p.is_inference()):  # inference tensors may only change flags inside it
+                p.requires_grad_(True)
 
 
 def make_autograd_safe(model: torch.nn.Module) -> int:
@@ -193,7 +209,7 @@ class RotationTrainer:
               on_step=None, should_stop=None) -> SafeRoPEPack:
         recipe = self.recipe
         device = self.patcher.load_device
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), frozen(self.patcher.model):
             pack, params = trainable_pack(self.subspaces, recipe, device)
             state = TrainingState(0, params, torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0))
             if resume and checkpoint_path and os.path.isfile(checkpoint_path):

@@ -93,10 +93,11 @@ def import_pack(name: str = "comfyui_saferope"):
 
 
 def flux_unet_config(kind: str = "dev", depth: int = 2, depth_single: int = 2, hidden: int = 64,
-                     heads: int = 4) -> dict:
+                     heads: int = 4, context_dim: int = CONTEXT_DIM, pooled_dim: int = POOLED_DIM) -> dict:
     """The unet_config of a small FLUX: what comfy.model_detection would find, with small sizes.
 
-    axes_dim keeps FLUX's split of a head (16/56/56 of 128): [4, 6, 6] for head_dim 16.
+    axes_dim keeps FLUX's split of a head (16/56/56 of 128): [4, 6, 6] for head_dim 16. context_dim / pooled_dim:
+    widths of the text token and of the pooled vector (FLUX.1: 4096 and 768).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -107,8 +108,8 @@ def flux_unet_config(kind: str = "dev", depth: int = 2, depth_single: int = 2, h
         "in_channels": 16,  # latent channels; img_in sees 16 * 2 * 2 = 64 after 2x2 patchify
         "out_channels": 16,
         "patch_size": 2,
-        "vec_in_dim": POOLED_DIM,
-        "context_in_dim": CONTEXT_DIM,
+        "vec_in_dim": pooled_dim,
+        "context_in_dim": context_dim,
         "hidden_size": hidden,
         "mlp_ratio": 4.0,
         "num_heads": heads,
@@ -136,7 +137,8 @@ def init_weights(module: torch.nn.Module, seed: int = 0) -> None:
 
 
 def tiny_flux(kind: str = "dev", depth: int = 2, depth_single: int = 2, hidden: int = 64, heads: int = 4,
-              seed: int = 0, dtype: torch.dtype = torch.float32):
+              seed: int = 0, dtype: torch.dtype = torch.float32, context_dim: int = CONTEXT_DIM,
+              pooled_dim: int = POOLED_DIM):
     """A random FLUX.1 dev / schnell / Kontext (= dev config) as a comfy ModelPatcher on the CPU.
 
     Built like a loaded checkpoint: supported_models.Flux / FluxSchnell -> model_base.Flux -> ldm Flux, same
@@ -146,7 +148,7 @@ def tiny_flux(kind: str = "dev", depth: int = 2, depth_single: int = 2, hidden: 
     import comfy.supported_models
 
     config_class = comfy.supported_models.FluxSchnell if kind == "schnell" else comfy.supported_models.Flux
-    model_config = config_class(flux_unet_config(kind, depth, depth_single, hidden, heads))
+    model_config = config_class(flux_unet_config(kind, depth, depth_single, hidden, heads, context_dim, pooled_dim))
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=CPU)
     init_weights(model.diffusion_model, seed)
