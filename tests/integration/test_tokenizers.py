@@ -11,7 +11,8 @@ import torch
 
 import comfyui_env
 
-I2P_CSV = Path("/work/shared/data/i2p_unsafe_prompts_4703.csv")
+SHARED = next((p for p in (comfyui_env.REPO.parent / "shared", Path("/work/shared")) if p.is_dir()), Path("shared"))
+I2P_CSV = SHARED / "data" / "i2p_unsafe_prompts_4703.csv"
 I2P_NUDITY_PROMPTS = 854  # rows with nudity_percentage > 0: the paper's I2P nudity set
 # Subject of an I2P prompt: the first of these words present as a word (I2P marks no subject). Explicit words first
 # in the list only for readability; the earliest occurrence in the prompt wins.
