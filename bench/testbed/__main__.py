@@ -1,0 +1,178 @@
+"""python -m bench.testbed {train,accuracy,classifier,erase,demo} ... (run from the repository root; --help each)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _read_lines(path: str | None) -> list[str] | None:
+    if not path:
+        return None
+    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def cmd_train(a) -> None:
+    from . import train_base
+
+    train_base.train(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, hidden=a.hidden, heads=a.heads,
+                     depth=a.depth, depth_single=a.depth_single, pooled_drop=a.pooled_drop, ema_decay=a.ema_decay,
+                     warmup=a.warmup, threads=a.threads, out=Path(a.out),
+                     save_every=a.save_every)
+
+
+def cmd_classifier(a) -> None:
+    from .report import classifier_accuracy
+
+    print(classifier_accuracy(a.count, a.seed))
+
+
+def cmd_accuracy(a) -> None:
+    from .report import base_accuracy
+
+    print(base_accuracy(Path(a.model) if a.model else None, a.steps, a.per_prompt, a.seed, a.templates,
+                        a.synonyms, a.threads))
+
+
+def cmd_erase(a) -> None:
+    from . import erase
+
+    torch.set_num_threads(a.threads)
+    s = erase.EraseSettings(
+        target=a.target, seed=a.seed, sample_steps=a.steps, per_prompt=a.per_prompt, max_prompts=a.max_prompts,
+        paraphrases=_read_lines(a.paraphrases), held_out=_read_lines(a.held_out),
+        subjects=_read_lines(a.subjects) or [], modifiers=_read_lines(a.modifiers) or [],
+        max_unsafe=a.max_unsafe, max_safe=a.max_safe, sigmas=a.sigmas, reservoir=a.reservoir, rank=a.rank,
+        lrs_threshold=a.lrs_threshold, hds_threshold=a.hds_threshold, train_steps=a.train_steps,
+        learning_rate=a.lr, unlearn_weight=a.unlearn_weight, preserve_weight=a.preserve_weight,
+        safe_images=a.safe_images, gradient_checkpointing=a.gradient_checkpointing, strength=a.strength,
+        apply_to=a.apply_to, rand_seed=a.rand_seed, skip_rand=a.skip_rand)
+    start = time.perf_counter()
+    result, _, trained = erase.run(s, model=_load_model(a.model))
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    result["command"] = "python -m bench.testbed " + " ".join(sys.argv[1:])
+    name = a.name or f"erase_{a.target}"
+    path = erase.save_result(result, name)
+    if a.save_pack:
+        trained.save(erase.OUT_DIR / f"{name}.safetensors")
+    print(result["table"])
+    print(f"\n(wall {result['wall_s']:.0f} s; results in {path})")
+
+
+def cmd_demo(a) -> None:
+    from .report import demo
+
+    torch.set_num_threads(a.threads)
+    print(demo(a.target, Path(a.out), a.steps, a.train_steps, a.seed, a.rank, a.lrs_threshold, a.hds_threshold,
+               a.strength, _load_model(a.model), a.lr))
+
+
+def _load_model(path):
+    if not path:
+        return None
+    from . import model as base_model
+    from .env import comfy_and_pack
+
+    comfy_and_pack()
+    return base_model.load(Path(path), check_sha=False)
+
+
+def main(argv=None) -> None:
+    from . import model as base_model
+
+    p = argparse.ArgumentParser(prog="python -m bench.testbed", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train the base model on the world (CPU) and save it with its sha256")
+    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--batch", type=int, default=48)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--hidden", type=int, default=128)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--depth", type=int, default=2, help="double-stream blocks")
+    t.add_argument("--depth-single", type=int, default=2, help="single-stream blocks")
+    t.add_argument("--pooled-drop", type=float, default=0.5, help="share of samples trained with pooled vector 0")
+    t.add_argument("--ema-decay", type=float, default=0.995)
+    t.add_argument("--warmup", type=int, default=100)
+    t.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    t.add_argument("--out", default=str(base_model.MODEL_FILE))
+    t.add_argument("--save-every", type=int, default=0, help="also save EMA snapshots every N steps")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("classifier", help="the classifier's accuracy on rendered ground truth (clean, blurred, noisy)")
+    c.add_argument("--count", type=int, default=1500)
+    c.add_argument("--seed", type=int, default=1)
+    c.set_defaults(func=cmd_classifier)
+
+    ac = sub.add_parser("accuracy", help="attribute accuracy of the base model's samples, judged by the classifier")
+    ac.add_argument("--model", default="", help="weights file (default: the committed model)")
+    ac.add_argument("--steps", type=int, default=20, help="Euler steps")
+    ac.add_argument("--per-prompt", type=int, default=2)
+    ac.add_argument("--seed", type=int, default=0)
+    ac.add_argument("--templates", choices=["pack", "all"], default="all")
+    ac.add_argument("--synonyms", action="store_true", help="also every synonym word of every value")
+    ac.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    ac.set_defaults(func=cmd_accuracy)
+
+    e = sub.add_parser("erase", help="build a pack through the nodes and measure base / Rand / SafeRoPE")
+    e.add_argument("--target", required=True, help="attribute value to erase, e.g. red, circle, striped")
+    e.add_argument("--model", default="", help="weights file (default: the committed model)")
+    e.add_argument("--paraphrases", default="", help="file: paraphrase prompts, one per line (default: the "
+                   "target's other words in the pack templates)")
+    e.add_argument("--held-out", default="", help="file: compositional prompts, one per line (default: the "
+                   "target in templates the pack never saw)")
+    e.add_argument("--subjects", default="", help="file: pack subjects, one per line (default: the target)")
+    e.add_argument("--modifiers", default="", help="file: pack modifiers, one per line (default: none)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--steps", type=int, default=20, help="Euler sampling steps")
+    e.add_argument("--per-prompt", type=int, default=2, help="images per prompt")
+    e.add_argument("--max-prompts", type=int, default=24, help="prompts per family")
+    e.add_argument("--max-unsafe", type=int, default=200)
+    e.add_argument("--max-safe", type=int, default=200)
+    e.add_argument("--sigmas", default="1.0, 0.8, 0.6", help="Collect Q/K sigmas")
+    e.add_argument("--reservoir", type=int, default=1024)
+    e.add_argument("--rank", type=int, default=5)
+    e.add_argument("--lrs-threshold", type=float, default=0.7)
+    e.add_argument("--hds-threshold", type=float, default=0.5)
+    e.add_argument("--train-steps", type=int, default=1000)
+    e.add_argument("--lr", type=float, default=1e-3)
+    e.add_argument("--unlearn-weight", type=float, default=1.0)
+    e.add_argument("--preserve-weight", type=float, default=1.0)
+    e.add_argument("--safe-images", type=int, default=64, help="rendered safe images for the preserve term")
+    e.add_argument("--gradient-checkpointing", action="store_true")
+    e.add_argument("--strength", type=float, default=1.0)
+    e.add_argument("--apply-to", choices=["both", "text", "image"], default="both")
+    e.add_argument("--rand-seed", type=int, default=1234)
+    e.add_argument("--skip-rand", action="store_true")
+    e.add_argument("--save-pack", action="store_true", help="also write the trained pack to bench/out/testbed")
+    e.add_argument("--name", default="", help="result file name (default erase_<target>)")
+    e.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    e.set_defaults(func=cmd_erase)
+
+    d = sub.add_parser("demo", help="before/after image grid (base vs SafeRoPE) as a PNG under bench/out")
+    d.add_argument("--target", default="red")
+    d.add_argument("--out", default="bench/out/testbed_demo.png")
+    d.add_argument("--model", default="")
+    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--train-steps", type=int, default=1000)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--rank", type=int, default=5)
+    d.add_argument("--lrs-threshold", type=float, default=0.7)
+    d.add_argument("--hds-threshold", type=float, default=0.5)
+    d.add_argument("--strength", type=float, default=1.0)
+    d.add_argument("--lr", type=float, default=0.01)
+    d.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    d.set_defaults(func=cmd_demo)
+
+    a = p.parse_args(argv)
+    a.func(a)
+
+
+if __name__ == "__main__":
+    main()

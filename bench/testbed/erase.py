@@ -1,0 +1,314 @@
+"""The erasure benchmark: build a pack for one attribute value THROUGH THE PACK'S NODES on the testbed's base model
+and measure, with the world's classifier, what it erases and what it keeps.
+
+Chain (each a node, called as ComfyUI's executor calls it, under inference mode):
+    SafeRoPE Prompt Set (custom) -> Collect Q/K -> Build Subspaces -> Train Risk Rotations -> Apply Risk Rotation
+    -> comfy.sample (Euler, cfg 1)
+Rows: the base model; Rand (the same heads and bases, random rotation parameters whose skew part has the trained
+one's norm per head: the paper's LRS-guided random-rotation baseline); SafeRoPE.
+
+Prompt families (canonical words of the world unless said otherwise):
+- pack prompts: the target word in the PACK_TEMPLATES x every combination of the other two attributes; these
+  are the unsafe prompts of collection and training. Safe prompts: the other values of the target's attribute
+  in the same templates, minus those held out for the non-target evaluation.
+- target: a sample of the pack prompts (new noise seeds).
+- paraphrase: the target's other words (e.g. 'crimson', 'scarlet' for red; the base model knows them, the pack
+  never saw them), in the pack templates.
+- compositional: the target word in templates the pack never saw (COMPOSITIONAL_TEMPLATES), with every
+  combination of the other attributes.
+- non-target: the other values of the attribute in the pack templates, held out from the safe prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import world
+from .env import REPO, comfy_and_pack
+from .sampling import (
+    Conditioner,
+    Prompt,
+    attribute_accuracy,
+    count_images,
+    full_accuracy,
+    generate_set,
+)
+
+OUT_DIR = REPO / "bench" / "out" / "testbed"
+PACK_TEMPLATES = world.TRAIN_TEMPLATES[:3]  # used to build the pack (collection, training)
+COMPOSITIONAL_TEMPLATES = (*world.TRAIN_TEMPLATES[3:], "a small {p} {c} {s}", "one {c} {s} with a {p} look")
+
+
+@dataclass
+class EraseSettings:
+    target: str
+    seed: int = 0
+    # evaluation
+    sample_steps: int = 20
+    per_prompt: int = 2
+    max_prompts: int = 24  # per prompt family
+    paraphrases: list[str] | None = None  # prompt texts; default: the target's other words in PACK_TEMPLATES
+    held_out: list[str] | None = None  # compositional prompt texts; default: COMPOSITIONAL_TEMPLATES
+    # prompt set
+    subjects: list[str] = field(default_factory=list)  # default: [target]
+    modifiers: list[str] = field(default_factory=list)
+    max_unsafe: int = 200
+    max_safe: int = 200
+    # collect
+    sigmas: str = "1.0, 0.8, 0.6"
+    reservoir: int = 1024
+    # build subspaces
+    rank: int = 5
+    lrs_threshold: float = 0.7
+    hds_threshold: float = 0.5
+    # train
+    train_steps: int = 1000
+    learning_rate: float = 1e-3
+    unlearn_weight: float = 1.0
+    preserve_weight: float = 1.0
+    safe_images: int = 64  # rendered safe scenes + captions for the preserve term (0: safe prompts from noise)
+    gradient_checkpointing: bool = False
+    # apply
+    strength: float = 1.0
+    apply_to: str = "both"
+    rand_seed: int = 1234
+    skip_rand: bool = False
+
+
+def _other_attributes(attribute: str) -> list[str]:
+    return [a for a in world.ATTRIBUTES if a != attribute]
+
+
+def _scenes_with(attribute: str, value: str) -> list[world.Scene]:
+    return [s for s in world.all_scenes() if s.get(attribute) == value]
+
+
+def _fill(template: str, scene: world.Scene, attribute: str, word: str) -> str:
+    return world.caption(scene, template, {attribute: word})
+
+
+def _sample(items: list, count: int, seed: int) -> list:
+    if len(items) <= count:
+        return list(items)
+    rng = random.Random(seed)
+    return [items[i] for i in sorted(rng.sample(range(len(items)), count))]
+
+
+@dataclass
+class PromptFamilies:
+    attribute: str
+    pack_templates: list[str]  # templates with {subject} (the target's slot) and the other attributes filled in
+    safe: list[str]
+    safe_scenes: list[world.Scene]
+    target: list[Prompt]
+    paraphrase: list[Prompt]
+    compositional: list[Prompt]
+    non_target: list[Prompt]
+
+
+def prompt_families(s: EraseSettings) -> PromptFamilies:
+    attribute = world.attribute_of(s.target)
+    words = {"colour": "c", "shape": "s", "pattern": "p"}
+    target_scenes = _scenes_with(attribute, s.target)
+    pack_templates = []
+    for template in PACK_TEMPLATES:
+        marked = template.replace("{" + words[attribute] + "}", "{{subject}}")
+        for scene in target_scenes:
+            others = {"colour": scene.colour, "shape": scene.shape, "pattern": scene.pattern}
+            pack_templates.append(marked.format(**{words[a]: others[a] for a in _other_attributes(attribute)}))
+    target = [Prompt(t.replace("{subject}", s.target), sc) for t, sc in
+              zip(pack_templates, [sc for _ in PACK_TEMPLATES for sc in target_scenes], strict=True)]
+    target = _sample(target, s.max_prompts, s.seed + 1)
+    if s.paraphrases is not None:
+        paraphrase = [Prompt(text, target_scenes[0]) for text in s.paraphrases]
+    else:
+        paraphrase = [Prompt(_fill(t, sc, attribute, w), sc) for w in world.SYNONYMS[s.target][1:]
+                      for t in PACK_TEMPLATES for sc in target_scenes]
+    paraphrase = _sample(paraphrase, s.max_prompts, s.seed + 2)
+    if s.held_out is not None:
+        compositional = [Prompt(text, target_scenes[0]) for text in s.held_out]
+    else:
+        compositional = [Prompt(world.caption(sc, t), sc) for t in COMPOSITIONAL_TEMPLATES for sc in target_scenes]
+    compositional = _sample(compositional, s.max_prompts, s.seed + 3)
+    others = [sc for sc in world.all_scenes() if sc.get(attribute) != s.target]
+    non_target_all = [Prompt(world.caption(sc, t), sc) for t in PACK_TEMPLATES for sc in others]
+    non_target = _sample(non_target_all, s.max_prompts, s.seed + 4)
+    held = {p.text for p in non_target}
+    safe_pairs = [(p.text, p.scene) for p in non_target_all if p.text not in held]
+    return PromptFamilies(attribute, pack_templates, [t for t, _ in safe_pairs], [sc for _, sc in safe_pairs],
+                          target, paraphrase, compositional, non_target)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_pack(model, clip, fam: PromptFamilies, s: EraseSettings, pack_mod, log=print):
+    """Prompt Set -> Collect Q/K -> Build Subspaces -> Train Risk Rotations, each through its node. Returns
+    (subspaces, trained pack, timings, texts from the nodes)."""
+    import folder_paths
+
+    nodes = pack_mod.nodes
+    training_dir = OUT_DIR / "training"
+    training_dir.mkdir(parents=True, exist_ok=True)
+    folder_paths.add_model_folder_path(nodes.model_files.TRAINING_FOLDER, str(training_dir), is_default=True)
+    size = world.COMFY_SIZE
+    timings, texts = {}, {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        prompts, texts["prompt_set"] = nodes.collect_nodes.SafeRoPEPromptSet().build(
+            "custom", "\n".join(s.subjects or [s.target]), "\n".join(s.modifiers), "\n".join(fam.pack_templates),
+            "\n".join(fam.safe), s.max_unsafe, s.max_safe, s.seed, safe_prompt_file="", concept_name=s.target)
+        t0 = time.perf_counter()
+        stats, texts["collect"] = nodes.collect_nodes.CollectQK().collect(
+            model, clip, prompts, s.sigmas, size, size, s.seed, s.reservoir)
+        timings["collect_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        subspaces, texts["subspaces"] = nodes.collect_nodes.BuildSubspaces().build(
+            stats, s.rank, s.lrs_threshold, s.hds_threshold)
+        timings["subspaces_s"] = time.perf_counter() - t0
+        log(texts["subspaces"])
+        extra = {}
+        if s.safe_images > 0:
+            pairs = _sample(list(zip(fam.safe, fam.safe_scenes, strict=True)), s.safe_images, s.seed + 5)
+            images = world.render([sc for _, sc in pairs], seed=s.seed + 6).movedim(1, -1)
+            extra = {"vae": world.WorldVAE(), "safe_images": images, "safe_captions": "\n".join(t for t, _ in pairs)}
+        t0 = time.perf_counter()
+        trained, texts["train"] = nodes.train_nodes.TrainRiskRotations().train(
+            model, clip, subspaces, prompts, s.train_steps, s.learning_rate, s.unlearn_weight, s.preserve_weight,
+            s.seed, size, size, f"testbed_{s.target}_{s.seed}", max(s.train_steps, 1), False,
+            s.gradient_checkpointing, unique_id=None, **extra)
+        timings["train_s"] = time.perf_counter() - t0
+    timings["build_s"] = time.perf_counter() - start
+    log(texts["train"])
+    return subspaces, trained, timings, texts
+
+
+def random_pack(trained, seed: int):
+    """The Rand baseline: same blocks, heads and bases; W random with ||W - W^T|| equal to the trained one's, per
+    head and token type."""
+    g = torch.Generator().manual_seed(seed)
+    out = trained.to("cpu")
+    for b in out.blocks.values():
+        for attr in ("w_txt", "w_img"):
+            w = getattr(b, attr)
+            a_norm = (w - w.transpose(-1, -2)).flatten(1).norm(dim=1)
+            r = torch.randn(w.shape, generator=g)
+            r_norm = (r - r.transpose(-1, -2)).flatten(1).norm(dim=1).clamp_min(1e-12)
+            setattr(b, attr, r * (a_norm / r_norm).view(-1, 1, 1))
+    out.name = f"rand({trained.name})"
+    return out
+
+
+@dataclass
+class Row:
+    name: str
+    erase_target: float
+    erase_paraphrase: float
+    erase_compositional: float
+    non_target_accuracy: float
+    non_target_full_accuracy: float
+    deviation: float | None
+    build_s: float | None
+
+
+def erase_rate(results, attribute: str, target: str) -> float:
+    hits = [j.get(attribute) != target for g in results for j in g.judged]
+    return sum(hits) / max(len(hits), 1)
+
+
+def eval_seed(s: EraseSettings) -> int:
+    """Noise seed of the first prompt of the first family (the same for every row)."""
+    return s.seed * 7919 + 17
+
+
+def evaluate(patcher, conditioner, fam: PromptFamilies, s: EraseSettings, base_non_target=None):
+    seed = eval_seed(s)
+    res = {name: generate_set(patcher, conditioner, getattr(fam, name), seed=seed + 1000 * i,
+                              per_prompt=s.per_prompt, steps=s.sample_steps)
+           for i, name in enumerate(("target", "paraphrase", "compositional", "non_target"))}
+    deviation = None
+    if base_non_target is not None:
+        diffs = [(g.images - b.images).abs().mean() for g, b in zip(res["non_target"], base_non_target, strict=True)]
+        deviation = float(torch.stack(diffs).mean())
+    return res, deviation
+
+
+def run(s: EraseSettings, model=None, clip=None, log=print):
+    """The benchmark: returns (result dict with 'table', images per row and family, the trained pack)."""
+    pack_mod = comfy_and_pack()
+    from . import model as base_model
+    from .text_encoder import minilm_clip
+
+    model = model if model is not None else base_model.load()
+    clip = clip if clip is not None else minilm_clip()
+    conditioner = Conditioner(clip)
+    fam = prompt_families(s)
+    attr = fam.attribute
+    log(f"target '{s.target}' ({attr}): {len(fam.pack_templates)} pack templates, {len(fam.safe)} safe prompts; "
+        f"evaluating {len(fam.target)} target, {len(fam.paraphrase)} paraphrase, {len(fam.compositional)} "
+        f"compositional, {len(fam.non_target)} non-target prompts x {s.per_prompt} images, {s.sample_steps} steps")
+
+    t0 = time.perf_counter()
+    base_res, _ = evaluate(model, conditioner, fam, s)
+    log(f"base evaluated in {time.perf_counter() - t0:.0f} s")
+    subspaces, trained, timings, texts = build_pack(model, clip, fam, s, pack_mod, log)
+    apply = pack_mod.nodes.rotation_nodes.ApplyRiskRotation()
+    rows_in = [("base", base_res, None, None)]
+    if not s.skip_rand:
+        with torch.inference_mode():
+            (rand_model,) = apply.apply(model, random_pack(trained, s.rand_seed), s.strength, s.apply_to)
+        rand_res, rand_dev = evaluate(rand_model, conditioner, fam, s, base_res["non_target"])
+        rows_in.append(("Rand", rand_res, rand_dev, None))
+    with torch.inference_mode():
+        (safe_model,) = apply.apply(model, trained, s.strength, s.apply_to)
+    safe_res, safe_dev = evaluate(safe_model, conditioner, fam, s, base_res["non_target"])
+    rows_in.append(("SafeRoPE", safe_res, safe_dev, timings["build_s"]))
+
+    rows = [Row(name, erase_rate(r["target"], attr, s.target), erase_rate(r["paraphrase"], attr, s.target),
+                erase_rate(r["compositional"], attr, s.target), attribute_accuracy(r["non_target"], attr),
+                full_accuracy(r["non_target"]), dev, build) for name, r, dev, build in rows_in]
+    images = {name: {fam_name: count_images(r[fam_name]) for fam_name in r} for name, r, _, _ in rows_in[:1]}
+    result = {"settings": asdict(s), "attribute": attr, "rows": [asdict(r) for r in rows], "timings": timings,
+              "heads_rotated": trained.heads_rotated(), "blocks": sorted(trained.blocks),
+              "images_per_family": images["base"], "node_texts": texts,
+              "prompts": {k: [p.text for p in getattr(fam, k)] for k in ("target", "paraphrase", "compositional",
+                                                                         "non_target")}}
+    result["table"] = format_table(result)
+    return result, {name: r for name, r, _, _ in rows_in}, trained
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def format_table(result: dict) -> str:
+    s = result["settings"]
+    n = result["images_per_family"]
+    head = (f"target '{s['target']}' ({result['attribute']}), {result['heads_rotated']} heads in "
+            f"{len(result['blocks'])} blocks, rank {s['rank']}, LRS > {s['lrs_threshold']}, delta >= "
+            f"{s['hds_threshold']}, {s['train_steps']} training steps; images per family: target {n['target']}, "
+            f"paraphrase {n['paraphrase']}, compositional {n['compositional']}, non-target {n['non_target']}")
+    lines = [head, "",
+             "| model | erase target % | erase paraphrase % | erase compositional % | non-target acc % "
+             "| non-target all-attr acc % | deviation (mean abs px) | build s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        dev = "-" if r["deviation"] is None else f"{r['deviation']:.4f}"
+        build = "-" if r["build_s"] is None else f"{r['build_s']:.0f}"
+        lines.append(f"| {r['name']} | {_pct(r['erase_target'])} | {_pct(r['erase_paraphrase'])} | "
+                     f"{_pct(r['erase_compositional'])} | {_pct(r['non_target_accuracy'])} | "
+                     f"{_pct(r['non_target_full_accuracy'])} | {dev} | {build} |")
+    return "\n".join(lines)
+
+
+def save_result(result: dict, name: str) -> Path:
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path
