@@ -236,7 +236,7 @@ class RotationTrainer:
                 state.optimizer.step()
                 state.step += 1
                 if on_step is not None:
-                    on_step(state.step, kind, float(dev.mean()), float(loss))
+                    on_step(state.step, kind, float(dev.detach().mean()), float(loss.detach()))
                 if checkpoint_path and (state.step % checkpoint_every == 0 or state.step == recipe.steps):
                     save_checkpoint(checkpoint_path, state, recipe, self.subspaces_id)
         return finished_pack(self.subspaces, pack, recipe)
