@@ -209,13 +209,13 @@ class RotationTrainer:
               on_step=None, should_stop=None) -> SafeRoPEPack:
         recipe = self.recipe
         device = self.patcher.load_device
+        make_autograd_safe(self.patcher.model)  # before freezing, so no reference to replaced weights is kept
         with torch.inference_mode(False), torch.enable_grad(), frozen(self.patcher.model):
             pack, params = trainable_pack(self.subspaces, recipe, device)
             state = TrainingState(0, params, torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0))
             if resume and checkpoint_path and os.path.isfile(checkpoint_path):
                 load_checkpoint(checkpoint_path, state, recipe, self.subspaces_id)
             rotated = with_qk_editor(self.patcher, RiskRotation(pack, 1.0, ("txt", "img")))
-            make_autograd_safe(self.patcher.model)
             base_opts = call_options(self.patcher)
             train_opts = training_options(rotated, self.checkpointing)
 

@@ -14,6 +14,8 @@ Subspaces selects, and training must learn to rotate the subject keys away.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -439,6 +441,25 @@ def test_training_keeps_ordinary_weights_frozen(pack, small):
     training.RotationTrainer(model, small["clip"], small["subspaces"], data, recipe).train()
     with_grad = [name for name, p in model.model.named_parameters() if p.grad is not None]
     assert with_grad == [], f"{len(with_grad)} parameters of the input model got a .grad, e.g. {with_grad[:3]}"
+
+
+def test_training_frees_replaced_inference_weights(pack, small):
+    """A model loaded the ComfyUI way (inference-mode weights) is trained with one copy of its weights: each
+    original is freed once make_autograd_safe has replaced it."""
+    with torch.inference_mode():
+        model = comfyui_env.tiny_flux("dev")  # same shape as small["model"]
+    originals = [weakref.ref(p) for p in model.model.parameters()]
+    training = pack.nodes.training
+    recipe = pack.saferope_core.TrainingRecipe(steps=2, seed=0)
+    data = training.TrainingData(small["prompts"], (16, 4, 4))
+    alive = []
+
+    def count_alive(*_):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in originals))
+
+    training.RotationTrainer(model, small["clip"], small["subspaces"], data, recipe).train(on_step=count_alive)
+    assert alive == [0, 0], f"original weights alive during training, per step: {alive} of {len(originals)}"
 
 
 def test_gradient_checkpointing_gives_the_same_parameters(pack, planted):
