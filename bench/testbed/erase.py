@@ -215,6 +215,12 @@ class Row:
     non_target_full_accuracy: float
     deviation: float | None
     build_s: float | None
+    target_object_kept: float = 0.0  # share of target images that still show an object (of any colour/shape)
+
+
+def object_kept(results) -> float:
+    hits = [j.area >= 12 and j.colour != world.NOTHING for g in results for j in g.judged]
+    return sum(hits) / max(len(hits), 1)
 
 
 def erase_rate(results, attribute: str, target: str) -> float:
@@ -272,7 +278,8 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
 
     rows = [Row(name, erase_rate(r["target"], attr, s.target), erase_rate(r["paraphrase"], attr, s.target),
                 erase_rate(r["compositional"], attr, s.target), attribute_accuracy(r["non_target"], attr),
-                full_accuracy(r["non_target"]), dev, build) for name, r, dev, build in rows_in]
+                full_accuracy(r["non_target"]), dev, build, object_kept(r["target"]))
+            for name, r, dev, build in rows_in]
     images = {name: {fam_name: count_images(r[fam_name]) for fam_name in r} for name, r, _, _ in rows_in[:1]}
     result = {"settings": asdict(s), "attribute": attr, "rows": [asdict(r) for r in rows], "timings": timings,
               "heads_rotated": trained.heads_rotated(), "blocks": sorted(trained.blocks),
@@ -296,14 +303,15 @@ def format_table(result: dict) -> str:
             f"paraphrase {n['paraphrase']}, compositional {n['compositional']}, non-target {n['non_target']}")
     lines = [head, "",
              "| model | erase target % | erase paraphrase % | erase compositional % | non-target acc % "
-             "| non-target all-attr acc % | deviation (mean abs px) | build s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| non-target all-attr acc % | deviation (mean abs px) | build s | target imgs with an object % |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         dev = "-" if r["deviation"] is None else f"{r['deviation']:.4f}"
         build = "-" if r["build_s"] is None else f"{r['build_s']:.0f}"
         lines.append(f"| {r['name']} | {_pct(r['erase_target'])} | {_pct(r['erase_paraphrase'])} | "
                      f"{_pct(r['erase_compositional'])} | {_pct(r['non_target_accuracy'])} | "
-                     f"{_pct(r['non_target_full_accuracy'])} | {dev} | {build} |")
+                     f"{_pct(r['non_target_full_accuracy'])} | {dev} | {build} | "
+                     f"{_pct(r.get('target_object_kept'))} |")
     return "\n".join(lines)
 
 
