@@ -2,7 +2,8 @@
 
 Detection runs at one single block during the start-up steps (sigma >= sigma_start): image-token attention
 outputs (before the output projection) are scored against the anchors, per sample and per CFG branch, into a patch
-mask. Restriction, in the later single blocks of the same call:
+mask. Restriction, in every block after the detection block of the same call and, with the mask of the previous
+step, in every block before it (as the authors' code, whose mask is kept from step to step):
 - text-to-image: the flagged tokens' attention output is replaced by noise of the same scale (the authors' 0.001 *
   out + 0.999 * noise at strength 1), so the concept cannot be assembled there;
 - Kontext editing: attention to the reference-image tokens that map (through their RoPE ids) onto flagged output
@@ -13,6 +14,8 @@ Outside the start-up steps, and when nothing is flagged, attention runs untouche
 """
 
 from __future__ import annotations
+
+import zlib
 
 import comfy.model_management
 import comfy.utils
@@ -28,10 +31,6 @@ from .flux_adapter import with_qk_editor
 from .model_calls import encode_prompt, latent_shape, load_model, velocity
 
 ANCHORS_FOLDER = model_files.STATS_FOLDER
-
-
-def _single_index(block: str | None) -> int | None:
-    return int(block.split(".")[1]) if block and block.startswith("single.") else None
 
 
 class AttentionOutputCollector:
@@ -54,34 +53,52 @@ class AttentionOutputCollector:
 
 
 class UnsafeFlowRestriction:
-    """Attention editor: detect flagged patches at the anchors' block, restrict flow in the later single blocks."""
+    """Attention editor: detect flagged patches at the anchors' block, restrict flow in the other blocks.
+
+    The mask of a step is kept for the next start-up step of the same samples (same CFG branches, batch and size),
+    so the blocks before the detection block are restricted too; a new sampling run starts without one.
+    """
 
     def __init__(self, anchors: UVRAnchors, strength: float, threshold: float, sigma_start: float,
                  min_patches: int = 2):
         self.anchors, self.strength, self.threshold = anchors, strength, threshold
         self.sigma_start, self.min_patches = sigma_start, min_patches
-        self.detect_index = _single_index(anchors.block)
         self.last_detection: dict | None = None  # scores/core/ring of the latest detection, for inspection
+        self._previous: dict = {}  # samples key -> (sigma, core, ring) of their latest detection
 
     def edit_qk(self, call, block, tokens, q, k):
         return q, k
 
     def edit_attention(self, call, block, q, k, v, heads, attend):
-        index = _single_index(block)
         active = call.sigma.reshape(-1).float().to(q.device) >= self.sigma_start - 1e-6
-        if index is None or index < self.detect_index or self.strength == 0 or not bool(active.any()):
+        if self.strength == 0 or not bool(active.any()):
             return attend(q, k, v)
         state = call.scratch.setdefault(id(self), {})
-        if index == self.detect_index:
+        if block == self.anchors.block:
             out = attend(q, k, v)
             self._detect(call, out, heads, q.shape[-1], active, state)
             return out
-        core, ring = state.get("core"), state.get("ring")
+        core, ring = (state["core"], state["ring"]) if "core" in state else self._previous_mask(call)
         if core is None or not bool(core.any()):
             return attend(q, k, v)
         if call.layout.refs:
             return attend(q, k, v, key_bias=self._reference_bias(call, core, ring, q))
-        return self._suppress(call, attend(q, k, v), core, index)
+        return self._suppress(call, attend(q, k, v), core, block)
+
+    @staticmethod
+    def _samples_key(call) -> tuple:
+        lay = call.layout
+        return tuple(call.transformer_options.get("cond_or_uncond", ())), lay.batch, lay.img_hw, lay.refs
+
+    def _previous_mask(self, call):
+        """(core, ring) detected for the same samples at an earlier step of this sampling run, or (None, None)."""
+        sigma, core, ring = self._previous.get(self._samples_key(call), (None, None, None))
+        now = float(call.sigma.max())
+        run_sigmas = call.transformer_options.get("sample_sigmas")
+        first_step = run_sigmas is not None and now >= float(run_sigmas[0]) - 1e-6
+        if sigma is None or first_step or now >= sigma - 1e-6:  # a new run, or not an earlier step
+            return None, None
+        return core, ring
 
     def _detect(self, call, out, heads, head_dim, active, state):
         lay = call.layout
@@ -90,13 +107,14 @@ class UnsafeFlowRestriction:
         core, ring = patch_mask(scores, self.threshold, self.min_patches)
         keep = active[:, None, None]
         state["scores"], state["core"], state["ring"] = scores, core & keep, ring & keep
+        self._previous[self._samples_key(call)] = (float(call.sigma.max()), state["core"], state["ring"])
         self.last_detection = dict(state)
 
-    def _suppress(self, call, out, core, index):
+    def _suppress(self, call, out, core, block):
         lay = call.layout
         flagged = core.reshape(core.shape[0], -1)  # [B, img]
         image = out[:, lay.txt:lay.txt + lay.img]
-        g = torch.Generator().manual_seed(1000 + index)
+        g = torch.Generator().manual_seed(zlib.crc32(block.encode()))  # fixed noise per block
         noise = torch.randn(image.shape, generator=g).to(image) * image.float().std().to(image.dtype)
         mix = 0.999 * self.strength
         restricted = torch.where(flagged.unsqueeze(-1), (1 - mix) * image + mix * noise, image)

@@ -268,7 +268,8 @@ def conditioning(text: str, seed: int = 0, guidance: float | None = None, refere
 
 
 def run_model(patcher, latent: torch.Tensor, sigma, context: torch.Tensor, pooled: torch.Tensor,
-              guidance: float | None = None, ref_latents=None, ref_latents_method: str | None = None) -> torch.Tensor:
+              guidance: float | None = None, ref_latents=None, ref_latents_method: str | None = None,
+              run_sigmas: list[float] | None = None) -> torch.Tensor:
     """One denoiser call `patcher.model.apply_model` (returns the denoised x0 prediction), prepared as sampling
     prepares it: the patcher's wrappers and callbacks are merged into transformer_options by ComfyUI's
     sampler_helpers.prepare_model_patcher, the model is loaded (patches applied) by load_models_gpu, and
@@ -277,6 +278,7 @@ def run_model(patcher, latent: torch.Tensor, sigma, context: torch.Tensor, poole
     latent, ref_latents: model space (after process_latent_in), [B, 16, h, w] (ref_latents repeated to B, as
     sampling does). sigma: float or [B].
     guidance: None -> 3.5, ComfyUI's default (schnell ignores it). Runs in the ambient grad mode.
+    run_sigmas: the sampling run's sigmas (transformer_options["sample_sigmas"]); default [sigma, 0], a first step.
     """
     import comfy.model_management
     import comfy.model_patcher
@@ -303,7 +305,8 @@ def run_model(patcher, latent: torch.Tensor, sigma, context: torch.Tensor, poole
         patcher.prepare_state(sigma)
         transformer_options = comfy.patcher_extension.merge_nested_dicts(
             patcher.apply_hooks(hooks=None), model_options["transformer_options"], copy_dict1=False)
-        transformer_options.setdefault("sample_sigmas", torch.stack([sigma[0], torch.zeros(())]))
+        run = torch.tensor(run_sigmas) if run_sigmas is not None else torch.stack([sigma[0], torch.zeros(())])
+        transformer_options.setdefault("sample_sigmas", run)
         transformer_options.update(cond_or_uncond=[0], uuids=[uuid.uuid4()], sigmas=sigma)
         return patcher.model.apply_model(latent, sigma, transformer_options=transformer_options, **kwargs)
     finally:

@@ -51,7 +51,9 @@ def cmd_erase(a) -> None:
         lrs_threshold=a.lrs_threshold, hds_threshold=a.hds_threshold, train_steps=a.train_steps,
         learning_rate=a.lr, unlearn_weight=a.unlearn_weight, preserve_weight=a.preserve_weight,
         safe_images=a.safe_images, gradient_checkpointing=a.gradient_checkpointing, strength=a.strength,
-        apply_to=a.apply_to, rand_seed=a.rand_seed, skip_rand=a.skip_rand)
+        apply_to=a.apply_to, rand_seed=a.rand_seed, skip_rand=a.skip_rand, uvr_block=a.uvr_block,
+        uvr_sigmas=a.uvr_sigmas, uvr_anchors=a.uvr_anchors, uvr_strength=a.uvr_strength,
+        uvr_threshold=a.uvr_threshold, uvr_sigma_start=a.uvr_sigma_start, skip_uvr=a.skip_uvr)
     start = time.perf_counter()
     result, _, trained = erase.run(s, model=_load_model(a.model))
     result["wall_s"] = round(time.perf_counter() - start, 1)
@@ -120,7 +122,8 @@ def main(argv=None) -> None:
     ac.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     ac.set_defaults(func=cmd_accuracy)
 
-    e = sub.add_parser("erase", help="build a pack through the nodes and measure base / Rand / SafeRoPE")
+    e = sub.add_parser("erase", help="build a pack and UVR anchors through the nodes; measure base, Rand, "
+                       "SafeRoPE, UVR and both")
     e.add_argument("--target", required=True, help="attribute value to erase, e.g. red, circle, striped")
     e.add_argument("--model", default="", help="weights file (default: the committed model)")
     e.add_argument("--paraphrases", default="", help="file: paraphrase prompts, one per line (default: the "
@@ -150,6 +153,13 @@ def main(argv=None) -> None:
     e.add_argument("--apply-to", choices=["both", "text", "image"], default="both")
     e.add_argument("--rand-seed", type=int, default=1234)
     e.add_argument("--skip-rand", action="store_true")
+    e.add_argument("--uvr-block", type=int, default=0, help="UVR detection single block")
+    e.add_argument("--uvr-sigmas", default="1.0, 0.95, 0.9", help="Collect UVR Anchors sigmas")
+    e.add_argument("--uvr-anchors", type=int, default=4, help="anchors per head")
+    e.add_argument("--uvr-strength", type=float, default=1.0)
+    e.add_argument("--uvr-threshold", type=float, default=-1.0, help="-1: the anchors' calibrated threshold")
+    e.add_argument("--uvr-sigma-start", type=float, default=0.85)
+    e.add_argument("--skip-uvr", action="store_true")
     e.add_argument("--save-pack", action="store_true", help="also write the trained pack to bench/out/testbed")
     e.add_argument("--name", default="", help="result file name (default erase_<target>)")
     e.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")

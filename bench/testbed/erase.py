@@ -5,7 +5,9 @@ Chain (each a node, called as ComfyUI's executor calls it, under inference mode)
     SafeRoPE Prompt Set (custom) -> Collect Q/K -> Build Subspaces -> Train Risk Rotations -> Apply Risk Rotation
     -> comfy.sample (Euler, cfg 1)
 Rows: the base model; Rand (the same heads and bases, random rotation parameters whose skew part has the trained
-one's norm per head: the paper's LRS-guided random-rotation baseline); SafeRoPE.
+one's norm per head: the paper's LRS-guided random-rotation baseline); SafeRoPE; UVR (Collect UVR Anchors on the
+same Prompt Set -> Restrict Unsafe Flow, training-free); SafeRoPE + UVR (Restrict Unsafe Flow on the rotated
+model).
 
 Prompt families (canonical words of the world unless said otherwise):
 - pack prompts: the target word in the PACK_TEMPLATES x every combination of the other two attributes; these
@@ -79,6 +81,14 @@ class EraseSettings:
     apply_to: str = "both"
     rand_seed: int = 1234
     skip_rand: bool = False
+    # UVR (Collect UVR Anchors -> Restrict Unsafe Flow); the testbed model has 2 single blocks: detect in 0
+    uvr_block: int = 0
+    uvr_sigmas: str = "1.0, 0.95, 0.9"
+    uvr_anchors: int = 4
+    uvr_strength: float = 1.0
+    uvr_threshold: float = -1.0  # -1: the anchors' calibrated threshold
+    uvr_sigma_start: float = 0.85
+    skip_uvr: bool = False
 
 
 def _other_attributes(attribute: str) -> list[str]:
@@ -148,12 +158,19 @@ def prompt_families(s: EraseSettings) -> PromptFamilies:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_pack(model, clip, fam: PromptFamilies, s: EraseSettings, pack_mod, log=print):
-    """Prompt Set -> Collect Q/K -> Build Subspaces -> Train Risk Rotations, each through its node. Returns
+def prompt_set(fam: PromptFamilies, s: EraseSettings, nodes):
+    """The SafeRoPE Prompt Set node (custom) on the pack templates and safe prompts: (prompts, report)."""
+    with torch.inference_mode():
+        return nodes.collect_nodes.SafeRoPEPromptSet().build(
+            "custom", "\n".join(s.subjects or [s.target]), "\n".join(s.modifiers), "\n".join(fam.pack_templates),
+            "\n".join(fam.safe), s.max_unsafe, s.max_safe, s.seed, safe_prompt_file="", concept_name=s.target)
+
+
+def build_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettings, nodes, log=print):
+    """Collect Q/K -> Build Subspaces -> Train Risk Rotations, each through its node. Returns
     (subspaces, trained pack, timings, texts from the nodes)."""
     import folder_paths
 
-    nodes = pack_mod.nodes
     training_dir = OUT_DIR / "training"
     training_dir.mkdir(parents=True, exist_ok=True)
     folder_paths.add_model_folder_path(nodes.model_files.TRAINING_FOLDER, str(training_dir), is_default=True)
@@ -161,9 +178,6 @@ def build_pack(model, clip, fam: PromptFamilies, s: EraseSettings, pack_mod, log
     timings, texts = {}, {}
     start = time.perf_counter()
     with torch.inference_mode():
-        prompts, texts["prompt_set"] = nodes.collect_nodes.SafeRoPEPromptSet().build(
-            "custom", "\n".join(s.subjects or [s.target]), "\n".join(s.modifiers), "\n".join(fam.pack_templates),
-            "\n".join(fam.safe), s.max_unsafe, s.max_safe, s.seed, safe_prompt_file="", concept_name=s.target)
         t0 = time.perf_counter()
         stats, texts["collect"] = nodes.collect_nodes.CollectQK().collect(
             model, clip, prompts, s.sigmas, size, size, s.seed, s.reservoir)
@@ -187,6 +201,17 @@ def build_pack(model, clip, fam: PromptFamilies, s: EraseSettings, pack_mod, log
     timings["build_s"] = time.perf_counter() - start
     log(texts["train"])
     return subspaces, trained, timings, texts
+
+
+def build_uvr(model, clip, prompts, s: EraseSettings, nodes, log=print):
+    """Collect UVR Anchors on the same Prompt Set: (anchors, seconds, report)."""
+    size = world.COMFY_SIZE
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        anchors, report = nodes.uvr_nodes.CollectUVRAnchors().collect(
+            model, clip, prompts, s.uvr_block, s.uvr_sigmas, size, size, s.uvr_anchors, s.seed)
+    log(report)
+    return anchors, time.perf_counter() - t0, report
 
 
 def random_pack(trained, seed: int):
@@ -263,8 +288,11 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
     t0 = time.perf_counter()
     base_res, _ = evaluate(model, conditioner, fam, s)
     log(f"base evaluated in {time.perf_counter() - t0:.0f} s")
-    subspaces, trained, timings, texts = build_pack(model, clip, fam, s, pack_mod, log)
-    apply = pack_mod.nodes.rotation_nodes.ApplyRiskRotation()
+    nodes = pack_mod.nodes
+    prompts, prompt_report = prompt_set(fam, s, nodes)
+    subspaces, trained, timings, texts = build_pack(model, clip, fam, prompts, s, nodes, log)
+    texts["prompt_set"] = prompt_report
+    apply = nodes.rotation_nodes.ApplyRiskRotation()
     rows_in = [("base", base_res, None, None)]
     if not s.skip_rand:
         with torch.inference_mode():
@@ -275,6 +303,15 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
         (safe_model,) = apply.apply(model, trained, s.strength, s.apply_to)
     safe_res, safe_dev = evaluate(safe_model, conditioner, fam, s, base_res["non_target"])
     rows_in.append(("SafeRoPE", safe_res, safe_dev, timings["build_s"]))
+    if not s.skip_uvr:
+        anchors, timings["uvr_build_s"], texts["uvr"] = build_uvr(model, clip, prompts, s, nodes, log)
+        restrict = nodes.uvr_nodes.RestrictUnsafeFlow()
+        for name, base, build in (("UVR", model, timings["uvr_build_s"]),
+                                  ("SafeRoPE + UVR", safe_model, timings["build_s"] + timings["uvr_build_s"])):
+            with torch.inference_mode():
+                (restricted,) = restrict.apply(base, anchors, s.uvr_strength, s.uvr_threshold, s.uvr_sigma_start, -1)
+            res, dev = evaluate(restricted, conditioner, fam, s, base_res["non_target"])
+            rows_in.append((name, res, dev, build))
 
     rows = [Row(name, erase_rate(r["target"], attr, s.target), erase_rate(r["paraphrase"], attr, s.target),
                 erase_rate(r["compositional"], attr, s.target), attribute_accuracy(r["non_target"], attr),

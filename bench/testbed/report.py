@@ -116,7 +116,8 @@ def demo(target: str, out: Path, steps: int, train_steps: int, seed: int, rank: 
                             lrs_threshold=lrs_threshold, hds_threshold=hds_threshold, strength=strength,
                             learning_rate=learning_rate)
     fam = erase.prompt_families(s)
-    _, trained, timings, _ = erase.build_pack(model, clip, fam, s, pack_mod, log=lambda *_: None)
+    prompts, _ = erase.prompt_set(fam, s, pack_mod.nodes)
+    _, trained, timings, _ = erase.build_pack(model, clip, fam, prompts, s, pack_mod.nodes, log=lambda *_: None)
     with torch.inference_mode():
         (patched,) = pack_mod.nodes.rotation_nodes.ApplyRiskRotation().apply(model, trained, strength, "both")
     attribute = fam.attribute

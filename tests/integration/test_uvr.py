@@ -112,6 +112,45 @@ def test_text_to_image_suppresses_flagged_tokens_only(pack, uvr, model):
     assert per_patch[chosen].mean() > 5 * per_patch[~chosen].mean()
 
 
+def test_mask_carries_to_the_next_startup_step_of_the_same_samples(pack, uvr, model):
+    """A step's mask restricts the blocks before the detection block at the next start-up step of the same samples;
+    not at the same step again, not for another batch, not in a new sampling run."""
+    chosen = region((8, 8), slice(2, 5), slice(3, 6))
+    x = plant(latent(6), chosen)
+    anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x, 0.95), chosen.flatten())
+
+    def restricted():
+        editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
+        return editor, pack.nodes.flux_adapter.with_qk_editor(model, editor)
+
+    def run(patcher, sigma, x=x, run_sigmas=(0.95, 0.9, 0.5, 0.0)):
+        return comfyui_env.run_model(patcher, x, sigma, *text(batch=x.shape[0]), run_sigmas=list(run_sigmas))
+
+    def fresh(sigma, x=x):
+        return run(restricted()[1], sigma, x)
+
+    editor, patched = restricted()
+    run(patched, 0.95)
+    assert editor.last_detection["core"].any()
+    assert not torch.equal(run(patched, 0.9), fresh(0.9))
+    assert torch.equal(run(patched, 0.95), fresh(0.95))  # a first step again: no mask carried in
+    run(patched, 0.95)
+    assert torch.equal(run(patched, 0.9, run_sigmas=(0.9, 0.0)), fresh(0.9))  # a new run starting lower
+    run(patched, 0.9)
+    assert torch.equal(run(patched, 0.9), fresh(0.9))  # the same sigma again: not a later step
+    run(patched, 0.95)
+    two = torch.cat([x, x])
+    assert torch.equal(run(patched, 0.9, two), fresh(0.9, two))  # another batch: its own masks
+
+    # sampling runs: everything flagged (cosine >= -1); a second run is not touched by the first one's last mask
+    flag_all = uvr.UnsafeFlowRestriction(anchors, 1.0, -1.0, SIGMA_START)
+    sampled = [comfyui_env.sample(pack.nodes.flux_adapter.with_qk_editor(model, flag_all), "a red fox", "blurry",
+                                  width=128, height=128, steps=6, cfg=2.0) for _ in range(2)]
+    assert torch.equal(sampled[0], sampled[1])
+    assert not torch.equal(sampled[0], comfyui_env.sample(model, "a red fox", "blurry", width=128, height=128,
+                                                          steps=6, cfg=2.0))
+
+
 @pytest.mark.parametrize("method", ["offset", "index", "uxo"])
 @pytest.mark.parametrize("n_refs", [1, 2])
 def test_kontext_restricts_reference_keys(pack, uvr, model, method, n_refs):
