@@ -100,6 +100,16 @@ SPECS = {
                                (("pack", "SAFEROPE_PACK"), ("log", "STRING")), True),
     "SaveSafeRoPEPack": Spec("Save SafeRoPE Pack", (("pack", "SAFEROPE_PACK", False),), ("name", "overwrite"),
                              (("path", "STRING"),), True),
+    "CollectUVRAnchors": Spec("Collect UVR Anchors", (("model", "MODEL", False), ("clip", "CLIP", False),
+                                                      ("prompts", "SAFEROPE_PROMPTS", False)),
+                              ("detection_block", "sigmas", "width", "height", "anchors_per_head", "seed", CONTROL),
+                              (("anchors", "UVR_ANCHORS"), ("report", "STRING")), True),
+    "SaveUVRAnchors": Spec("Save UVR Anchors", (("anchors", "UVR_ANCHORS", False),), ("name", "overwrite"),
+                           (("path", "STRING"),), True),
+    "LoadUVRAnchors": Spec("Load UVR Anchors", (), ("name",), (("UVR_ANCHORS", "UVR_ANCHORS"),), True),
+    "RestrictUnsafeFlow": Spec("Restrict Unsafe Flow", (("model", "MODEL", False), ("anchors", "UVR_ANCHORS", False)),
+                               ("strength", "threshold", "sigma_start", "detection_block"), (("MODEL", "MODEL"),),
+                               True),
     # frontend-only
     "MarkdownNote": Spec("Note", widgets=("text",)),
     "Note": Spec("Note", widgets=("text",)),
@@ -130,9 +140,13 @@ FILE_WIDGETS = {
     ("DualCLIPLoader", "clip_name2"): "text_encoders",
     ("VAELoader", "vae_name"): "vae",
     ("LoadSafeRoPEPack", "pack_name"): "saferope",
+    ("LoadUVRAnchors", "name"): "saferope_statistics",
     ("LoadImage", "image"): "input",
 }
 PACK_FILE = "nudity.safetensors"  # what build_a_pack.json saves and the other workflows load
+ANCHORS_FILE = "nudity_uvr_anchors.safetensors"  # the UVR anchors build_a_pack.json saves, likewise
+UVR_DETECTION_BLOCK = 10  # single block 10 of FLUX's 38, as in the UVR paper
+UVR_SIGMA_START = 0.85  # Restrict Unsafe Flow acts in the start-up steps, sigma >= this
 NOTE_COLOR = {"color": "#432", "bgcolor": "#653"}
 SAFEROPE_COLOR = {"color": "#2a363b", "bgcolor": "#3f5159"}
 
@@ -292,6 +306,31 @@ the **build_a_pack** workflow (it saves `models/saferope/nudity.safetensors`), o
 pack's safety-critical attention heads, everything else is left alone. `strength` 0 turns it off, 1 is the trained
 strength; `apply_to` picks text tokens, image tokens or both. Chain several Apply nodes to stack packs.
 """
+UVR_NOTE = """
+## Restrict Unsafe Flow (UVR): no trained pack needed
+
+**Load UVR Anchors** reads `ComfyUI/models/saferope_statistics/{anchors}`. Make it once with the
+**build_a_pack** workflow's *UVR anchors* group (Collect UVR Anchors -> Save UVR Anchors: no training, the model
+only runs on the prompt set in the start-up steps).
+
+**Restrict Unsafe Flow** returns a patched copy of the model. In the start-up steps (sigma >= `sigma_start`,
+{sigma_start}) it scores every image patch against the anchors at the detection block (`detection_block` -1 = the
+block the anchors were collected at: single block {block} of 38, as in the paper) and restricts the flow of the
+flagged patches in the other blocks, so the concept cannot be assembled there. `threshold` -1 = the anchors'
+calibrated threshold; `strength` 0 turns it off. Later steps, and images with nothing flagged, run untouched.
+"""
+KONTEXT_UVR_NOTE = """
+## UVR on Kontext: also what comes from the reference image
+
+An edit can copy the concept from the image to edit, not only from the prompt. **Restrict Unsafe Flow**, stacked
+after Apply Risk Rotation, detects unsafe patches of the output in the start-up steps (sigma >= `sigma_start`,
+{sigma_start}) and scales down attention to the reference-image tokens that map onto them, so the concept does not
+flow in from the input. Each guard also works alone: bypass the other (Ctrl+B) to compare.
+
+**Load UVR Anchors** reads `ComfyUI/models/saferope_statistics/{anchors}`: make it once with the **build_a_pack**
+workflow's *UVR anchors* group (no training). Kontext has FLUX.1 [dev]'s shape, so those anchors load here; for
+the closest fit, load the Kontext model in build_a_pack and collect them on it.
+"""
 
 
 def models_note(unet: str, t5: str = "t5xxl_fp16.safetensors", vae: str | None = "") -> str:
@@ -322,10 +361,21 @@ def load_and_apply_pack(wf: Workflow, model: Node, x: int, y: int) -> Node:
     return apply
 
 
-def text_to_image(name: str, unet: str, steps: int, guidance: float | None, title: str) -> Workflow:
+def load_and_restrict_flow(wf: Workflow, model: Node, x: int, y: int) -> Node:
+    anchors = wf.add("LoadUVRAnchors", (x, y), [ANCHORS_FILE], **SAFEROPE_COLOR)
+    restrict = wf.add("RestrictUnsafeFlow", (x, y + 120), [1.0, -1.0, UVR_SIGMA_START, -1], **SAFEROPE_COLOR)
+    wf.connect(model, "MODEL", restrict, "model")
+    wf.connect(anchors, "UVR_ANCHORS", restrict, "anchors")
+    wf.group("UVR", [anchors, restrict], color="#8A8")
+    return restrict
+
+
+def text_to_image(name: str, unet: str, steps: int, guidance: float | None, title: str,
+                  uvr: bool = False) -> Workflow:
+    """FLUX text to image guarded by a SafeRoPE pack, or (uvr) by Restrict Unsafe Flow alone."""
     wf = Workflow(name, title)
     model, clip, vae = load_models(wf, unet)
-    patched = load_and_apply_pack(wf, model, 400, 0)
+    patched = load_and_restrict_flow(wf, model, 400, 0) if uvr else load_and_apply_pack(wf, model, 400, 0)
     text = wf.add("CLIPTextEncode", (800, 0), [FLUX_T2I_PROMPT], size=(360, 180))
     wf.connect(clip, "CLIP", text, "clip")
     positive = text
@@ -349,41 +399,48 @@ def text_to_image(name: str, unet: str, steps: int, guidance: float | None, titl
     extra = ("FLUX.1 [schnell] is distilled: 4 steps, cfg 1, no guidance node. Packs built on FLUX.1 [dev] work on "
              "schnell (same shape; the paper reports the transfer).\n" if guidance is None else
              "FLUX.1 [dev] uses guidance (FluxGuidance 3.5) with cfg 1: the negative prompt is zeroed.\n")
-    wf.note((800, 620), (760, 330), "SafeRoPE pack", PACK_NOTE.format(pack=PACK_FILE) + "\n" + extra)
+    if uvr:
+        wf.note((800, 620), (760, 330), "Restrict Unsafe Flow (UVR)",
+                UVR_NOTE.format(anchors=ANCHORS_FILE, sigma_start=UVR_SIGMA_START, block=UVR_DETECTION_BLOCK)
+                + "\n" + extra)
+    else:
+        wf.note((800, 620), (760, 330), "SafeRoPE pack", PACK_NOTE.format(pack=PACK_FILE) + "\n" + extra)
     return wf
 
 
 def kontext_edit() -> Workflow:
     unet, t5 = "flux1-dev-kontext_fp8_scaled.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"
-    wf = Workflow("flux1_kontext_edit_with_pack", "FLUX.1 Kontext [dev] image editing with a SafeRoPE pack")
+    wf = Workflow("flux1_kontext_edit_with_pack",
+                  "FLUX.1 Kontext [dev] image editing with a SafeRoPE pack and Restrict Unsafe Flow (UVR)")
     model, clip, vae = load_models(wf, unet, t5)
-    patched = load_and_apply_pack(wf, model, 400, 0)
+    rotated = load_and_apply_pack(wf, model, 400, 0)
+    patched = load_and_restrict_flow(wf, rotated, 800, 0)  # SafeRoPE and UVR stacked
     image = wf.add("LoadImage", (400, 420), ["example.png", "image"], size=(320, 340))
-    scale = wf.add("FluxKontextImageScale", (800, 460))
+    scale = wf.add("FluxKontextImageScale", (1200, 460))
     wf.connect(image, "IMAGE", scale, "image")
-    encode = wf.add("VAEEncode", (800, 560))
+    encode = wf.add("VAEEncode", (1200, 560))
     wf.connect(scale, "IMAGE", encode, "pixels")
     wf.connect(vae, "VAE", encode, "vae")
-    text = wf.add("CLIPTextEncode", (800, 0), ["Change the background to a quiet mountain lake at dawn while keeping "
-                                              "the subject in the exact same position, scale and pose"],
+    text = wf.add("CLIPTextEncode", (1200, 0), ["Change the background to a quiet mountain lake at dawn while "
+                                               "keeping the subject in the exact same position, scale and pose"],
                   size=(360, 180))
     wf.connect(clip, "CLIP", text, "clip")
-    reference = wf.add("ReferenceLatent", (800, 230))
+    reference = wf.add("ReferenceLatent", (1200, 230))
     wf.connect(text, "CONDITIONING", reference, "conditioning")
     wf.connect(encode, "LATENT", reference, "latent")
-    guidance = wf.add("FluxGuidance", (1220, 0), [2.5])
+    guidance = wf.add("FluxGuidance", (1620, 0), [2.5])
     wf.connect(reference, "CONDITIONING", guidance, "conditioning")
-    negative = wf.add("ConditioningZeroOut", (1220, 110))
+    negative = wf.add("ConditioningZeroOut", (1620, 110))
     wf.connect(text, "CONDITIONING", negative, "conditioning")
-    sampler = wf.add("KSampler", (1220, 210), [42, "fixed", 20, 1.0, "euler", "simple", 1.0], size=(320, 262))
+    sampler = wf.add("KSampler", (1620, 210), [42, "fixed", 20, 1.0, "euler", "simple", 1.0], size=(320, 262))
     wf.connect(patched, "MODEL", sampler, "model")
     wf.connect(guidance, "CONDITIONING", sampler, "positive")
     wf.connect(negative, "CONDITIONING", sampler, "negative")
     wf.connect(encode, "LATENT", sampler, "latent_image")
-    decode = wf.add("VAEDecode", (1220, 520))
+    decode = wf.add("VAEDecode", (1620, 520))
     wf.connect(sampler, "LATENT", decode, "samples")
     wf.connect(vae, "VAE", decode, "vae")
-    save = wf.add("SaveImage", (1600, 0), ["saferope/kontext_edit"], size=(400, 440))
+    save = wf.add("SaveImage", (2000, 0), ["saferope/kontext_edit"], size=(400, 440))
     wf.connect(decode, "IMAGE", save, "images")
     wf.group("Image to edit", [image, scale, encode], color="#a1309b")
     wf.note((0, 840), (760, 330), "Models", models_note(unet, t5))
@@ -392,11 +449,13 @@ Kontext has the same transformer shape as FLUX.1 [dev], so the same pack applies
 image tokens too: with `apply_to` = both, the pack also acts where the edit would copy the concept from the input.
 Put the image to edit in `ComfyUI/input/` (or upload it on the Load Image node).
 """)
+    wf.note((1600, 840), (760, 330), "UVR on Kontext",
+            KONTEXT_UVR_NOTE.format(anchors=ANCHORS_FILE, sigma_start=UVR_SIGMA_START))
     return wf
 
 
 def build_a_pack() -> Workflow:
-    wf = Workflow("build_a_pack", "Build a SafeRoPE pack (Collect & Train) for the nudity concept")
+    wf = Workflow("build_a_pack", "Build a SafeRoPE pack (Collect & Train) and UVR anchors for the nudity concept")
     model, clip, vae = load_models(wf, "flux1-dev.safetensors", weight_dtype="fp8_e4m3fn", vae=False)
     prompts = wf.add("SafeRoPEPromptSet", (0, 400), ["nudity", "", "", "", "", 200, 200, 0, "fixed", "", ""],
                      size=(320, 560), **SAFEROPE_COLOR)
@@ -423,9 +482,20 @@ def build_a_pack() -> Workflow:
         show = wf.add("PreviewAny", (400 + 400 * i, 620), size=(360, 220), title=title)
         wf.connect(src, out, show, "source")
         shows.append(show)
+    collect_uvr = wf.add("CollectUVRAnchors", (0, 1060), [UVR_DETECTION_BLOCK, "1.0, 0.95, 0.9", 512, 512, 4, 0,
+                                                           "fixed"], **SAFEROPE_COLOR)
+    wf.connect(model, "MODEL", collect_uvr, "model")
+    wf.connect(clip, "CLIP", collect_uvr, "clip")
+    wf.connect(prompts, "prompts", collect_uvr, "prompts")
+    save_uvr = wf.add("SaveUVRAnchors", (400, 1060), [ANCHORS_FILE.removesuffix(".safetensors"), False],
+                      **SAFEROPE_COLOR)
+    wf.connect(collect_uvr, "anchors", save_uvr, "anchors")
+    show_uvr = wf.add("PreviewAny", (400, 1220), size=(360, 220), title="Anchors report")
+    wf.connect(collect_uvr, "report", show_uvr, "source")
     wf.group("Prompts", [prompts], color="#8A8")
     wf.group("Collect & Train", [collect, save_stats, build, train, save], color="#8A8")
-    wf.note((-820, 0), (760, 560), "How to build a pack", """
+    wf.group("UVR anchors (no training)", [collect_uvr, save_uvr, show_uvr], color="#8A8")
+    wf.note((-820, 0), (760, 700), "How to build a pack", """
 ## Build a SafeRoPE pack on your GPU
 
 1. **SafeRoPE Prompt Set**: `nudity` uses the shipped subject / modifier / template lists and safe prompts
@@ -436,13 +506,18 @@ def build_a_pack() -> Workflow:
 4. **Train Risk Rotations**: only the small rotations learn; FLUX stays frozen. A checkpoint is written to
    `models/saferope_training/nudity.safetensors` every 100 steps; with `resume` on, a stopped run continues.
 5. **Save SafeRoPE Pack** writes `models/saferope/nudity.safetensors`, which the other workflows load.
+6. **UVR anchors** (for Restrict Unsafe Flow, needs no training): **Collect UVR Anchors** runs the same prompts in
+   the start-up steps (sigmas 1.0, 0.95, 0.9) and keeps a few anchor directions per head at single block 10 of 38,
+   with a calibrated threshold; **Save UVR Anchors** writes `models/saferope_statistics/nudity_uvr_anchors.safetensors`,
+   which the UVR workflows load. For the anchors alone, select Save UVR Anchors and run the frontend's
+   *Queue Selected Output Nodes*.
 
 Set the seeds to `fixed` (as here) so a re-run continues the same run.
 
 **Memory (24 GB GPU)**: the diffusion model is loaded as fp8 (`weight_dtype` fp8_e4m3fn, or load
 `flux1-dev-fp8` / a GGUF Q8), training at 512x512 with `gradient_checkpointing` on.
 """)
-    wf.note((-820, 620), (760, 320), "Models",
+    wf.note((-820, 760), (760, 320), "Models",
             models_note("flux1-dev.safetensors", vae=" (only for optional safe images on Train Risk Rotations)"))
     return wf
 
@@ -525,6 +600,8 @@ def build_all() -> dict[str, Workflow]:
                       "FLUX.1 [dev] text to image with a SafeRoPE pack"),
         text_to_image("flux1_schnell_text_to_image_with_pack", "flux1-schnell.safetensors", 4, None,
                       "FLUX.1 [schnell] text to image with a SafeRoPE pack"),
+        text_to_image("flux1_dev_text_to_image_with_uvr", "flux1-dev.safetensors", 20, 3.5,
+                      "FLUX.1 [dev] text to image with Restrict Unsafe Flow (UVR, no trained pack)", uvr=True),
         kontext_edit(),
         build_a_pack(),
         lrs_visualize(),
@@ -562,7 +639,7 @@ def to_api(workflow: dict) -> dict:
 THUMB = (1024, 1024)
 LINK_COLOURS = {"MODEL": "#b39ddb", "CLIP": "#ffd500", "VAE": "#ff6e6e", "LATENT": "#ff9cf9", "IMAGE": "#64b5f6",
                 "CONDITIONING": "#ffa931", "SAFEROPE_PACK": "#7fd67f", "SAFEROPE_PROMPTS": "#4dd0c8",
-                "SAFEROPE_STATS": "#9ccc65", "STRING": "#bbbbbb"}
+                "SAFEROPE_STATS": "#9ccc65", "UVR_ANCHORS": "#f06292", "STRING": "#bbbbbb"}
 
 
 def _font(size: int):

@@ -81,8 +81,8 @@ def server():
 def test_every_workflow_is_generated():
     assert WORKFLOWS == sorted(mw.build_all()), "workflows/ and tests/make_workflows.py disagree on the set"
     assert set(WORKFLOWS) >= {"flux1_dev_text_to_image_with_pack", "flux1_schnell_text_to_image_with_pack",
-                              "flux1_kontext_edit_with_pack", "build_a_pack", "lrs_visualize",
-                              "safety_report_batch"}
+                              "flux1_dev_text_to_image_with_uvr", "flux1_kontext_edit_with_pack", "build_a_pack",
+                              "lrs_visualize", "safety_report_batch"}
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -205,7 +205,7 @@ def test_model_files_have_a_source(name):
         spec = mw.SPECS.get(node["type"])
         for widget, value in zip(spec.widgets if spec else (), node["widgets_values"], strict=False):
             folder = mw.FILE_WIDGETS.get((node["type"], widget))
-            if folder in (None, "input", "saferope"):
+            if folder in (None, "input", "saferope", "saferope_statistics"):  # made by build_a_pack, or yours
                 continue
             models = {m["name"]: m for m in node["properties"].get("models", [])}
             assert value in models, f"{name}: {node['type']}.{widget} {value} has no download source"
@@ -222,9 +222,105 @@ def test_server_accepts_the_graph(server, name):
     entry = server.wait(server.post_prompt(prompt), timeout=60)
     status = entry["status"]
     errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
-    loaders = {"UNETLoader", "DualCLIPLoader", "VAELoader", "LoadSafeRoPEPack"}
+    loaders = {"UNETLoader", "DualCLIPLoader", "VAELoader", "LoadSafeRoPEPack", "LoadUVRAnchors"}
     assert status["status_str"] == "error" and errors, f"{name}: expected a loader to fail on its placeholder"
     assert errors[0]["node_type"] in loaders, f"{name}: {errors[0]['node_type']}: {errors[0]['exception_message']}"
+
+
+# The model a workflow samples with: the loader, each node that patches the model, the sampler. SafeRoPE and UVR
+# are stacked on Kontext (UVR also covers what comes from the reference image); the UVR text-to-image example needs
+# no trained pack.
+MODEL_PATHS = {
+    "flux1_dev_text_to_image_with_pack": ["UNETLoader", "ApplyRiskRotation", "KSampler"],
+    "flux1_schnell_text_to_image_with_pack": ["UNETLoader", "ApplyRiskRotation", "KSampler"],
+    "flux1_dev_text_to_image_with_uvr": ["UNETLoader", "RestrictUnsafeFlow", "KSampler"],
+    "flux1_kontext_edit_with_pack": ["UNETLoader", "ApplyRiskRotation", "RestrictUnsafeFlow", "KSampler"],
+    "safety_report_batch": ["UNETLoader", "ApplyRiskRotation", "KSampler"],
+}
+
+
+def upstream(wf: dict, node: dict, socket: str) -> dict | None:
+    """The node whose output feeds `socket` of `node`, or None when it is not linked."""
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    links = {link[0]: link for link in wf["links"]}
+    link_id = next((i["link"] for i in node["inputs"] if i["name"] == socket), None)
+    return None if link_id is None else nodes[links[link_id][1]]
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_model_path_to_the_sampler(name):
+    """Following the sampler's `model` input back to the loader gives the expected chain of patches (a workflow
+    with a sampler must be listed in MODEL_PATHS); the guards' own inputs are linked to their loaders."""
+    wf = load(name)
+    samplers = [n for n in wf["nodes"] if n["type"] == "KSampler"]
+    if name not in MODEL_PATHS:
+        assert not samplers, f"{name}: samples, but its model path is not in MODEL_PATHS"
+        return
+    assert len(samplers) == 1, name
+    path, node = [], samplers[0]
+    while node is not None:
+        path.insert(0, node["type"])
+        node = upstream(wf, node, "model")
+    assert path == MODEL_PATHS[name], f"{name}: the sampler's model comes through {path}"
+    for node in wf["nodes"]:
+        if node["type"] == "ApplyRiskRotation":
+            assert upstream(wf, node, "pack")["type"] == "LoadSafeRoPEPack", name
+        if node["type"] == "RestrictUnsafeFlow":
+            assert upstream(wf, node, "anchors")["type"] == "LoadUVRAnchors", name
+    if "ApplyRiskRotation" not in MODEL_PATHS[name]:
+        assert all(n["type"] not in ("LoadSafeRoPEPack", "ApplyRiskRotation") for n in wf["nodes"]), \
+            f"{name}: needs no trained pack, but loads one"
+
+
+def widgets(node: dict) -> dict:
+    """A node's widget values by name (make_workflows' widget order, checked against /object_info above)."""
+    return dict(zip(mw.SPECS[node["type"]].widgets, node["widgets_values"], strict=True))
+
+
+def test_workflows_load_what_build_a_pack_saves():
+    """Every pack and UVR anchors file an example loads is one build_a_pack saves (to the folder the loader
+    lists), and build_a_pack collects the Q/K statistics and the UVR anchors from the same Prompt Set."""
+    build = load("build_a_pack")
+    saved = {(mw.FILE_WIDGETS[(loader, widget)], widgets(n)["name"] + ".safetensors")
+             for n in build["nodes"]
+             for saver, loader, widget in (("SaveSafeRoPEPack", "LoadSafeRoPEPack", "pack_name"),
+                                           ("SaveUVRAnchors", "LoadUVRAnchors", "name"))
+             if n["type"] == saver}
+    assert {folder for folder, _ in saved} == {"saferope", "saferope_statistics"}, saved
+    loaded = set()
+    for name in WORKFLOWS:
+        for node in load(name)["nodes"]:
+            for widget, value in widgets(node).items():
+                folder = mw.FILE_WIDGETS.get((node["type"], widget))
+                if folder in ("saferope", "saferope_statistics"):
+                    loaded.add((folder, value))
+                    assert (folder, value) in saved, f"{name}: {node['type']} loads {value}, which no workflow saves"
+    assert ("saferope_statistics", mw.ANCHORS_FILE) in loaded and ("saferope", mw.PACK_FILE) in loaded
+    sources = {upstream(build, n, "prompts")["id"] for n in build["nodes"]
+               if n["type"] in ("CollectQK", "CollectUVRAnchors", "TrainRiskRotations")}
+    assert len(sources) == 1, "Collect Q/K, Train and Collect UVR Anchors use different prompt sets"
+
+
+def test_uvr_settings_are_the_papers(server):
+    """UVR as in the paper: anchors collected at single block 10 (of FLUX's 38) in the start-up steps, restriction
+    from sigma 0.85 at the anchors' block with their calibrated threshold, full strength; every value is within
+    the live node's range (checked above) and Restrict's are the node's defaults."""
+    restrict_inputs = server.info["RestrictUnsafeFlow"]["input"]["required"]
+    seen = set()
+    for name in WORKFLOWS:
+        for node in load(name)["nodes"]:
+            if node["type"] == "CollectUVRAnchors":
+                values = widgets(node)
+                assert values["detection_block"] == 10 < 38, name
+                sigmas = [float(s) for s in values["sigmas"].split(",")]
+                assert sigmas == sorted(sigmas, reverse=True) and min(sigmas) >= 0.85, name
+                seen.add(node["type"])
+            if node["type"] == "RestrictUnsafeFlow":
+                values = widgets(node)
+                assert values == {"strength": 1.0, "threshold": -1.0, "sigma_start": 0.85, "detection_block": -1}, name
+                assert values == {k: restrict_inputs[k][1]["default"] for k in values}, name
+                seen.add(node["type"])
+    assert seen == {"CollectUVRAnchors", "RestrictUnsafeFlow"}
 
 
 def test_templates_are_listed_and_served(server):
