@@ -43,7 +43,7 @@ def test_saferope_erases_red_and_keeps_other_colours(comfy, pack, one_thread, tm
     monkeypatch.setattr(erase, "OUT_DIR", tmp_path)  # training checkpoints go to tmp, not ComfyUI's models folder
     settings = erase.EraseSettings(
         target="red", seed=0, sample_steps=8, per_prompt=2, max_prompts=8, max_safe=48, sigmas="1.0, 0.7",
-        train_steps=300, learning_rate=0.02, safe_images=24, skip_rand=True)
+        train_steps=300, learning_rate=0.02, safe_images=24, skip_rand=True, skip_uvr=True)
     result, images, trained = erase.run(settings, model=base_model.load(), clip=minilm_clip(), log=lambda *_: None)
     print(result["table"])
     base, saferope = result["rows"][0], result["rows"][-1]
