@@ -6,8 +6,8 @@ Chain (each a node, called as ComfyUI's executor calls it, under inference mode)
     -> comfy.sample (Euler, cfg 1)
 Rows: the base model; Rand (the same heads and bases, random rotation parameters whose skew part has the trained
 one's norm per head: the paper's LRS-guided random-rotation baseline); SafeRoPE; UVR (Collect UVR Anchors on the
-same Prompt Set -> Restrict Unsafe Flow, training-free); SafeRoPE + UVR (Restrict Unsafe Flow on the rotated
-model).
+same Prompt Set -> Restrict Unsafe Flow, training-free); SafeRoPE + UVR (anchors collected on the rotated model,
+Restrict Unsafe Flow on it).
 
 Prompt families (canonical words of the world unless said otherwise):
 - pack prompts: the target word in the PACK_TEMPLATES x every combination of the other two attributes; these
@@ -303,15 +303,15 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
         (safe_model,) = apply.apply(model, trained, s.strength, s.apply_to)
     safe_res, safe_dev = evaluate(safe_model, conditioner, fam, s, base_res["non_target"])
     rows_in.append(("SafeRoPE", safe_res, safe_dev, timings["build_s"]))
-    if not s.skip_uvr:
-        anchors, timings["uvr_build_s"], texts["uvr"] = build_uvr(model, clip, prompts, s, nodes, log)
+    if not s.skip_uvr:  # anchors are collected on the model they guard: the rotated one for the stacked row
         restrict = nodes.uvr_nodes.RestrictUnsafeFlow()
-        for name, base, build in (("UVR", model, timings["uvr_build_s"]),
-                                  ("SafeRoPE + UVR", safe_model, timings["build_s"] + timings["uvr_build_s"])):
+        for name, guarded, extra_s in (("UVR", model, 0.0), ("SafeRoPE + UVR", safe_model, timings["build_s"])):
+            anchors, seconds, texts[name] = build_uvr(guarded, clip, prompts, s, nodes, log)
             with torch.inference_mode():
-                (restricted,) = restrict.apply(base, anchors, s.uvr_strength, s.uvr_threshold, s.uvr_sigma_start, -1)
+                (restricted,) = restrict.apply(guarded, anchors, s.uvr_strength, s.uvr_threshold, s.uvr_sigma_start,
+                                               -1)
             res, dev = evaluate(restricted, conditioner, fam, s, base_res["non_target"])
-            rows_in.append((name, res, dev, build))
+            rows_in.append((name, res, dev, extra_s + seconds))
 
     rows = [Row(name, erase_rate(r["target"], attr, s.target), erase_rate(r["paraphrase"], attr, s.target),
                 erase_rate(r["compositional"], attr, s.target), attribute_accuracy(r["non_target"], attr),
