@@ -166,6 +166,13 @@ def test_kontext_restricts_reference_keys(pack, uvr, model, method, n_refs):
     base = comfyui_env.run_model(model, x, 0.95, *text(), ref_latents=refs, ref_latents_method=method)
     assert torch.equal(editor.last_detection["core"][0], chosen)
     assert torch.isfinite(out).all() and not torch.equal(out, base)
+    # the next start-up step of the run: the carried mask restricts every block, the double blocks included
+    run = dict(ref_latents=refs, ref_latents_method=method, run_sigmas=[0.95, 0.9, 0.0])
+    carried = comfyui_env.run_model(patched, x, 0.9, *text(), **run)
+    fresh = pack.nodes.flux_adapter.with_qk_editor(
+        model, uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START))
+    assert torch.isfinite(carried).all()
+    assert not torch.equal(carried, comfyui_env.run_model(fresh, x, 0.9, *text(), **run))
     late = comfyui_env.run_model(patched, x, 0.3, *text(), ref_latents=refs, ref_latents_method=method)
     assert torch.equal(late, comfyui_env.run_model(model, x, 0.3, *text(), ref_latents=refs,
                                                    ref_latents_method=method))
