@@ -70,45 +70,56 @@ class UnsafeFlowRestriction:
         return q, k
 
     def edit_attention(self, call, block, q, k, v, heads, attend):
-        active = call.sigma.reshape(-1).float().to(q.device) >= self.sigma_start - 1e-6
-        if self.strength == 0 or not bool(active.any()):
+        state = call.scratch.get(id(self)) or self._begin(call)
+        if state["active"] is None:
             return attend(q, k, v)
-        state = call.scratch.setdefault(id(self), {})
         if block == self.anchors.block:
             out = attend(q, k, v)
-            self._detect(call, out, heads, q.shape[-1], active, state)
+            self._detect(call, out, heads, q.shape[-1], state)
             return out
-        core, ring = (state["core"], state["ring"]) if "core" in state else self._previous_mask(call)
-        if core is None or not bool(core.any()):
+        if not state["flagged"]:
             return attend(q, k, v)
         if call.layout.refs:
-            return attend(q, k, v, key_bias=self._reference_bias(call, core, ring, q))
-        return self._suppress(call, attend(q, k, v), core, block)
+            return attend(q, k, v, key_bias=self._reference_bias(call, state["core"], state["ring"], q))
+        return self._suppress(call, attend(q, k, v), state["core"], block)
+
+    def _begin(self, call) -> dict:
+        """Per-call state, computed once (no device sync per block): which samples are in the start-up steps and
+        the mask carried from this run's previous step, if any."""
+        sigma = call.sigma.reshape(-1).float().cpu()
+        active = sigma >= self.sigma_start - 1e-6
+        state = {"active": None, "core": None, "ring": None, "flagged": False}
+        if self.strength != 0 and bool(active.any()):
+            state["active"] = active
+            state["core"], state["ring"] = self._previous_mask(call, float(sigma.max()))
+            state["flagged"] = state["core"] is not None and bool(state["core"].any())
+        call.scratch[id(self)] = state
+        return state
 
     @staticmethod
     def _samples_key(call) -> tuple:
         lay = call.layout
         return tuple(call.transformer_options.get("cond_or_uncond", ())), lay.batch, lay.img_hw, lay.refs
 
-    def _previous_mask(self, call):
+    def _previous_mask(self, call, now: float):
         """(core, ring) detected for the same samples at an earlier step of this sampling run, or (None, None)."""
         sigma, core, ring = self._previous.get(self._samples_key(call), (None, None, None))
-        now = float(call.sigma.max())
         run_sigmas = call.transformer_options.get("sample_sigmas")
         first_step = run_sigmas is not None and now >= float(run_sigmas[0]) - 1e-6
         if sigma is None or first_step or now >= sigma - 1e-6:  # a new run, or not an earlier step
             return None, None
         return core, ring
 
-    def _detect(self, call, out, heads, head_dim, active, state):
+    def _detect(self, call, out, heads, head_dim, state):
         lay = call.layout
         image = out[:, lay.txt:lay.txt + lay.img].reshape(-1, heads, head_dim)
         scores = patch_scores(image, self.anchors.anchors, self.anchors.safe_mean).reshape(-1, *lay.img_hw)
         core, ring = patch_mask(scores, self.threshold, self.min_patches)
-        keep = active[:, None, None]
+        keep = state["active"].to(core.device)[:, None, None]
         state["scores"], state["core"], state["ring"] = scores, core & keep, ring & keep
+        state["flagged"] = bool(state["core"].any())
         self._previous[self._samples_key(call)] = (float(call.sigma.max()), state["core"], state["ring"])
-        self.last_detection = dict(state)
+        self.last_detection = {k: state[k] for k in ("scores", "core", "ring")}
 
     def _suppress(self, call, out, core, block):
         lay = call.layout
