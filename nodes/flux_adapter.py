@@ -126,9 +126,11 @@ def _make_hook(editor, call: ModelCall, block: str, stream: str) -> Callable:
         if stream != "joint":
             return editor.edit_qk(call, block, stream, q, k)
         n = call.layout.txt
-        q_txt, k_txt = editor.edit_qk(call, block, "txt", q[:, :, :n], k[:, :, :n])
-        q_img, k_img = editor.edit_qk(call, block, "img", q[:, :, n:], k[:, :, n:])
-        return torch.cat((q_txt, q_img), dim=2), torch.cat((k_txt, k_img), dim=2)
+        parts = (q[:, :, :n], k[:, :, :n], q[:, :, n:], k[:, :, n:])
+        edited = (*editor.edit_qk(call, block, "txt", *parts[:2]), *editor.edit_qk(call, block, "img", *parts[2:]))
+        if all(new is old for new, old in zip(edited, parts, strict=True)):
+            return None  # nothing edited: keep the output, no copy
+        return torch.cat(edited[0::2], dim=2), torch.cat(edited[1::2], dim=2)
 
     return hook
 
