@@ -1,5 +1,9 @@
 """ComfyUI nodes of the SafeRoPE pack (thin: inputs -> saferope_core -> outputs) and the FLUX adapter."""
 
+from .version_check import check_running_comfyui
+
+check_running_comfyui()  # before anything else: an old ComfyUI gets one clear import error
+
 from . import model_files
 from .collect_nodes import (
     BuildSubspaces,

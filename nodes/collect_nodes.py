@@ -23,11 +23,11 @@ from ..saferope_core import (
     locate_subjects,
     site_name,
 )
-from ..saferope_core.prompts import default_concepts, default_lists, read_prompt_file
+from ..saferope_core.prompts import content_span, default_concepts, default_lists, read_prompt_file
 from . import model_files
 from .errors import SafeRoPEInputError, require_flux
 from .flux_adapter import with_qk_editor
-from .model_calls import context_token_ids, encode_prompt, latent_shape, load_model, velocity
+from .model_calls import context_token_ids, encode_prompt, latent_shape, load_model, model_inputs, velocity
 from .model_files import STATS_FOLDER
 
 CUSTOM = "custom"
@@ -171,7 +171,7 @@ class CollectQK:
         if not location.found:
             raise SafeRoPEInputError(self.NODE, "prompts", "the subject was not found in the tokens of any prompt\n"
                                      + location.report(prompts.unsafe), "Check the subjects and templates")
-        specials = set(tokenize(""))
+        empty = tokenize("")
         jobs = [("unsafe", prompts.unsafe[i].text, pos) for i, pos in sorted(location.found.items())]
         jobs += [("safe", text, None) for text in prompts.safe]
         stats = QKStatistics(shape, reservoir_size, seed, [prompts.concept])
@@ -185,12 +185,15 @@ class CollectQK:
             comfy.model_management.throw_exception_if_processing_interrupted()
             prompt = encode_prompt(clip, text)
             if positions is None:
-                positions = [i for i, t in enumerate(prompt.token_ids) if t not in specials]
+                positions = list(range(*content_span(prompt.token_ids, empty)))
+            noises = [torch.randn((1, *size), generator=generator).to(device) for _ in sigma_list]
+            context = model_inputs(patched, prompt, noises[0])["c_crossattn"]
+            positions = prompt.context_positions(positions, context)
             if not positions:
+                progress.update(len(sigma_list))
                 continue
             collector.target(group, positions)
-            for sigma in sigma_list:
-                noise = torch.randn((1, *size), generator=generator).to(device)
+            for sigma, noise in zip(sigma_list, noises, strict=True):
                 velocity(patched, noise, torch.tensor([sigma]), prompt)
                 progress.update(1)
         collector.target(None)

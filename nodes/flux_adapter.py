@@ -25,14 +25,19 @@ copied: the stock forward runs, the hooks only see and replace QKNorm's output.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import comfy.ldm.chroma.model
+import comfy.ldm.chroma_radiance.model
 import comfy.ldm.flux.model
 import comfy.patcher_extension
 import torch
 
 from ..saferope_core import ModelShape
+from ..saferope_core.shape import FAMILIES
 
 WRAPPER_KEY = "saferope"
 
@@ -74,20 +79,38 @@ class ModelCall:
 
 
 def _tokens_hw(latent: torch.Tensor, patch: int) -> tuple[int, int]:
+    """Image tokens along height and width: the latent is padded up to whole patches."""
     h, w = latent.shape[-2:]
-    return (h + patch // 2) // patch, (w + patch // 2) // patch
+    return -(-h // patch), -(-w // patch)
 
 
 def token_layout(model, x: torch.Tensor, context: torch.Tensor, ref_latents=None) -> TokenLayout:
-    """Layout from the inputs of Flux.forward (latent x, text context, Kontext reference latents)."""
+    """Layout from the inputs of the transformer's forward (latent x, text context, Kontext/FLUX.2 references)."""
     patch = model.patch_size
     hw = _tokens_hw(x, patch)
     ref_hw = tuple(_tokens_hw(r, patch) for r in (ref_latents or []))
     return TokenLayout(x.shape[0], context.shape[1], hw[0] * hw[1], hw, tuple(h * w for h, w in ref_hw), ref_hw)
 
 
-def flux_model(patcher) -> comfy.ldm.flux.model.Flux:
-    """The FLUX transformer inside a ModelPatcher, or NotFluxError naming what was found instead."""
+TRANSFORMERS = (comfy.ldm.flux.model.Flux, comfy.ldm.chroma.model.Chroma)  # Chroma Radiance subclasses Chroma
+
+
+def model_family(model) -> str:
+    """The architecture family of a FLUX-family transformer, read from the model itself (class and parameters)."""
+    if isinstance(model, comfy.ldm.chroma_radiance.model.ChromaRadiance):
+        return "chroma_radiance"
+    if isinstance(model, comfy.ldm.chroma.model.Chroma):
+        return "chroma"
+    params = model.params
+    if getattr(params, "global_modulation", False):
+        return "flux2"
+    if getattr(params, "yak_mlp", False) and getattr(params, "txt_norm", False):
+        return "ovis"
+    return "flux"
+
+
+def flux_model(patcher):
+    """The FLUX-family transformer inside a ModelPatcher, or NotFluxError naming what was found instead."""
     inner = getattr(getattr(patcher, "model", None), "diffusion_model", None)
     if inner is None:
         raise NotFluxError(f"expected a diffusion MODEL, got {type(patcher).__name__}")
@@ -96,15 +119,15 @@ def flux_model(patcher) -> comfy.ldm.flux.model.Flux:
         raise NotFluxError(f"the model is a Nunchaku transformer ({name}); it replaces FLUX's attention and ignores "
                            "ComfyUI's transformer options, so SafeRoPE cannot reach its queries and keys. Load the "
                            "model with Load Diffusion Model (bf16, fp8 or GGUF) instead")
-    if not isinstance(inner, comfy.ldm.flux.model.Flux):
-        raise NotFluxError(f"the model is {name}, not a FLUX-family transformer (comfy.ldm.flux.model.Flux); "
-                           "SafeRoPE supports FLUX.1 dev, schnell and Kontext")
+    if not isinstance(inner, TRANSFORMERS):
+        raise NotFluxError(f"the model is {name}, not a FLUX-family transformer; SafeRoPE supports "
+                           + ", ".join(FAMILIES.values()))
     return inner
 
 
 def model_shape(patcher) -> ModelShape:
     model = flux_model(patcher)
-    return ModelShape("flux", len(model.double_blocks), len(model.single_blocks), model.num_heads,
+    return ModelShape(model_family(model), len(model.double_blocks), len(model.single_blocks), model.num_heads,
                       model.hidden_size // model.num_heads)
 
 
@@ -135,6 +158,13 @@ def _make_hook(editor, call: ModelCall, block: str, stream: str) -> Callable:
     return hook
 
 
+@functools.cache
+def _forward_signature(model_class) -> inspect.Signature:
+    """The signature of a transformer's _forward: FLUX (x, timestep, context, y, guidance, ref_latents, ...) and
+    Chroma (x, timestep, context, guidance, ...) differ, so wrapper arguments are bound by name."""
+    return inspect.signature(model_class._forward)
+
+
 class QKEditWrapper:
     """DIFFUSION_MODEL wrapper that routes every block's q/k through `editor` during one model call.
 
@@ -147,20 +177,33 @@ class QKEditWrapper:
     def __deepcopy__(self, memo):
         return self
 
-    def __call__(self, executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
-                 transformer_options=None, **kwargs):
+    def __call__(self, executor, *args, **kwargs):
         model = executor.class_obj
-        transformer_options = transformer_options if transformer_options is not None else {}
-        call = ModelCall(token_layout(model, x, context, ref_latents), timestep, transformer_options)
+        bound = _forward_signature(type(model)).bind(model, *args, **kwargs)
+        inputs = bound.arguments
+        options = inputs.get("transformer_options")
+        options = options if options is not None else {}
+        layout = token_layout(model, inputs["x"], inputs["context"], inputs.get("ref_latents"))
+        call = ModelCall(layout, inputs["timestep"], options)
         if hasattr(self.editor, "edit_attention"):
-            transformer_options = _with_attention_editor(transformer_options, self.editor, call)
+            inputs["transformer_options"] = _with_attention_editor(options, self.editor, call)
         handles = [m.register_forward_hook(_make_hook(self.editor, call, block, stream))
                    for m, block, stream in qk_sites(model)]
         try:
-            return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+            return executor(*bound.args[1:], **bound.kwargs)
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _running_block(call: ModelCall, attention_kwargs: dict) -> str | None:
+    """The block whose attention runs: ComfyUI >= 0.8 names it in transformer_options (block_type, block_index);
+    older versions do not, and the QK hook that ran just before tells."""
+    options = attention_kwargs.get("transformer_options") or {}
+    kind, index = options.get("block_type"), options.get("block_index")
+    if kind in ("double", "single") and isinstance(index, int):
+        return f"{kind}.{index}"
+    return call.block
 
 
 def _with_attention_editor(options: dict, editor, call: ModelCall) -> dict:
@@ -177,7 +220,7 @@ def _with_attention_editor(options: dict, editor, call: ModelCall) -> dict:
                 return previous(func, q2, k2, v2, heads, *args, **kw)
             return func(q2, k2, v2, heads, *args, **kw)
 
-        return editor.edit_attention(call, call.block, q, k, v, heads, attend)
+        return editor.edit_attention(call, _running_block(call, kwargs), q, k, v, heads, attend)
 
     def record_ids(data):
         call.img_ids = data["img_ids"]

@@ -19,6 +19,7 @@ import os
 import random
 from dataclasses import dataclass
 
+import comfy.ldm.flux.math
 import torch
 import torch.utils.checkpoint
 
@@ -61,6 +62,40 @@ class BackwardSafeBlock:
         if self.checkpoint and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(run, args, use_reentrant=False)
         return run(args)
+
+
+class _RopeWithBackward(torch.autograd.Function):
+    """FLUX's RoPE op with a backward: it rotates each pair of channels by a 2x2 matrix, so the gradient is the same
+    op with the transposed matrices. ComfyUI >= 0.8 applies RoPE through comfy-kitchen's op, which has none."""
+
+    @staticmethod
+    def forward(ctx, rope, q, k, freqs):
+        ctx.rope = rope
+        ctx.save_for_backward(freqs)
+        return rope(q, k, freqs)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        (freqs,) = ctx.saved_tensors
+        dq, dk = ctx.rope(grad_q.contiguous(), grad_k.contiguous(), freqs.transpose(-1, -2))
+        return None, dq, dk, None
+
+
+@contextlib.contextmanager
+def differentiable_rope():
+    """Give FLUX's attention a RoPE with a backward for the duration (same op forward, so same outputs); the
+    original is put back in `finally`, after an error or an interrupt too."""
+    module = comfy.ldm.flux.math
+    original = module.apply_rope
+
+    def apply_rope(q, k, freqs):
+        return _RopeWithBackward.apply(original, q, k, freqs)
+
+    module.apply_rope = apply_rope
+    try:
+        yield
+    finally:
+        module.apply_rope = original
 
 
 def training_options(patcher, checkpointing: bool) -> dict:
@@ -210,7 +245,7 @@ class RotationTrainer:
         recipe = self.recipe
         device = self.patcher.load_device
         make_autograd_safe(self.patcher.model)  # before freezing, so no reference to replaced weights is kept
-        with torch.inference_mode(False), torch.enable_grad(), frozen(self.patcher.model):
+        with torch.inference_mode(False), torch.enable_grad(), frozen(self.patcher.model), differentiable_rope():
             pack, params = trainable_pack(self.subspaces, recipe, device)
             state = TrainingState(0, params, torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0))
             if resume and checkpoint_path and os.path.isfile(checkpoint_path):

@@ -7,9 +7,18 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..saferope_core import SafeRoPEPack, latent_risk_score
+from ..saferope_core.prompts import content_span
 from .errors import SafeRoPEInputError, require_pack_fits
 from .flux_adapter import with_qk_editor
-from .model_calls import CONTEXT_TOKENIZER_KEYS, context_token_ids, encode_prompt, latent_shape, load_model, velocity
+from .model_calls import (
+    context_token_ids,
+    context_tokenizer_key,
+    encode_prompt,
+    latent_shape,
+    load_model,
+    model_inputs,
+    velocity,
+)
 
 PANEL = 512
 
@@ -21,8 +30,11 @@ class RiskObserver:
         self.pack = pack
         self.total: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
+        self.layout = None  # token layout of the observed call
+        self.context: torch.Tensor | None = None  # the text context the model received
 
     def edit_qk(self, call, block, tokens, q, k):
+        self.layout = call.layout
         rot = self.pack.blocks.get(block)
         if rot is not None:
             index = rot.head_index().to(q.device)
@@ -38,25 +50,31 @@ class RiskObserver:
 
 
 def token_pieces(clip, ids: list[int]) -> list[str]:
-    """The tokenizer's own piece strings for context token ids."""
-    for key in CONTEXT_TOKENIZER_KEYS:
-        sub = getattr(clip.tokenizer, key, None) or getattr(clip.tokenizer, f"clip_{key}", None)
-        hf = getattr(sub, "tokenizer", None)
-        if hf is not None and hasattr(hf, "convert_ids_to_tokens"):
-            return list(hf.convert_ids_to_tokens(ids))
+    """The context tokenizer's own piece strings for its token ids."""
+    key = context_tokenizer_key(clip.tokenize(""))
+    sub = getattr(clip.tokenizer, key, None) or getattr(clip.tokenizer, f"clip_{key}", None)
+    hf = getattr(sub, "tokenizer", None)
+    if hf is not None and hasattr(hf, "convert_ids_to_tokens"):
+        return [str(p) for p in hf.convert_ids_to_tokens(ids)]
     return [str(i) for i in ids]
 
 
+WORD_STARTS = ("▁", "Ġ")  # SentencePiece and byte-level BPE mark a word's first piece
+
+
 def words_of(pieces: list[str], keep: list[bool]) -> list[tuple[str, list[int]]]:
-    """Merge SentencePiece ('▁' starts a word) or BPE ('</w>' ends one) pieces into (word, token positions)."""
+    """Merge SentencePiece ('▁' starts a word), byte-level BPE ('Ġ' starts one) or CLIP BPE ('</w>' ends one)
+    pieces into (word, token positions)."""
     words: list[tuple[str, list[int]]] = []
     open_word = False
     for i, (piece, wanted) in enumerate(zip(pieces, keep, strict=True)):
         if not wanted:
             open_word = False
             continue
-        starts = piece.startswith("▁") or not open_word
-        text = piece.replace("▁", "").replace("</w>", "")
+        starts = piece.startswith(WORD_STARTS) or not open_word
+        text = piece.replace("</w>", "")
+        for mark in WORD_STARTS:
+            text = text.replace(mark, "")
         if starts or not words:
             words.append((text, [i]))
         else:
@@ -194,13 +212,16 @@ class LRSVisualize:
             height, width = (image.shape[1], image.shape[2]) if image is not None else (512, 512)
             x = torch.randn((1, *latent_shape(model, width, height)), generator=generator)
         with torch.no_grad():
+            observer.context = model_inputs(observed, prompt, x.to(device))["c_crossattn"]
             velocity(observed, x.to(device), torch.tensor([sigma]), prompt)
         text_risk, image_risk = observer.mean("txt")[0], observer.mean("img")[0]
-        specials = set(context_token_ids(clip, ""))
-        keep = [t not in specials for t in prompt.token_ids]
-        words = [(w, float(text_risk[pos].max())) for w, pos in words_of(token_pieces(clip, prompt.token_ids), keep)]
-        patch = model.model.diffusion_model.patch_size
-        hw = ((x.shape[-2] + patch // 2) // patch, (x.shape[-1] + patch // 2) // patch)
+        start, end = content_span(prompt.token_ids, context_token_ids(clip, ""))
+        shown = list(range(max(start, prompt.cut), end))  # the prompt's own tokens that reach the model
+        at = dict(zip(shown, prompt.context_positions(shown, observer.context), strict=True))
+        keep = [i in at for i in range(len(prompt.token_ids))]
+        pieces = token_pieces(clip, prompt.token_ids)
+        words = [(w, float(text_risk[[at[p] for p in pos]].max())) for w, pos in words_of(pieces, keep)]
+        hw = observer.layout.img_hw
         background = image[0, :, :, :3].float() if image is not None else None
         panels = [word_chart(words), heatmap_overlay(image_risk, hw, background), head_map(pack)]
         ranked = sorted(words, key=lambda w: -w[1])

@@ -138,11 +138,9 @@ class SafeRoPEPack:
 
     def describe(self) -> str:
         """One paragraph for the node UI: concept, rank, heads rotated, model it was built for."""
-        s = self.shape
         trained = "trained" if self.recipe.get("trained", True) else "untrained (rotations are zero)"
         return (f"{', '.join(self.concepts) or '(no concept)'} | rank {self.rank} | {self.heads_rotated()} heads in "
-                f"{len(self.blocks)} blocks | {trained} | for {s.family} {s.double_blocks}+{s.single_blocks} "
-                f"blocks, {s.heads}x{s.head_dim}")
+                f"{len(self.blocks)} blocks | {trained} | for {self.shape.describe()}")
 
 
 def content_hash(tensors: dict[str, torch.Tensor], metadata: dict) -> str:

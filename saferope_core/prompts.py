@@ -71,19 +71,62 @@ def _find(sequence: Sequence[int], part: Sequence[int]) -> list[int]:
     return [i for i in range(len(sequence) - n + 1) if n and list(sequence[i:i + n]) == list(part)]
 
 
+def _padding_token(empty: Sequence[int]) -> int | None:
+    """The token a tokenizer pads with: the one repeated at the end (or, padding on the left, the start) of the
+    empty text's tokens; None when it pads nothing."""
+    if len(empty) >= 2 and empty[-1] == empty[-2]:
+        return empty[-1]
+    if len(empty) >= 2 and empty[0] == empty[1]:
+        return empty[0]
+    return None
+
+
+def _strip(ids: Sequence[int], pad: int | None) -> tuple[int, int]:
+    start, end = 0, len(ids)
+    while pad is not None and end > start and ids[end - 1] == pad:
+        end -= 1
+    while pad is not None and start < end and ids[start] == pad:
+        start += 1
+    return start, end
+
+
+def content_span(ids: Sequence[int], empty: Sequence[int]) -> tuple[int, int]:
+    """[start, end) of a text's own tokens inside ids = tokenize(text), given empty = tokenize('').
+
+    What a tokenizer adds to every text is read off the empty text: padding (a token repeated at its end or start),
+    then what the two share at their start (a start token, a chat/system template's opening) and at their end (an
+    end token, the template's closing part).
+    """
+    pad = _padding_token(empty)
+    start, end = _strip(ids, pad)
+    e_start, e_end = _strip(empty, pad)
+    frame = list(empty[e_start:e_end])
+    text = list(ids[start:end])
+    head = 0
+    while head < min(len(text), len(frame)) and text[head] == frame[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(text), len(frame)) - head and text[-1 - tail] == frame[-1 - tail]:
+        tail += 1
+    return start + head, end - tail
+
+
 def subject_token_positions(prompt: str, subject: str, tokenize: Callable[[str], list[int]]) -> list[int]:
     """Token positions of every occurrence of `subject` inside tokenize(prompt); [] when it cannot be found.
 
-    `tokenize` maps text to token ids as the model sees them. The subject is looked up as a token subsequence,
-    tokenised alone and with a leading space (SentencePiece and BPE mark word starts differently); special tokens
-    the tokenizer adds to any text (found by tokenising '') are stripped from the subject first.
+    `tokenize` maps text to token ids as the model sees them (special tokens, padding and chat templates
+    included). The subject's own tokens (see content_span) are looked up inside the prompt's own tokens, so a
+    template that happens to contain the subject's words never counts; the subject is tokenised alone and with a
+    leading space (SentencePiece and BPE mark word starts differently).
     """
-    specials = set(tokenize(""))
+    empty = tokenize("")
     prompt_ids = tokenize(prompt)
+    start, end = content_span(prompt_ids, empty)
     positions = set()
     for variant in dict.fromkeys((subject, " " + subject, subject.lower(), " " + subject.lower())):
-        ids = [t for t in tokenize(variant) if t not in specials]
-        positions.update(s + j for s in _find(prompt_ids, ids) for j in range(len(ids)))
+        variant_ids = tokenize(variant)
+        ids = variant_ids[slice(*content_span(variant_ids, empty))]
+        positions.update(start + s + j for s in _find(prompt_ids[start:end], ids) for j in range(len(ids)))
     return sorted(positions)
 
 

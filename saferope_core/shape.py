@@ -6,6 +6,20 @@ from dataclasses import asdict, dataclass
 
 MAX_SIZE = 4096  # bound on any block/head count or head_dim read from a file, so a damaged file fails fast
 
+FAMILIES = {
+    "flux": "FLUX.1 (dev, schnell, Kontext)",
+    "flux2": "FLUX.2",
+    "chroma": "Chroma",
+    "chroma_radiance": "Chroma Radiance",
+    "ovis": "Ovis-Image",
+}
+"""Architecture families a pack can be built for (id -> name shown to users). FLUX.1 dev, schnell and Kontext share
+one architecture, so their packs are interchangeable; the other families are different models."""
+
+
+def family_name(family: str) -> str:
+    return FAMILIES.get(family, family)
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -41,12 +55,20 @@ class ModelShape:
             raise ValueError(f"model shape has impossible sizes: {data!r}")
         return shape
 
+    def describe(self) -> str:
+        """'FLUX.1 (dev, schnell, Kontext), 19+38 blocks, 24 heads x 128'."""
+        return (f"{family_name(self.family)}, {self.double_blocks}+{self.single_blocks} blocks, "
+                f"{self.heads} heads x {self.head_dim}")
+
     def mismatch(self, other: ModelShape) -> str | None:
-        """Name the first dimension where two shapes differ, or None when they match."""
-        for field in ("family", "double_blocks", "single_blocks", "heads", "head_dim"):
+        """Name the first dimension where two shapes differ (both families when those differ), or None."""
+        if self.family != other.family:
+            return (f"family: built for {family_name(self.family)}, but the model is {family_name(other.family)}; "
+                    "packs do not transfer between model families")
+        for field in ("double_blocks", "single_blocks", "heads", "head_dim"):
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine != theirs:
-                return f"{field}: {mine} here, {theirs} in the model"
+                return f"{field}: {mine} here, {theirs} in the model ({other.describe()})"
         return None
 
 

@@ -7,6 +7,7 @@ Plain functions, no pytest fixtures. Everything comfy is imported lazily, so thi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import os
@@ -92,23 +93,53 @@ def import_pack(name: str = "comfyui_saferope"):
 # A tiny FLUX
 
 
+FAMILY_OF_KIND = {"dev": "flux", "schnell": "flux", "kontext": "flux", "flux2": "flux2", "chroma": "chroma",
+                  "chroma_radiance": "chroma_radiance", "ovis": "ovis"}
+ALL_KINDS = tuple(FAMILY_OF_KIND)
+NO_POOLED_KINDS = ("flux2", "chroma", "chroma_radiance", "ovis")  # their text encoders give no pooled vector
+
+
+def kind_supported(kind: str) -> bool:
+    """Whether the imported ComfyUI can build this kind (FLUX.2 and Ovis-Image arrived in 0.8.0)."""
+    import comfy.ldm.flux.model
+    import comfy.supported_models
+
+    if kind == "flux2":
+        return hasattr(comfy.supported_models, "Flux2")
+    if kind == "ovis":
+        return "yak_mlp" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return kind in FAMILY_OF_KIND
+
+
+def _params_class(kind: str):
+    import comfy.ldm.chroma.model
+    import comfy.ldm.chroma_radiance.model
+    import comfy.ldm.flux.model
+
+    return {"chroma": comfy.ldm.chroma.model.ChromaParams,
+            "chroma_radiance": comfy.ldm.chroma_radiance.model.ChromaRadianceParams}.get(
+        kind, comfy.ldm.flux.model.FluxParams)
+
+
 def flux_unet_config(kind: str = "dev", depth: int = 2, depth_single: int = 2, hidden: int = 64,
                      heads: int = 4, context_dim: int = CONTEXT_DIM, pooled_dim: int = POOLED_DIM) -> dict:
-    """The unet_config of a small FLUX: what comfy.model_detection would find, with small sizes.
+    """The unet_config of a small FLUX-family model: what comfy.model_detection would find, with small sizes (see
+    fit_to_comfyui for the fields a given ComfyUI takes).
 
-    axes_dim keeps FLUX's split of a head (16/56/56 of 128): [4, 6, 6] for head_dim 16. context_dim / pooled_dim:
-    widths of the text token and of the pooled vector (FLUX.1: 4096 and 768).
+    axes_dim keeps each family's split of a head (FLUX.1: 16/56/56 of 128 -> [4, 6, 6] for head_dim 16; FLUX.2:
+    four equal axes). context_dim / pooled_dim: widths of the text token and of the pooled vector (FLUX.1: 4096 and
+    768; the other families have no pooled vector).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in FAMILY_OF_KIND:
+        raise ValueError(f"kind must be one of {ALL_KINDS}, got {kind!r}")
     head_dim = hidden // heads
     axis = head_dim * 7 // 32 * 2  # even, 56 for head_dim 128
-    return {
+    config = {
         "image_model": "flux",
         "in_channels": 16,  # latent channels; img_in sees 16 * 2 * 2 = 64 after 2x2 patchify
         "out_channels": 16,
         "patch_size": 2,
-        "vec_in_dim": pooled_dim,
+        "vec_in_dim": None if kind in NO_POOLED_KINDS else pooled_dim,
         "context_in_dim": context_dim,
         "hidden_size": hidden,
         "mlp_ratio": 4.0,
@@ -118,8 +149,32 @@ def flux_unet_config(kind: str = "dev", depth: int = 2, depth_single: int = 2, h
         "axes_dim": [head_dim - 2 * axis, axis, axis],
         "theta": 10000,
         "qkv_bias": True,
-        "guidance_embed": kind != "schnell",
+        "guidance_embed": kind not in ("schnell", "ovis"),
+        "txt_ids_dims": [],
     }
+    if kind == "flux2":
+        config.update(image_model="flux2", in_channels=128, out_channels=128, patch_size=1, mlp_ratio=3.0,
+                      axes_dim=[head_dim // 4] * 4, theta=2000, qkv_bias=False, global_modulation=True,
+                      mlp_silu_act=True, ops_bias=False, default_ref_method="index", ref_index_scale=10.0,
+                      txt_ids_dims=[3])
+    elif kind == "ovis":
+        config.update(yak_mlp=True, txt_norm=True, txt_ids_dims=[1, 2])
+    elif kind in ("chroma", "chroma_radiance"):
+        # the distilled-guidance approximator's input is 16 (timestep) + 16 (guidance) + 32 (block index) wide
+        config.update(image_model="chroma", in_channels=64, out_channels=64, in_dim=64, out_dim=hidden,
+                      hidden_dim=32, n_layers=1)
+    if kind == "chroma_radiance":
+        config.update(image_model="chroma_radiance", in_channels=3, out_channels=3, patch_size=16,
+                      nerf_hidden_size=16, nerf_mlp_ratio=2, nerf_depth=1, nerf_max_freqs=4, nerf_tile_size=0,
+                      nerf_final_head_type="linear", nerf_embedder_dtype=torch.float32, use_x0=False)
+    return config
+
+
+def fit_to_comfyui(kind: str, config: dict) -> dict:
+    """`config` without the fields this ComfyUI's parameter class does not take (0.8.0 added txt_ids_dims and the
+    FLUX.2 / Ovis-Image switches; 0.3.64 rejects them)."""
+    accepted = {f.name for f in dataclasses.fields(_params_class(kind))} | {"image_model"}
+    return {k: v for k, v in config.items() if k in accepted}
 
 
 def init_weights(module: torch.nn.Module, seed: int = 0) -> None:
@@ -139,20 +194,30 @@ def init_weights(module: torch.nn.Module, seed: int = 0) -> None:
 def tiny_flux(kind: str = "dev", depth: int = 2, depth_single: int = 2, hidden: int = 64, heads: int = 4,
               seed: int = 0, dtype: torch.dtype = torch.float32, context_dim: int = CONTEXT_DIM,
               pooled_dim: int = POOLED_DIM):
-    """A random FLUX.1 dev / schnell / Kontext (= dev config) as a comfy ModelPatcher on the CPU.
+    """A random FLUX-family model as a comfy ModelPatcher on the CPU: FLUX.1 dev / schnell / Kontext (= dev
+    config), FLUX.2, Chroma, Chroma Radiance or Ovis-Image (see ALL_KINDS).
 
-    Built like a loaded checkpoint: supported_models.Flux / FluxSchnell -> model_base.Flux -> ldm Flux, same
-    model types (FLUX for dev, FLOW for schnell), latent format and model sampling as the real ones.
+    Built like a loaded checkpoint: the supported_models class -> model_base -> ldm transformer, with the same
+    model types, latent formats and model sampling as the real ones.
     """
     import comfy.model_patcher
     import comfy.supported_models
 
-    config_class = comfy.supported_models.FluxSchnell if kind == "schnell" else comfy.supported_models.Flux
-    model_config = config_class(flux_unet_config(kind, depth, depth_single, hidden, heads, context_dim, pooled_dim))
+    if not kind_supported(kind):
+        raise RuntimeError(f"this ComfyUI cannot build a {kind} model")
+    config_class = getattr(comfy.supported_models, {"schnell": "FluxSchnell", "flux2": "Flux2", "chroma": "Chroma",
+                                                     "chroma_radiance": "ChromaRadiance"}.get(kind, "Flux"))
+    config = flux_unet_config(kind, depth, depth_single, hidden, heads, context_dim, pooled_dim)
+    model_config = config_class(fit_to_comfyui(kind, config))
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=CPU)
     init_weights(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
+
+
+def latent_channels(kind: str) -> int:
+    """Channels of a kind's latent (its model space): FLUX.1 / Chroma / Ovis 16, FLUX.2 128, Radiance 3 (pixels)."""
+    return {"flux2": 128, "chroma_radiance": 3}.get(kind, 16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,6 +290,49 @@ def tiny_flux_clip(seed: int = 0, context_dim: int = CONTEXT_DIM, pooled_dim: in
     return clip
 
 
+def _tiny_clip(tokenizer, encoder, model_config: dict, seed: int):
+    import comfy.sd
+    import comfy.supported_models_base
+
+    target = comfy.supported_models_base.ClipTarget(tokenizer, encoder)
+    options = {**model_config, "dtype": torch.float32, "load_device": CPU, "offload_device": CPU,
+               "initial_device": CPU}
+    clip = comfy.sd.CLIP(target=target, model_options=options)
+    init_text_encoder_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_t5_clip(seed: int = 0, context_dim: int = CONTEXT_DIM, layers: int = 1):
+    """Chroma's text encoder (comfy.text_encoders.pixart_t5: T5-XXL alone, no padding, no pooled vector) with the
+    real T5 tokenizer and a tiny random T5."""
+    import comfy.text_encoders.pixart_t5 as pixart
+
+    config = {"t5xxl_model_config": tiny_text_encoder_options(context_dim, POOLED_DIM, layers)["t5xxl_model_config"]}
+    return _tiny_clip(pixart.PixArtTokenizer, pixart.pixart_te(), config, seed)
+
+
+def tiny_ovis_clip(seed: int = 0, context_dim: int = CONTEXT_DIM, layers: int = 1):
+    """Ovis-Image's text encoder (ComfyUI >= 0.8: comfy.text_encoders.ovis, Qwen3 with a chat template whose start it
+    cuts from its output, no pooled vector) with the real Qwen tokenizer and a tiny random Qwen3. The tests also run
+    FLUX.2 on it: FLUX.2's own tokenizer (Mistral's tekken) ships only inside its checkpoint, and this is the
+    tokenizer with a chat template that ships with ComfyUI."""
+    import comfy.text_encoders.ovis as ovis
+
+    config = {"qwen3_2b_model_config": {"hidden_size": context_dim, "intermediate_size": 2 * context_dim,
+                                        "num_hidden_layers": layers, "num_attention_heads": 2,
+                                        "num_key_value_heads": 1}}
+    return _tiny_clip(ovis.OvisTokenizer, ovis.te(), config, seed)
+
+
+def tiny_clip(kind: str, seed: int = 0, context_dim: int = CONTEXT_DIM):
+    """The tiny text encoder whose conditioning the tiny model of `kind` takes."""
+    if kind in ("chroma", "chroma_radiance"):
+        return tiny_t5_clip(seed, context_dim)
+    if kind in ("flux2", "ovis"):
+        return tiny_ovis_clip(seed, context_dim)
+    return tiny_flux_clip(seed, context_dim)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Text conditioning without a text encoder
 
@@ -265,6 +373,13 @@ def conditioning(text: str, seed: int = 0, guidance: float | None = None, refere
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running the model
+
+
+def run_node(method, *args, **kwargs):
+    """Call a node function the way ComfyUI's executor does (under torch.inference_mode)."""
+    with torch.inference_mode():
+        return method(*args, **kwargs)
+
 
 
 def run_model(patcher, latent: torch.Tensor, sigma, context: torch.Tensor, pooled: torch.Tensor,

@@ -35,6 +35,11 @@ class Spec:
     widgets: tuple = ()
     outputs: tuple = ()  # (name, type)
     saferope: bool = False
+    renamed: tuple = ()  # the same node's display name in other ComfyUI versions
+
+    @property
+    def titles(self) -> tuple:
+        return (self.title, *self.renamed)
 
 
 SPECS = {
@@ -59,7 +64,7 @@ SPECS = {
     "VAEEncode": Spec("VAE Encode", (("pixels", "IMAGE", False), ("vae", "VAE", False)), (), (("LATENT", "LATENT"),)),
     "SaveImage": Spec("Save Image", (("images", "IMAGE", False),), ("filename_prefix",)),
     "PreviewImage": Spec("Preview Image", (("images", "IMAGE", False),)),
-    "PreviewAny": Spec("Preview Any", (("source", "*", False),)),
+    "PreviewAny": Spec("Preview Any", (("source", "*", False),), renamed=("Preview as Text",)),  # 0.8.0's name
     "LoadImage": Spec("Load Image", widgets=("image", UPLOAD), outputs=(("IMAGE", "IMAGE"), ("MASK", "MASK"))),
     "FluxKontextImageScale": Spec("FluxKontextImageScale", (("image", "IMAGE", False),), (), (("IMAGE", "IMAGE"),)),
     "ReferenceLatent": Spec("ReferenceLatent", (("conditioning", "CONDITIONING", False), ("latent", "LATENT", True)),

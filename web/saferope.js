@@ -18,7 +18,8 @@ function panel(node, name) {
   el.style.cssText = "font: 12px sans-serif; color: #111; background: #f4f4f4; padding: 4px 6px; " +
     "border-radius: 4px; overflow: auto; max-height: 180px; line-height: 1.8;";
   const widget = node.addDOMWidget(name, "saferope", el, { serialize: false });
-  widget.computeSize = (width) => [width, Math.min(el.scrollHeight, 180) + 12];
+  // The element gets the widget's height less its margin on both sides (10 px each in frontend 1.35).
+  widget.computeSize = (width) => [width, Math.min(el.scrollHeight, 180) + 2 * (widget.margin ?? 6) + 2];
   node.__saferopePanel = el;
   return el;
 }

@@ -46,12 +46,23 @@ def unet_config(hidden: int = 128, heads: int = 4, depth: int = 2, depth_single:
     }
 
 
+def for_this_comfyui(config: dict) -> dict:
+    """`config` with the fields this ComfyUI's FluxParams requires: 0.8.0 added txt_ids_dims (FLUX.1: none), which
+    0.3.64 rejects."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return {**config, "txt_ids_dims": []} if "txt_ids_dims" in fields else dict(config)
+
+
 def build(config: dict):
     """A ModelPatcher over comfy.supported_models.Flux(config) on the CPU in float32 (weights uninitialised)."""
     import comfy.model_patcher
     import comfy.supported_models
 
-    model_config = comfy.supported_models.Flux(dict(config))
+    model_config = comfy.supported_models.Flux(for_this_comfyui(config))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({}, device=CPU)
     return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)

@@ -267,7 +267,7 @@ def test_pack_info_panel_shows_all_its_text(frontend, server):
     page.wait_for_timeout(300)
     panel = page.evaluate("() => { const e = document.querySelector('.saferope-info'); "
                           "return {text: e.textContent, scroll: e.scrollHeight, client: e.clientHeight}; }")
-    assert "for flux 2+2 blocks, 4x16" in panel["text"]
+    assert "for FLUX.1 (dev, schnell, Kontext), 2+2 blocks, 4 heads x 16" in panel["text"]
     assert panel["scroll"] <= panel["client"] + 1, panel
 
 

@@ -147,7 +147,18 @@ def test_to_device_copies(make_pack):
 def test_describe_mentions_concept_and_shape(make_pack):
     pack = make_pack(seed=15)
     text = pack.describe()
-    assert "test concept" in text and "rank 3" in text and "5 heads in 2 blocks" in text and "4x8" in text
+    assert "test concept" in text and "rank 3" in text and "5 heads in 2 blocks" in text
+    assert "for FLUX.1 (dev, schnell, Kontext), 2+2 blocks, 4 heads x 8" in text
+
+
+@pytest.mark.parametrize("family", ["flux2", "chroma", "chroma_radiance", "ovis"])
+def test_check_model_names_both_families(make_pack, family):
+    """A pack of one family on a model of another (same sizes) is refused naming both families."""
+    pack = make_pack()
+    other = ModelShape(**{**pack.shape.to_dict(), "family": family})
+    with pytest.raises(SafeRoPEPackError, match=r"built for FLUX\.1 .*the model is " + {
+            "flux2": "FLUX.2", "chroma": "Chroma", "chroma_radiance": "Chroma Radiance", "ovis": "Ovis-Image"}[family]):
+        pack.check_model(other)
 
 
 # --- the loader under fuzzing ---------------------------------------------------------------------------

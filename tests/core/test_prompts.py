@@ -5,13 +5,19 @@ import re
 import pytest
 
 from saferope_core import UnsafePrompt, build_unsafe_prompts, clean_lines, locate_subjects
-from saferope_core.prompts import default_concepts, default_lists, read_prompt_file, subject_token_positions
+from saferope_core.prompts import (
+    content_span,
+    default_concepts,
+    default_lists,
+    read_prompt_file,
+    subject_token_positions,
+)
 
-BOS, EOS = 1, 2
+BOS, EOS, PAD = 1, 2, 3
 
 
 class Vocab:
-    """Stable ids for text pieces (ids from 10 up, so they never collide with BOS / EOS)."""
+    """Stable ids for text pieces (ids from 10 up, so they never collide with BOS / EOS / PAD)."""
 
     def __init__(self):
         self.ids = {}
@@ -51,6 +57,20 @@ def gpt2_tokenizer():
     """Byte-level-BPE-like: a word preceded by a space is a different token (' cat' vs 'cat')."""
     vocab = Vocab()
     return lambda text: vocab(re.findall(r" ?\w+| ?[^\w\s]", text))
+
+
+def chat_template_tokenizer(pad_to: int = 0, pad_left: bool = False):
+    """An LLM encoder's tokenizer: the text inside a system/chat template that itself contains common words
+    (' the', ' image', ' a', ' nude'), byte-level-BPE-like word tokens, optionally padded to `pad_to` tokens."""
+    vocab = Vocab()
+    template = "<sys> Describe the image in detail, a nude model or not: <inst>{}</inst> <assistant>"
+
+    def tokenize(text):
+        ids = vocab(re.findall(r"<\w+>|</\w+>| ?\w+| ?[^\w\s]", template.format(text)))
+        padding = [PAD] * max(pad_to - len(ids), 0)
+        return padding + ids if pad_left else ids + padding
+
+    return tokenize
 
 
 # --- building prompts -----------------------------------------------------------------------------------
@@ -208,6 +228,34 @@ def test_positions_with_space_prefixed_bpe_find_every_occurrence():
     """Every occurrence, as documented: 'cat' at the start and ' cat' later on."""
     tok = gpt2_tokenizer()
     assert subject_token_positions("cat sees another cat", "cat", tok) == [0, 3]
+
+
+@pytest.mark.parametrize("pad_to, pad_left", [(0, False), (64, False), (64, True)])
+def test_positions_inside_a_chat_template(pad_to, pad_left):
+    """Only the prompt's own tokens count: the template's ' nude' and ' image' are never the subject, padding on
+    either side is skipped, and the span of the prompt's own tokens is exact."""
+    tok = chat_template_tokenizer(pad_to, pad_left)
+    ids = tok("a nude woman, image")
+    start, end = content_span(ids, tok(""))
+    assert end - start == len(whitespace_tokenizer()("a nude woman, image"))
+    positions = subject_token_positions("a nude woman, image", "nude", tok)
+    assert positions == [start + 1]
+    assert subject_token_positions("an image of a cat", "image", tok) == [content_span(tok("an image of a cat"),
+                                                                                       tok(""))[0] + 1]
+    assert subject_token_positions("a cat", "nude", tok) == []  # only the template says 'nude'
+    start, end = content_span(tok(""), tok(""))
+    assert start == end  # the empty text has no tokens of its own
+
+
+def test_content_span_of_plain_tokenizers():
+    """No template: everything but the added start/end tokens and padding."""
+    assert content_span(whitespace_tokenizer()("a red car"), []) == (0, 3)
+    tok = bos_eos_tokenizer()
+    assert content_span(tok("a red car"), tok("")) == (1, 4)
+    padded = [5, 6, 7, EOS, PAD, PAD, PAD]  # T5: the end token, then padding
+    assert content_span(padded, [EOS, PAD, PAD, PAD, PAD, PAD, PAD]) == (0, 3)
+    clip_like = [BOS, 5, 6, EOS, EOS, EOS]  # CLIP: pads with its end token
+    assert content_span(clip_like, [BOS, EOS, EOS, EOS, EOS, EOS]) == (1, 3)
 
 
 def test_locate_subjects_reports_missing():

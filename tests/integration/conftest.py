@@ -35,3 +35,24 @@ def comfy():
 def pack(comfy):
     """This repository imported as ComfyUI imports a custom node package: `pack.nodes`, `pack.saferope_core`."""
     return comfyui_env.import_pack()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, pack):
+    """The saferope, saferope_statistics and saferope_training model folders, redirected to a temp dir."""
+    import folder_paths
+
+    root = tmp_path_factory.mktemp("models")
+    names = (pack.nodes.model_files.FOLDER, pack.nodes.model_files.STATS_FOLDER,
+             pack.nodes.model_files.TRAINING_FOLDER)
+
+    def forget_file_lists():  # folder_paths caches file lists per folder name
+        for name in names:
+            folder_paths.filename_list_cache.pop(name, None)
+
+    forget_file_lists()
+    with pytest.MonkeyPatch.context() as mp:
+        for name in names:
+            mp.setitem(folder_paths.folder_names_and_paths, name, ([str(root / name)], {".safetensors"}))
+        yield {name: root / name for name in names}
+    forget_file_lists()

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import comfyui_env
+from comfyui_env import run_node
 
 PLANTED_BLOCK, PLANTED_HEAD = 0, 1  # block double.0, head 1
 HIDDEN, HEADS = 128, 4  # head_dim 32: a random 16-dim head holds a few subject tokens in too few dimensions
@@ -34,32 +35,6 @@ SUBJECT_CANDIDATES = ["nude", "naked", "topless", "shirtless", "undressed", "nsf
 RANK, LRS_THRESHOLD, HDS_THRESHOLD = 2, 0.8, 0.5
 TRAIN_STEPS, LEARNING_RATE = 40, 0.05
 SIZE = 64  # image width/height in collection and training: 8x8 latent, 16 image tokens
-
-
-def run_node(method, *args, **kwargs):
-    """Call a node function the way ComfyUI's executor does."""
-    with torch.inference_mode():
-        return method(*args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory, pack):
-    """The saferope, saferope_statistics and saferope_training model folders, redirected to a temp dir."""
-    import folder_paths
-
-    root = tmp_path_factory.mktemp("models")
-    names = (pack.nodes.model_files.FOLDER, pack.nodes.model_files.STATS_FOLDER,
-             pack.nodes.model_files.TRAINING_FOLDER)
-    def forget_file_lists():  # folder_paths caches file lists per folder name
-        for name in names:
-            folder_paths.filename_list_cache.pop(name, None)
-
-    forget_file_lists()
-    with pytest.MonkeyPatch.context() as mp:
-        for name in names:
-            mp.setitem(folder_paths.folder_names_and_paths, name, ([str(root / name)], {".safetensors"}))
-        yield {name: root / name for name in names}
-    forget_file_lists()
 
 
 def nodes_of(pack):

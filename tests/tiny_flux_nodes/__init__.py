@@ -21,7 +21,8 @@ class TinyFluxLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"kind": (list(comfyui_env.KINDS),),
+        kinds = [k for k in comfyui_env.ALL_KINDS if comfyui_env.kind_supported(k)]
+        return {"required": {"kind": (kinds,),
                              "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
 
     def load(self, kind, seed):
@@ -45,7 +46,8 @@ class TinyFluxConditioning:
 
 
 class TinyFluxClipLoader:
-    """A FLUX CLIP (T5-XXL + CLIP-L, one tiny random layer each) whose outputs fit the Tiny FLUX Loader's model."""
+    """A tiny random text encoder whose outputs fit the Tiny FLUX Loader's model of the same kind: FLUX.1's T5-XXL +
+    CLIP-L, Chroma's T5-XXL, or (FLUX.2, Ovis-Image) Ovis-Image's Qwen3 with its chat template."""
 
     CATEGORY = "testing/tiny flux"
     RETURN_TYPES = ("CLIP",)
@@ -53,10 +55,12 @@ class TinyFluxClipLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+        kinds = [k for k in comfyui_env.ALL_KINDS if comfyui_env.kind_supported(k)]
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})},
+                "optional": {"kind": (kinds, {"default": "dev"})}}
 
-    def load(self, seed):
-        return (comfyui_env.tiny_flux_clip(seed=seed),)
+    def load(self, seed, kind="dev"):
+        return (comfyui_env.tiny_clip(kind, seed=seed),)
 
 
 NODE_CLASS_MAPPINGS = {"TinyFluxLoader": TinyFluxLoader, "TinyFluxConditioning": TinyFluxConditioning,
