@@ -69,6 +69,13 @@ def context_tokenizer_key(tokens: dict) -> str:
     return next((k for k in tokens if k not in POOLED_ONLY_TOKENIZERS), next(iter(tokens)))
 
 
+def context_tokenizer(clip):
+    """The Hugging Face tokenizer behind the context tokenizer (for its piece strings), or None."""
+    key = context_tokenizer_key(clip.tokenize(""))
+    sub = getattr(clip.tokenizer, key, None) or getattr(clip.tokenizer, f"clip_{key}", None)
+    return getattr(sub, "tokenizer", None)
+
+
 def context_token_ids(clip, text: str) -> list[int]:
     """Token ids of `text` in the tokenizer that produces the model's context (T5-XXL for FLUX.1 and Chroma, the
     LLM's tokenizer with its chat template for FLUX.2 and Ovis-Image)."""

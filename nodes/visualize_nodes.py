@@ -12,7 +12,7 @@ from .errors import SafeRoPEInputError, require_pack_fits
 from .flux_adapter import with_qk_editor
 from .model_calls import (
     context_token_ids,
-    context_tokenizer_key,
+    context_tokenizer,
     encode_prompt,
     latent_shape,
     load_model,
@@ -51,9 +51,7 @@ class RiskObserver:
 
 def token_pieces(clip, ids: list[int]) -> list[str]:
     """The context tokenizer's own piece strings for its token ids."""
-    key = context_tokenizer_key(clip.tokenize(""))
-    sub = getattr(clip.tokenizer, key, None) or getattr(clip.tokenizer, f"clip_{key}", None)
-    hf = getattr(sub, "tokenizer", None)
+    hf = context_tokenizer(clip)
     if hf is not None and hasattr(hf, "convert_ids_to_tokens"):
         return [str(p) for p in hf.convert_ids_to_tokens(ids)]
     return [str(i) for i in ids]

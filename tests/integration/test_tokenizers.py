@@ -33,6 +33,31 @@ def _tokenizer(pack, clip):
     return lambda text: pack.nodes.model_calls.context_token_ids(clip, text)
 
 
+# Every context tokenizer of a supported family that ships inside the ComfyUI trees: T5 (FLUX.1, Chroma) and Qwen
+# with Ovis-Image's chat template (0.8.0). FLUX.2's own tokenizer (Mistral's tekken) ships only inside its text-encoder
+# checkpoint, so it is not tested here; its chat template has the same layout as the one of
+# tests/core/test_prompts.py::test_positions_inside_a_chat_template (markers that are special tokens).
+TOKENIZERS = ["flux1_t5", "chroma_t5", "ovis_qwen"]
+
+
+def family_tokenizer(pack, name):
+    """(tokenize text -> context token ids as Collect Q/K sees them, Hugging Face tokenizer for decoding)."""
+    calls = pack.nodes.model_calls
+    clip = {"flux1_t5": comfyui_env.tiny_flux_clip, "chroma_t5": comfyui_env.tiny_t5_clip,
+            "ovis_qwen": comfyui_env.tiny_ovis_clip}[name]()
+    return (lambda text: calls.context_token_ids(clip, text)), calls.context_tokenizer(clip)
+
+
+def pytest_generate_tests(metafunc):
+    if "tokenizer_name" in metafunc.fixturenames:
+        path = comfyui_env.find_comfyui()
+        names = TOKENIZERS
+        if path is not None:
+            comfyui_env.import_comfyui(path)
+            names = [n for n in TOKENIZERS if n != "ovis_qwen" or comfyui_env.kind_supported("ovis")]
+        metafunc.parametrize("tokenizer_name", names)
+
+
 def test_tiny_flux_clip_fits_the_tiny_flux(pack, clip):
     """The tiny FLUX CLIP gives T5 context [1, 256, CONTEXT_DIM] and CLIP-L pooled [1, POOLED_DIM], deterministic
     per seed, token ids aligned with the context, and the tiny FLUX runs on its output."""
@@ -60,17 +85,23 @@ def test_tiny_flux_clip_fits_the_tiny_flux(pack, clip):
 
 
 @pytest.mark.parametrize("concept", ["nudity", "violence", "van_gogh", "pikachu"])
-def test_shipped_lists_locate_every_subject(pack, clip, concept):
-    """Every subject x modifier x template prompt of a shipped concept has its subject found in the T5 tokens."""
+def test_shipped_lists_locate_every_subject(pack, tokenizer_name, concept):
+    """Every subject x modifier x template prompt of a shipped concept has its subject found in the context
+    tokens of each family's tokenizer, inside the prompt's own tokens (never in a chat template)."""
     core = pack.saferope_core
+    tokenize, hf = family_tokenizer(pack, tokenizer_name)
     lists = core.prompts.default_lists(concept)
     prompts = core.build_unsafe_prompts(lists["subjects"], lists["modifiers"], lists["templates"], max_count=10**6)
     assert len(prompts) == len(lists["subjects"]) * len(lists["modifiers"] or [""]) * len(lists["templates"])
-    location = core.locate_subjects(prompts, _tokenizer(pack, clip))
+    location = core.locate_subjects(prompts, tokenize)
     assert location.hit_rate() == 1.0, location.report(prompts)
-    for i, positions in location.found.items():  # the located tokens spell the subject
-        ids = pack.nodes.model_calls.context_token_ids(clip, prompts[i].text)
-        located = clip.tokenizer.t5xxl.tokenizer.decode([ids[p] for p in positions])
+    empty = tokenize("")
+    for i, positions in location.found.items():  # the located tokens spell the subject, inside the prompt's own
+        ids = tokenize(prompts[i].text)
+        start, end = core.prompts.content_span(ids, empty)
+        assert start <= min(positions) and max(positions) < end
+        assert hf.decode(ids[start:end]).strip() == prompts[i].text
+        located = hf.decode([ids[p] for p in positions])
         assert prompts[i].subject.lower().replace(" ", "") in located.lower().replace(" ", "")
 
 
@@ -81,8 +112,9 @@ def _i2p_nudity_prompts() -> list[str]:
         return [row["prompt"] for row in csv.DictReader(f) if float(row["nudity_percentage"] or 0) > 0]
 
 
-def test_i2p_nudity_subject_hit_rate(pack, clip):
-    """Hit rate of locating a word-list subject's T5 tokens in I2P's nudity prompts (real, messy prompts)."""
+def test_i2p_nudity_subject_hit_rate(pack, tokenizer_name):
+    """Hit rate of locating a word-list subject's tokens in I2P's nudity prompts (real, messy prompts), with each
+    family's tokenizer."""
     texts = _i2p_nudity_prompts()
     assert len(texts) == I2P_NUDITY_PROMPTS
     word = re.compile(r"\b(" + "|".join(NUDITY_WORDS) + r")\b", re.IGNORECASE)
@@ -92,10 +124,11 @@ def test_i2p_nudity_subject_hit_rate(pack, clip):
         if match:
             as_written.append(pack.saferope_core.UnsafePrompt(text, match.group(0)))
             lowercase.append(pack.saferope_core.UnsafePrompt(text, match.group(0).lower()))
-    tokenize = _tokenizer(pack, clip)
+    tokenize, _ = family_tokenizer(pack, tokenizer_name)
     hit = pack.saferope_core.locate_subjects(as_written, tokenize)
     hit_lower = pack.saferope_core.locate_subjects(lowercase, tokenize)
-    print(f"\nI2P nudity prompts: {len(texts)}, with a subject word: {len(as_written)}; subject tokens located "
+    print(f"\n{tokenizer_name}: I2P nudity prompts: {len(texts)}, with a subject word: {len(as_written)}; "
+          "subject tokens located "
           f"(subject as written) {len(hit.found)}/{len(as_written)} = {hit.hit_rate():.3f}; "
           f"(subject in lower case) {len(hit_lower.found)}/{len(lowercase)} = {hit_lower.hit_rate():.3f}")
     assert len(as_written) >= 300
