@@ -123,8 +123,9 @@ def probe_forward_backward(name: str, repeats: int) -> dict:
 
     def once():
         x = latent.clone().requires_grad_(True)
-        v = calls.velocity(model, x, sigma, prompt, options=options)
-        v.square().mean().backward()
+        with training.differentiable_rope():  # ComfyUI >= 0.8's RoPE op has no backward of its own
+            v = calls.velocity(model, x, sigma, prompt, options=options)
+            v.square().mean().backward()
         return x.grad
 
     once()
@@ -201,7 +202,11 @@ def main(argv=None) -> int:
     import torch
 
     threads = args.threads or torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} thread(s), CPU; ComfyUI at {comfyui_env.find_comfyui()}")
+    comfyui_env.import_comfyui()
+    import comfyui_version
+
+    print(f"torch {torch.__version__}, {threads} thread(s), CPU; ComfyUI {comfyui_version.__version__} at "
+          f"{comfyui_env.find_comfyui()}")
     if not args.skip_collect:
         print(f"\n(a) Collect Q/K, tiny FLUX (2+2 blocks, 4x16) + tiny FLUX CLIP, 64x64, 1 sigma, reservoir "
               f"{RESERVOIR}, N unsafe + 10 safe prompts, one process per row; 'bound' = Gram matrices + full "

@@ -225,6 +225,17 @@ def test_apply_risk_rotation(pack, kind):
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_apply_risk_rotation_on_another_shape(pack, kind):
+    """Shapes are read, never assumed: a 1+3-block, 6-head model takes a pack of its own shape and refuses one of
+    the 2+2-block, 4-head shape, naming the dimension."""
+    model, clip = model_of(kind, **OTHER_SHAPE), clip_of(kind)
+    x = noise(pack, model)
+    (patched,) = run_node(pack.nodes.ApplyRiskRotation().apply, model, planted_pack(pack, model), 1.0, "both")
+    assert relative_change(velocity(pack, patched, clip, UNSAFE[0], x), velocity(pack, model, clip, UNSAFE[0], x)) > 0
+    with pytest.raises(pack.nodes.errors.SafeRoPEInputError, match="double_blocks: 2 here, 1 in the model"):
+        run_node(pack.nodes.ApplyRiskRotation().apply, model, planted_pack(pack, model_of(kind)), 1.0, "both")
+
+
 @pytest.mark.parametrize("editing", [k for k in ("kontext", "flux2") if k in supported_kinds()])
 def test_reference_image_editing(pack, editing):
     """Kontext and FLUX.2 editing: reference latents become extra tokens after the image; the rotation and
@@ -332,3 +343,70 @@ def test_attention_editors_know_the_running_block(pack, kind):
     recorder = BlockRecorder()
     velocity(pack, pack.nodes.flux_adapter.with_qk_editor(model, recorder), clip, SAFE[0], noise(pack, model))
     assert recorder.blocks == pack.nodes.flux_adapter.model_shape(model).block_names()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training's RoPE
+
+
+def test_training_rope_has_an_exact_backward(pack, comfy):
+    """Inside differentiable_rope(), ComfyUI's apply_rope (comfy-kitchen's op on 0.8.0, which has no backward and
+    takes no float64) gives the same outputs as outside and its gradient is exact: RoPE is linear in q and k, so for
+    any direction d, <grad, d> must equal the change of the loss along d. It is put back afterwards, also after an
+    error."""
+    import comfy.ldm.flux.layers
+    import comfy.ldm.flux.math as flux_math
+
+    original = flux_math.apply_rope
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 8, (1, 6, 3), generator=g).float()
+    pe = comfy.ldm.flux.layers.EmbedND(dim=16, theta=10000, axes_dim=[4, 6, 6])(ids)  # [1, 1, 6, 8, 2, 2]
+    q, k, wq, wk, dq, dk = (torch.randn(1, 2, 6, 16, generator=g) for _ in range(6))
+    plain = original(q, k, pe)
+
+    def loss(a, b):
+        ra, rb = flux_math.apply_rope(a, b, pe)
+        return (wq * ra).sum() + (wk * rb).sum()
+
+    with pack.nodes.training.differentiable_rope():
+        assert flux_math.apply_rope is not original
+        assert all(torch.equal(a, b) for a, b in zip(plain, flux_math.apply_rope(q, k, pe), strict=True))
+        a, b = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+        loss(a, b).backward()
+        along = loss(q + dq, k + dk) - loss(q, k)
+        torch.testing.assert_close((a.grad * dq).sum() + (b.grad * dk).sum(), along, rtol=1e-4, atol=1e-4)
+        assert a.grad.abs().sum() > 0 and not torch.allclose(a.grad, wq)  # a rotation, not the identity
+    assert flux_math.apply_rope is original
+    with pytest.raises(RuntimeError, match="inside"), pack.nodes.training.differentiable_rope():
+        raise RuntimeError("an error inside the training run")
+    assert flux_math.apply_rope is original
+
+
+def test_cancelled_training_leaves_comfyuis_rope(pack, folders):
+    """A training run cancelled from the UI (ComfyUI's interrupt flag) raises ComfyUI's interrupt and leaves
+    apply_rope as it found it; while it trains, the RoPE in use is the differentiable one."""
+    import comfy.ldm.flux.math as flux_math
+    import comfy.model_management
+
+    n = pack.nodes
+    model, clip = model_of("dev"), clip_of("dev")
+    original = flux_math.apply_rope
+    prompts, _ = run_node(n.SafeRoPEPromptSet().build, "custom", "nude", "", "a photo of a {subject} woman",
+                          "\n".join(SAFE), 2, 2, 0)
+    stats, _ = run_node(n.CollectQK().collect, model, clip, prompts, "1.0", SIZE, SIZE, 0, 64)
+    subspaces, _ = run_node(n.BuildSubspaces().build, stats, 2, 0.5, -1.0)
+    recipe = pack.saferope_core.TrainingRecipe(steps=3, learning_rate=0.05, seed=0)
+    data = n.training.TrainingData(prompts, n.model_calls.latent_shape(model, SIZE, SIZE))
+    in_use = []
+    trainer = n.training.RotationTrainer(model, clip, subspaces, data, recipe)
+    trainer.train(on_step=lambda *_: in_use.append(flux_math.apply_rope))
+    assert len(in_use) == 3 and all(f is not original for f in in_use)
+    assert flux_math.apply_rope is original
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_node(n.TrainRiskRotations().train, model, clip, subspaces, prompts, 3, 0.05, 1.0, 1.0, 0, SIZE, SIZE,
+                     "cancelled", 1, False, False)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert flux_math.apply_rope is original
