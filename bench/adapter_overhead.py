@@ -107,7 +107,7 @@ def build(env, pack, case: str, dtype: torch.dtype):
     timer = HookTimer()
     plain = timer.add(timer.add(base, inner=False), inner=True)
     patched = timer.add(base, inner=False)
-    patched = pack.nodes.rotation_nodes.ApplyRiskRotation().apply(patched, rotation_pack, 1.0, "both")[0]
+    patched = pack.nodes.rotation_nodes.ApplyRiskRotation.execute(patched, rotation_pack, 1.0, "both")[0]
     patched = timer.add(patched, inner=True)
     context, pooled = env.encode_text(" ".join(f"word{i}" for i in range(TEXT_TOKENS)))
     latent = torch.randn(1, 16, *LATENT_HW, generator=torch.Generator().manual_seed(0))

@@ -64,13 +64,13 @@ def probe_collect(n: int) -> dict:
     with torch.inference_mode():
         clip = comfyui_env.tiny_flux_clip()
         model = comfyui_env.tiny_flux("dev")
-        prompts, _ = nodes.SafeRoPEPromptSet().build("nudity", "", "", "", "", n, 10, 0)
+        prompts, _ = nodes.SafeRoPEPromptSet.execute("nudity", "", "", "", "", n, 10, 0)
         # warm up on one prompt, so lazy allocations are counted before the baseline
         warm = pack.saferope_core.PromptSet(prompts.concept, prompts.unsafe[:1], prompts.safe[:1])
-        nodes.CollectQK().collect(model, clip, warm, "1.0", 64, 64, 0, RESERVOIR)
+        nodes.CollectQK.execute(model, clip, warm, "1.0", 64, 64, 0, RESERVOIR)
         baseline = peak_rss_mib()
         start = time.perf_counter()
-        stats, _ = nodes.CollectQK().collect(model, clip, prompts, "1.0", 64, 64, 0, RESERVOIR)
+        stats, _ = nodes.CollectQK.execute(model, clip, prompts, "1.0", 64, 64, 0, RESERVOIR)
         seconds = time.perf_counter() - start
     vectors = sum(stats.count.values())
     shape = stats.shape

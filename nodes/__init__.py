@@ -1,8 +1,11 @@
-"""ComfyUI nodes of the SafeRoPE pack (thin: inputs -> saferope_core -> outputs) and the FLUX adapter."""
+"""ComfyUI nodes of the SafeRoPE pack (thin V3 schemas: inputs -> saferope_core -> outputs), the editors they run
+and the FLUX adapter."""
 
 from .version_check import check_running_comfyui
 
 check_running_comfyui()  # before anything else: an old ComfyUI gets one clear import error
+
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from . import model_files
 from .collect_nodes import (
@@ -20,14 +23,31 @@ from .train_nodes import TrainRiskRotations
 from .uvr_nodes import CollectUVRAnchors, LoadUVRAnchors, RestrictUnsafeFlow, SaveUVRAnchors
 from .visualize_nodes import LRSVisualize
 
-model_files.register_folders()
-
-_NODES = [
-    LoadSafeRoPEPack, ApplyRiskRotation, LRSVisualize, SafetyReport,
-    SafeRoPEPromptSet, CollectQK, MergeStatistics, BuildSubspaces, TrainRiskRotations,
-    SaveSafeRoPEPack, SaveStatistics, LoadStatistics,
-    CollectUVRAnchors, RestrictUnsafeFlow, SaveUVRAnchors, LoadUVRAnchors,
+NODES: list[type[io.ComfyNode]] = [
+    LoadSafeRoPEPack,
+    ApplyRiskRotation,
+    LRSVisualize,
+    SafetyReport,
+    SafeRoPEPromptSet,
+    CollectQK,
+    MergeStatistics,
+    BuildSubspaces,
+    TrainRiskRotations,
+    SaveSafeRoPEPack,
+    SaveStatistics,
+    LoadStatistics,
+    CollectUVRAnchors,
+    RestrictUnsafeFlow,
+    SaveUVRAnchors,
+    LoadUVRAnchors,
 ]
 
-NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: cls.NODE for cls in _NODES}
+
+class SafeRoPEExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> SafeRoPEExtension:
+    model_files.register_folders()  # before the node lists read the folders
+    return SafeRoPEExtension()

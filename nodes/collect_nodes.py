@@ -1,176 +1,236 @@
 """Collect & Train, first half: prompt set -> collected q/k statistics -> subspaces and safety-critical heads.
 
-Build Subspaces outputs an untrained SAFEROPE_PACK (bases, selected heads, delta table, rotations at zero), so
-subspaces are saved and loaded with the pack nodes and there is one file format for both.
+Build Subspaces outputs an untrained pack (bases, selected heads, delta table, rotations at zero), so subspaces
+are saved and loaded with the pack nodes and there is one file format for both.
 """
 
 from __future__ import annotations
-
-import os
 
 import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
+from comfy_api.v0_0_2 import io
 
 from ..saferope_core import (
     PromptSet,
+    PromptSetError,
     QKStatistics,
     SafeRoPEPack,
+    StatisticsError,
     build_subspaces,
     build_unsafe_prompts,
     clean_lines,
     locate_subjects,
-    site_name,
 )
 from ..saferope_core.prompts import content_span, default_concepts, default_lists, read_prompt_file
+from ..saferope_core.statistics import STATISTICS_KIND
 from . import model_files
-from .errors import SafeRoPEInputError, require_flux
+from .common import (
+    Pack,
+    Prompts,
+    Statistics,
+    name_inputs,
+    parse_sigmas,
+    require_flux,
+    save_node_output,
+    seed_input,
+    sigmas_input,
+    size_inputs,
+    target_path,
+)
+from .editors import QKCollector
+from .errors import SafeRoPEInputError
 from .flux_adapter import with_qk_editor
 from .model_calls import context_token_ids, encode_prompt, latent_shape, load_model, model_inputs, velocity
 from .model_files import STATS_FOLDER
 
+CATEGORY = "SafeRoPE/Collect & Train"
 CUSTOM = "custom"
 
 
-class SafeRoPEPromptSet:
-    """Unsafe prompts (subject x modifier x template, subject marked) and safe prompts."""
-
-    DESCRIPTION = ("Builds the prompts a pack is made from. Pick a shipped concept, or 'custom' and type subjects, "
-                   "modifiers and templates (one per line; a template holds {subject} and may hold {modifier}). "
-                   "Empty boxes use the shipped lists of the chosen concept.")
-    CATEGORY = "SafeRoPE/Collect & Train"
-    RETURN_TYPES = ("SAFEROPE_PROMPTS", "STRING")
-    RETURN_NAMES = ("prompts", "summary")
-    FUNCTION = "build"
+class SafeRoPEPromptSet(io.ComfyNode):
     NODE = "SafeRoPE Prompt Set"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        text = {"multiline": True, "default": ""}
-        return {
-            "required": {
-                "concept": ([*default_concepts(), CUSTOM], {"default": "nudity"}),
-                "subjects": ("STRING", {**text, "tooltip": "trigger phrases, one per line (empty: shipped list)"}),
-                "modifiers": ("STRING", {**text, "tooltip": "one per line (empty: shipped list)"}),
-                "templates": ("STRING", {**text, "tooltip": "one per line, with {subject} (empty: shipped list)"}),
-                "safe_prompts": ("STRING", {**text, "tooltip": "one per line (empty: shipped list)"}),
-                "max_unsafe": ("INT", {"default": 200, "min": 1, "max": 100000}),
-                "max_safe": ("INT", {"default": 200, "min": 1, "max": 100000}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-            },
-            "optional": {
-                "safe_prompt_file": ("STRING", {"default": "", "tooltip": ".txt (one per line) or .csv (column "
-                                                "'prompt'/'caption'/'text'); added to the safe prompts"}),
-                "concept_name": ("STRING", {"default": "", "tooltip": "name stored in the pack (default: concept)"}),
-            },
-        }
+    def define_schema(cls):
+        def lines(name, tooltip):
+            return io.String.Input(name, default="", multiline=True, tooltip=tooltip)
 
-    def build(self, concept, subjects, modifiers, templates, safe_prompts, max_unsafe, max_safe, seed,
-              safe_prompt_file="", concept_name=""):
+        return io.Schema(
+            node_id="SafeRoPEPromptSet",
+            display_name=cls.NODE,
+            category=CATEGORY,
+            description="Builds the prompts a pack is made from: unsafe prompts (subject x modifier x template, the "
+            "subject marked) and safe prompts. Pick a shipped concept, or 'custom' and type your own "
+            "lists; an empty box uses the chosen concept's shipped list.",
+            inputs=[
+                io.Combo.Input(
+                    "concept",
+                    options=[*default_concepts(), CUSTOM],
+                    default="nudity",
+                    tooltip="A concept with shipped lists, or 'custom' to type every list yourself",
+                ),
+                lines("subjects", "What the pack erases: trigger phrases, one per line (empty: the shipped list)"),
+                lines("modifiers", "Words that vary the unsafe prompts, one per line (empty: the shipped list)"),
+                lines(
+                    "templates",
+                    "Prompt templates, one per line, each with {subject} and optionally {modifier} "
+                    "(empty: the shipped list)",
+                ),
+                lines("safe_prompts", "Prompts the pack must leave unchanged, one per line (empty: the shipped list)"),
+                io.Int.Input(
+                    "max_unsafe",
+                    default=200,
+                    min=1,
+                    max=100000,
+                    tooltip="How many subject x modifier x template prompts to sample",
+                ),
+                io.Int.Input("max_safe", default=200, min=1, max=100000, tooltip="How many safe prompts to keep"),
+                seed_input("Which unsafe prompts are sampled (and which safe ones, above max_safe)"),
+                io.String.Input(
+                    "safe_prompt_file",
+                    default="",
+                    optional=True,
+                    tooltip="Optional: a .txt (one prompt per line) or .csv (column 'prompt', 'caption' "
+                    "or 'text') file of more safe prompts",
+                ),
+                io.String.Input(
+                    "concept_name",
+                    default="",
+                    optional=True,
+                    tooltip="The concept's name stored in the pack (empty: the concept chosen above)",
+                ),
+            ],
+            outputs=[
+                Prompts.Output(
+                    "prompts",
+                    display_name="prompts",
+                    tooltip="For Collect Q/K, Train Risk Rotations and Collect UVR Anchors",
+                ),
+                io.String.Output(
+                    "summary", display_name="summary", tooltip="How many prompts of each kind, and the first unsafe one"
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        concept,
+        subjects,
+        modifiers,
+        templates,
+        safe_prompts,
+        max_unsafe,
+        max_safe,
+        seed,
+        safe_prompt_file="",
+        concept_name="",
+    ) -> io.NodeOutput:
         defaults = default_lists(concept) if concept != CUSTOM else {}
         lists = {}
-        for name, text in (("subjects", subjects), ("modifiers", modifiers), ("templates", templates),
-                           ("safe_prompts", safe_prompts)):
-            lines = clean_lines(text)
-            lists[name] = lines or defaults.get("safe" if name == "safe_prompts" else name, [])
+        for name, text in (
+            ("subjects", subjects),
+            ("modifiers", modifiers),
+            ("templates", templates),
+            ("safe_prompts", safe_prompts),
+        ):
+            lists[name] = clean_lines(text) or defaults.get("safe" if name == "safe_prompts" else name, [])
         for name in ("subjects", "templates"):
             if not lists[name]:
-                raise SafeRoPEInputError(self.NODE, name, "the list is empty",
-                                         "Type one entry per line, or choose a shipped concept")
+                raise SafeRoPEInputError(
+                    cls.NODE, name, "the list is empty", "Type one entry per line, or choose a shipped concept"
+                )
         if not any("{subject}" in t for t in lists["templates"]):
-            raise SafeRoPEInputError(self.NODE, "templates", "no template contains {subject}",
-                                     "Write templates like 'a photo of {subject}, {modifier}'")
+            raise SafeRoPEInputError(
+                cls.NODE,
+                "templates",
+                "no template contains {subject}",
+                "Write templates like 'a photo of {subject}, {modifier}'",
+            )
         safe = list(lists["safe_prompts"])
         if safe_prompt_file.strip():
             try:
                 safe += read_prompt_file(safe_prompt_file.strip(), limit=max_safe)
-            except ValueError as err:
-                raise SafeRoPEInputError(self.NODE, "safe_prompt_file", str(err), "Give a readable .txt or .csv path"
-                                         ) from None
+            except PromptSetError as err:
+                raise SafeRoPEInputError(
+                    cls.NODE, "safe_prompt_file", str(err), "Give a readable .txt or .csv path"
+                ) from None
         if not safe:
-            raise SafeRoPEInputError(self.NODE, "safe_prompts", "no safe prompts",
-                                     "Type some, or give safe_prompt_file")
+            raise SafeRoPEInputError(cls.NODE, "safe_prompts", "no safe prompts", "Type some, or give safe_prompt_file")
         unsafe = build_unsafe_prompts(lists["subjects"], lists["modifiers"], lists["templates"], max_unsafe, seed)
         if len(safe) > max_safe:
-            safe = [safe[i] for i in sorted(torch.randperm(len(safe), generator=torch.Generator().manual_seed(seed))
-                                            [:max_safe].tolist())]
+            safe = [
+                safe[i]
+                for i in sorted(
+                    torch.randperm(len(safe), generator=torch.Generator().manual_seed(seed))[:max_safe].tolist()
+                )
+            ]
         prompts = PromptSet(concept_name.strip() or concept, unsafe, safe)
-        summary = (f"concept '{prompts.concept}': {len(unsafe)} unsafe prompts from {len(lists['subjects'])} subjects, "
-                   f"{len(safe)} safe prompts\nfirst: {unsafe[0].text}")
-        return (prompts, summary)
+        summary = (
+            f"concept '{prompts.concept}': {len(unsafe)} unsafe prompts from {len(lists['subjects'])} subjects, "
+            f"{len(safe)} safe prompts\nfirst: {unsafe[0].text}"
+        )
+        return io.NodeOutput(prompts, summary)
 
 
-class QKCollector:
-    """q/k editor that records the vectors of chosen text-token positions into statistics; never edits."""
-
-    def __init__(self, stats: QKStatistics):
-        self.stats = stats
-        self.group: str | None = None
-        self.positions: torch.Tensor | None = None
-
-    def target(self, group: str | None, positions: list[int] | None = None) -> None:
-        self.group = group
-        self.positions = None if positions is None else torch.tensor(positions, dtype=torch.long)
-
-    def edit_qk(self, call, block, tokens, q, k):
-        if self.group is None or tokens != "txt":
-            return q, k
-        index = self.positions.to(q.device)
-        for name, x in (("q", q), ("k", k)):
-            chosen = x.index_select(2, index)  # [B, H, n, D]
-            self.stats.add(self.group, site_name(block, "txt", name),
-                           chosen.permute(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3]))
-        return q, k
-
-
-def parse_sigmas(text: str, node: str) -> list[float]:
-    try:
-        sigmas = [float(s) for s in text.replace(";", ",").split(",") if s.strip()]
-    except ValueError:
-        sigmas = []
-    if not sigmas or not all(0 < s <= 1 for s in sigmas):
-        raise SafeRoPEInputError(node, "sigmas", f"'{text}' is not a list of numbers in (0, 1]",
-                                 "Write e.g. '1.0, 0.8, 0.6' (1.0 = pure noise)")
-    return sigmas
-
-
-class CollectQK:
-    """Run the model on every prompt and accumulate per-head q/k statistics of subject / content tokens."""
-
-    DESCRIPTION = ("Runs FLUX on each prompt (from noise, at the given sigmas) and accumulates, per block and head, "
-                   "the queries and keys of the subject tokens of unsafe prompts and of the content tokens of safe "
-                   "prompts. Memory does not grow with the number of prompts; split long runs and Merge them.")
-    CATEGORY = "SafeRoPE/Collect & Train"
-    RETURN_TYPES = ("SAFEROPE_STATS", "STRING")
-    RETURN_NAMES = ("statistics", "report")
-    FUNCTION = "collect"
+class CollectQK(io.ComfyNode):
     NODE = "Collect Q/K"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "clip": ("CLIP",),
-                "prompts": ("SAFEROPE_PROMPTS",),
-                "sigmas": ("STRING", {"default": "1.0, 0.8, 0.6", "tooltip": "noise levels the model is run at"}),
-                "width": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 16}),
-                "height": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 16}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-                "reservoir_size": ("INT", {"default": 1024, "min": 16, "max": 65536,
-                                           "tooltip": "vectors kept per site for head selection"}),
-            }
-        }
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CollectQK",
+            display_name=cls.NODE,
+            category=CATEGORY,
+            description="Runs the model on each prompt (from noise, at the given sigmas) and accumulates, per block "
+            "and head, the queries and keys of the unsafe prompts' subject tokens and of the safe "
+            "prompts' tokens. Memory does not grow with the number of prompts; split long runs and merge "
+            "them with Merge Statistics.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the pack is for (packs do not transfer between families)"),
+                io.Clip.Input("clip", tooltip="That model's text encoder, as for CLIP Text Encode"),
+                Prompts.Input("prompts", tooltip="From SafeRoPE Prompt Set"),
+                sigmas_input("1.0, 0.8, 0.6", "Noise levels the model is run at, comma separated (1.0 = pure noise)"),
+                *size_inputs("the model is run at"),
+                seed_input("Seed of the noise the model is run on"),
+                io.Int.Input(
+                    "reservoir_size",
+                    default=1024,
+                    min=16,
+                    max=65536,
+                    tooltip="Vectors kept per block and stream for head selection; more is steadier",
+                ),
+            ],
+            outputs=[
+                Statistics.Output(
+                    "statistics",
+                    display_name="statistics",
+                    tooltip="For Build Subspaces, Save Statistics or Merge Statistics",
+                ),
+                io.String.Output(
+                    "report", display_name="report", tooltip="In how many prompts the subject's tokens were found"
+                ),
+            ],
+        )
 
-    def collect(self, model, clip, prompts: PromptSet, sigmas, width, height, seed, reservoir_size):
-        shape = require_flux(self.NODE, model)
-        sigma_list = parse_sigmas(sigmas, self.NODE)
-        tokenize = lambda text: context_token_ids(clip, text)  # noqa: E731
+    @classmethod
+    def execute(cls, model, clip, prompts: PromptSet, sigmas, width, height, seed, reservoir_size) -> io.NodeOutput:
+        shape = require_flux(cls.NODE, model)
+        sigma_list = parse_sigmas(sigmas, cls.NODE)
+
+        def tokenize(text):
+            return context_token_ids(clip, text)
+
         location = locate_subjects(prompts.unsafe, tokenize)
         if not location.found:
-            raise SafeRoPEInputError(self.NODE, "prompts", "the subject was not found in the tokens of any prompt\n"
-                                     + location.report(prompts.unsafe), "Check the subjects and templates")
+            raise SafeRoPEInputError(
+                cls.NODE,
+                "prompts",
+                "the subject was not found in the tokens of any prompt\n" + location.report(prompts.unsafe),
+                "Check the subjects and templates",
+            )
         empty = tokenize("")
         jobs = [("unsafe", prompts.unsafe[i].text, pos) for i, pos in sorted(location.found.items())]
         jobs += [("safe", text, None) for text in prompts.safe]
@@ -197,139 +257,198 @@ class CollectQK:
                 velocity(patched, noise, torch.tensor([sigma]), prompt)
                 progress.update(1)
         collector.target(None)
-        report = (location.report(prompts.unsafe) + f"\n{len(prompts.safe)} safe prompts; "
-                  f"{len(sigma_list)} sigmas; statistics use {stats.nbytes() / 2**20:.1f} MiB")
-        return (stats, report)
+        report = (
+            location.report(prompts.unsafe) + f"\n{len(prompts.safe)} safe prompts; "
+            f"{len(sigma_list)} sigmas; statistics use {stats.nbytes() / 2**20:.1f} MiB"
+        )
+        return io.NodeOutput(stats, report)
 
 
-class MergeStatistics:
-    DESCRIPTION = "Adds two collections (e.g. from different sessions or machines) into one."
-    CATEGORY = "SafeRoPE/Collect & Train"
-    RETURN_TYPES = ("SAFEROPE_STATS",)
-    FUNCTION = "merge"
+class MergeStatistics(io.ComfyNode):
     NODE = "Merge Statistics"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"a": ("SAFEROPE_STATS",), "b": ("SAFEROPE_STATS",)}}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MergeStatistics",
+            display_name=cls.NODE,
+            category=CATEGORY,
+            description="Adds two collections of the same model (e.g. from different sessions or machines) into "
+            "one, as if they had been collected in one run.",
+            inputs=[
+                Statistics.Input("a", tooltip="Statistics from Collect Q/K or Load Statistics"),
+                Statistics.Input("b", tooltip="More statistics of the same model"),
+            ],
+            outputs=[Statistics.Output(tooltip="Both collections in one")],
+        )
 
-    def merge(self, a, b):
+    @classmethod
+    def execute(cls, a, b) -> io.NodeOutput:
         try:
-            return (a.merged(b),)
-        except ValueError as err:
-            raise SafeRoPEInputError(self.NODE, "b", str(err), "Merge statistics collected on the same model") from None
+            return io.NodeOutput(a.merged(b))
+        except StatisticsError as err:
+            raise SafeRoPEInputError(cls.NODE, "b", str(err), "Merge statistics collected on the same model") from None
 
 
-class BuildSubspaces:
-    """Statistics -> unsafe bases, safety-critical heads and an untrained pack."""
-
-    DESCRIPTION = ("Computes each head's unsafe subspace (rank r) and keeps the heads whose risk score separates "
-                   "unsafe from safe vectors (delta >= hds_threshold). Outputs an untrained pack (rotations zero) "
-                   "for Train Risk Rotations, and a summary.")
-    CATEGORY = "SafeRoPE/Collect & Train"
-    RETURN_TYPES = ("SAFEROPE_PACK", "STRING")
-    RETURN_NAMES = ("subspaces", "summary")
-    FUNCTION = "build"
+class BuildSubspaces(io.ComfyNode):
     NODE = "Build Subspaces"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "statistics": ("SAFEROPE_STATS",),
-                "rank": ("INT", {"default": 5, "min": 1, "max": 64}),
-                "lrs_threshold": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.01}),
-                "hds_threshold": ("FLOAT", {"default": 0.5, "min": -1.0, "max": 1.0, "step": 0.01}),
-            }
-        }
+    def define_schema(cls):
+        return io.Schema(
+            node_id="BuildSubspaces",
+            display_name=cls.NODE,
+            category=CATEGORY,
+            description="Computes each head's unsafe subspace (rank r) and keeps the safety-critical heads: those "
+            "whose risk score separates unsafe from safe vectors (delta >= hds_threshold). Outputs an "
+            "untrained pack (rotations zero) for Train Risk Rotations, and a summary.",
+            inputs=[
+                Statistics.Input("statistics", tooltip="From Collect Q/K, Merge Statistics or Load Statistics"),
+                io.Int.Input(
+                    "rank",
+                    default=5,
+                    min=1,
+                    max=64,
+                    tooltip="Dimensions of each unsafe subspace (the paper's best: 5; 2 under-erases, 10 "
+                    "hurts other content)",
+                ),
+                io.Float.Input(
+                    "lrs_threshold",
+                    default=0.7,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="A vector counts as risky when this share of it lies in the subspace",
+                ),
+                io.Float.Input(
+                    "hds_threshold",
+                    default=0.5,
+                    min=-1.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Keep heads where unsafe vectors are risky this much more often than safe "
+                    "ones (delta); lower it if no head passes",
+                ),
+            ],
+            outputs=[
+                Pack.Output(
+                    "subspaces",
+                    display_name="subspaces",
+                    tooltip="An untrained pack: for Train Risk Rotations or Save SafeRoPE Pack",
+                ),
+                io.String.Output(
+                    "summary", display_name="summary", tooltip="Heads kept per block and the spread of delta"
+                ),
+            ],
+        )
 
-    def build(self, statistics: QKStatistics, rank, lrs_threshold, hds_threshold):
+    @classmethod
+    def execute(cls, statistics: QKStatistics, rank, lrs_threshold, hds_threshold) -> io.NodeOutput:
         if rank > statistics.shape.head_dim:
-            raise SafeRoPEInputError(self.NODE, "rank", f"rank {rank} is larger than the head dimension "
-                                     f"{statistics.shape.head_dim}", "Use a rank like 2-10 (the paper uses 5)")
+            raise SafeRoPEInputError(
+                cls.NODE,
+                "rank",
+                f"rank {rank} is larger than the head dimension {statistics.shape.head_dim}",
+                "Use a rank like 2-10 (the paper uses 5)",
+            )
         if not statistics.sites("unsafe"):
-            raise SafeRoPEInputError(self.NODE, "statistics", "no unsafe vectors were collected",
-                                     "Run Collect Q/K with unsafe prompts")
+            raise SafeRoPEInputError(
+                cls.NODE, "statistics", "no unsafe vectors were collected", "Run Collect Q/K with unsafe prompts"
+            )
         try:
             subspaces = build_subspaces(statistics, rank, lrs_threshold, hds_threshold)
-        except ValueError as err:
-            raise SafeRoPEInputError(self.NODE, "rank", str(err)) from None
+        except StatisticsError as err:
+            raise SafeRoPEInputError(cls.NODE, "rank", str(err)) from None
         summary = subspaces.summary(statistics.shape.block_names())
         if not subspaces.selected.any():
             best = float(subspaces.delta.max())
             raise SafeRoPEInputError(
-                self.NODE, "hds_threshold", f"no head reached delta >= {hds_threshold} (best delta {best:.2f})\n"
-                + summary, f"Lower hds_threshold (e.g. to {max(best - 0.05, 0):.2f}), lower lrs_threshold, raise the "
-                "rank, or collect more unsafe prompts")
+                cls.NODE,
+                "hds_threshold",
+                f"no head reached delta >= {hds_threshold} (best delta {best:.2f})\n" + summary,
+                f"Lower hds_threshold (e.g. to {max(best - 0.05, 0):.2f}), lower lrs_threshold, raise the "
+                "rank, or collect more unsafe prompts",
+            )
         concepts = statistics.concepts or ["concept"]
         pack = SafeRoPEPack.from_subspaces(subspaces, statistics.shape, concepts, name="+".join(concepts))
-        return (pack, summary)
+        return io.NodeOutput(pack, summary)
 
 
-class SaveSafeRoPEPack:
-    DESCRIPTION = "Writes a pack (trained, or untrained subspaces) to models/saferope/<name>.safetensors."
-    CATEGORY = "SafeRoPE"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
-    FUNCTION = "save"
-    OUTPUT_NODE = True
+class SaveSafeRoPEPack(io.ComfyNode):
     NODE = "Save SafeRoPE Pack"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"pack": ("SAFEROPE_PACK",), "name": ("STRING", {"default": "my_pack"}),
-                             "overwrite": ("BOOLEAN", {"default": False})}}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SaveSafeRoPEPack",
+            display_name=cls.NODE,
+            category="SafeRoPE",
+            description="Writes a pack (trained, or untrained subspaces) to models/saferope/<name>.safetensors, "
+            "where Load SafeRoPE Pack finds it.",
+            inputs=[
+                Pack.Input("pack", tooltip="From Train Risk Rotations (or Build Subspaces)"),
+                *name_inputs("my_pack", "pack"),
+            ],
+            outputs=[io.String.Output("path", display_name="path", tooltip="Where the pack was written")],
+            is_output_node=True,
+        )
 
-    def save(self, pack: SafeRoPEPack, name, overwrite):
-        path = target_path(self.NODE, model_files.output_dir(), name, overwrite)
+    @classmethod
+    def execute(cls, pack: SafeRoPEPack, name, overwrite) -> io.NodeOutput:
+        path = target_path(cls.NODE, model_files.output_dir(), name, overwrite)
         pack.save(path)
-        return {"ui": {"text": [f"saved {path}"]}, "result": (path,)}
+        return save_node_output(path)
 
 
-def target_path(node: str, folder: str, name: str, overwrite: bool) -> str:
-    """A safe path for `name` inside `folder`; refuses to replace an existing file unless asked."""
-    stem = os.path.basename(name.strip()).removesuffix(".safetensors")
-    if not stem or stem.startswith("."):
-        raise SafeRoPEInputError(node, "name", f"'{name}' is not a usable file name", "Type a name like 'nudity'")
-    path = os.path.join(folder, f"{stem}.safetensors")
-    if os.path.exists(path) and not overwrite:
-        raise SafeRoPEInputError(node, "name", f"{path} already exists", "Pick another name or enable overwrite")
-    return path
-
-
-class SaveStatistics:
-    DESCRIPTION = "Writes collected statistics to models/saferope_statistics/<name>.safetensors."
-    CATEGORY = "SafeRoPE/Collect & Train"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
-    FUNCTION = "save"
-    OUTPUT_NODE = True
+class SaveStatistics(io.ComfyNode):
     NODE = "Save Statistics"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"statistics": ("SAFEROPE_STATS",), "name": ("STRING", {"default": "my_statistics"}),
-                             "overwrite": ("BOOLEAN", {"default": False})}}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SaveStatistics",
+            display_name=cls.NODE,
+            category=CATEGORY,
+            description="Writes collected statistics to models/saferope_statistics/<name>.safetensors, to build "
+            "subspaces later or merge with another collection.",
+            inputs=[
+                Statistics.Input("statistics", tooltip="From Collect Q/K or Merge Statistics"),
+                *name_inputs("my_statistics", "statistics"),
+            ],
+            outputs=[io.String.Output("path", display_name="path", tooltip="Where the statistics were written")],
+            is_output_node=True,
+        )
 
-    def save(self, statistics: QKStatistics, name, overwrite):
-        path = target_path(self.NODE, model_files.output_dir(STATS_FOLDER), name, overwrite)
+    @classmethod
+    def execute(cls, statistics: QKStatistics, name, overwrite) -> io.NodeOutput:
+        path = target_path(cls.NODE, model_files.output_dir(STATS_FOLDER), name, overwrite)
         statistics.save(path)
-        return {"ui": {"text": [f"saved {path}"]}, "result": (path,)}
+        return save_node_output(path)
 
 
-class LoadStatistics:
-    DESCRIPTION = "Loads statistics saved by Save Statistics."
-    CATEGORY = "SafeRoPE/Collect & Train"
-    RETURN_TYPES = ("SAFEROPE_STATS",)
-    FUNCTION = "load"
+class LoadStatistics(io.ComfyNode):
     NODE = "Load Statistics"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"name": (folder_paths.get_filename_list(STATS_FOLDER),)}}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadStatistics",
+            display_name=cls.NODE,
+            category=CATEGORY,
+            description="Loads statistics saved by Save Statistics from models/saferope_statistics.",
+            inputs=[
+                io.Combo.Input(
+                    "name",
+                    options=model_files.files_of_kind(STATISTICS_KIND, STATS_FOLDER),
+                    tooltip="A statistics file in ComfyUI/models/saferope_statistics",
+                )
+            ],
+            outputs=[Statistics.Output(tooltip="For Build Subspaces or Merge Statistics")],
+        )
 
-    def load(self, name):
+    @classmethod
+    def execute(cls, name) -> io.NodeOutput:
         try:
-            return (QKStatistics.load(folder_paths.get_full_path_or_raise(STATS_FOLDER, name)),)
-        except ValueError as err:
-            raise SafeRoPEInputError(self.NODE, "name", str(err), "Re-run Collect Q/K and save again") from None
+            return io.NodeOutput(QKStatistics.load(folder_paths.get_full_path_or_raise(STATS_FOLDER, name)))
+        except StatisticsError as err:
+            raise SafeRoPEInputError(cls.NODE, "name", str(err), "Re-run Collect Q/K and save again") from None

@@ -4,19 +4,10 @@ One mechanism serves every feature (rotation, visualisation, collection, trainin
 wrapper, registered on a ModelPatcher clone, that for the duration of one model call installs forward hooks on
 the QKNorm modules of every block. A hook sees q/k after the RMSNorm and before RoPE, per stream in double blocks
 and for the joint sequence in single blocks, splits them by the call's token layout into text and image tokens,
-and hands each part to an editor:
-
-    editor.edit_qk(call: ModelCall, block: str, tokens: "txt" | "img", q, k) -> (q, k)
-
-An editor may also define
-
-    editor.edit_attention(call, block, q, k, v, heads, attend) -> out
-
-to see a block's attention itself (post-RoPE q/k, v, output [B, L, heads * head_dim] before the output
-projection). The same wrapper then puts an `optimized_attention_override` into the transformer_options it passes
-down (chaining any override already there); `attend(q, k, v, key_bias=None)` runs the attention underneath, with an
-optional additive logit bias per key [B, Lk]. Such editors also get the RoPE position ids of the call
-(`call.img_ids`, recorded by a `post_input` patch) and the running block (`call.block`, set by the QK hook).
+and hands each part to an editor (nodes/editors.py: `Editor.edit_qk`). An editor with `needs_attention` also sees
+each block's attention (`Editor.edit_attention`): the wrapper then puts an `optimized_attention_override` into the
+transformer_options it passes down (chaining any override already there), and records the call's RoPE position ids
+(`call.img_ids`) with a `post_input` patch; the running block is `call.block`.
 
 Hooks are removed in `finally`; nothing is renamed, no weight or shared dict is touched, and wrappers of several
 nodes nest (each installs its own hooks, run in the order the nodes were chained). No ComfyUI forward code is
@@ -116,19 +107,27 @@ def flux_model(patcher):
         raise NotFluxError(f"expected a diffusion MODEL, got {type(patcher).__name__}")
     name = f"{type(inner).__module__}.{type(inner).__name__}"
     if "nunchaku" in name.lower() or type(inner).__name__ == "ComfyFluxWrapper":
-        raise NotFluxError(f"the model is a Nunchaku transformer ({name}); it replaces FLUX's attention and ignores "
-                           "ComfyUI's transformer options, so SafeRoPE cannot reach its queries and keys. Load the "
-                           "model with Load Diffusion Model (bf16, fp8 or GGUF) instead")
+        raise NotFluxError(
+            f"the model is a Nunchaku transformer ({name}); it replaces FLUX's attention and ignores "
+            "ComfyUI's transformer options, so SafeRoPE cannot reach its queries and keys. Load the "
+            "model with Load Diffusion Model (bf16, fp8 or GGUF) instead"
+        )
     if not isinstance(inner, TRANSFORMERS):
-        raise NotFluxError(f"the model is {name}, not a FLUX-family transformer; SafeRoPE supports "
-                           + ", ".join(FAMILIES.values()))
+        raise NotFluxError(
+            f"the model is {name}, not a FLUX-family transformer; SafeRoPE supports " + ", ".join(FAMILIES.values())
+        )
     return inner
 
 
 def model_shape(patcher) -> ModelShape:
     model = flux_model(patcher)
-    return ModelShape(model_family(model), len(model.double_blocks), len(model.single_blocks), model.num_heads,
-                      model.hidden_size // model.num_heads)
+    return ModelShape(
+        model_family(model),
+        len(model.double_blocks),
+        len(model.single_blocks),
+        model.num_heads,
+        model.hidden_size // model.num_heads,
+    )
 
 
 def qk_sites(model) -> list[tuple[torch.nn.Module, str, str]]:
@@ -185,10 +184,12 @@ class QKEditWrapper:
         options = options if options is not None else {}
         layout = token_layout(model, inputs["x"], inputs["context"], inputs.get("ref_latents"))
         call = ModelCall(layout, inputs["timestep"], options)
-        if hasattr(self.editor, "edit_attention"):
+        if self.editor.needs_attention:
             inputs["transformer_options"] = _with_attention_editor(options, self.editor, call)
-        handles = [m.register_forward_hook(_make_hook(self.editor, call, block, stream))
-                   for m, block, stream in qk_sites(model)]
+        handles = [
+            m.register_forward_hook(_make_hook(self.editor, call, block, stream))
+            for m, block, stream in qk_sites(model)
+        ]
         try:
             return executor(*bound.args[1:], **bound.kwargs)
         finally:
@@ -242,7 +243,8 @@ def with_qk_editor(patcher, editor):
 def call_options(patcher, model_options: dict | None = None) -> dict:
     """transformer_options for calling patcher.model.apply_model directly (outside a sampler), with the patcher's
     wrappers merged in, as ComfyUI's sampler does."""
-    options = comfy.patcher_extension.copy_nested_dicts((model_options or patcher.model_options).get(
-        "transformer_options", {}))
+    options = comfy.patcher_extension.copy_nested_dicts(
+        (model_options or patcher.model_options).get("transformer_options", {})
+    )
     comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
     return options

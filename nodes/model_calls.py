@@ -58,10 +58,12 @@ def _padding_before(context: torch.Tensor, model_context: torch.Tensor) -> int:
     length, total = context.shape[1], model_context.shape[1]
     mine = context[0].float().cpu()
     for start in dict.fromkeys((total - length, 0)):
-        if start >= 0 and torch.equal(model_context[0, start:start + length].float().cpu(), mine):
+        if start >= 0 and torch.equal(model_context[0, start : start + length].float().cpu(), mine):
             return start
-    raise PromptAlignmentError(f"the model's text context ({total} tokens) does not contain the encoded prompt "
-                               f"({length} tokens) at its start or end")
+    raise PromptAlignmentError(
+        f"the model's text context ({total} tokens) does not contain the encoded prompt "
+        f"({length} tokens) at its start or end"
+    )
 
 
 def context_tokenizer_key(tokens: dict) -> str:
@@ -89,8 +91,10 @@ def encode_prompt(clip, text: str) -> EncodedPrompt:
     ids = [int(t[0]) for batch in tokens[context_tokenizer_key(tokens)] for t in batch]
     length = conditioning[0][0].shape[1]
     if length > len(ids):
-        raise PromptAlignmentError(f"the text encoder's tokens ({len(ids)}) do not line up with its conditioning "
-                                   f"({length} tokens); use the text encoder made for this model")
+        raise PromptAlignmentError(
+            f"the text encoder's tokens ({len(ids)}) do not line up with its conditioning "
+            f"({length} tokens); use the text encoder made for this model"
+        )
     return EncodedPrompt(text, ids, conditioning)
 
 
@@ -108,8 +112,9 @@ def model_inputs(patcher, prompt: EncodedPrompt, x: torch.Tensor) -> dict:
     return comfy.samplers.cond_cat([parts])
 
 
-def velocity(patcher, x: torch.Tensor, sigma: torch.Tensor, prompt: EncodedPrompt,
-             options: dict | None = None) -> torch.Tensor:
+def velocity(
+    patcher, x: torch.Tensor, sigma: torch.Tensor, prompt: EncodedPrompt, options: dict | None = None
+) -> torch.Tensor:
     """The model's velocity v(x, sigma, prompt) in float32 (ComfyUI returns the denoised x0 = x - sigma * v).
 
     `options`: transformer_options for this call; by default the patcher's own, wrappers merged in.

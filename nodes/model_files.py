@@ -1,4 +1,7 @@
-"""The `saferope` models folder (ComfyUI/models/saferope, plus extra_model_paths.yaml entries)."""
+"""The pack's model folders (ComfyUI/models/saferope*, plus extra_model_paths.yaml entries).
+
+UVR anchors were saved in the statistics folder before they got a folder of their own: anchor files found there
+still load (Load UVR Anchors lists them), and Load Statistics lists only statistics files."""
 
 from __future__ import annotations
 
@@ -6,20 +9,46 @@ import os
 
 import folder_paths
 
+from ..saferope_core.files import file_kind
+
 FOLDER = "saferope"  # packs (trained, or untrained subspaces)
 STATS_FOLDER = "saferope_statistics"  # collected q/k statistics
 TRAINING_FOLDER = "saferope_training"  # resumable training checkpoints
+ANCHORS_FOLDER = "saferope_anchors"  # UVR anchors
+FOLDERS = (FOLDER, STATS_FOLDER, TRAINING_FOLDER, ANCHORS_FOLDER)
 EXTENSIONS = {".safetensors"}
 
 
 def register_folders() -> None:
-    """Register both folders with folder_paths, keeping paths configured elsewhere; only .safetensors files."""
-    for name in (FOLDER, STATS_FOLDER, TRAINING_FOLDER):
+    """Register the folders with folder_paths, keeping paths configured elsewhere; only .safetensors files. Each
+    default folder is created, so users see where packs go."""
+    for name in FOLDERS:
         default = os.path.join(folder_paths.models_dir, name)
         paths, _ = folder_paths.folder_names_and_paths.get(name, ([], set()))
         if default not in paths:
             paths = [*paths, default]
         folder_paths.folder_names_and_paths[name] = (paths, set(EXTENSIONS))
+        os.makedirs(default, exist_ok=True)
+
+
+def files_of_kind(kind: str, *folders: str) -> list[str]:
+    """Files in `folders` (folder_paths names) whose metadata says `kind`, sorted, each listed once."""
+    names = set()
+    for folder in folders:
+        for name in folder_paths.get_filename_list(folder):
+            path = folder_paths.get_full_path(folder, name)
+            if path is not None and file_kind(path) == kind:
+                names.add(name)
+    return sorted(names)
+
+
+def resolve_in(name: str, *folders: str) -> str:
+    """The path of `name` in the first of `folders` that has it (folder_paths raises for the last one)."""
+    for folder in folders[:-1]:
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    return folder_paths.get_full_path_or_raise(folders[-1], name)
 
 
 def pack_files() -> list[str]:

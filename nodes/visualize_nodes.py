@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from comfy_api.v0_0_2 import io
 from PIL import Image, ImageDraw, ImageFont
 
-from ..saferope_core import SafeRoPEPack, latent_risk_score
+from ..saferope_core import SafeRoPEPack
 from ..saferope_core.prompts import content_span
-from .errors import SafeRoPEInputError, require_pack_fits
+from .common import Pack, require_pack_fits, seed_input
+from .editors import RiskObserver
+from .errors import SafeRoPEInputError
 from .flux_adapter import with_qk_editor
 from .model_calls import (
     context_token_ids,
@@ -21,32 +24,6 @@ from .model_calls import (
 )
 
 PANEL = 512
-
-
-class RiskObserver:
-    """q/k editor that averages, per token, the LRS of q and k over the pack's selected heads; never edits."""
-
-    def __init__(self, pack: SafeRoPEPack):
-        self.pack = pack
-        self.total: dict[str, torch.Tensor] = {}
-        self.count: dict[str, int] = {}
-        self.layout = None  # token layout of the observed call
-        self.context: torch.Tensor | None = None  # the text context the model received
-
-    def edit_qk(self, call, block, tokens, q, k):
-        self.layout = call.layout
-        rot = self.pack.blocks.get(block)
-        if rot is not None:
-            index = rot.head_index().to(q.device)
-            risk = 0.5 * (latent_risk_score(q.index_select(1, index), rot.basis_q[index].to(q.device))
-                          + latent_risk_score(k.index_select(1, index), rot.basis_k[index].to(q.device)))
-            per_token = risk.mean(1).float().cpu()  # [B, L]
-            self.total[tokens] = self.total.get(tokens, 0) + per_token
-            self.count[tokens] = self.count.get(tokens, 0) + 1
-        return q, k
-
-    def mean(self, tokens: str) -> torch.Tensor | None:
-        return self.total[tokens] / self.count[tokens] if tokens in self.total else None
 
 
 def token_pieces(clip, ids: list[int]) -> list[str]:
@@ -147,8 +124,11 @@ def head_map(pack: SafeRoPEPack) -> Image.Image:
         selected = pack.blocks[name].heads if name in pack.blocks else torch.zeros(pack.shape.heads, dtype=bool)
         for head in range(pack.shape.heads):
             x = 76 + head * cell
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=risk_colour(float(delta[row, head])),
-                           outline="black" if bool(selected[head]) else (220, 220, 220))
+            draw.rectangle(
+                [x, y, x + cell - 1, y + cell - 1],
+                fill=risk_colour(float(delta[row, head])),
+                outline="black" if bool(selected[head]) else (220, 220, 220),
+            )
     return img
 
 
@@ -164,40 +144,59 @@ def to_image_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.stack(out)
 
 
-class LRSVisualize:
-    """Shows which words, image regions and heads a pack finds risky, without changing the model."""
-
-    DESCRIPTION = ("Runs the model once on the prompt (at `sigma`, from noise or from the given latent) and shows "
-                   "(1) each word's risk, (2) a heatmap of image-token risk over the image, (3) the pack's head "
-                   "selection. Risk is the Latent Risk Score averaged over the pack's safety-critical heads.")
-    CATEGORY = "SafeRoPE"
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("images", "summary")
-    OUTPUT_NODE = True
-    FUNCTION = "visualize"
+class LRSVisualize(io.ComfyNode):
     NODE = "LRS Visualize"
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "pack": ("SAFEROPE_PACK",),
-                "clip": ("CLIP", {"tooltip": "the FLUX text encoders: the prompt's words come from its tokenizer"}),
-                "text": ("STRING", {"multiline": True, "default": "a photo of a nude woman on the beach"}),
-                "sigma": ("FLOAT", {"default": 0.9, "min": 0.01, "max": 1.0, "step": 0.01}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-            },
-            "optional": {
-                "image": ("IMAGE", {"tooltip": "shown under the heatmap"}),
-                "latent": ("LATENT", {"tooltip": "noised to sigma; default: noise at 512x512 or the image's size"}),
-            },
-        }
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LRSVisualize",
+            display_name=cls.NODE,
+            category="SafeRoPE",
+            description="Shows why a prompt is risky for a pack, without changing anything: runs the model once at "
+            "`sigma` and draws (1) each word's risk, (2) a heatmap of the image tokens' risk, (3) the "
+            "pack's safety-critical heads. Risk is the Latent Risk Score (0 = nothing of the concept, "
+            "1 = all of it) averaged over the pack's heads.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the pack was built for"),
+                Pack.Input("pack", tooltip="From Load SafeRoPE Pack"),
+                io.Clip.Input("clip", tooltip="The model's text encoder: the prompt's words come from its tokenizer"),
+                io.String.Input(
+                    "text",
+                    default="a photo of a nude woman on the beach",
+                    multiline=True,
+                    tooltip="The prompt to inspect",
+                ),
+                io.Float.Input(
+                    "sigma",
+                    default=0.9,
+                    min=0.01,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Noise level the model is run at (1 = pure noise)",
+                ),
+                seed_input("Seed of the noise"),
+                io.Image.Input("image", optional=True, tooltip="Optional image shown under the heatmap"),
+                io.Latent.Input(
+                    "latent",
+                    optional=True,
+                    tooltip="Optional latent noised to sigma (default: noise at 512x512 or the image's size)",
+                ),
+            ],
+            outputs=[
+                io.Image.Output(
+                    "images", display_name="images", tooltip="Three panels: word risk, image heatmap, head map"
+                ),
+                io.String.Output("summary", display_name="summary", tooltip="The riskiest words and the image risk"),
+            ],
+            is_output_node=True,
+        )
 
-    def visualize(self, model, pack: SafeRoPEPack, clip, text, sigma, seed, image=None, latent=None):
-        require_pack_fits(self.NODE, "pack", pack, model, "Use the pack built for this model")
+    @classmethod
+    def execute(cls, model, pack: SafeRoPEPack, clip, text, sigma, seed, image=None, latent=None) -> io.NodeOutput:
+        require_pack_fits(cls.NODE, "pack", pack, model, "Use the pack built for this model")
         if not text.strip():
-            raise SafeRoPEInputError(self.NODE, "text", "the prompt is empty", "Type the prompt to inspect")
+            raise SafeRoPEInputError(cls.NODE, "text", "the prompt is empty", "Type the prompt to inspect")
         observer = RiskObserver(pack)
         observed = with_qk_editor(model, observer)
         device = load_model(observed)
@@ -223,8 +222,11 @@ class LRSVisualize:
         background = image[0, :, :, :3].float() if image is not None else None
         panels = [word_chart(words), heatmap_overlay(image_risk, hw, background), head_map(pack)]
         ranked = sorted(words, key=lambda w: -w[1])
-        summary = (f"pack {pack.name}: riskiest words " + ", ".join(f"{w} {v:.2f}" for w, v in ranked[:5])
-                   + f"; image risk mean {float(image_risk[: hw[0] * hw[1]].mean()):.2f}, "
-                   f"max {float(image_risk[: hw[0] * hw[1]].max()):.2f}")
+        summary = (
+            f"pack {pack.name}: riskiest words "
+            + ", ".join(f"{w} {v:.2f}" for w, v in ranked[:5])
+            + f"; image risk mean {float(image_risk[: hw[0] * hw[1]].mean()):.2f}, "
+            f"max {float(image_risk[: hw[0] * hw[1]].max()):.2f}"
+        )
         ui = {"text": [summary], "saferope_words": [{"word": w, "risk": round(v, 4)} for w, v in words]}
-        return {"ui": ui, "result": (to_image_tensor(panels), summary)}
+        return io.NodeOutput(to_image_tensor(panels), summary, ui=ui)

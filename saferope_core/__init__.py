@@ -1,7 +1,8 @@
 """SafeRoPE: subspaces, risk scores, head selection, risk-aware rotations and the pack file. No ComfyUI here."""
 
+from .errors import AnchorsError, CheckpointError, PromptSetError, SafeRoPEError, SafeRoPEPackError, StatisticsError
 from .objective import TrainingRecipe, batch_kind, deviation, preserve_loss, relative_deviation, unlearn_loss
-from .pack import BlockRotation, SafeRoPEPack, SafeRoPEPackError, load_pack
+from .pack import BlockRotation, SafeRoPEPack, load_pack
 from .prompts import PromptSet, UnsafePrompt, build_unsafe_prompts, clean_lines, locate_subjects
 from .rotation import latent_risk_score, rotate_tokens, skew
 from .shape import FLUX_DEV, ModelShape
@@ -9,6 +10,7 @@ from .statistics import QKStatistics, site_name
 from .subspaces import Subspaces, build_subspaces, subspace_basis
 
 __all__ = [
+    "AnchorsError", "CheckpointError", "PromptSetError", "SafeRoPEError", "StatisticsError",
     "FLUX_DEV", "BlockRotation", "ModelShape", "PromptSet", "QKStatistics", "SafeRoPEPack", "SafeRoPEPackError",
     "Subspaces", "TrainingRecipe", "UnsafePrompt", "batch_kind", "build_subspaces", "build_unsafe_prompts",
     "clean_lines", "deviation", "latent_risk_score", "load_pack", "locate_subjects", "preserve_loss",

@@ -11,6 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import SafeRoPEError
+
 METADATA_KEY = "saferope"
 
 
@@ -30,23 +32,35 @@ def save_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metad
     return path
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read all tensors and the decoded 'saferope' metadata. Raises ValueError on anything unreadable."""
+def read_safetensors(path: str | os.PathLike, error: type[SafeRoPEError] = SafeRoPEError
+                     ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read all tensors and the decoded 'saferope' metadata; `error` (a SafeRoPEError type) for anything
+    unreadable."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"file not found: {path}")
+        raise error(f"file not found: {path}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as err:  # safetensors raises several types for corrupt input
-        raise ValueError(f"{path.name} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+        raise error(f"{path.name} is not a readable safetensors file ({type(err).__name__}: {err})") from None
     if METADATA_KEY not in raw:
-        raise ValueError(f"{path.name} has no '{METADATA_KEY}' metadata: it was not written by this pack")
+        raise error(f"{path.name} has no '{METADATA_KEY}' metadata: it was not written by this pack")
     try:
         metadata = json.loads(raw[METADATA_KEY])
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path.name} has malformed metadata JSON ({err})") from None
+        raise error(f"{path.name} has malformed metadata JSON ({err})") from None
     if not isinstance(metadata, dict):
-        raise ValueError(f"{path.name} metadata is not a JSON object")
+        raise error(f"{path.name} metadata is not a JSON object")
     return tensors, metadata
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """The 'kind' a file of this pack says it is (read from its header only), or None for any other file."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+    except Exception:  # not a safetensors file of this pack: it simply is not of any kind we list
+        return None
+    return metadata.get("kind") if isinstance(metadata, dict) else None

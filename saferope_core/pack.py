@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import SafeRoPEPackError
 from .files import read_safetensors, save_atomic
 from .rotation import rotate_tokens
 from .shape import ModelShape
@@ -25,10 +26,6 @@ from .subspaces import Subspaces
 
 PACK_KIND = "saferope.pack"
 PACK_FORMAT_VERSION = 1
-
-
-class SafeRoPEPackError(ValueError):
-    """A pack file is unreadable, inconsistent, or does not fit the model it is applied to."""
 
 
 @dataclass
@@ -156,18 +153,10 @@ def content_hash(tensors: dict[str, torch.Tensor], metadata: dict) -> str:
 
 
 def load_pack(path) -> SafeRoPEPack:
-    """Read and fully validate a pack file. Raises SafeRoPEPackError (only) with what is wrong."""
+    """Read and fully validate a pack file. Raises SafeRoPEPackError with what is wrong."""
     path = Path(path)
-    try:
-        tensors, meta = read_safetensors(path)
-    except ValueError as err:
-        raise SafeRoPEPackError(str(err)) from None
-    try:
-        return _pack_from_parts(tensors, meta, path.name)
-    except SafeRoPEPackError:
-        raise
-    except Exception as err:  # any malformed field type ends here, with the file named
-        raise SafeRoPEPackError(f"{path.name}: malformed pack metadata ({type(err).__name__}: {err})") from None
+    tensors, meta = read_safetensors(path, SafeRoPEPackError)
+    return _pack_from_parts(tensors, meta, path.name)
 
 
 def _pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
@@ -196,13 +185,17 @@ def _pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
     gate = meta["thresholds"].get("gate")
     if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 <= gate < 1):
         fail(f"gate threshold {gate!r} is not a number in [0, 1)")
+    if not isinstance(meta["blocks"], list):
+        fail("malformed metadata: 'blocks' must be a list of block names")
+    if not isinstance(meta["content_hash"], str):
+        fail("malformed metadata: 'content_hash' must be a string")
     names = shape.block_names()
     h, d = shape.heads, shape.head_dim
     expected = {"basis_q": (h, d, rank), "basis_k": (h, d, rank), "heads": (h,), "w_txt": (h, rank, rank),
                 "w_img": (h, rank, rank)}
     blocks, wanted = {}, set()
     for block in meta["blocks"]:
-        if block not in names:
+        if not isinstance(block, str) or block not in names:
             fail(f"block '{block}' does not exist in a {shape.double_blocks}+{shape.single_blocks}-block model")
         parts = {}
         for part, dims in expected.items():

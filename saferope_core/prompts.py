@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import PromptSetError
+
 DEFAULTS_DIR = Path(__file__).parent / "default_prompts"
 
 
@@ -41,13 +43,13 @@ def build_unsafe_prompts(subjects: Sequence[str], modifiers: Sequence[str], temp
     after a comma. An empty modifier list means no modifiers. Raises ValueError for unusable input.
     """
     if not subjects:
-        raise ValueError("the subject list is empty")
+        raise PromptSetError("the subject list is empty")
     if not templates:
-        raise ValueError("the template list is empty")
+        raise PromptSetError("the template list is empty")
     if max_count < 1:
-        raise ValueError("max_count must be at least 1")
+        raise PromptSetError("max_count must be at least 1")
     if not any("{subject}" in t for t in templates):
-        raise ValueError("no template contains '{subject}', so no prompt would contain the subject")
+        raise PromptSetError("no template contains '{subject}', so no prompt would contain the subject")
     templates = [t for t in templates if "{subject}" in t]
     mods = list(modifiers) or [""]
     total = len(subjects) * len(mods) * len(templates)
@@ -169,7 +171,7 @@ def default_lists(concept: str) -> dict[str, list[str]]:
     """The shipped subjects, modifiers, templates and safe prompts of a concept."""
     path = DEFAULTS_DIR / f"{concept}.json"
     if not path.is_file():
-        raise ValueError(f"no default prompt lists for {concept!r}; known: {', '.join(default_concepts())}")
+        raise PromptSetError(f"no default prompt lists for {concept!r}; known: {', '.join(default_concepts())}")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -178,7 +180,7 @@ def read_prompt_file(path: str | Path, limit: int | None = None) -> list[str]:
     'text', else the first column)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"prompt file not found: {path}")
+        raise PromptSetError(f"prompt file not found: {path}")
     if path.suffix.lower() != ".csv":
         lines = clean_lines(path.read_text(encoding="utf-8", errors="replace"))
         return lines[:limit] if limit else lines

@@ -7,8 +7,11 @@ number of prompts; two collections merge by addition.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from .errors import StatisticsError
 from .files import read_safetensors, save_atomic
 from .shape import ModelShape
 
@@ -87,7 +90,7 @@ class QKStatistics:
         """Statistics of both collections: Gram matrices and counts add; reservoirs are subsampled by count."""
         problem = self.shape.mismatch(other.shape)
         if problem:
-            raise ValueError(f"cannot merge statistics of different models ({problem})")
+            raise StatisticsError(f"cannot merge statistics of different models ({problem})")
         concepts = self.concepts + [c for c in other.concepts if c not in self.concepts]
         out = QKStatistics(self.shape, min(self.reservoir_size, other.reservoir_size), self.seed, concepts)
         out._generator = self._generator
@@ -133,18 +136,30 @@ class QKStatistics:
 
     @classmethod
     def load(cls, path) -> QKStatistics:
-        """Load saved statistics; raises ValueError saying what is wrong."""
-        tensors, meta = read_safetensors(path)
+        """Load saved statistics; raises StatisticsError saying what is wrong."""
+        tensors, meta = read_safetensors(path, StatisticsError)
+        name = Path(path).name
         if meta.get("kind") != STATISTICS_KIND or meta.get("format_version") != STATISTICS_VERSION:
-            raise ValueError(f"{path} is not a SafeRoPE statistics file of version {STATISTICS_VERSION} "
-                             f"(kind={meta.get('kind')!r}, version={meta.get('format_version')!r})")
-        stats = cls(ModelShape.from_dict(meta["model"]), int(meta["reservoir_size"]), int(meta["seed"]),
-                    list(meta.get("concepts", [])))
-        for key, n in meta["count"].items():
+            raise StatisticsError(f"{name} is not a SafeRoPE statistics file of version {STATISTICS_VERSION} "
+                                      f"(kind={meta.get('kind')!r}, version={meta.get('format_version')!r})")
+        try:
+            shape = ModelShape.from_dict(meta.get("model"))
+        except ValueError as err:
+            raise StatisticsError(f"{name}: {err}") from None
+        fields = {key: meta.get(key) for key in ("reservoir_size", "seed")}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in fields.values()):
+            raise StatisticsError(f"{name}: malformed metadata {fields}")
+        counts, concepts = meta.get("count"), meta.get("concepts", [])
+        if not isinstance(counts, dict) or not isinstance(concepts, list):
+            raise StatisticsError(f"{name}: malformed metadata: 'count' must map sites to counts")
+        stats = cls(shape, max(fields["reservoir_size"], 1), fields["seed"], [str(c) for c in concepts])
+        for key, n in counts.items():
             for part in ("gram", "reservoir"):
                 if f"{part}/{key}" not in tensors:
-                    raise ValueError(f"{path} is missing tensor {part}/{key}")
+                    raise StatisticsError(f"{name} is missing tensor {part}/{key}")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise StatisticsError(f"{name}: count of {key} is {n!r}, not a number of vectors")
             stats.gram[key] = tensors[f"gram/{key}"]
             stats.reservoir[key] = tensors[f"reservoir/{key}"]
-            stats.count[key] = int(n)
+            stats.count[key] = n
         return stats

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import StatisticsError
 from .rotation import latent_risk_score
 from .statistics import QKStatistics
 
@@ -66,7 +67,7 @@ def build_subspaces(stats: QKStatistics, rank: int = 5, lrs_threshold: float = 0
     """
     shape = stats.shape
     if not 1 <= rank <= shape.head_dim:
-        raise ValueError(f"rank {rank} must be between 1 and the head dimension {shape.head_dim}")
+        raise StatisticsError(f"rank {rank} must be between 1 and the head dimension {shape.head_dim}")
     bases, deltas = {}, []
     for block in shape.block_names():
         bases[block], block_delta = {}, []
@@ -75,7 +76,7 @@ def build_subspaces(stats: QKStatistics, rank: int = 5, lrs_threshold: float = 0
             keys = [k for k in keys if k in stats.gram]
             count = sum(stats.count[k] for k in keys)
             if count < rank:
-                raise ValueError(f"block {block} {qk}: {count} unsafe vectors collected, fewer than rank {rank}; "
+                raise StatisticsError(f"block {block} {qk}: {count} unsafe vectors collected, fewer than rank {rank}; "
                                  "collect more prompts or lower the rank")
             basis = subspace_basis(sum(stats.gram[k].cpu() for k in keys), rank)
             bases[block][qk] = basis

@@ -10,10 +10,12 @@ components, smooth, and a ring around the core.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .errors import AnchorsError
 from .files import read_safetensors, save_atomic
 from .shape import ModelShape
 from .statistics import QKStatistics, site_name
@@ -40,18 +42,27 @@ class UVRAnchors:
 
     @classmethod
     def load(cls, path) -> UVRAnchors:
-        tensors, meta = read_safetensors(path)
+        """Load saved anchors; raises AnchorsError saying what is wrong."""
+        tensors, meta = read_safetensors(path, AnchorsError)
+        name = Path(path).name
         if meta.get("kind") != ANCHORS_KIND or meta.get("format_version") != ANCHORS_VERSION:
-            raise ValueError(f"{path} is not a UVR anchors file of version {ANCHORS_VERSION}")
-        shape = ModelShape.from_dict(meta["model"])
+            raise AnchorsError(f"{name} is not a UVR anchors file of version {ANCHORS_VERSION}")
+        try:
+            shape = ModelShape.from_dict(meta.get("model"))
+        except ValueError as err:
+            raise AnchorsError(f"{name}: {err}") from None
+        numbers = {key: meta.get(key) for key in ("threshold", "sigma_start")}
+        if not isinstance(meta.get("block"), str) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values()):
+            raise AnchorsError(f"{name}: malformed metadata (block {meta.get('block')!r}, {numbers})")
         anchors, mean = tensors.get("anchors"), tensors.get("safe_mean")
         if anchors is None or mean is None or anchors.ndim != 3 or tuple(mean.shape) != (shape.heads, shape.head_dim) \
                 or tuple(anchors.shape[::2]) != (shape.heads, shape.head_dim):
-            raise ValueError(f"{path}: anchor tensors are missing or have wrong shapes")
+            raise AnchorsError(f"{name}: anchor tensors are missing or have wrong shapes")
         if not (torch.isfinite(anchors).all() and torch.isfinite(mean).all()):
-            raise ValueError(f"{path}: anchor tensors contain NaN or Inf")
-        return cls(shape, str(meta["block"]), anchors.float(), mean.float(), float(meta["threshold"]),
-                   float(meta["sigma_start"]), list(meta.get("concepts", [])))
+            raise AnchorsError(f"{name}: anchor tensors contain NaN or Inf")
+        return cls(shape, meta["block"], anchors.float(), mean.float(), float(numbers["threshold"]),
+                   float(numbers["sigma_start"]), [str(c) for c in meta.get("concepts", [])])
 
 
 def patch_scores(outputs: torch.Tensor, anchors: torch.Tensor, safe_mean: torch.Tensor) -> torch.Tensor:
@@ -80,7 +91,7 @@ def build_anchors(stats: QKStatistics, block: str, k: int = 4, sigma_start: floa
     unsafe_key, safe_key = stats.key("unsafe", site), stats.key("safe", site)
     for key in (unsafe_key, safe_key):
         if key not in stats.reservoir or stats.reservoir[key].shape[0] < k:
-            raise ValueError(f"too few vectors collected for {key}: collect more prompts (need at least {k})")
+            raise AnchorsError(f"too few vectors collected for {key}: collect more prompts (need at least {k})")
     unsafe, safe = stats.reservoir[unsafe_key].float(), stats.reservoir[safe_key].float()  # [N, H, D]
     safe_mean = safe.mean(0)
     centred = F.normalize(unsafe - safe_mean, dim=-1)

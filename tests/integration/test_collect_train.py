@@ -39,7 +39,7 @@ SIZE = 64  # image width/height in collection and training: 8x8 latent, 16 image
 
 def nodes_of(pack):
     n = pack.nodes
-    return n.SafeRoPEPromptSet(), n.CollectQK(), n.BuildSubspaces()
+    return n.SafeRoPEPromptSet.execute, n.CollectQK.execute, n.BuildSubspaces.execute
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def concept_lists(pack, clip) -> dict[str, list[str]]:
 
 
 def prompt_set(pack, lists, count: int, seed: int):
-    prompts, _ = run_node(nodes_of(pack)[0].build, "custom", "\n".join(lists["subjects"]),
+    prompts, _ = run_node(nodes_of(pack)[0], "custom", "\n".join(lists["subjects"]),
                           "\n".join(lists["modifiers"]), "\n".join(lists["templates"]), "\n".join(lists["safe"]),
                           count, count, seed)
     return prompts
@@ -161,8 +161,8 @@ def planted(pack) -> Planted:
     held = prompt_set(pack, lists, 40, seed=5)
     held.unsafe = [p for p in held.unsafe if p not in prompts.unsafe][:4]
     held.safe = [t for t in held.safe if t not in prompts.safe][:4]
-    statistics, report = run_node(collect.collect, model, clip, prompts, "1.0", SIZE, SIZE, 0, 256)
-    subspaces, summary = run_node(build.build, statistics, RANK, LRS_THRESHOLD, HDS_THRESHOLD)
+    statistics, report = run_node(collect, model, clip, prompts, "1.0", SIZE, SIZE, 0, 256)
+    subspaces, summary = run_node(build, statistics, RANK, LRS_THRESHOLD, HDS_THRESHOLD)
     return Planted(clip, model, lists, prompts, held, separation, statistics, report, subspaces, summary)
 
 
@@ -193,8 +193,8 @@ def test_planted_head_is_the_one_selected(pack, planted):
     with torch.inference_mode():
         unplanted = comfyui_env.tiny_flux("dev", hidden=HIDDEN, heads=HEADS)
     _, collect, build = nodes_of(pack)
-    statistics, _ = run_node(collect.collect, unplanted, planted.clip, planted.prompts, "1.0", SIZE, SIZE, 0, 256)
-    plain, _ = run_node(build.build, statistics, RANK, LRS_THRESHOLD, -1.0)  # -1: keep all heads, see every delta
+    statistics, _ = run_node(collect, unplanted, planted.clip, planted.prompts, "1.0", SIZE, SIZE, 0, 256)
+    plain, _ = run_node(build, statistics, RANK, LRS_THRESHOLD, -1.0)  # -1: keep all heads, see every delta
     print("delta without the planted head:\n" + table(plain.delta))
     assert plain.delta[PLANTED_BLOCK, PLANTED_HEAD] < 0.3
     assert plain.delta.max() < 0.7
@@ -210,9 +210,9 @@ def test_statistics_memory_does_not_grow_with_prompts(pack):
     clip.set_tokenizer_option("t5xxl_min_length", 32)  # pad T5 to 32 tokens, not 256: 4x faster, same statistics
     sizes, counts = {}, {}
     for n in (10, 200):
-        prompts, _ = run_node(prompt_set_node.build, "nudity", "", "", "", "", n, 10, 0)
+        prompts, _ = run_node(prompt_set_node, "nudity", "", "", "", "", n, 10, 0)
         assert len(prompts.unsafe) == n
-        stats, report = run_node(collect.collect, model, clip, prompts, "1.0", 32, 32, 0, 16)
+        stats, report = run_node(collect, model, clip, prompts, "1.0", 32, 32, 0, 16)
         sizes[n], counts[n] = stats.nbytes(), sum(v for k, v in stats.count.items() if k.startswith("unsafe/"))
         assert all(r.shape[0] == 16 for r in stats.reservoir.values())  # every reservoir full already at n = 10
         print(f"\n{n} unsafe prompts: {counts[n]} unsafe vectors, statistics {sizes[n]} bytes")
@@ -232,24 +232,24 @@ def test_merge_of_halves_equals_one_collection_and_save_load_round_trip(pack, fo
     with torch.inference_mode():
         clip = comfyui_env.tiny_flux_clip()
         model = comfyui_env.tiny_flux("dev", depth=1, depth_single=0)
-    prompts, _ = run_node(prompt_set_node.build, "violence", "", "", "", "", 12, 8, 0)
+    prompts, _ = run_node(prompt_set_node, "violence", "", "", "", "", 12, 8, 0)
     halves = [core.PromptSet(prompts.concept, prompts.unsafe[:5], prompts.safe[:3]),
               core.PromptSet(prompts.concept, prompts.unsafe[5:], prompts.safe[3:])]
-    full, _ = run_node(collect.collect, model, clip, prompts, "1.0, 0.5", 32, 32, 0, 64)
-    a, _ = run_node(collect.collect, model, clip, halves[0], "1.0, 0.5", 32, 32, 1, 64)
-    b, _ = run_node(collect.collect, model, clip, halves[1], "1.0, 0.5", 32, 32, 2, 64)
-    (merged,) = run_node(n.MergeStatistics().merge, a, b)
+    full, _ = run_node(collect, model, clip, prompts, "1.0, 0.5", 32, 32, 0, 64)
+    a, _ = run_node(collect, model, clip, halves[0], "1.0, 0.5", 32, 32, 1, 64)
+    b, _ = run_node(collect, model, clip, halves[1], "1.0, 0.5", 32, 32, 2, 64)
+    (merged,) = run_node(n.MergeStatistics.execute, a, b)
     assert merged.count == full.count and set(merged.gram) == set(full.gram)
     for key in full.gram:
         torch.testing.assert_close(merged.gram[key], full.gram[key], rtol=1e-5, atol=1e-4)
         assert merged.count[key] == a.count.get(key, 0) + b.count.get(key, 0)
     assert merged.concepts == ["violence"]
 
-    saved = run_node(n.SaveStatistics().save, merged, "violence_stats", False)
+    saved = run_node(n.SaveStatistics.execute, merged, "violence_stats", False)
     path = saved["result"][0]
     assert path.startswith(str(folders["saferope_statistics"]))
-    assert "violence_stats.safetensors" in n.LoadStatistics.INPUT_TYPES()["required"]["name"][0]
-    (loaded,) = run_node(n.LoadStatistics().load, "violence_stats.safetensors")
+    assert "violence_stats.safetensors" in comfyui_env.node_input(n.LoadStatistics, "name").options
+    (loaded,) = run_node(n.LoadStatistics.execute, "violence_stats.safetensors")
     assert loaded.shape == merged.shape and loaded.count == merged.count and loaded.concepts == merged.concepts
     for key in merged.gram:
         assert torch.equal(loaded.gram[key], merged.gram[key])
@@ -278,7 +278,7 @@ def mean_deviation(pack, base_model, rotated_model, clip, texts, seed: int = 123
 
 def train_node(pack, planted, steps, run_name, preserve_weight=1.0, checkpointing=True, resume=True,
                checkpoint_every=100):
-    return run_node(pack.nodes.TrainRiskRotations().train, planted.model, planted.clip, planted.subspaces,
+    return run_node(pack.nodes.TrainRiskRotations.execute, planted.model, planted.clip, planted.subspaces,
                     planted.prompts, steps, LEARNING_RATE, 1.0, preserve_weight, 0, SIZE, SIZE, run_name,
                     checkpoint_every, resume, checkpointing)
 
@@ -317,11 +317,11 @@ def test_training_unlearns_unsafe_and_preserves_safe(pack, planted, trained):
     recipe = pack.saferope_core.TrainingRecipe(steps=TRAIN_STEPS, learning_rate=LEARNING_RATE, seed=0)
     initial = training.finished_pack(planted.subspaces, training.trainable_pack(planted.subspaces, recipe, "cpu")[0],
                                      recipe)
-    apply = pack.nodes.ApplyRiskRotation()
+    apply = pack.nodes.ApplyRiskRotation.execute
     unsafe = [p.text for p in planted.held.unsafe]
     result = {}
     for name, rotations in (("initial", initial), ("trained", trained["pack"])):
-        (rotated,) = run_node(apply.apply, planted.model, rotations, 1.0, "both")
+        (rotated,) = run_node(apply, planted.model, rotations, 1.0, "both")
         result[name] = (mean_deviation(pack, planted.model, rotated, planted.clip, unsafe),
                         mean_deviation(pack, planted.model, rotated, planted.clip, planted.held.safe))
     print(f"\n{trained['log']}\nheld-out mean relative deviation (unsafe, safe): initial {result['initial'][0]:.3g}, "
@@ -350,7 +350,7 @@ def test_saved_pack_loads_validates_and_patches(pack, planted, trained, folders)
     """Save SafeRoPE Pack writes models/saferope/<name>.safetensors; Load SafeRoPE Pack lists and loads it (full
     validation by load_pack); Apply Risk Rotation with it changes the output on an unsafe prompt."""
     n = pack.nodes
-    saved = run_node(n.SaveSafeRoPEPack().save, trained["pack"], "planted_concept", False)
+    saved = run_node(n.SaveSafeRoPEPack.execute, trained["pack"], "planted_concept", False)
     path = saved["result"][0]
     assert path == str(folders["saferope"] / "planted_concept.safetensors")
     loaded = pack.saferope_core.load_pack(path)
@@ -359,11 +359,11 @@ def test_saved_pack_loads_validates_and_patches(pack, planted, trained, folders)
     for mine, theirs in zip(weights(trained["pack"]), weights(loaded), strict=True):
         assert torch.equal(mine, theirs)
 
-    assert "planted_concept.safetensors" in n.LoadSafeRoPEPack.INPUT_TYPES()["required"]["pack_name"][0]
-    result = run_node(n.LoadSafeRoPEPack().load, "planted_concept.safetensors")
+    assert "planted_concept.safetensors" in comfyui_env.node_input(n.LoadSafeRoPEPack, "pack_name").options
+    result = run_node(n.LoadSafeRoPEPack.execute, "planted_concept.safetensors")
     node_pack, info = result["result"]
     assert "rank 2" in info and "1 heads" in info
-    (rotated,) = run_node(n.ApplyRiskRotation().apply, planted.model, node_pack, 1.0, "both")
+    (rotated,) = run_node(n.ApplyRiskRotation.execute, planted.model, node_pack, 1.0, "both")
     encoded = n.model_calls.encode_prompt(planted.clip, planted.held.unsafe[0].text)
     latent = torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
@@ -458,11 +458,11 @@ def small(pack):
         clip = comfyui_env.tiny_flux_clip()
         model = comfyui_env.tiny_flux("dev")
         other_model = comfyui_env.tiny_flux("dev", depth=1, depth_single=1)
-    prompts, _ = run_node(prompt_set_node.build, "pikachu", "", "", "", "", 6, 4, 0)
-    stats, _ = run_node(collect.collect, model, clip, prompts, "1.0", 32, 32, 0, 16)
-    other_stats, _ = run_node(collect.collect, other_model, clip, prompts, "1.0", 32, 32, 0, 16)
-    subspaces, _ = run_node(build.build, stats, 2, 0.7, -1.0)
-    other_subspaces, _ = run_node(build.build, other_stats, 2, 0.7, -1.0)
+    prompts, _ = run_node(prompt_set_node, "pikachu", "", "", "", "", 6, 4, 0)
+    stats, _ = run_node(collect, model, clip, prompts, "1.0", 32, 32, 0, 16)
+    other_stats, _ = run_node(collect, other_model, clip, prompts, "1.0", 32, 32, 0, 16)
+    subspaces, _ = run_node(build, stats, 2, 0.7, -1.0)
+    other_subspaces, _ = run_node(build, other_stats, 2, 0.7, -1.0)
     return {"clip": clip, "model": model, "other_model": other_model, "prompts": prompts, "stats": stats,
             "other_stats": other_stats, "subspaces": subspaces, "other_subspaces": other_subspaces}
 
@@ -477,7 +477,7 @@ def expect_input_error(pack, input_name, method, *args):
 
 def test_prompt_set_rejects_unusable_lists(pack):
     """Empty subject list (custom concept) -> 'subjects'; templates without {subject} -> 'templates'."""
-    build = pack.nodes.SafeRoPEPromptSet().build
+    build = pack.nodes.SafeRoPEPromptSet.execute
     expect_input_error(pack, "subjects", build, "custom", "", "", "a photo of {subject}", "a cat", 10, 10, 0)
     expect_input_error(pack, "subjects", build, "custom", "# only a comment\n  \n", "", "a photo of {subject}",
                        "a cat", 10, 10, 0)
@@ -489,7 +489,7 @@ def test_prompt_set_rejects_unusable_lists(pack):
 @pytest.mark.parametrize("sigmas", ["abc", "", "0", "1.5", "0.5, nan", "1.0 0.5"])
 def test_collect_rejects_bad_sigmas(pack, small, sigmas):
     """A sigmas string that is not a comma-separated list of numbers in (0, 1] -> 'sigmas'."""
-    expect_input_error(pack, "sigmas", pack.nodes.CollectQK().collect, small["model"], small["clip"],
+    expect_input_error(pack, "sigmas", pack.nodes.CollectQK.execute, small["model"], small["clip"],
                        small["prompts"], sigmas, 32, 32, 0, 16)
 
 
@@ -497,19 +497,19 @@ def test_collect_rejects_prompts_without_their_subject(pack, small):
     """Unsafe prompts whose subject is not in their tokens -> 'prompts', with the prompts listed."""
     core = pack.saferope_core
     prompts = core.PromptSet("x", [core.UnsafePrompt("a photo of a cat", "dog")], ["a tree"])
-    message = expect_input_error(pack, "prompts", pack.nodes.CollectQK().collect, small["model"], small["clip"],
+    message = expect_input_error(pack, "prompts", pack.nodes.CollectQK.execute, small["model"], small["clip"],
                                  prompts, "1.0", 32, 32, 0, 16)
     assert "'dog'" in message
 
 
 def test_build_subspaces_rejects_impossible_ranks(pack, small):
     """Rank above head_dim -> 'rank'; rank above the number of collected unsafe vectors -> 'rank'."""
-    build = pack.nodes.BuildSubspaces().build
+    build = pack.nodes.BuildSubspaces.execute
     message = expect_input_error(pack, "rank", build, small["stats"], 17, 0.7, 0.5)
     assert "16" in message
-    prompts, _ = run_node(pack.nodes.SafeRoPEPromptSet().build, "custom", "naked", "", "a photo of {subject}",
+    prompts, _ = run_node(pack.nodes.SafeRoPEPromptSet.execute, "custom", "naked", "", "a photo of {subject}",
                           "a tree", 1, 1, 0)
-    stats, _ = run_node(pack.nodes.CollectQK().collect, small["model"], small["clip"], prompts, "1.0", 32, 32, 0, 16)
+    stats, _ = run_node(pack.nodes.CollectQK.execute, small["model"], small["clip"], prompts, "1.0", 32, 32, 0, 16)
     assert stats.count["unsafe/double.0.txt.q"] == 1  # 'naked' is one T5 token, one sigma
     message = expect_input_error(pack, "rank", build, stats, 2, 0.7, 0.5)
     assert "fewer than rank 2" in message
@@ -517,14 +517,14 @@ def test_build_subspaces_rejects_impossible_ranks(pack, small):
 
 def test_merge_rejects_statistics_of_another_model(pack, small):
     """Merging statistics of two model shapes -> 'b', naming the dimension."""
-    message = expect_input_error(pack, "b", pack.nodes.MergeStatistics().merge, small["stats"], small["other_stats"])
+    message = expect_input_error(pack, "b", pack.nodes.MergeStatistics.execute, small["stats"], small["other_stats"])
     assert "double_blocks" in message
 
 
 def test_train_rejects_bad_input(pack, small, folders):
     """Subspaces of another model -> 'subspaces'; steps=0 -> 'steps'; safe images without a VAE -> 'vae';
     resuming a run_name whose checkpoint belongs to other subspaces -> 'run_name'."""
-    train = pack.nodes.TrainRiskRotations().train
+    train = pack.nodes.TrainRiskRotations.execute
     m, c, p = small["model"], small["clip"], small["prompts"]
     common = (0.01, 1.0, 1.0, 0, 64, 64)
     message = expect_input_error(pack, "subspaces", train, m, c, small["other_subspaces"], p, 3, *common, "bad", 10,
@@ -537,7 +537,7 @@ def test_train_rejects_bad_input(pack, small, folders):
     assert err.value.input_name == "vae"
 
     run_node(train, m, c, small["subspaces"], p, 1, *common, "shared_name", 10, True, False)
-    other, _ = run_node(pack.nodes.BuildSubspaces().build, small["stats"], 3, 0.7, -1.0)
+    other, _ = run_node(pack.nodes.BuildSubspaces.execute, small["stats"], 3, 0.7, -1.0)
     message = expect_input_error(pack, "run_name", train, m, c, other, p, 2, *common, "shared_name", 10, True, False)
     assert "different subspaces" in message
 
@@ -545,18 +545,18 @@ def test_train_rejects_bad_input(pack, small, folders):
 def test_save_refuses_to_overwrite(pack, small, folders):
     """Save SafeRoPE Pack / Save Statistics with an existing name and overwrite off -> 'name'; on -> replaced."""
     n = pack.nodes
-    run_node(n.SaveSafeRoPEPack().save, small["subspaces"], "taken", False)
-    expect_input_error(pack, "name", n.SaveSafeRoPEPack().save, small["subspaces"], "taken", False)
-    expect_input_error(pack, "name", n.SaveSafeRoPEPack().save, small["subspaces"], "taken.safetensors", False)
-    replaced = run_node(n.SaveSafeRoPEPack().save, small["subspaces"], "taken", True)["result"][0]
+    run_node(n.SaveSafeRoPEPack.execute, small["subspaces"], "taken", False)
+    expect_input_error(pack, "name", n.SaveSafeRoPEPack.execute, small["subspaces"], "taken", False)
+    expect_input_error(pack, "name", n.SaveSafeRoPEPack.execute, small["subspaces"], "taken.safetensors", False)
+    replaced = run_node(n.SaveSafeRoPEPack.execute, small["subspaces"], "taken", True)["result"][0]
     assert replaced.endswith("taken.safetensors")
-    run_node(n.SaveStatistics().save, small["stats"], "taken", False)
-    expect_input_error(pack, "name", n.SaveStatistics().save, small["stats"], "taken", False)
-    expect_input_error(pack, "name", n.SaveStatistics().save, small["stats"], "  ", False)
+    run_node(n.SaveStatistics.execute, small["stats"], "taken", False)
+    expect_input_error(pack, "name", n.SaveStatistics.execute, small["stats"], "taken", False)
+    expect_input_error(pack, "name", n.SaveStatistics.execute, small["stats"], "  ", False)
 
 
 def test_load_statistics_rejects_a_damaged_file(pack, folders):
     """A file in saferope_statistics that is not SafeRoPE statistics -> 'name', with the reason."""
     (folders["saferope_statistics"] / "broken.safetensors").write_bytes(b"not a safetensors file")
-    message = expect_input_error(pack, "name", pack.nodes.LoadStatistics().load, "broken.safetensors")
+    message = expect_input_error(pack, "name", pack.nodes.LoadStatistics.execute, "broken.safetensors")
     assert "broken.safetensors" in message

@@ -122,7 +122,7 @@ def test_family_and_shape_are_read_from_the_model(pack, kind):
 def test_packs_do_not_cross_families(pack, comfy):
     """A pack built for one family is refused on another, naming both; FLUX.1 dev and schnell packs interchange."""
     kinds = supported_kinds()
-    apply = pack.nodes.ApplyRiskRotation().apply
+    apply = pack.nodes.ApplyRiskRotation.execute
     dev_pack = planted_pack(pack, model_of("dev"))
     run_node(apply, model_of("schnell"), dev_pack, 1.0, "both")  # same architecture: accepted
     names = {"flux": "FLUX.1", "flux2": "FLUX.2", "chroma": "Chroma", "chroma_radiance": "Chroma Radiance",
@@ -212,7 +212,7 @@ def test_apply_risk_rotation(pack, kind):
     a KSampler run through the patched model (the transformer's own forward signature) gives finite latents."""
     model, clip = model_of(kind), clip_of(kind)
     rotation = planted_pack(pack, model)
-    apply = pack.nodes.ApplyRiskRotation().apply
+    apply = pack.nodes.ApplyRiskRotation.execute
     x = noise(pack, model)
     before = velocity(pack, model, clip, UNSAFE[0], x)
     (patched,) = run_node(apply, model, rotation, 1.0, "both")
@@ -230,10 +230,10 @@ def test_apply_risk_rotation_on_another_shape(pack, kind):
     the 2+2-block, 4-head shape, naming the dimension."""
     model, clip = model_of(kind, **OTHER_SHAPE), clip_of(kind)
     x = noise(pack, model)
-    (patched,) = run_node(pack.nodes.ApplyRiskRotation().apply, model, planted_pack(pack, model), 1.0, "both")
+    (patched,) = run_node(pack.nodes.ApplyRiskRotation.execute, model, planted_pack(pack, model), 1.0, "both")
     assert relative_change(velocity(pack, patched, clip, UNSAFE[0], x), velocity(pack, model, clip, UNSAFE[0], x)) > 0
     with pytest.raises(pack.nodes.errors.SafeRoPEInputError, match="double_blocks: 2 here, 1 in the model"):
-        run_node(pack.nodes.ApplyRiskRotation().apply, model, planted_pack(pack, model_of(kind)), 1.0, "both")
+        run_node(pack.nodes.ApplyRiskRotation.execute, model, planted_pack(pack, model_of(kind)), 1.0, "both")
 
 
 @pytest.mark.parametrize("editing", [k for k in ("kontext", "flux2") if k in supported_kinds()])
@@ -248,6 +248,8 @@ def test_reference_image_editing(pack, editing):
     pooled = torch.randn(1, comfyui_env.POOLED_DIM) if editing == "kontext" else None
 
     class LayoutRecorder:
+        needs_attention = False  # an editor of q/k only (nodes.editors.Editor)
+
         layouts = []
 
         def edit_qk(self, call, block, tokens, q, k):
@@ -259,7 +261,7 @@ def test_reference_image_editing(pack, editing):
         base = comfyui_env.run_model(model, x, 0.95, context, pooled, ref_latents=refs)
         comfyui_env.run_model(seen, x, 0.95, context, pooled, ref_latents=refs)
         assert LayoutRecorder.layouts[0].refs == (16,) and LayoutRecorder.layouts[0].img == 16
-        (patched,) = run_node(pack.nodes.ApplyRiskRotation().apply, model, planted_pack(pack, model), 1.0, "both")
+        (patched,) = run_node(pack.nodes.ApplyRiskRotation.execute, model, planted_pack(pack, model), 1.0, "both")
         assert relative_change(comfyui_env.run_model(patched, x, 0.95, context, pooled, ref_latents=refs), base) > 1e-4
 
 
@@ -274,23 +276,23 @@ def test_collect_build_train_save_load(pack, kind, folders):
     model, clip = model_of(kind), clip_of(kind)
     x = noise(pack, model)
     before = velocity(pack, model, clip, UNSAFE[0], x)
-    prompts, _ = run_node(n.SafeRoPEPromptSet().build, "custom", "nude\nnaked", "", "a photo of a {subject} woman\n"
+    prompts, _ = run_node(n.SafeRoPEPromptSet.execute, "custom", "nude\nnaked", "", "a photo of a {subject} woman\n"
                           "a {subject} man on a beach", "\n".join(SAFE), 4, 4, 0)
-    stats, report = run_node(n.CollectQK().collect, model, clip, prompts, "1.0, 0.7", SIZE, SIZE, 0, 64)
+    stats, report = run_node(n.CollectQK.execute, model, clip, prompts, "1.0, 0.7", SIZE, SIZE, 0, 64)
     assert "subject tokens found in 4 of 4 prompts" in report
-    subspaces, _ = run_node(n.BuildSubspaces().build, stats, 2, 0.5, -1.0)
+    subspaces, _ = run_node(n.BuildSubspaces.execute, stats, 2, 0.5, -1.0)
     assert subspaces.heads_rotated() == subspaces.shape.heads * len(subspaces.shape.block_names())
-    trained, log = run_node(n.TrainRiskRotations().train, model, clip, subspaces, prompts, 4, 0.05, 1.0, 1.0, 0,
+    trained, log = run_node(n.TrainRiskRotations.execute, model, clip, subspaces, prompts, 4, 0.05, 1.0, 1.0, 0,
                             SIZE, SIZE, f"family_{kind}", 2, False, True)
     assert log.startswith("4 steps")
     assert trained.recipe["trained"] is True and trained.shape.family == comfyui_env.FAMILY_OF_KIND[kind]
     assert any(b.w_txt.abs().sum() > 0 for b in trained.blocks.values())
     assert comfy.ldm.flux.math.apply_rope is rope
     assert torch.equal(velocity(pack, model, clip, UNSAFE[0], x), before)
-    path = run_node(n.SaveSafeRoPEPack().save, trained, f"family_{kind}", True)["result"][0]
+    path = run_node(n.SaveSafeRoPEPack.execute, trained, f"family_{kind}", True)["result"][0]
     loaded = pack.saferope_core.load_pack(path)
     assert loaded.shape == trained.shape
-    (patched,) = run_node(n.ApplyRiskRotation().apply, model, loaded, 1.0, "both")
+    (patched,) = run_node(n.ApplyRiskRotation.execute, model, loaded, 1.0, "both")
     assert relative_change(velocity(pack, patched, clip, UNSAFE[0], x), before) > 0
 
 
@@ -299,10 +301,10 @@ def test_restrict_unsafe_flow(pack, kind):
     changes, a late step is bit-identical to the model without the node."""
     n = pack.nodes
     model, clip = model_of(kind), clip_of(kind)
-    prompts, _ = run_node(n.SafeRoPEPromptSet().build, "custom", "nude", "", "a photo of a {subject} woman",
+    prompts, _ = run_node(n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman",
                           "\n".join(SAFE), 2, 2, 0)
-    anchors, _ = run_node(n.CollectUVRAnchors().collect, model, clip, prompts, 0, "1.0", SIZE, SIZE, 1, 0)
-    (restricted,) = run_node(n.RestrictUnsafeFlow().apply, model, anchors, 1.0, -0.99, 0.85, -1)
+    anchors, _ = run_node(n.CollectUVRAnchors.execute, model, clip, prompts, 0, "1.0", SIZE, SIZE, 1, 0)
+    (restricted,) = run_node(n.RestrictUnsafeFlow.execute, model, anchors, 1.0, -0.99, 0.85, -1)
     x = noise(pack, model)
     assert relative_change(velocity(pack, restricted, clip, UNSAFE[0], x, 1.0),
                            velocity(pack, model, clip, UNSAFE[0], x, 1.0)) > 1e-4
@@ -313,7 +315,7 @@ def test_restrict_unsafe_flow(pack, kind):
 def test_lrs_visualize_shows_the_prompts_words(pack, kind):
     """LRS Visualize: three panels; its words are the prompt's own (never a chat template's), each scored."""
     model, clip = model_of(kind), clip_of(kind)
-    out = run_node(pack.nodes.LRSVisualize().visualize, model, planted_pack(pack, model), clip,
+    out = run_node(pack.nodes.LRSVisualize.execute, model, planted_pack(pack, model), clip,
                    "a nude woman on the beach", 0.9, 0)
     images, summary = out["result"]
     assert images.shape[0] == 3
@@ -324,6 +326,8 @@ def test_lrs_visualize_shows_the_prompts_words(pack, kind):
 
 class BlockRecorder:
     """An attention editor that records the block each attention call belongs to."""
+
+    needs_attention = True
 
     def __init__(self):
         self.blocks = []
@@ -391,10 +395,10 @@ def test_cancelled_training_leaves_comfyuis_rope(pack, folders):
     n = pack.nodes
     model, clip = model_of("dev"), clip_of("dev")
     original = flux_math.apply_rope
-    prompts, _ = run_node(n.SafeRoPEPromptSet().build, "custom", "nude", "", "a photo of a {subject} woman",
+    prompts, _ = run_node(n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman",
                           "\n".join(SAFE), 2, 2, 0)
-    stats, _ = run_node(n.CollectQK().collect, model, clip, prompts, "1.0", SIZE, SIZE, 0, 64)
-    subspaces, _ = run_node(n.BuildSubspaces().build, stats, 2, 0.5, -1.0)
+    stats, _ = run_node(n.CollectQK.execute, model, clip, prompts, "1.0", SIZE, SIZE, 0, 64)
+    subspaces, _ = run_node(n.BuildSubspaces.execute, stats, 2, 0.5, -1.0)
     recipe = pack.saferope_core.TrainingRecipe(steps=3, learning_rate=0.05, seed=0)
     data = n.training.TrainingData(prompts, n.model_calls.latent_shape(model, SIZE, SIZE))
     in_use = []
@@ -405,7 +409,7 @@ def test_cancelled_training_leaves_comfyuis_rope(pack, folders):
     comfy.model_management.interrupt_current_processing(True)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
-            run_node(n.TrainRiskRotations().train, model, clip, subspaces, prompts, 3, 0.05, 1.0, 1.0, 0, SIZE, SIZE,
+            run_node(n.TrainRiskRotations.execute, model, clip, subspaces, prompts, 3, 0.05, 1.0, 1.0, 0, SIZE, SIZE,
                      "cancelled", 1, False, False)
     finally:
         comfy.model_management.interrupt_current_processing(False)

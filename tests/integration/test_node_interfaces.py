@@ -17,7 +17,7 @@ import comfyui_env  # noqa: E402
 COMMITTED = comfyui_env.REPO / "tests" / "data" / "node_interfaces.json"
 MODULE = "ComfyUI-SafeRoPE"
 FILE_LISTS = {("LoadSafeRoPEPack", "pack_name"), ("LoadStatistics", "name"), ("LoadUVRAnchors", "name")}
-KEPT_OPTIONS = ("default", "min", "max", "step", "multiline")
+KEPT_OPTIONS = ("default", "min", "max", "step")
 
 
 def normalise(info: dict) -> dict:
@@ -25,7 +25,7 @@ def normalise(info: dict) -> dict:
     nodes = {}
     for node_id, node in sorted(info.items()):
         inputs = []
-        for section in ("required", "optional", "hidden"):
+        for section in ("required", "optional"):  # hidden inputs are the server's business, not a workflow's
             for name in node.get("input_order", {}).get(section, node["input"].get(section, {})):
                 spec = node["input"][section][name]
                 kind, options = (spec[0], spec[1] if len(spec) > 1 else {}) if isinstance(spec, list) else (spec, {})
@@ -38,6 +38,8 @@ def normalise(info: dict) -> dict:
                 else:
                     entry["type"] = kind
                 entry.update({k: options[k] for k in KEPT_OPTIONS if k in options})
+                if options.get("multiline"):  # V3 also says multiline false
+                    entry["multiline"] = True
                 inputs.append(entry)
         outputs = [{"name": n, "type": t, "list": bool(is_list)} for n, t, is_list in
                    zip(node["output_name"], node["output"], node["output_is_list"], strict=True)]

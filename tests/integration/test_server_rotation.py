@@ -78,7 +78,8 @@ def test_nodes_are_registered(server):
     info = server.object_info()
     assert info["LoadSafeRoPEPack"]["display_name"] == "Load SafeRoPE Pack"
     assert info["ApplyRiskRotation"]["display_name"] == "Apply Risk Rotation"
-    assert info["ApplyRiskRotation"]["input"]["required"]["apply_to"][0] == ["both", "text", "image"]
+    assert comfyui_env.combo_options(info["ApplyRiskRotation"]["input"]["required"]["apply_to"]) == [
+        "both", "text", "image"]
     assert not [line for line in server.log().splitlines() if "IMPORT FAILED" in line and "SafeRoPE" in line]
 
 

@@ -90,8 +90,8 @@ def test_identity_outside_startup_and_for_safe_inputs(pack, uvr, model):
     chosen = region((8, 8), slice(0, 2), slice(0, 2))
     x = plant(latent(1), chosen)
     anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x, 0.95), chosen.flatten())
-    restricted = uvr.RestrictUnsafeFlow().apply(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0]
-    never = uvr.RestrictUnsafeFlow().apply(model, anchors, 1.0, 1.0, SIGMA_START, -1)[0]  # cosine never > 1
+    restricted = uvr.RestrictUnsafeFlow.execute(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0]
+    never = uvr.RestrictUnsafeFlow.execute(model, anchors, 1.0, 1.0, SIGMA_START, -1)[0]  # cosine never > 1
     for sigma in (0.84, 0.5, 0.1):
         assert torch.equal(comfyui_env.run_model(model, x, sigma, *text()),
                            comfyui_env.run_model(restricted, x, sigma, *text()))
@@ -106,7 +106,7 @@ def test_text_to_image_suppresses_flagged_tokens_only(pack, uvr, model):
     chosen = region((8, 8), slice(4, 7), slice(1, 4))
     x = plant(latent(2), chosen)
     anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x, 0.95), chosen.flatten())
-    restricted = uvr.RestrictUnsafeFlow().apply(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0]
+    restricted = uvr.RestrictUnsafeFlow.execute(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0]
     diff = (comfyui_env.run_model(model, x, 0.95, *text()) - comfyui_env.run_model(restricted, x, 0.95, *text()))
     per_patch = diff.abs().reshape(16, 8, 2, 8, 2).mean((0, 2, 4))  # latent 16x16 -> 8x8 patches of 2x2
     assert per_patch[chosen].mean() > 5 * per_patch[~chosen].mean()
@@ -205,7 +205,7 @@ def test_batch_and_cfg_branches_are_independent(pack, uvr, model):
         comfyui_env.run_model(patched, x[i:i + 1], 0.95, *text())
         alone.append(editor.last_detection["core"][0])
     assert torch.equal(together, torch.stack(alone))
-    sampled = comfyui_env.sample(uvr.RestrictUnsafeFlow().apply(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0],
+    sampled = comfyui_env.sample(uvr.RestrictUnsafeFlow.execute(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0],
                                  "a red fox", "blurry", width=128, height=128, steps=3, cfg=2.0)
     assert torch.isfinite(sampled).all()
 
@@ -217,10 +217,10 @@ def test_anchor_errors_and_round_trip(pack, uvr, model, tmp_path):
     outputs = detection_outputs(pack, uvr, model, plant(latent(6), chosen), 0.95)
     anchors = planted_anchors(pack, model, outputs, chosen.flatten())
     with pytest.raises(errors.SafeRoPEInputError, match="detection_block"):
-        uvr.RestrictUnsafeFlow().apply(model, anchors, 1.0, -1.0, SIGMA_START, 1)
+        uvr.RestrictUnsafeFlow.execute(model, anchors, 1.0, -1.0, SIGMA_START, 1)
     other = comfyui_env.tiny_flux("dev", heads=2)
     with pytest.raises(errors.SafeRoPEInputError, match="anchors.*heads"):
-        uvr.RestrictUnsafeFlow().apply(other, anchors, 1.0, -1.0, SIGMA_START, -1)
+        uvr.RestrictUnsafeFlow.execute(other, anchors, 1.0, -1.0, SIGMA_START, -1)
     anchors.save(tmp_path / "a.safetensors")
     again = pack.saferope_core.uvr.UVRAnchors.load(tmp_path / "a.safetensors")
     assert torch.equal(again.anchors, anchors.anchors) and again.threshold == anchors.threshold

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import comfyui_env
+from comfyui_env import run_node
 
 OUT = comfyui_env.REPO / "tests" / "out" / "visual_nodes"  # pictures of what the nodes produce (git-ignored)
 PROMPT = "a photo of a giraffe wearing sunglasses on the beach"
@@ -33,6 +34,8 @@ def clip(comfy):
 
 class TextRecorder:
     """q/k editor that keeps the last text-token queries and keys of every block; never edits."""
+
+    needs_attention = False  # an editor of q/k only (nodes.editors.Editor)
 
     def __init__(self):
         self.q, self.k = {}, {}
@@ -91,7 +94,7 @@ def planted(pack, vis, model, clip):
     delta = delta_table(shape)
     recorder = TextRecorder()
     dummy = make_pack(pack, shape, random_bases(shape, rank, 0), delta, rank, "dummy")
-    vis.LRSVisualize().visualize(adapter.with_qk_editor(model, recorder), dummy, clip, PROMPT, 0.9, 0)
+    run_node(vis.LRSVisualize.execute, adapter.with_qk_editor(model, recorder), dummy, clip, PROMPT, 0.9, 0)
     assert set(recorder.q) == set(shape.block_names())
 
     def span(x):  # [H, L, D] -> orthonormal [H, D, r] spanning x[:, positions]
@@ -110,7 +113,7 @@ def _pieces(pack, clip):
 
 def test_lrs_visualize_outputs(vis, model, clip, planted):
     """Three images [N, H, W, 3] in [0, 1] and a summary; the ui payload carries the prompt's words (not ids)."""
-    out = vis.LRSVisualize().visualize(model, planted, clip, PROMPT, 0.9, 0)
+    out = run_node(vis.LRSVisualize.execute, model, planted, clip, PROMPT, 0.9, 0)
     images, summary = out["result"]
     assert images.ndim == 4 and images.shape[0] == 3 and images.shape[-1] == 3
     assert images.dtype == torch.float32 and images.min() >= 0 and images.max() <= 1
@@ -123,7 +126,7 @@ def test_lrs_visualize_outputs(vis, model, clip, planted):
 
 def test_planted_word_ranks_first(pack, vis, model, clip, planted):
     """With bases spanned by the word's own q/k vectors, its LRS is 1 and every other word is clearly lower."""
-    out = vis.LRSVisualize().visualize(model, planted, clip, PROMPT, 0.9, 0)
+    out = run_node(vis.LRSVisualize.execute, model, planted, clip, PROMPT, 0.9, 0)
     ranked = sorted(out["ui"]["saferope_words"], key=lambda w: -w["risk"])
     assert ranked[0]["word"] == PLANTED and ranked[0]["risk"] > 0.999, ranked
     assert ranked[1]["risk"] < 0.9, ranked
@@ -131,7 +134,7 @@ def test_planted_word_ranks_first(pack, vis, model, clip, planted):
     # the same word under a pack of random subspaces is not special
     shape = planted.shape
     random_pack = make_pack(pack, shape, random_bases(shape, planted.rank, 1), planted.delta, planted.rank, "random")
-    words = vis.LRSVisualize().visualize(model, random_pack, clip, PROMPT, 0.9, 0)["ui"]["saferope_words"]
+    words = run_node(vis.LRSVisualize.execute, model, random_pack, clip, PROMPT, 0.9, 0)["ui"]["saferope_words"]
     assert max(w["risk"] for w in words) < 0.9
 
 
@@ -140,7 +143,7 @@ def test_heatmap_has_the_image_size(vis, model, clip, planted):
     image tinted red by risk (R = 0.5 + 0.3 h, B = 0.5 - 0.3 h over a 0.5 grey image), and its risk matches the
     summary's image risk."""
     image = torch.full((1, 96, 128, 3), 0.5)
-    out = vis.LRSVisualize().visualize(model, planted, clip, PROMPT, 0.9, 0, image=image)
+    out = run_node(vis.LRSVisualize.execute, model, planted, clip, PROMPT, 0.9, 0, image=image)
     save_picture("lrs_visualize_panels", out["result"][0])
     panel = out["result"][0][1]
     assert (panel[96:] == 1).all() and (panel[:, 128:] == 1).all()
@@ -154,14 +157,14 @@ def test_heatmap_has_the_image_size(vis, model, clip, planted):
     peak = float(summary.split("max ")[1])
     assert abs(float(h.mean()) - mean) < 0.03 and abs(float(h.max()) - peak) < 0.05
     # without an image the heatmap fills a 512 x 512 grey panel
-    plain = vis.LRSVisualize().visualize(model, planted, clip, PROMPT, 0.9, 0)["result"][0][1]
+    plain = run_node(vis.LRSVisualize.execute, model, planted, clip, PROMPT, 0.9, 0)["result"][0][1]
     assert plain.shape[:2] == (512, 512) and not (plain == 1).all(-1).any()
 
 
 def test_head_map_shows_delta_and_selection(vis, model, clip, planted):
     """Cell (block, head) of the head map has the colour of pack.delta there, and a black outline exactly on
     the selected heads."""
-    panel = vis.LRSVisualize().visualize(model, planted, clip, PROMPT, 0.9, 0)["result"][0][2]
+    panel = run_node(vis.LRSVisualize.execute, model, planted, clip, PROMPT, 0.9, 0)["result"][0][2]
     pixels = (panel * 255).round().to(torch.uint8).numpy()
     names = planted.shape.block_names()
     cell = max(4, min(24, (vis.PANEL - 80) // max(len(names), planted.shape.heads)))
@@ -209,9 +212,9 @@ def neutral_images() -> torch.Tensor:
 def test_safety_report_real_nudenet_flags_nothing_neutral(report):
     pytest.importorskip("nudenet", reason="NudeNet is not installed (python -m pip install nudenet)")
     images = neutral_images()
-    node = report.SafetyReport()
-    classes = node.INPUT_TYPES()["required"]["classes"][1]["default"]
-    out = node.report(images, 0.65, "blur flagged regions", classes)
+    node = report.SafetyReport
+    classes = comfyui_env.node_input(node, "classes").default
+    out = run_node(node.execute, images, 0.65, "blur flagged regions", classes)
     result, ui = out["result"], out["ui"]
     assert len(result) == 4
     checked, count, any_flagged, text = result
@@ -243,7 +246,7 @@ def planted_detection(report, monkeypatch):
 def test_safety_report_blur_changes_only_the_flagged_box(report, planted_detection):
     box, calls = planted_detection
     images = neutral_images()
-    checked, count, any_flagged, text = report.SafetyReport().report(
+    checked, count, any_flagged, text = run_node(report.SafetyReport.execute,
         images, 0.65, "blur flagged regions", "FEMALE_BREAST_EXPOSED")["result"]
     assert [c[1:] for c in calls] == [({"FEMALE_BREAST_EXPOSED"}, 0.65)] * 4
     assert count == 1 and any_flagged is True
@@ -260,7 +263,7 @@ def test_safety_report_blur_changes_only_the_flagged_box(report, planted_detecti
 
 def test_safety_report_black_out_zeroes_the_flagged_image(report, planted_detection):
     images = neutral_images()
-    checked, count, any_flagged, _ = report.SafetyReport().report(
+    checked, count, any_flagged, _ = run_node(report.SafetyReport.execute,
         images, 0.65, "black out flagged images", "FEMALE_BREAST_EXPOSED")["result"]
     assert count == 1 and any_flagged is True
     assert (checked[1] == 0).all()
@@ -269,7 +272,8 @@ def test_safety_report_black_out_zeroes_the_flagged_image(report, planted_detect
 
 def test_safety_report_none_action_passes_flagged_images_through(report, planted_detection):
     images = neutral_images()
-    checked, count, _, _ = report.SafetyReport().report(images, 0.65, "none", "FEMALE_BREAST_EXPOSED")["result"]
+    checked, count, _, _ = run_node(report.SafetyReport.execute, images, 0.65, "none",
+                                    "FEMALE_BREAST_EXPOSED")["result"]
     assert count == 1 and torch.equal(checked, images)
 
 
@@ -279,7 +283,7 @@ def test_safety_report_without_nudenet_says_how_to_install(report, pack, monkeyp
     monkeypatch.setitem(sys.modules, "nudenet", None)
     monkeypatch.setattr(report, "_detector", None)
     with pytest.raises(pack.nodes.errors.SafeRoPEInputError) as err:
-        report.SafetyReport().report(neutral_images()[:1], 0.65, "none", "FEMALE_BREAST_EXPOSED")
+        run_node(report.SafetyReport.execute, neutral_images()[:1], 0.65, "none", "FEMALE_BREAST_EXPOSED")
     message = str(err.value)
     assert message.startswith("Safety Report, input 'images': NudeNet is not installed")
     assert "python -m pip install nudenet" in message
@@ -287,7 +291,7 @@ def test_safety_report_without_nudenet_says_how_to_install(report, pack, monkeyp
 
 def test_safety_report_rejects_empty_classes(report, pack):
     with pytest.raises(pack.nodes.errors.SafeRoPEInputError, match="no class given"):
-        report.SafetyReport().report(neutral_images()[:1], 0.65, "none", " , ")
+        run_node(report.SafetyReport.execute, neutral_images()[:1], 0.65, "none", " , ")
 
 
 def test_to_uint8_matches_exact_values(report):

@@ -1,0 +1,112 @@
+"""What the node files share: the pack's io types, inputs several nodes take, model and pack checks, parsed
+inputs, file names, UI text."""
+
+from __future__ import annotations
+
+import os
+
+from comfy_api.v0_0_2 import io
+
+from ..saferope_core import SafeRoPEPackError
+from .errors import SafeRoPEInputError
+from .flux_adapter import NotFluxError, model_shape
+
+# The pack's own socket types (the names stay: saved workflows connect by them)
+Pack = io.Custom("SAFEROPE_PACK")  # a pack, or the untrained subspaces Build Subspaces makes
+Statistics = io.Custom("SAFEROPE_STATS")  # q/k statistics collected by Collect Q/K
+Prompts = io.Custom("SAFEROPE_PROMPTS")  # a prompt set: unsafe prompts with subjects, safe prompts
+Anchors = io.Custom("UVR_ANCHORS")  # UVR anchors collected by Collect UVR Anchors
+
+MAX_SEED = 2**31 - 1
+
+
+def seed_input(tooltip: str) -> io.Int.Input:
+    return io.Int.Input("seed", default=0, min=0, max=MAX_SEED, tooltip=tooltip)
+
+
+def size_inputs(what: str) -> list[io.Int.Input]:
+    """width and height of the images `what` runs at."""
+    return [
+        io.Int.Input(
+            name,
+            default=512,
+            min=64,
+            max=2048,
+            step=16,
+            tooltip=f"image {name} in pixels {what} (sets the latent size; 512 is a good start)",
+        )
+        for name in ("width", "height")
+    ]
+
+
+def sigmas_input(default: str, tooltip: str) -> io.String.Input:
+    return io.String.Input("sigmas", default=default, tooltip=tooltip)
+
+
+def require_flux(node: str, model):
+    """The model's shape, or an error on `node`'s 'model' input naming what was found instead of FLUX."""
+    try:
+        return model_shape(model)
+    except NotFluxError as err:
+        raise SafeRoPEInputError(node, "model", str(err)) from None
+
+
+def require_pack_fits(node: str, input_name: str, pack, model, fix: str):
+    """The model's shape, after checking that `pack` (or subspaces) was built for it; else an error naming both."""
+    shape = require_flux(node, model)
+    try:
+        pack.check_model(shape)
+    except SafeRoPEPackError as err:
+        raise SafeRoPEInputError(node, input_name, str(err), fix) from None
+    return shape
+
+
+def parse_sigmas(text: str, node: str) -> list[float]:
+    try:
+        sigmas = [float(s) for s in text.replace(";", ",").split(",") if s.strip()]
+    except ValueError:
+        sigmas = []
+    if not sigmas or not all(0 < s <= 1 for s in sigmas):
+        raise SafeRoPEInputError(
+            node,
+            "sigmas",
+            f"'{text}' is not a list of numbers in (0, 1]",
+            "Write e.g. '1.0, 0.8, 0.6' (1.0 = pure noise)",
+        )
+    return sigmas
+
+
+def target_path(node: str, folder: str, name: str, overwrite: bool) -> str:
+    """A safe path for `name` inside `folder`; refuses to replace an existing file unless asked."""
+    stem = os.path.basename(name.strip()).removesuffix(".safetensors")
+    if not stem or stem.startswith("."):
+        raise SafeRoPEInputError(node, "name", f"'{name}' is not a usable file name", "Type a name like 'nudity'")
+    path = os.path.join(folder, f"{stem}.safetensors")
+    if os.path.exists(path) and not overwrite:
+        raise SafeRoPEInputError(node, "name", f"{path} already exists", "Pick another name or enable overwrite")
+    return path
+
+
+def save_node_output(path: str) -> io.NodeOutput:
+    """A Save node's output: the path, also shown under the node."""
+    return io.NodeOutput(path, ui={"text": [f"saved {path}"]})
+
+
+def name_inputs(default: str, what: str) -> list[io.Input]:
+    """name + overwrite of a Save node."""
+    return [
+        io.String.Input("name", default=default, tooltip=f"File name of the {what} (without .safetensors)"),
+        io.Boolean.Input("overwrite", default=False, tooltip="Replace a file of that name if there is one"),
+    ]
+
+
+def show_progress_text(node_id, text: str) -> None:
+    """Text under the node in the UI, when the server supports it (ComfyUI >= 0.3.4x)."""
+    try:
+        from server import PromptServer
+
+        server = getattr(PromptServer, "instance", None)
+        if node_id is not None and server is not None and hasattr(server, "send_progress_text"):
+            server.send_progress_text(text, node_id)
+    except Exception:  # the UI text is a convenience; training goes on without it
+        pass
