@@ -65,8 +65,10 @@ def load_comfyui():
 
     path = comfyui_env.find_comfyui()
     if path is None:
-        sys.exit("bench.adapter_overhead needs a ComfyUI checkout: set COMFYUI_PATH to one, or put it at "
-                 "~/ComfyUI (or run from inside ComfyUI/custom_nodes).")
+        sys.exit(
+            "bench.adapter_overhead needs a ComfyUI checkout: set COMFYUI_PATH to one, or put it at "
+            "~/ComfyUI (or run from inside ComfyUI/custom_nodes)."
+        )
     comfyui_env.import_comfyui(path)
     return comfyui_env, comfyui_env.import_pack(), path
 
@@ -89,8 +91,12 @@ def bench_pack(pack, case: str):
     blocks = {}
     for name in shape.block_names():
         bases = [torch.linalg.qr(torch.randn(h, head_dim, RANK, generator=g))[0].contiguous() for _ in range(2)]
-        blocks[name] = core.BlockRotation(*bases, torch.arange(h) % 2 == 0, torch.randn(h, RANK, RANK, generator=g),
-                                          torch.randn(h, RANK, RANK, generator=g))
+        blocks[name] = core.BlockRotation(
+            *bases,
+            torch.arange(h) % 2 == 0,
+            torch.randn(h, RANK, RANK, generator=g),
+            torch.randn(h, RANK, RANK, generator=g),
+        )
     return core.SafeRoPEPack(shape, ["bench"], RANK, blocks, name="bench.safetensors")
 
 
@@ -158,8 +164,12 @@ def step(env, patcher, inputs, timer) -> dict[str, float]:
     with torch.inference_mode():
         wall, cpu = time.perf_counter(), time.process_time()
         env.run_model(patcher, latent, 0.5, context, pooled)
-        return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "hook_wall": timer.wall,
-                "hook_cpu": timer.cpu}
+        return {
+            "wall": time.perf_counter() - wall,
+            "cpu": time.process_time() - cpu,
+            "hook_wall": timer.wall,
+            "hook_cpu": timer.cpu,
+        }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -176,7 +186,7 @@ def measure_steps(env, pack, case: str, dtype: torch.dtype, repeats: int) -> dic
     runs = {"plain": [], "patched": []}
     for i in range(repeats):
         arms = [("plain", plain), ("patched", patched)]
-        for name, model in (arms if i % 2 == 0 else arms[::-1]):
+        for name, model in arms if i % 2 == 0 else arms[::-1]:
             runs[name].append(step(env, model, inputs, timer))
     med = statistics.median
     out = {"case": case, "dtype": str(dtype).removeprefix("torch."), "built_s": built, "repeats": repeats}
@@ -185,8 +195,14 @@ def measure_steps(env, pack, case: str, dtype: torch.dtype, repeats: int) -> dic
         patched_t = [r[clock] for r in runs["patched"]]
         ratios = [b / a for a, b in zip(plain_t, patched_t, strict=True)]
         hook = med(r["hook_" + clock] for r in runs["patched"]) - med(r["hook_" + clock] for r in runs["plain"])
-        out[clock] = {"plain": med(plain_t), "patched": med(patched_t), "ratio": med(ratios),
-                      "min": min(ratios), "max": max(ratios), "hook": hook}
+        out[clock] = {
+            "plain": med(plain_t),
+            "patched": med(patched_t),
+            "ratio": med(ratios),
+            "min": min(ratios),
+            "max": max(ratios),
+            "hook": hook,
+        }
     return out
 
 
@@ -223,8 +239,17 @@ def memory_probe(case: str, dtype_name: str, arm: str) -> None:
 def measure_memory(case: str, dtype_name: str, threads: int) -> dict:
     out = {}
     for arm in ("plain", "patched"):
-        cmd = [sys.executable, "-m", "bench.adapter_overhead", "--threads", str(threads), "--memory-probe", case,
-               dtype_name, arm]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.adapter_overhead",
+            "--threads",
+            str(threads),
+            "--memory-probe",
+            case,
+            dtype_name,
+            arm,
+        ]
         # glibc: every allocation of 64 KiB or more is its own mmap, returned to the system when freed, so RSS
         # follows the live tensors (else freed heap memory stays resident and hides or fakes a difference)
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -232,9 +257,14 @@ def measure_memory(case: str, dtype_name: str, threads: int) -> dict:
         if done.returncode != 0:
             raise RuntimeError(f"memory probe {case} {dtype_name} {arm} failed:\n{done.stderr[-2000:]}")
         out[arm] = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"case": case, "dtype": dtype_name, "plain": out["plain"]["peak_above"],
-            "patched": out["patched"]["peak_above"], "start_rss": out["plain"]["start_rss"],
-            "method": out["plain"]["method"]}
+    return {
+        "case": case,
+        "dtype": dtype_name,
+        "plain": out["plain"]["peak_above"],
+        "patched": out["patched"]["peak_above"],
+        "start_rss": out["plain"]["start_rss"],
+        "method": out["plain"]["method"],
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -251,10 +281,14 @@ def profile_rotation(pack, rotation_pack, case: str, dtype: torch.dtype, reps: i
     n_img = LATENT_HW[0] * LATENT_HW[1] // 4
     g = torch.Generator().manual_seed(1)
     # (block, token type, tokens) of every editor call; single blocks split the joint sequence and cat it back
-    sites = [(f"double.{i}", tokens, n) for i in range(cfg["depth"])
-             for tokens, n in (("txt", TEXT_TOKENS), ("img", n_img))]
-    sites += [(f"single.{i}", tokens, n) for i in range(cfg["depth_single"])
-              for tokens, n in (("txt", TEXT_TOKENS), ("img", n_img))]
+    sites = [
+        (f"double.{i}", tokens, n) for i in range(cfg["depth"]) for tokens, n in (("txt", TEXT_TOKENS), ("img", n_img))
+    ]
+    sites += [
+        (f"single.{i}", tokens, n)
+        for i in range(cfg["depth_single"])
+        for tokens, n in (("txt", TEXT_TOKENS), ("img", n_img))
+    ]
     parts: dict[str, float] = {}
 
     def timed(name, fn, *args):
@@ -308,34 +342,58 @@ def profile_rotation(pack, rotation_pack, case: str, dtype: torch.dtype, reps: i
 
 def describe_case(case: str) -> str:
     c = CASES[case]
-    return (f"{case}: {c['depth']}+{c['depth_single']} blocks, {c['heads']} heads x {c['hidden'] // c['heads']}, "
-            f"{c['heads'] // 2} heads rotated per block, rank {RANK}, {TEXT_TOKENS} text + "
-            f"{LATENT_HW[0] * LATENT_HW[1] // 4} image tokens")
+    return (
+        f"{case}: {c['depth']}+{c['depth_single']} blocks, {c['heads']} heads x {c['hidden'] // c['heads']}, "
+        f"{c['heads'] // 2} heads rotated per block, rank {RANK}, {TEXT_TOKENS} text + "
+        f"{LATENT_HW[0] * LATENT_HW[1] // 4} image tokens"
+    )
 
 
 def print_steps(rows: list[dict]) -> None:
-    print("\nStep time of one denoiser call: medians; ratio = median of the per-pair ratios patched / unpatched "
-          "[min..max];\nin-hook = time inside the rotation hooks per call (patched minus unpatched timing hooks)")
-    head = (f"{'case':<6} {'dtype':<9} {'clock':<5} {'unpatched':>10} {'patched':>10} {'ratio':>7} "
-            f"{'pair range':>13} {'in-hook':>10} {'in-hook/step':>12}")
+    print(
+        "\nStep time of one denoiser call: medians; ratio = median of the per-pair ratios patched / unpatched "
+        "[min..max];\nin-hook = time inside the rotation hooks per call (patched minus unpatched timing hooks)"
+    )
+    head = (
+        f"{'case':<6} {'dtype':<9} {'clock':<5} {'unpatched':>10} {'patched':>10} {'ratio':>7} "
+        f"{'pair range':>13} {'in-hook':>10} {'in-hook/step':>12}"
+    )
     print(head + "\n" + "-" * len(head))
     for r in rows:
         for clock in ("cpu", "wall"):
             c = r[clock]
-            print(f"{r['case']:<6} {r['dtype']:<9} {clock:<5} {c['plain'] * 1e3:>8.1f}ms {c['patched'] * 1e3:>8.1f}ms "
-                  f"{c['ratio']:>7.3f} {c['min']:>6.3f}..{c['max']:<5.3f} {c['hook'] * 1e3:>8.2f}ms "
-                  f"{c['hook'] / c['plain']:>12.2%}")
+            print(
+                f"{r['case']:<6} {r['dtype']:<9} {clock:<5} {c['plain'] * 1e3:>8.1f}ms {c['patched'] * 1e3:>8.1f}ms "
+                f"{c['ratio']:>7.3f} {c['min']:>6.3f}..{c['max']:<5.3f} {c['hook'] * 1e3:>8.2f}ms "
+                f"{c['hook'] / c['plain']:>12.2%}"
+            )
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        default=list(CASES),
+        choices=list(CASES),
+        help="which models to time: the tiny test model and/or a full-width FLUX slice",
+    )
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16"],
+        help="weight and activation dtypes to time",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed pairs on the slice")
     p.add_argument("--tiny-repeats", type=int, default=30, help="timed pairs on the tiny model")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: process CPU time then measures the work even on a busy "
-                        "machine; 0 keeps torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: process CPU time then measures the work even on a busy "
+        "machine; 0 keeps torch's default)",
+    )
     p.add_argument("--no-steps", action="store_true", help="skip the step-time measurement")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-profile", action="store_true", help="skip the rotation profile")
@@ -350,8 +408,10 @@ def main(argv=None) -> None:
     env, pack, path = load_comfyui()
     import comfy.model_management
 
-    print(f"ComfyUI {comfyui_version(path)} at {path}; torch {torch.__version__}, CPU, "
-          f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"ComfyUI {comfyui_version(path)} at {path}; torch {torch.__version__}, CPU, "
+        f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     for case in args.cases:
         print("  " + describe_case(case))
 
@@ -362,8 +422,10 @@ def main(argv=None) -> None:
             rows.append(measure_steps(env, pack, case, getattr(torch, dtype_name), repeats))
             comfy.model_management.unload_all_models()
             gc.collect()
-            print(f"  measured {case} {dtype_name}: {repeats} pairs (model built in {rows[-1]['built_s']:.1f} s)",
-                  flush=True)
+            print(
+                f"  measured {case} {dtype_name}: {repeats} pairs (model built in {rows[-1]['built_s']:.1f} s)",
+                flush=True,
+            )
 
     if rows:
         print_steps(rows)
@@ -375,8 +437,10 @@ def main(argv=None) -> None:
         print(f"method: {mem[0]['method']}\n{head}\n" + "-" * len(head))
         mib = 2**20
         for m in mem:
-            print(f"{m['case']:<6} {m['dtype']:<9} {m['start_rss'] / mib:>9.0f} MiB {m['plain'] / mib:>7.1f} MiB "
-                  f"{m['patched'] / mib:>7.1f} MiB {(m['patched'] - m['plain']) / mib:>6.1f} MiB")
+            print(
+                f"{m['case']:<6} {m['dtype']:<9} {m['start_rss'] / mib:>9.0f} MiB {m['plain'] / mib:>7.1f} MiB "
+                f"{m['patched'] / mib:>7.1f} MiB {(m['patched'] - m['plain']) / mib:>6.1f} MiB"
+            )
 
     if not args.no_profile and "slice" in args.cases:
         rotation_pack = bench_pack(pack, "slice")
@@ -385,19 +449,26 @@ def main(argv=None) -> None:
             check = parts.pop("(check: SafeRoPEPack.rotate)")
             row = next((r for r in rows if r["case"] == "slice" and r["dtype"] == dtype_name), None)
             step_s = row["cpu"]["plain"] if row else float("nan")
-            print(f"\nRotation work of one slice call, {dtype_name}, by part (CPU time, medians, summed over blocks, "
-                  "q and k, text and image)")
+            print(
+                f"\nRotation work of one slice call, {dtype_name}, by part (CPU time, medians, summed over blocks, "
+                "q and k, text and image)"
+            )
             head = f"{'part':<28} {'ms':>8} {'share':>7} {'of step':>8}"
             print(head + "\n" + "-" * len(head))
             total = sum(parts.values())
             for name, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
                 print(f"{name:<28} {seconds * 1e3:>8.2f} {seconds / total:>7.1%} {seconds / step_s:>8.3%}")
             print(f"{'sum of parts':<28} {total * 1e3:>8.2f} {'':>7} {total / step_s:>8.3%}")
-            print(f"{'SafeRoPEPack.rotate calls':<28} {check * 1e3:>8.2f} {'':>7} {check / step_s:>8.3%}"
-                  "   (the same calls, whole; no cat)")
+            print(
+                f"{'SafeRoPEPack.rotate calls':<28} {check * 1e3:>8.2f} {'':>7} {check / step_s:>8.3%}"
+                "   (the same calls, whole; no cat)"
+            )
             if row:
-                print(f"{'measured in the hooks':<28} {row['cpu']['hook'] * 1e3:>8.2f} {'':>7} "
-                      f"{row['cpu']['hook'] / step_s:>8.3%}")
+                print(
+                    f"{'measured in the hooks':<28} {row['cpu']['hook'] * 1e3:>8.2f} {'':>7} "
+                    f"{row['cpu']['hook'] / step_s:>8.3%}"
+                )
+
 
 if __name__ == "__main__":
     main()

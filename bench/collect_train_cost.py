@@ -35,8 +35,11 @@ import comfyui_env  # noqa: E402
 
 MODELS = {  # name -> tiny_flux kwargs, text encoder widths
     "tiny": {"flux": {}, "context_dim": comfyui_env.CONTEXT_DIM, "pooled_dim": comfyui_env.POOLED_DIM},
-    "slice": {"flux": {"hidden": 3072, "heads": 24, "depth": 1, "depth_single": 1}, "context_dim": 4096,
-              "pooled_dim": 768},
+    "slice": {
+        "flux": {"hidden": 3072, "heads": 24, "depth": 1, "depth_single": 1},
+        "context_dim": 4096,
+        "pooled_dim": 768,
+    },
 }
 RANK, SELECTED_SHARE = 5, 0.5  # pack: rank 5, half the heads of every block
 RESERVOIR = 64  # vectors kept per site for head selection (the node's default is 1024): full from ~30 prompts
@@ -75,8 +78,15 @@ def probe_collect(n: int) -> dict:
     vectors = sum(stats.count.values())
     shape = stats.shape
     bound = len(stats.count) * (shape.heads * shape.head_dim * (shape.head_dim + stats.reservoir_size)) * 4
-    return {"prompts": n, "vectors": vectors, "stats_bytes": stats.nbytes(), "bound_bytes": bound,
-            "baseline_mib": baseline, "peak_mib": peak_rss_mib(), "seconds": seconds}
+    return {
+        "prompts": n,
+        "vectors": vectors,
+        "stats_bytes": stats.nbytes(),
+        "bound_bytes": bound,
+        "baseline_mib": baseline,
+        "peak_mib": peak_rss_mib(),
+        "seconds": seconds,
+    }
 
 
 def build_parts(name: str):
@@ -87,8 +97,9 @@ def build_parts(name: str):
     core = pack.saferope_core
     spec = MODELS[name]
     with torch.inference_mode():  # as ComfyUI's loaders build models (inference-mode weights, frozen by training)
-        model = comfyui_env.tiny_flux("dev", context_dim=spec["context_dim"], pooled_dim=spec["pooled_dim"],
-                                      **spec["flux"])
+        model = comfyui_env.tiny_flux(
+            "dev", context_dim=spec["context_dim"], pooled_dim=spec["pooled_dim"], **spec["flux"]
+        )
         clip = comfyui_env.tiny_flux_clip(context_dim=spec["context_dim"], pooled_dim=spec["pooled_dim"])
     shape = pack.nodes.flux_adapter.model_shape(model)
     g = torch.Generator().manual_seed(0)
@@ -96,13 +107,18 @@ def build_parts(name: str):
     heads[: max(1, int(shape.heads * SELECTED_SHARE))] = True
     blocks = {}
     for block in shape.block_names():
-        basis = [torch.linalg.qr(torch.randn(shape.heads, shape.head_dim, RANK, generator=g))[0].contiguous()
-                 for _ in range(2)]
+        basis = [
+            torch.linalg.qr(torch.randn(shape.heads, shape.head_dim, RANK, generator=g))[0].contiguous()
+            for _ in range(2)
+        ]
         zeros = torch.zeros(shape.heads, RANK, RANK)
         blocks[block] = core.BlockRotation(basis[0], basis[1], heads.clone(), zeros, zeros.clone())
     subspaces = core.SafeRoPEPack(shape, ["bench"], RANK, blocks, recipe={"trained": False})
-    prompts = core.PromptSet("bench", [core.UnsafePrompt("a photo of a nude woman, soft lighting", "nude woman")],
-                             ["a bowl of fresh fruit on a wooden kitchen table"])
+    prompts = core.PromptSet(
+        "bench",
+        [core.UnsafePrompt("a photo of a nude woman, soft lighting", "nude woman")],
+        ["a bowl of fresh fruit on a wooden kitchen table"],
+    )
     return pack, model, clip, subspaces, prompts
 
 
@@ -150,14 +166,26 @@ def probe_train(name: str, repeats: int, checkpointing: bool) -> dict:
     baseline = peak_rss_mib()
     marks = []
     trainer.train(on_step=lambda *_: marks.append(time.perf_counter()))
-    times = [b - a for a, b in zip(marks[warmup - 1:], marks[warmup:], strict=False)]
-    return {"seconds": statistics.median(times), "baseline_mib": baseline, "peak_mib": peak_rss_mib(),
-            "heads": subspaces.heads_rotated()}
+    times = [b - a for a, b in zip(marks[warmup - 1 :], marks[warmup:], strict=False)]
+    return {
+        "seconds": statistics.median(times),
+        "baseline_mib": baseline,
+        "peak_mib": peak_rss_mib(),
+        "heads": subspaces.heads_rotated(),
+    }
 
 
 def run_probe(threads: int, kind: str, *args) -> dict:
-    cmd = [sys.executable, "-m", "bench.collect_train_cost", "--threads", str(threads), "--probe", kind,
-           *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.collect_train_cost",
+        "--threads",
+        str(threads),
+        "--probe",
+        kind,
+        *map(str, args),
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -170,18 +198,28 @@ def run_probe(threads: int, kind: str, *args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, nargs="+", default=[10, 50, 200])
-    p.add_argument("--models", nargs="+", default=["tiny", "slice"], choices=list(MODELS))
+    p.add_argument(
+        "--prompts", type=int, nargs="+", default=[10, 50, 200], help="(a): unsafe prompt counts, one collection each"
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["tiny", "slice"],
+        choices=list(MODELS),
+        help="(b): models to time a training step on",
+    )
     p.add_argument("--steps", type=int, default=None, help="timed repeats (default: 5 tiny, 2 slice)")
-    p.add_argument("--skip-collect", action="store_true")
-    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-collect", action="store_true", help="skip (a), the collection memory")
+    p.add_argument("--skip-train", action="store_true", help="skip (b), the training step ratio")
     p.add_argument("--threads", type=int, default=0, help="torch threads in every probe (default: torch's choice)")
     p.add_argument("--probe", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if comfyui_env.find_comfyui() is None:
-        print("bench.collect_train_cost needs a ComfyUI checkout: set COMFYUI_PATH to one (or put it at ~/ComfyUI).",
-              file=sys.stderr)
+        print(
+            "bench.collect_train_cost needs a ComfyUI checkout: set COMFYUI_PATH to one (or put it at ~/ComfyUI).",
+            file=sys.stderr,
+        )
         return 2
 
     if args.probe:
@@ -205,33 +243,47 @@ def main(argv=None) -> int:
     comfyui_env.import_comfyui()
     import comfyui_version
 
-    print(f"torch {torch.__version__}, {threads} thread(s), CPU; ComfyUI {comfyui_version.__version__} at "
-          f"{comfyui_env.find_comfyui()}")
+    print(
+        f"torch {torch.__version__}, {threads} thread(s), CPU; ComfyUI {comfyui_version.__version__} at "
+        f"{comfyui_env.find_comfyui()}"
+    )
     if not args.skip_collect:
-        print(f"\n(a) Collect Q/K, tiny FLUX (2+2 blocks, 4x16) + tiny FLUX CLIP, 64x64, 1 sigma, reservoir "
-              f"{RESERVOIR}, N unsafe + 10 safe prompts, one process per row; 'bound' = Gram matrices + full "
-              "reservoirs, fixed by the model shape")
-        print(f"{'prompts':>8} {'vectors':>9} {'stats KiB':>10} {'bound KiB':>10} {'peak RSS MiB':>13} "
-              f"{'during collect':>15} {'s/prompt':>9}")
+        print(
+            f"\n(a) Collect Q/K, tiny FLUX (2+2 blocks, 4x16) + tiny FLUX CLIP, 64x64, 1 sigma, reservoir "
+            f"{RESERVOIR}, N unsafe + 10 safe prompts, one process per row; 'bound' = Gram matrices + full "
+            "reservoirs, fixed by the model shape"
+        )
+        print(
+            f"{'prompts':>8} {'vectors':>9} {'stats KiB':>10} {'bound KiB':>10} {'peak RSS MiB':>13} "
+            f"{'during collect':>15} {'s/prompt':>9}"
+        )
         for n in args.prompts:
             r = run_probe(threads, "collect", n)
-            print(f"{n:>8} {r['vectors']:>9} {r['stats_bytes'] / 1024:>10.1f} {r['bound_bytes'] / 1024:>10.1f} "
-                  f"{r['peak_mib']:>13.1f} {r['peak_mib'] - r['baseline_mib']:>+15.1f} "
-                  f"{r['seconds'] / (n + 10):>9.3f}")
+            print(
+                f"{n:>8} {r['vectors']:>9} {r['stats_bytes'] / 1024:>10.1f} {r['bound_bytes'] / 1024:>10.1f} "
+                f"{r['peak_mib']:>13.1f} {r['peak_mib'] - r['baseline_mib']:>+15.1f} "
+                f"{r['seconds'] / (n + 10):>9.3f}"
+            )
 
     if not args.skip_train:
-        print(f"\n(b) Train Risk Rotations step vs one plain forward+backward, {SIZE}x{SIZE} (1024 image + 256 text "
-              f"tokens), rank {RANK}, {int(SELECTED_SHARE * 100)}% of heads per block")
+        print(
+            f"\n(b) Train Risk Rotations step vs one plain forward+backward, {SIZE}x{SIZE} (1024 image + 256 text "
+            f"tokens), rank {RANK}, {int(SELECTED_SHARE * 100)}% of heads per block"
+        )
         print(f"{'model':>6} {'mode':>22} {'seconds':>9} {'ratio':>6} {'peak RSS MiB':>13} {'above model':>12}")
         for name in args.models:
             repeats = args.steps or (5 if name == "tiny" else 2)
             base = run_probe(threads, "fwdbwd", name, repeats)
-            rows = [("forward+backward", base),
-                    ("train step", run_probe(threads, "train", name, repeats)),
-                    ("train step, checkpoint", run_probe(threads, "train-ckpt", name, repeats))]
+            rows = [
+                ("forward+backward", base),
+                ("train step", run_probe(threads, "train", name, repeats)),
+                ("train step, checkpoint", run_probe(threads, "train-ckpt", name, repeats)),
+            ]
             for mode, r in rows:
-                print(f"{name:>6} {mode:>22} {r['seconds']:>9.3f} {r['seconds'] / base['seconds']:>6.2f} "
-                      f"{r['peak_mib']:>13.0f} {r['peak_mib'] - r['baseline_mib']:>+12.0f}")
+                print(
+                    f"{name:>6} {mode:>22} {r['seconds']:>9.3f} {r['seconds'] / base['seconds']:>6.2f} "
+                    f"{r['peak_mib']:>13.0f} {r['peak_mib'] - r['baseline_mib']:>+12.0f}"
+                )
     return 0
 
 

@@ -28,21 +28,25 @@ sys.path.insert(0, str(TESTS))
 
 import comfyui_env  # noqa: E402
 
-MODELS = {"tiny": dict(hidden=64, heads=4, depth=2, depth_single=2, size=64, text=32),
-          "slice": dict(hidden=3072, heads=24, depth=1, depth_single=2, size=512, text=512)}
+MODELS = {
+    "tiny": dict(hidden=64, heads=4, depth=2, depth_single=2, size=64, text=32),
+    "slice": dict(hidden=3072, heads=24, depth=1, depth_single=2, size=512, text=512),
+}
 
 
 def setup(name: str, kind: str = "dev"):
     comfyui_env.import_comfyui()
     pack = comfyui_env.import_pack()
     cfg = MODELS[name]
-    model = comfyui_env.tiny_flux(kind, depth=cfg["depth"], depth_single=cfg["depth_single"], hidden=cfg["hidden"],
-                                  heads=cfg["heads"])
+    model = comfyui_env.tiny_flux(
+        kind, depth=cfg["depth"], depth_single=cfg["depth_single"], hidden=cfg["hidden"], heads=cfg["heads"]
+    )
     shape = pack.nodes.flux_adapter.model_shape(model)
     g = torch.Generator().manual_seed(0)
     anchors = torch.nn.functional.normalize(torch.randn(shape.heads, 4, shape.head_dim, generator=g), dim=-1)
-    uvr = pack.saferope_core.uvr.UVRAnchors(shape, "single.0", anchors, torch.zeros(shape.heads, shape.head_dim),
-                                            0.0, 0.85, ["random"])
+    uvr = pack.saferope_core.uvr.UVRAnchors(
+        shape, "single.0", anchors, torch.zeros(shape.heads, shape.head_dim), 0.0, 0.85, ["random"]
+    )
     x = torch.randn(1, 16, cfg["size"] // 8, cfg["size"] // 8, generator=g)
     context = torch.randn(1, cfg["text"], comfyui_env.CONTEXT_DIM, generator=g)
     pooled = torch.randn(1, comfyui_env.POOLED_DIM, generator=g)
@@ -76,19 +80,26 @@ def ratios(name: str, repeats: int) -> dict:
 
 
 def peak_rss_mib(name: str, patched: bool) -> float:
-    code = (f"import sys; sys.argv=['x']; import bench.uvr_overhead as b; m, p, e, i = b.setup({name!r}); "
-            f"b.timed({'p' if patched else 'm'}, i, (1.0, 0.95)); import resource; "
-            f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    code = (
+        f"import sys; sys.argv=['x']; import bench.uvr_overhead as b; m, p, e, i = b.setup({name!r}); "
+        f"b.timed({'p' if patched else 'm'}, i, (1.0, 0.95)); import resource; "
+        f"print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return int(done.stdout.strip().splitlines()[-1]) / 1024
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--tiny-only", action="store_true")
-    p.add_argument("--slice-only", action="store_true")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats (medians are reported)")
+    p.add_argument("--tiny-only", action="store_true", help="time only the tiny test model")
+    p.add_argument("--slice-only", action="store_true", help="time only the full-width slice")
     args = p.parse_args(argv)
     if comfyui_env.find_comfyui() is None:
         sys.exit("no ComfyUI checkout found (set COMFYUI_PATH): this benchmark runs ComfyUI's FLUX classes")
@@ -100,8 +111,10 @@ def main(argv=None) -> None:
             print(f"{name:6} {label:25} {base * 1e3:9.1f} {mine * 1e3:9.1f} {mine / base:6.3f}")
         print(f"{name:6} patches flagged: {100 * result['flagged']:.0f}%")
         base_rss, uvr_rss = peak_rss_mib(name, False), peak_rss_mib(name, True)
-        print(f"{name:6} peak RSS base {base_rss:.0f} MiB, with UVR {uvr_rss:.0f} MiB, "
-              f"added {uvr_rss - base_rss:+.0f} MiB")
+        print(
+            f"{name:6} peak RSS base {base_rss:.0f} MiB, with UVR {uvr_rss:.0f} MiB, "
+            f"added {uvr_rss - base_rss:+.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from .common import (
     Pack,
     Prompts,
     Statistics,
+    check_numbers,
+    file_stem,
     name_inputs,
     parse_sigmas,
     require_flux,
@@ -38,6 +40,7 @@ from .common import (
     sigmas_input,
     size_inputs,
     target_path,
+    validation,
 )
 from .editors import QKCollector
 from .errors import SafeRoPEInputError
@@ -128,6 +131,7 @@ class SafeRoPEPromptSet(io.ComfyNode):
         safe_prompt_file="",
         concept_name="",
     ) -> io.NodeOutput:
+        check_numbers(cls, max_unsafe=max_unsafe, max_safe=max_safe, seed=seed)
         defaults = default_lists(concept) if concept != CUSTOM else {}
         lists = {}
         for name, text in (
@@ -216,7 +220,12 @@ class CollectQK(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sigmas):
+        return validation(parse_sigmas, sigmas, cls.NODE)
+
+    @classmethod
     def execute(cls, model, clip, prompts: PromptSet, sigmas, width, height, seed, reservoir_size) -> io.NodeOutput:
+        check_numbers(cls, width=width, height=height, seed=seed, reservoir_size=reservoir_size)
         shape = require_flux(cls.NODE, model)
         sigma_list = parse_sigmas(sigmas, cls.NODE)
 
@@ -344,6 +353,7 @@ class BuildSubspaces(io.ComfyNode):
 
     @classmethod
     def execute(cls, statistics: QKStatistics, rank, lrs_threshold, hds_threshold) -> io.NodeOutput:
+        check_numbers(cls, rank=rank, lrs_threshold=lrs_threshold, hds_threshold=hds_threshold)
         if rank > statistics.shape.head_dim:
             raise SafeRoPEInputError(
                 cls.NODE,
@@ -394,6 +404,10 @@ class SaveSafeRoPEPack(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, name):
+        return validation(file_stem, cls.NODE, name)
+
+    @classmethod
     def execute(cls, pack: SafeRoPEPack, name, overwrite) -> io.NodeOutput:
         path = target_path(cls.NODE, model_files.output_dir(), name, overwrite)
         pack.save(path)
@@ -418,6 +432,10 @@ class SaveStatistics(io.ComfyNode):
             outputs=[io.String.Output("path", display_name="path", tooltip="Where the statistics were written")],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, name):
+        return validation(file_stem, cls.NODE, name)
 
     @classmethod
     def execute(cls, statistics: QKStatistics, name, overwrite) -> io.NodeOutput:

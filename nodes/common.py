@@ -3,6 +3,7 @@ inputs, file names, UI text."""
 
 from __future__ import annotations
 
+import math
 import os
 
 from comfy_api.v0_0_2 import io
@@ -43,6 +44,29 @@ def sigmas_input(default: str, tooltip: str) -> io.String.Input:
     return io.String.Input("sigmas", default=default, tooltip=tooltip)
 
 
+def check_numbers(node_class, **values) -> None:
+    """Each value is a finite number within the range its input declares in the node's schema; else an error
+    naming the node, the input and the range. ComfyUI's own range check lets NaN through, and does not see values
+    that arrive through links."""
+    inputs = {i.id: i for i in node_class.define_schema().inputs}
+    for name, value in values.items():
+        spec = inputs[name]
+        low, high = getattr(spec, "min", None), getattr(spec, "max", None)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if (
+            not number
+            or not math.isfinite(value)
+            or (low is not None and value < low)
+            or (high is not None and value > high)
+        ):
+            raise SafeRoPEInputError(
+                node_class.NODE,
+                name,
+                f"{value!r} is not a number from {low} to {high}",
+                f"Set {name} to a value in that range",
+            )
+
+
 def require_flux(node: str, model):
     """The model's shape, or an error on `node`'s 'model' input naming what was found instead of FLUX."""
     try:
@@ -76,15 +100,32 @@ def parse_sigmas(text: str, node: str) -> list[float]:
     return sigmas
 
 
-def target_path(node: str, folder: str, name: str, overwrite: bool) -> str:
-    """A safe path for `name` inside `folder`; refuses to replace an existing file unless asked."""
+def file_stem(node: str, name: str, input_name: str = "name") -> str:
+    """The file name `name` stands for, without folders or extension; an error when it is not usable."""
     stem = os.path.basename(name.strip()).removesuffix(".safetensors")
     if not stem or stem.startswith("."):
-        raise SafeRoPEInputError(node, "name", f"'{name}' is not a usable file name", "Type a name like 'nudity'")
-    path = os.path.join(folder, f"{stem}.safetensors")
+        raise SafeRoPEInputError(node, input_name, f"'{name}' is not a usable file name", "Type a name like 'nudity'")
+    return stem
+
+
+def target_path(node: str, folder: str, name: str, overwrite: bool) -> str:
+    """A safe path for `name` inside `folder`; refuses to replace an existing file unless asked."""
+    path = os.path.join(folder, f"{file_stem(node, name)}.safetensors")
     if os.path.exists(path) and not overwrite:
         raise SafeRoPEInputError(node, "name", f"{path} already exists", "Pick another name or enable overwrite")
     return path
+
+
+def validation(check, *args) -> bool | str:
+    """For a node's validate_inputs: True when `check(*args)` passes, else its error message (shown by ComfyUI before
+    anything runs). Values that come through links are checked when the node runs instead (they are None here)."""
+    if any(a is None for a in args):
+        return True
+    try:
+        check(*args)
+    except SafeRoPEInputError as err:
+        return str(err)
+    return True
 
 
 def save_node_output(path: str) -> io.NodeOutput:

@@ -12,7 +12,17 @@ from comfy_api.v0_0_2 import io
 
 from ..saferope_core import CheckpointError, PromptSet, SafeRoPEPack, TrainingRecipe, clean_lines
 from . import model_files
-from .common import Pack, Prompts, require_pack_fits, seed_input, show_progress_text, size_inputs
+from .common import (
+    Pack,
+    Prompts,
+    check_numbers,
+    file_stem,
+    require_pack_fits,
+    seed_input,
+    show_progress_text,
+    size_inputs,
+    validation,
+)
 from .errors import SafeRoPEInputError
 from .model_calls import latent_shape, load_model
 from .training import RotationTrainer, TrainingData
@@ -118,6 +128,10 @@ class TrainRiskRotations(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, run_name):
+        return validation(file_stem, cls.NODE, run_name, "run_name")
+
+    @classmethod
     def execute(
         cls,
         model,
@@ -139,6 +153,17 @@ class TrainRiskRotations(io.ComfyNode):
         safe_images=None,
         safe_captions="",
     ) -> io.NodeOutput:
+        check_numbers(
+            cls,
+            steps=steps,
+            learning_rate=learning_rate,
+            unlearn_weight=unlearn_weight,
+            preserve_weight=preserve_weight,
+            seed=seed,
+            width=width,
+            height=height,
+            checkpoint_every=checkpoint_every,
+        )
         require_pack_fits(
             cls.NODE, "subspaces", subspaces, model, "Collect statistics and build subspaces on this model"
         )

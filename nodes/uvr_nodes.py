@@ -26,6 +26,8 @@ from . import model_files
 from .common import (
     Anchors,
     Prompts,
+    check_numbers,
+    file_stem,
     name_inputs,
     parse_sigmas,
     require_flux,
@@ -34,6 +36,7 @@ from .common import (
     sigmas_input,
     size_inputs,
     target_path,
+    validation,
 )
 from .editors import AttentionOutputCollector, UnsafeFlowRestriction
 from .errors import SafeRoPEInputError
@@ -43,6 +46,7 @@ from .model_files import ANCHORS_FOLDER, STATS_FOLDER
 
 CATEGORY = "SafeRoPE/UVR"
 ANCHOR_FOLDERS = (ANCHORS_FOLDER, STATS_FOLDER)  # anchors saved before they had their own folder still load
+CALIBRATED = -1.0  # Restrict Unsafe Flow's threshold value that means "the anchors' calibrated threshold"
 
 
 def detection_block_name(node: str, shape, index: int) -> str:
@@ -104,9 +108,21 @@ class CollectUVRAnchors(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, sigmas):
+        return validation(parse_sigmas, sigmas, cls.NODE)
+
+    @classmethod
     def execute(
         cls, model, clip, prompts: PromptSet, detection_block, sigmas, width, height, anchors_per_head, seed
     ) -> io.NodeOutput:
+        check_numbers(
+            cls,
+            detection_block=detection_block,
+            width=width,
+            height=height,
+            anchors_per_head=anchors_per_head,
+            seed=seed,
+        )
         shape = require_flux(cls.NODE, model)
         block = detection_block_name(cls.NODE, shape, detection_block)
         sigma_list = parse_sigmas(sigmas, cls.NODE)
@@ -193,6 +209,9 @@ class RestrictUnsafeFlow(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, anchors: UVRAnchors, strength, threshold, sigma_start, detection_block) -> io.NodeOutput:
+        check_numbers(
+            cls, strength=strength, threshold=threshold, sigma_start=sigma_start, detection_block=detection_block
+        )
         shape = require_flux(cls.NODE, model)
         problem = anchors.shape.mismatch(shape)
         if problem:
@@ -209,7 +228,7 @@ class RestrictUnsafeFlow(io.ComfyNode):
                 f"the anchors belong to {anchors.block}",
                 "Leave -1, or collect anchors at that block",
             )
-        cut = anchors.threshold if threshold < 0 else threshold
+        cut = anchors.threshold if threshold == CALIBRATED else threshold
         editor = UnsafeFlowRestriction(anchors, float(strength), float(cut), float(sigma_start))
         return io.NodeOutput(with_qk_editor(model, editor))
 
@@ -232,6 +251,10 @@ class SaveUVRAnchors(io.ComfyNode):
             outputs=[io.String.Output("path", display_name="path", tooltip="Where the anchors were written")],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, name):
+        return validation(file_stem, cls.NODE, name)
 
     @classmethod
     def execute(cls, anchors: UVRAnchors, name, overwrite) -> io.NodeOutput:

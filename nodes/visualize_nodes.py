@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..saferope_core import SafeRoPEPack
 from ..saferope_core.prompts import content_span
-from .common import Pack, require_pack_fits, seed_input
+from .common import Pack, check_numbers, require_pack_fits, seed_input
 from .editors import RiskObserver
 from .errors import SafeRoPEInputError
 from .flux_adapter import with_qk_editor
@@ -194,6 +194,7 @@ class LRSVisualize(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, pack: SafeRoPEPack, clip, text, sigma, seed, image=None, latent=None) -> io.NodeOutput:
+        check_numbers(cls, sigma=sigma, seed=seed)
         require_pack_fits(cls.NODE, "pack", pack, model, "Use the pack built for this model")
         if not text.strip():
             raise SafeRoPEInputError(cls.NODE, "text", "the prompt is empty", "Type the prompt to inspect")

@@ -11,6 +11,7 @@ Every problem with a file raises SafeRoPEPackError with a message that says what
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 
 from .errors import SafeRoPEPackError
 from .files import read_safetensors, save_atomic
-from .rotation import rotate_tokens
+from .rotation import rotate_tokens, rotates
 from .shape import ModelShape
 from .subspaces import Subspaces
 
@@ -30,16 +31,42 @@ PACK_FORMAT_VERSION = 1
 
 @dataclass
 class BlockRotation:
-    """Rotation data of one block: bases for q and k, the selected-head mask and the text/image parameters."""
+    """Rotation data of one block: bases for q and k, the selected-head mask and the text/image parameters.
+
+    The selected heads' indices, and whether each W rotates at all, are worked out once (on the CPU, where packs are
+    loaded) and moved with the block, so applying a pack makes no host-device sync. Setting a new W is seen."""
 
     basis_q: torch.Tensor
     basis_k: torch.Tensor
     heads: torch.Tensor  # bool [H]
     w_txt: torch.Tensor
     w_img: torch.Tensor
+    index: torch.Tensor = field(init=False, repr=False, compare=False)  # selected heads, on the heads' device
+    _moves: dict = field(init=False, repr=False, compare=False, default_factory=dict)  # kind -> (W, rotates)
+
+    def __post_init__(self):
+        self.index = torch.nonzero(self.heads).flatten()
 
     def head_index(self) -> torch.Tensor:
-        return torch.nonzero(self.heads).flatten()
+        return self.index
+
+    def moves(self, tokens: str) -> bool:
+        """Whether the W of `tokens` ('txt' / 'img') rotates anything (worked out once per W tensor)."""
+        w = self.w_txt if tokens == "txt" else self.w_img
+        known = self._moves.get(tokens)
+        if known is None or known[0] is not w:
+            known = self._moves[tokens] = (w, rotates(w))
+        return known[1]
+
+    def to(self, device) -> BlockRotation:
+        """A copy on `device` that keeps what was worked out here (no sync on the device)."""
+        flags = {kind: self.moves(kind) for kind in ("txt", "img")}
+        out = copy.copy(self)
+        for name in ("basis_q", "basis_k", "heads", "w_txt", "w_img"):
+            setattr(out, name, getattr(self, name).to(device))
+        out.index = self.index.to(device, copy=True)  # a tensor of this grad mode (training saves it for backward)
+        out._moves = {kind: (out.w_txt if kind == "txt" else out.w_img, flag) for kind, flag in flags.items()}
+        return out
 
 
 @dataclass
@@ -87,19 +114,19 @@ class SafeRoPEPack:
     def rotate(self, x: torch.Tensor, block: str, qk: str, tokens: str, strength: float = 1.0) -> torch.Tensor:
         """Rotate the selected heads of x [B, H, L, D] ('q' or 'k', 'txt' or 'img' tokens); others untouched."""
         rot = self.blocks.get(block)
-        if rot is None or strength == 0:
+        if rot is None or strength == 0 or not rot.moves(tokens):
             return x
-        index = rot.head_index().to(x.device)
+        index = rot.index.to(x.device)
         basis = rot.basis_q if qk == "q" else rot.basis_k
         w = rot.w_txt if tokens == "txt" else rot.w_img
         chosen = x.index_select(1, index)
-        rotated = rotate_tokens(chosen, basis[index], w[index], strength, self.thresholds.get("gate"))
-        return x if rotated is chosen else x.index_copy(1, index, rotated)
+        rotated = rotate_tokens(chosen, basis[index], w[index], strength, self.thresholds.get("gate"),
+                                known_to_rotate=True)
+        return x.index_copy(1, index, rotated)
 
     def to(self, device) -> SafeRoPEPack:
         """A copy with all tensors on `device` (parameters keep requires_grad only if already on it)."""
-        blocks = {n: BlockRotation(*(t.to(device) for t in (b.basis_q, b.basis_k, b.heads, b.w_txt, b.w_img)))
-                  for n, b in self.blocks.items()}
+        blocks = {n: b.to(device) for n, b in self.blocks.items()}
         return SafeRoPEPack(self.shape, list(self.concepts), self.rank, blocks, dict(self.thresholds),
                             dict(self.recipe), self.delta, self.name)
 

@@ -85,19 +85,27 @@ def _exp_frechet_adjoint(t, c, gz, lam, vec):
     return torch.einsum("hir,hrs,hjs->hij", vec, inner, vec.conj()).real
 
 
+def rotates(w: torch.Tensor) -> bool:
+    """Whether W turns anything: its skew part is not zero (or it is being trained). A host sync on a GPU W: call
+    it once per pack, not per model call."""
+    return w.requires_grad or bool(torch.any(w != w.transpose(-1, -2)))
+
+
 def rotate_tokens(
     x: torch.Tensor,
     basis: torch.Tensor,
     w: torch.Tensor,
     strength: float = 1.0,
     gate: float | None = None,
+    known_to_rotate: bool = False,
 ) -> torch.Tensor:
     """Rotate tokens x [B, H, L, D] of H heads inside their subspaces U [H, D, r] by exp(s*LRS*(W - W^T)).
 
     Computes in float32 and returns x's dtype. `gate`: tokens with LRS at or below it are not rotated.
-    Returns x itself (no copy) when nothing can rotate, so a zero pack is bit-exact.
+    Returns x itself (no copy) when nothing can rotate, so a zero pack is bit-exact; `known_to_rotate` skips that
+    check (a host-device sync) when the caller has made it once already (see `rotates`).
     """
-    if strength == 0 or (not w.requires_grad and not torch.any(w != w.transpose(-1, -2))):
+    if strength == 0 or not (known_to_rotate or rotates(w)):
         return x
     x32 = x.float()
     u = basis.to(device=x.device, dtype=torch.float32)

@@ -12,6 +12,7 @@ skip anything: a skip there fails the run. Prints a summary line per tier and ex
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import re
@@ -81,7 +82,12 @@ def run_pytest(python: str | Path, paths: list[str], env: dict, extra: list[str]
 
 
 def main(argv: list[str]) -> int:
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = argparse.ArgumentParser(prog="python tests/run_all.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("pytest_args", nargs=argparse.REMAINDER,
+                        help="after --: arguments passed to every pytest run (e.g. -- -x -k families)")
+    extra = parser.parse_args(argv).pytest_args
+    extra = extra[1:] if extra[:1] == ["--"] else extra
     results = []
     env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
     code, summary = run_pytest(sys.executable, ["tests/core"], {**env, "COMFYUI_PATH": ""}, extra)

@@ -132,14 +132,20 @@ def prompt_families(s: EraseSettings) -> PromptFamilies:
         for scene in target_scenes:
             others = {"colour": scene.colour, "shape": scene.shape, "pattern": scene.pattern}
             pack_templates.append(marked.format(**{words[a]: others[a] for a in _other_attributes(attribute)}))
-    target = [Prompt(t.replace("{subject}", s.target), sc) for t, sc in
-              zip(pack_templates, [sc for _ in PACK_TEMPLATES for sc in target_scenes], strict=True)]
+    target = [
+        Prompt(t.replace("{subject}", s.target), sc)
+        for t, sc in zip(pack_templates, [sc for _ in PACK_TEMPLATES for sc in target_scenes], strict=True)
+    ]
     target = _sample(target, s.max_prompts, s.seed + 1)
     if s.paraphrases is not None:
         paraphrase = [Prompt(text, target_scenes[0]) for text in s.paraphrases]
     else:
-        paraphrase = [Prompt(_fill(t, sc, attribute, w), sc) for w in world.SYNONYMS[s.target][1:]
-                      for t in PACK_TEMPLATES for sc in target_scenes]
+        paraphrase = [
+            Prompt(_fill(t, sc, attribute, w), sc)
+            for w in world.SYNONYMS[s.target][1:]
+            for t in PACK_TEMPLATES
+            for sc in target_scenes
+        ]
     paraphrase = _sample(paraphrase, s.max_prompts, s.seed + 2)
     if s.held_out is not None:
         compositional = [Prompt(text, target_scenes[0]) for text in s.held_out]
@@ -151,8 +157,16 @@ def prompt_families(s: EraseSettings) -> PromptFamilies:
     non_target = _sample(non_target_all, s.max_prompts, s.seed + 4)
     held = {p.text for p in non_target}
     safe_pairs = [(p.text, p.scene) for p in non_target_all if p.text not in held]
-    return PromptFamilies(attribute, pack_templates, [t for t, _ in safe_pairs], [sc for _, sc in safe_pairs],
-                          target, paraphrase, compositional, non_target)
+    return PromptFamilies(
+        attribute,
+        pack_templates,
+        [t for t, _ in safe_pairs],
+        [sc for _, sc in safe_pairs],
+        target,
+        paraphrase,
+        compositional,
+        non_target,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,8 +176,17 @@ def prompt_set(fam: PromptFamilies, s: EraseSettings, nodes):
     """The SafeRoPE Prompt Set node (custom) on the pack templates and safe prompts: (prompts, report)."""
     with torch.inference_mode():
         return nodes.collect_nodes.SafeRoPEPromptSet.execute(
-            "custom", "\n".join(s.subjects or [s.target]), "\n".join(s.modifiers), "\n".join(fam.pack_templates),
-            "\n".join(fam.safe), s.max_unsafe, s.max_safe, s.seed, safe_prompt_file="", concept_name=s.target)
+            "custom",
+            "\n".join(s.subjects or [s.target]),
+            "\n".join(s.modifiers),
+            "\n".join(fam.pack_templates),
+            "\n".join(fam.safe),
+            s.max_unsafe,
+            s.max_safe,
+            s.seed,
+            safe_prompt_file="",
+            concept_name=s.target,
+        )
 
 
 def build_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettings, nodes, log=print):
@@ -180,11 +203,13 @@ def build_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettings, node
     with torch.inference_mode():
         t0 = time.perf_counter()
         stats, texts["collect"] = nodes.collect_nodes.CollectQK.execute(
-            model, clip, prompts, s.sigmas, size, size, s.seed, s.reservoir)
+            model, clip, prompts, s.sigmas, size, size, s.seed, s.reservoir
+        )
         timings["collect_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         subspaces, texts["subspaces"] = nodes.collect_nodes.BuildSubspaces.execute(
-            stats, s.rank, s.lrs_threshold, s.hds_threshold)
+            stats, s.rank, s.lrs_threshold, s.hds_threshold
+        )
         timings["subspaces_s"] = time.perf_counter() - t0
         log(texts["subspaces"])
         extra = {}
@@ -194,9 +219,23 @@ def build_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettings, node
             extra = {"vae": world.WorldVAE(), "safe_images": images, "safe_captions": "\n".join(t for t, _ in pairs)}
         t0 = time.perf_counter()
         trained, texts["train"] = nodes.train_nodes.TrainRiskRotations.execute(
-            model, clip, subspaces, prompts, s.train_steps, s.learning_rate, s.unlearn_weight, s.preserve_weight,
-            s.seed, size, size, f"testbed_{s.target}_{s.seed}", max(s.train_steps, 1), False,
-            s.gradient_checkpointing, **extra)
+            model,
+            clip,
+            subspaces,
+            prompts,
+            s.train_steps,
+            s.learning_rate,
+            s.unlearn_weight,
+            s.preserve_weight,
+            s.seed,
+            size,
+            size,
+            f"testbed_{s.target}_{s.seed}",
+            max(s.train_steps, 1),
+            False,
+            s.gradient_checkpointing,
+            **extra,
+        )
         timings["train_s"] = time.perf_counter() - t0
     timings["build_s"] = time.perf_counter() - start
     log(texts["train"])
@@ -209,7 +248,8 @@ def build_uvr(model, clip, prompts, s: EraseSettings, nodes, log=print):
     t0 = time.perf_counter()
     with torch.inference_mode():
         anchors, report = nodes.uvr_nodes.CollectUVRAnchors.execute(
-            model, clip, prompts, s.uvr_block, s.uvr_sigmas, size, size, s.uvr_anchors, s.seed)
+            model, clip, prompts, s.uvr_block, s.uvr_sigmas, size, size, s.uvr_anchors, s.seed
+        )
     log(report)
     return anchors, time.perf_counter() - t0, report
 
@@ -260,9 +300,17 @@ def eval_seed(s: EraseSettings) -> int:
 
 def evaluate(patcher, conditioner, fam: PromptFamilies, s: EraseSettings, base_non_target=None):
     seed = eval_seed(s)
-    res = {name: generate_set(patcher, conditioner, getattr(fam, name), seed=seed + 1000 * i,
-                              per_prompt=s.per_prompt, steps=s.sample_steps)
-           for i, name in enumerate(("target", "paraphrase", "compositional", "non_target"))}
+    res = {
+        name: generate_set(
+            patcher,
+            conditioner,
+            getattr(fam, name),
+            seed=seed + 1000 * i,
+            per_prompt=s.per_prompt,
+            steps=s.sample_steps,
+        )
+        for i, name in enumerate(("target", "paraphrase", "compositional", "non_target"))
+    }
     deviation = None
     if base_non_target is not None:
         diffs = [(g.images - b.images).abs().mean() for g, b in zip(res["non_target"], base_non_target, strict=True)]
@@ -281,9 +329,11 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
     conditioner = Conditioner(clip)
     fam = prompt_families(s)
     attr = fam.attribute
-    log(f"target '{s.target}' ({attr}): {len(fam.pack_templates)} pack templates, {len(fam.safe)} safe prompts; "
+    log(
+        f"target '{s.target}' ({attr}): {len(fam.pack_templates)} pack templates, {len(fam.safe)} safe prompts; "
         f"evaluating {len(fam.target)} target, {len(fam.paraphrase)} paraphrase, {len(fam.compositional)} "
-        f"compositional, {len(fam.non_target)} non-target prompts x {s.per_prompt} images, {s.sample_steps} steps")
+        f"compositional, {len(fam.non_target)} non-target prompts x {s.per_prompt} images, {s.sample_steps} steps"
+    )
 
     t0 = time.perf_counter()
     base_res, _ = evaluate(model, conditioner, fam, s)
@@ -308,21 +358,38 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
         for name, guarded, extra_s in (("UVR", model, 0.0), ("SafeRoPE + UVR", safe_model, timings["build_s"])):
             anchors, seconds, texts[name] = build_uvr(guarded, clip, prompts, s, nodes, log)
             with torch.inference_mode():
-                (restricted,) = restrict(guarded, anchors, s.uvr_strength, s.uvr_threshold, s.uvr_sigma_start,
-                                               -1)
+                (restricted,) = restrict(guarded, anchors, s.uvr_strength, s.uvr_threshold, s.uvr_sigma_start, -1)
             res, dev = evaluate(restricted, conditioner, fam, s, base_res["non_target"])
             rows_in.append((name, res, dev, extra_s + seconds))
 
-    rows = [Row(name, erase_rate(r["target"], attr, s.target), erase_rate(r["paraphrase"], attr, s.target),
-                erase_rate(r["compositional"], attr, s.target), attribute_accuracy(r["non_target"], attr),
-                full_accuracy(r["non_target"]), dev, build, object_kept(r["target"]))
-            for name, r, dev, build in rows_in]
+    rows = [
+        Row(
+            name,
+            erase_rate(r["target"], attr, s.target),
+            erase_rate(r["paraphrase"], attr, s.target),
+            erase_rate(r["compositional"], attr, s.target),
+            attribute_accuracy(r["non_target"], attr),
+            full_accuracy(r["non_target"]),
+            dev,
+            build,
+            object_kept(r["target"]),
+        )
+        for name, r, dev, build in rows_in
+    ]
     images = {name: {fam_name: count_images(r[fam_name]) for fam_name in r} for name, r, _, _ in rows_in[:1]}
-    result = {"settings": asdict(s), "attribute": attr, "rows": [asdict(r) for r in rows], "timings": timings,
-              "heads_rotated": trained.heads_rotated(), "blocks": sorted(trained.blocks),
-              "images_per_family": images["base"], "node_texts": texts,
-              "prompts": {k: [p.text for p in getattr(fam, k)] for k in ("target", "paraphrase", "compositional",
-                                                                         "non_target")}}
+    result = {
+        "settings": asdict(s),
+        "attribute": attr,
+        "rows": [asdict(r) for r in rows],
+        "timings": timings,
+        "heads_rotated": trained.heads_rotated(),
+        "blocks": sorted(trained.blocks),
+        "images_per_family": images["base"],
+        "node_texts": texts,
+        "prompts": {
+            k: [p.text for p in getattr(fam, k)] for k in ("target", "paraphrase", "compositional", "non_target")
+        },
+    }
     result["table"] = format_table(result)
     return result, {name: r for name, r, _, _ in rows_in}, trained
 
@@ -334,21 +401,28 @@ def _pct(x):
 def format_table(result: dict) -> str:
     s = result["settings"]
     n = result["images_per_family"]
-    head = (f"target '{s['target']}' ({result['attribute']}), {result['heads_rotated']} heads in "
-            f"{len(result['blocks'])} blocks, rank {s['rank']}, LRS > {s['lrs_threshold']}, delta >= "
-            f"{s['hds_threshold']}, {s['train_steps']} training steps; images per family: target {n['target']}, "
-            f"paraphrase {n['paraphrase']}, compositional {n['compositional']}, non-target {n['non_target']}")
-    lines = [head, "",
-             "| model | erase target % | erase paraphrase % | erase compositional % | non-target acc % "
-             "| non-target all-attr acc % | deviation (mean abs px) | build s | target imgs with an object % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    head = (
+        f"target '{s['target']}' ({result['attribute']}), {result['heads_rotated']} heads in "
+        f"{len(result['blocks'])} blocks, rank {s['rank']}, LRS > {s['lrs_threshold']}, delta >= "
+        f"{s['hds_threshold']}, {s['train_steps']} training steps; images per family: target {n['target']}, "
+        f"paraphrase {n['paraphrase']}, compositional {n['compositional']}, non-target {n['non_target']}"
+    )
+    lines = [
+        head,
+        "",
+        "| model | erase target % | erase paraphrase % | erase compositional % | non-target acc % "
+        "| non-target all-attr acc % | deviation (mean abs px) | build s | target imgs with an object % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         dev = "-" if r["deviation"] is None else f"{r['deviation']:.4f}"
         build = "-" if r["build_s"] is None else f"{r['build_s']:.0f}"
-        lines.append(f"| {r['name']} | {_pct(r['erase_target'])} | {_pct(r['erase_paraphrase'])} | "
-                     f"{_pct(r['erase_compositional'])} | {_pct(r['non_target_accuracy'])} | "
-                     f"{_pct(r['non_target_full_accuracy'])} | {dev} | {build} | "
-                     f"{_pct(r.get('target_object_kept'))} |")
+        lines.append(
+            f"| {r['name']} | {_pct(r['erase_target'])} | {_pct(r['erase_paraphrase'])} | "
+            f"{_pct(r['erase_compositional'])} | {_pct(r['non_target_accuracy'])} | "
+            f"{_pct(r['non_target_full_accuracy'])} | {dev} | {build} | "
+            f"{_pct(r.get('target_object_kept'))} |"
+        )
     return "\n".join(lines)
 
 

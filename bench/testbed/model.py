@@ -80,12 +80,21 @@ def save(diffusion_model: torch.nn.Module, config: dict, info: dict, path: Path 
     """Write the weights (float16) with config + info in the metadata, and the sha256 JSON beside; returns sha."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in diffusion_model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"config": json.dumps(config, sort_keys=True),
-                                            "info": json.dumps(info, sort_keys=True)})
+    save_file(
+        tensors,
+        str(path),
+        metadata={"config": json.dumps(config, sort_keys=True), "info": json.dumps(info, sort_keys=True)},
+    )
     sha = file_sha256(path)
     info_path = path.with_suffix(".json")
-    info_path.write_text(json.dumps({"file": path.name, "sha256": sha, "bytes": path.stat().st_size,
-                                     "config": config, **info}, indent=2, sort_keys=True) + "\n")
+    info_path.write_text(
+        json.dumps(
+            {"file": path.name, "sha256": sha, "bytes": path.stat().st_size, "config": config, **info},
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
+    )
     return sha
 
 

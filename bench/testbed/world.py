@@ -75,8 +75,9 @@ def attribute_of(value: str) -> str:
     for name, values in ATTRIBUTES.items():
         if value in values:
             return name
-    raise ValueError(f"unknown attribute value {value!r}; known: " + ", ".join(v for vs in ATTRIBUTES.values()
-                                                                                 for v in vs))
+    raise ValueError(
+        f"unknown attribute value {value!r}; known: " + ", ".join(v for vs in ATTRIBUTES.values() for v in vs)
+    )
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,9 @@ def all_scenes() -> list[Scene]:
 def caption(scene: Scene, template: str, words: dict[str, str] | None = None) -> str:
     """Fill a template with the scene's (canonical, or given) words."""
     words = words or {}
-    text = template.format(c=words.get("colour", scene.colour), s=words.get("shape", scene.shape),
-                           p=words.get("pattern", scene.pattern))
+    text = template.format(
+        c=words.get("colour", scene.colour), s=words.get("shape", scene.shape), p=words.get("pattern", scene.pattern)
+    )
     return " ".join(text.split())
 
 
@@ -246,10 +248,10 @@ def _shape(mask: torch.Tensor) -> str:
     if rows.numel() < 3 or cols.numel() < 3:
         return NOTHING
     top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
-    box = mask[top:bottom + 1, left:right + 1].float()
+    box = mask[top : bottom + 1, left : right + 1].float()
     fill = float(box.mean())
     mid = box.shape[0] // 2
-    upper, lower = float(box[:mid].sum()), float(box[box.shape[0] - mid:].sum())
+    upper, lower = float(box[:mid].sum()), float(box[box.shape[0] - mid :].sum())
     balance = upper / max(lower, 1.0)  # triangle (apex up): ~1/3; circle, square: ~1
     if balance < 0.62:
         return "triangle"

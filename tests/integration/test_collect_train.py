@@ -212,7 +212,7 @@ def test_statistics_memory_does_not_grow_with_prompts(pack):
     for n in (10, 200):
         prompts, _ = run_node(prompt_set_node, "nudity", "", "", "", "", n, 10, 0)
         assert len(prompts.unsafe) == n
-        stats, report = run_node(collect, model, clip, prompts, "1.0", 32, 32, 0, 16)
+        stats, report = run_node(collect, model, clip, prompts, "1.0", 64, 64, 0, 16)
         sizes[n], counts[n] = stats.nbytes(), sum(v for k, v in stats.count.items() if k.startswith("unsafe/"))
         assert all(r.shape[0] == 16 for r in stats.reservoir.values())  # every reservoir full already at n = 10
         print(f"\n{n} unsafe prompts: {counts[n]} unsafe vectors, statistics {sizes[n]} bytes")
@@ -235,9 +235,9 @@ def test_merge_of_halves_equals_one_collection_and_save_load_round_trip(pack, fo
     prompts, _ = run_node(prompt_set_node, "violence", "", "", "", "", 12, 8, 0)
     halves = [core.PromptSet(prompts.concept, prompts.unsafe[:5], prompts.safe[:3]),
               core.PromptSet(prompts.concept, prompts.unsafe[5:], prompts.safe[3:])]
-    full, _ = run_node(collect, model, clip, prompts, "1.0, 0.5", 32, 32, 0, 64)
-    a, _ = run_node(collect, model, clip, halves[0], "1.0, 0.5", 32, 32, 1, 64)
-    b, _ = run_node(collect, model, clip, halves[1], "1.0, 0.5", 32, 32, 2, 64)
+    full, _ = run_node(collect, model, clip, prompts, "1.0, 0.5", 64, 64, 0, 64)
+    a, _ = run_node(collect, model, clip, halves[0], "1.0, 0.5", 64, 64, 1, 64)
+    b, _ = run_node(collect, model, clip, halves[1], "1.0, 0.5", 64, 64, 2, 64)
     (merged,) = run_node(n.MergeStatistics.execute, a, b)
     assert merged.count == full.count and set(merged.gram) == set(full.gram)
     for key in full.gram:
@@ -459,8 +459,8 @@ def small(pack):
         model = comfyui_env.tiny_flux("dev")
         other_model = comfyui_env.tiny_flux("dev", depth=1, depth_single=1)
     prompts, _ = run_node(prompt_set_node, "pikachu", "", "", "", "", 6, 4, 0)
-    stats, _ = run_node(collect, model, clip, prompts, "1.0", 32, 32, 0, 16)
-    other_stats, _ = run_node(collect, other_model, clip, prompts, "1.0", 32, 32, 0, 16)
+    stats, _ = run_node(collect, model, clip, prompts, "1.0", 64, 64, 0, 16)
+    other_stats, _ = run_node(collect, other_model, clip, prompts, "1.0", 64, 64, 0, 16)
     subspaces, _ = run_node(build, stats, 2, 0.7, -1.0)
     other_subspaces, _ = run_node(build, other_stats, 2, 0.7, -1.0)
     return {"clip": clip, "model": model, "other_model": other_model, "prompts": prompts, "stats": stats,
@@ -490,7 +490,7 @@ def test_prompt_set_rejects_unusable_lists(pack):
 def test_collect_rejects_bad_sigmas(pack, small, sigmas):
     """A sigmas string that is not a comma-separated list of numbers in (0, 1] -> 'sigmas'."""
     expect_input_error(pack, "sigmas", pack.nodes.CollectQK.execute, small["model"], small["clip"],
-                       small["prompts"], sigmas, 32, 32, 0, 16)
+                       small["prompts"], sigmas, 64, 64, 0, 16)
 
 
 def test_collect_rejects_prompts_without_their_subject(pack, small):
@@ -498,7 +498,7 @@ def test_collect_rejects_prompts_without_their_subject(pack, small):
     core = pack.saferope_core
     prompts = core.PromptSet("x", [core.UnsafePrompt("a photo of a cat", "dog")], ["a tree"])
     message = expect_input_error(pack, "prompts", pack.nodes.CollectQK.execute, small["model"], small["clip"],
-                                 prompts, "1.0", 32, 32, 0, 16)
+                                 prompts, "1.0", 64, 64, 0, 16)
     assert "'dog'" in message
 
 
@@ -509,7 +509,7 @@ def test_build_subspaces_rejects_impossible_ranks(pack, small):
     assert "16" in message
     prompts, _ = run_node(pack.nodes.SafeRoPEPromptSet.execute, "custom", "naked", "", "a photo of {subject}",
                           "a tree", 1, 1, 0)
-    stats, _ = run_node(pack.nodes.CollectQK.execute, small["model"], small["clip"], prompts, "1.0", 32, 32, 0, 16)
+    stats, _ = run_node(pack.nodes.CollectQK.execute, small["model"], small["clip"], prompts, "1.0", 64, 64, 0, 16)
     assert stats.count["unsafe/double.0.txt.q"] == 1  # 'naked' is one T5 token, one sigma
     message = expect_input_error(pack, "rank", build, stats, 2, 0.7, 0.5)
     assert "fewer than rank 2" in message
