@@ -32,6 +32,7 @@ from .common import (
     Statistics,
     check_numbers,
     file_stem,
+    input_path,
     name_inputs,
     parse_sigmas,
     require_flux,
@@ -50,6 +51,7 @@ from .model_files import STATS_FOLDER
 
 CATEGORY = "SafeRoPE/Collect & Train"
 CUSTOM = "custom"
+NO_FILE = "none"  # the first choice of a file list: a clear error instead of an empty list
 
 
 class SafeRoPEPromptSet(io.ComfyNode):
@@ -96,7 +98,7 @@ class SafeRoPEPromptSet(io.ComfyNode):
                     default="",
                     optional=True,
                     tooltip="Optional: a .txt (one prompt per line) or .csv (column 'prompt', 'caption' "
-                    "or 'text') file of more safe prompts",
+                    "or 'text') file of more safe prompts, in ComfyUI's input folder",
                 ),
                 io.String.Input(
                     "concept_name",
@@ -155,12 +157,11 @@ class SafeRoPEPromptSet(io.ComfyNode):
             )
         safe = list(lists["safe_prompts"])
         if safe_prompt_file.strip():
+            path = input_path(cls.NODE, "safe_prompt_file", safe_prompt_file.strip())
             try:
-                safe += read_prompt_file(safe_prompt_file.strip(), limit=max_safe)
+                safe += read_prompt_file(path, limit=max_safe)
             except PromptSetError as err:
-                raise SafeRoPEInputError(
-                    cls.NODE, "safe_prompt_file", str(err), "Give a readable .txt or .csv path"
-                ) from None
+                raise SafeRoPEInputError(cls.NODE, "safe_prompt_file", str(err), "Give a .txt or .csv file") from None
         if not safe:
             raise SafeRoPEInputError(cls.NODE, "safe_prompts", "no safe prompts", "Type some, or give safe_prompt_file")
         unsafe = build_unsafe_prompts(lists["subjects"], lists["modifiers"], lists["templates"], max_unsafe, seed)
@@ -457,7 +458,7 @@ class LoadStatistics(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "name",
-                    options=model_files.files_of_kind(STATISTICS_KIND, STATS_FOLDER),
+                    options=[NO_FILE, *model_files.files_of_kind(STATISTICS_KIND, STATS_FOLDER)],
                     tooltip="A statistics file in ComfyUI/models/saferope_statistics",
                 )
             ],
@@ -466,6 +467,13 @@ class LoadStatistics(io.ComfyNode):
 
     @classmethod
     def execute(cls, name) -> io.NodeOutput:
+        if name == NO_FILE:
+            raise SafeRoPEInputError(
+                cls.NODE,
+                "name",
+                "no statistics file chosen",
+                "Save statistics with Save Statistics (they go to models/saferope_statistics)",
+            )
         try:
             return io.NodeOutput(QKStatistics.load(folder_paths.get_full_path_or_raise(STATS_FOLDER, name)))
         except StatisticsError as err:

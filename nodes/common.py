@@ -128,6 +128,38 @@ def validation(check, *args) -> bool | str:
     return True
 
 
+def input_path(node: str, input_name: str, name: str, folder: bool = False) -> str:
+    """The file (or folder) `name` inside ComfyUI's input folder, where users put files for nodes: a relative name
+    that stays inside it (links followed). Nodes read no other file the user names."""
+    import folder_paths
+
+    root = os.path.realpath(folder_paths.get_input_directory())
+    where = "ComfyUI's input folder"
+    if not name or "\0" in name or len(name) > 255 or os.path.isabs(name) or "\\" in name and os.sep == "/":
+        raise SafeRoPEInputError(
+            node,
+            input_name,
+            f"'{name[:80]}' is not a name inside {where}",
+            "Put the file in ComfyUI/input and give its name, e.g. captions.txt",
+        )
+    path = os.path.realpath(os.path.join(root, name))
+    if not path.startswith(root + os.sep):
+        raise SafeRoPEInputError(
+            node,
+            input_name,
+            f"'{name[:80]}' is outside {where}",
+            "Put the file in ComfyUI/input and give its name, e.g. captions.txt",
+        )
+    if not (os.path.isdir(path) if folder else os.path.isfile(path)):
+        raise SafeRoPEInputError(
+            node,
+            input_name,
+            f"there is no {'folder' if folder else 'file'} '{name[:80]}' in {where}",
+            "Check the name (it is relative to ComfyUI/input)",
+        )
+    return path
+
+
 def save_node_output(path: str) -> io.NodeOutput:
     """A Save node's output: the path, also shown under the node."""
     return io.NodeOutput(path, ui={"text": [f"saved {path}"]})

@@ -25,6 +25,12 @@ class Editor:
     """The adapter's view of an editor. Subclasses override the hooks they need."""
 
     needs_attention = False  # True: the adapter routes every attention call through edit_attention
+    keeps_run_state = False  # True: each sampling run gets new_run_state() as `call.run_state`, dropped at its end
+
+    def new_run_state(self):
+        """A fresh state for one sampling run (editors with keeps_run_state); model calls outside a sampler get
+        `call.run_state` None."""
+        return None
 
     def edit_qk(self, call: ModelCall, block: str, tokens: str, q: torch.Tensor, k: torch.Tensor):
         """q/k of `tokens` ('txt' or 'img') of `block` after the QK norm, before RoPE, [B, heads, L, head_dim];
@@ -133,19 +139,24 @@ class AttentionOutputCollector(Editor):
 class UnsafeFlowRestriction(Editor):
     """Attention editor: detect flagged patches at the anchors' block, restrict flow in the other blocks.
 
-    The mask of a step is kept for the next start-up step of the same samples (same CFG branches, batch and size),
-    so the blocks before the detection block are restricted too; a new sampling run starts without one.
+    The mask of a step is kept for the next start-up step of the same samples (same CFG branches, batch and size)
+    in the sampling run's state, so the blocks before the detection block are restricted too; the state lives from
+    the start of a sampling run to its end, so no run sees another's masks and nothing stays on the device.
+    `on_detect`, when set, is called with each detection (scores, core and ring masks), for inspection.
     """
 
     needs_attention = True
+    keeps_run_state = True
 
     def __init__(
         self, anchors: UVRAnchors, strength: float, threshold: float, sigma_start: float, min_patches: int = 2
     ):
         self.anchors, self.strength, self.threshold = anchors, strength, threshold
         self.sigma_start, self.min_patches = sigma_start, min_patches
-        self.last_detection: dict | None = None  # scores/core/ring of the latest detection, for inspection
-        self._previous: dict = {}  # samples key -> (sigma, core, ring) of their latest detection
+        self.on_detect = None
+
+    def new_run_state(self) -> dict:
+        return {}  # samples key -> (sigma, core, ring) of their latest detection in this run
 
     def edit_attention(self, call, block, q, k, v, heads, attend):
         state = call.scratch.get(id(self)) or self._begin(call)
@@ -181,10 +192,10 @@ class UnsafeFlowRestriction(Editor):
 
     def _previous_mask(self, call, now: float):
         """(core, ring) detected for the same samples at an earlier step of this sampling run, or (None, None)."""
-        sigma, core, ring = self._previous.get(self._samples_key(call), (None, None, None))
-        run_sigmas = call.transformer_options.get("sample_sigmas")
-        first_step = run_sigmas is not None and now >= float(run_sigmas[0]) - 1e-6
-        if sigma is None or first_step or now >= sigma - 1e-6:  # a new run, or not an earlier step
+        if call.run_state is None:
+            return None, None
+        sigma, core, ring = call.run_state.get(self._samples_key(call), (None, None, None))
+        if sigma is None or now >= sigma - 1e-6:  # nothing yet, or not an earlier step
             return None, None
         return core, ring
 
@@ -196,8 +207,10 @@ class UnsafeFlowRestriction(Editor):
         keep = state["active"].to(core.device)[:, None, None]
         state["scores"], state["core"], state["ring"] = scores, core & keep, ring & keep
         state["flagged"] = bool(state["core"].any())
-        self._previous[self._samples_key(call)] = (float(call.sigma.max()), state["core"], state["ring"])
-        self.last_detection = {k: state[k] for k in ("scores", "core", "ring")}
+        if call.run_state is not None:
+            call.run_state[self._samples_key(call)] = (float(call.sigma.max()), state["core"], state["ring"])
+        if self.on_detect is not None:
+            self.on_detect({k: state[k] for k in ("scores", "core", "ring")})
 
     def _suppress(self, call, out, core, block):
         lay = call.layout

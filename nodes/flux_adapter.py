@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import comfy.ldm.chroma.model
 import comfy.ldm.chroma_radiance.model
 import comfy.ldm.flux.model
+import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
@@ -31,6 +32,7 @@ from ..saferope_core import ModelShape
 from ..saferope_core.shape import FAMILIES
 
 WRAPPER_KEY = "saferope"
+RUN_STATES = "saferope_run_states"  # transformer_options key: id(editor) -> that editor's state of this sampling run
 
 
 class NotFluxError(TypeError):
@@ -67,6 +69,7 @@ class ModelCall:
     block: str | None = None  # the block whose attention runs next
     img_ids: torch.Tensor | None = None  # RoPE ids of image + reference tokens [B, L, 3] (attention editors)
     scratch: dict = field(default_factory=dict)  # per-call state of editors
+    run_state: object = None  # the editor's state for this sampling run (editors that keep one), else None
 
 
 def _tokens_hw(latent: torch.Tensor, patch: int) -> tuple[int, int]:
@@ -184,6 +187,7 @@ class QKEditWrapper:
         options = options if options is not None else {}
         layout = token_layout(model, inputs["x"], inputs["context"], inputs.get("ref_latents"))
         call = ModelCall(layout, inputs["timestep"], options)
+        call.run_state = getattr(options.get(RUN_STATES), "by_editor", {}).get(id(self.editor))
         if self.editor.needs_attention:
             inputs["transformer_options"] = _with_attention_editor(options, self.editor, call)
         handles = [
@@ -232,11 +236,47 @@ def _with_attention_editor(options: dict, editor, call: ModelCall) -> dict:
     return {**options, "optimized_attention_override": override, "patches": patches}
 
 
+class RunStates:
+    """The editors' states of one sampling run, by id(editor). Not a dict: ComfyUI copies the nested dicts of
+    transformer_options for every model call, and the states must be the same objects from call to call."""
+
+    def __init__(self, by_editor: dict):
+        self.by_editor = by_editor
+
+
+class RunStateWrapper:
+    """OUTER_SAMPLE wrapper giving an editor a fresh state for one sampling run (put into the transformer_options
+    the run's model calls see) and dropping it when the run ends, however it ends (as ComfyUI's EasyCache does)."""
+
+    def __init__(self, editor):
+        self.editor = editor
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        original = guider.model_options
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+        options = guider.model_options.setdefault("transformer_options", {})
+        options[RUN_STATES] = RunStates({**getattr(options.get(RUN_STATES), "by_editor", {}),
+                                         id(self.editor): self.editor.new_run_state()})
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            guider.model_options = original
+
+
 def with_qk_editor(patcher, editor):
-    """A clone of `patcher` whose model calls route q/k through `editor` (stacks with earlier editors)."""
+    """A clone of `patcher` whose model calls route q/k through `editor` (stacks with earlier editors); an editor
+    that keeps a state per sampling run gets it for every run."""
     flux_model(patcher)
     clone = patcher.clone()
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, QKEditWrapper(editor))
+    if editor.keeps_run_state:
+        clone.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, RunStateWrapper(editor)
+        )
     return clone
 
 

@@ -66,14 +66,72 @@ def output_dir(folder: str = FOLDER) -> str:
     return path
 
 
+HUB_FOLDER = "hub"  # downloads go to models/saferope/hub/<owner>/<repo>/<file>: each repo has its own place
+
+
+class HubDownloadError(ValueError):
+    """A Hub download that cannot be made; `input_name` says which node input to fix."""
+
+    def __init__(self, input_name: str, message: str):
+        self.input_name = input_name
+        super().__init__(message)
+
+
+def hub_path(repo_id: str, filename: str) -> str:
+    """Where `filename` of Hub repo `repo_id` lives in the saferope folder (validated; nothing is created)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise HubDownloadError("hf_repo_id", f"'{repo_id}' is not a Hugging Face repo id ({err})") from None
+    if "/" not in repo_id:
+        raise HubDownloadError("hf_repo_id", f"'{repo_id}' is not a repo id of the form owner/name")
+    parts = filename.split("/")
+    if (
+        len(filename) > 200
+        or "\\" in filename
+        or "\0" in filename
+        or filename.startswith("/")
+        or any(part in ("", ".", "..") for part in parts)
+        or not filename.endswith(".safetensors")
+    ):
+        raise HubDownloadError("hf_filename", f"'{filename}' is not a .safetensors file path inside a repo")
+    return os.path.join(output_dir(), HUB_FOLDER, *repo_id.split("/"), *parts)
+
+
 def download_from_hub(repo_id: str, filename: str) -> str:
-    """The pack `filename` of Hugging Face repo `repo_id`, downloaded into the saferope folder only if missing."""
-    local = os.path.join(output_dir(), os.path.basename(filename))
+    """The pack `filename` of Hub repo `repo_id`, downloaded into its own place in the saferope folder only if it
+    is not there yet. Offline (HF_HUB_OFFLINE) or unreachable, it fails at once with the reason, and leaves no
+    empty folder behind."""
+    local = hub_path(repo_id, filename)
     if os.path.isfile(local):
         return local
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    path = hf_hub_download(repo_id=repo_id, filename=filename, local_dir=output_dir())
-    if os.path.abspath(path) != os.path.abspath(local):
-        os.replace(path, local)
-    return local
+    if constants.HF_HUB_OFFLINE:
+        raise HubDownloadError(
+            "hf_repo_id",
+            f"{repo_id}/{filename} is not in {os.path.dirname(local)} and the "
+            "Hugging Face Hub is off (HF_HUB_OFFLINE is set)",
+        )
+    repo_dir = os.path.join(output_dir(), HUB_FOLDER, *repo_id.split("/"))
+    try:
+        path = hf_hub_download(repo_id=repo_id, filename=filename, local_dir=repo_dir, etag_timeout=5)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        _remove_empty_folders(os.path.dirname(local), output_dir())
+        raise HubDownloadError(
+            "hf_repo_id",
+            f"could not download {filename} from {repo_id}: {type(err).__name__}: {str(err).splitlines()[0][:300]}",
+        ) from None
+    return str(path)
+
+
+def _remove_empty_folders(folder: str, stop: str) -> None:
+    """Remove `folder` and its parents up to (not including) `stop` while they are empty."""
+    folder, stop = os.path.abspath(folder), os.path.abspath(stop)
+    while folder.startswith(stop + os.sep) and os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
+        folder = os.path.dirname(folder)

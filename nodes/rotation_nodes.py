@@ -80,12 +80,17 @@ class LoadSafeRoPEPack(io.ComfyNode):
                     "a Hub download needs both a repo id and a file name",
                     "Fill in both, or clear both to use pack_name",
                 )
-            if not filename.endswith(".safetensors"):
-                raise SafeRoPEInputError(
-                    node, "hf_filename", f"'{filename}' is not a .safetensors file", "Packs are safetensors only"
+            try:
+                return (
+                    model_files.download_from_hub(repo, filename) if download else model_files.hub_path(repo, filename)
                 )
-            local = os.path.join(model_files.output_dir(), os.path.basename(filename))
-            return model_files.download_from_hub(repo, filename) if download else local
+            except model_files.HubDownloadError as err:
+                raise SafeRoPEInputError(
+                    node,
+                    err.input_name,
+                    str(err),
+                    "Check the repo id and file name (packs are .safetensors), or load a pack from models/saferope",
+                ) from None
         if pack_name == NO_FILE:
             raise SafeRoPEInputError(
                 node,

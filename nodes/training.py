@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -297,7 +298,8 @@ class RotationTrainer:
                     on_step(state.step, kind, float(dev.detach().mean()), float(loss.detach()))
                 if checkpoint_path and (state.step % checkpoint_every == 0 or state.step == recipe.steps):
                     save_checkpoint(checkpoint_path, state, recipe, self.subspaces_id)
-        return finished_pack(self.subspaces, pack, recipe)
+        # the recipe says what was trained: a checkpoint of a longer run holds more steps than this run asked for
+        return finished_pack(self.subspaces, pack, dataclasses.replace(recipe, steps=max(state.step, recipe.steps)))
 
 
 def finished_pack(subspaces: SafeRoPEPack, trained: SafeRoPEPack, recipe: TrainingRecipe) -> SafeRoPEPack:

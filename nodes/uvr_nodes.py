@@ -46,6 +46,7 @@ from .model_files import ANCHORS_FOLDER, STATS_FOLDER
 
 CATEGORY = "SafeRoPE/UVR"
 ANCHOR_FOLDERS = (ANCHORS_FOLDER, STATS_FOLDER)  # anchors saved before they had their own folder still load
+NO_FILE = "none"  # the first choice of the file list: a clear error instead of an empty list
 CALIBRATED = -1.0  # Restrict Unsafe Flow's threshold value that means "the anchors' calibrated threshold"
 
 
@@ -277,7 +278,7 @@ class LoadUVRAnchors(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "name",
-                    options=model_files.files_of_kind(ANCHORS_KIND, *ANCHOR_FOLDERS),
+                    options=[NO_FILE, *model_files.files_of_kind(ANCHORS_KIND, *ANCHOR_FOLDERS)],
                     tooltip="An anchors file in ComfyUI/models/saferope_anchors",
                 )
             ],
@@ -286,6 +287,13 @@ class LoadUVRAnchors(io.ComfyNode):
 
     @classmethod
     def execute(cls, name) -> io.NodeOutput:
+        if name == NO_FILE:
+            raise SafeRoPEInputError(
+                cls.NODE,
+                "name",
+                "no anchors file chosen",
+                "Make anchors with Collect UVR Anchors -> Save UVR Anchors (they go to models/saferope_anchors)",
+            )
         try:
             return io.NodeOutput(UVRAnchors.load(model_files.resolve_in(name, *ANCHOR_FOLDERS)))
         except AnchorsError as err:

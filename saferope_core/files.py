@@ -49,7 +49,7 @@ def read_safetensors(path: str | os.PathLike, error: type[SafeRoPEError] = SafeR
         raise error(f"{path.name} has no '{METADATA_KEY}' metadata: it was not written by this pack")
     try:
         metadata = json.loads(raw[METADATA_KEY])
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: JSON nested too deeply
         raise error(f"{path.name} has malformed metadata JSON ({err})") from None
     if not isinstance(metadata, dict):
         raise error(f"{path.name} metadata is not a JSON object")

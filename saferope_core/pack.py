@@ -127,8 +127,9 @@ class SafeRoPEPack:
     def to(self, device) -> SafeRoPEPack:
         """A copy with all tensors on `device` (parameters keep requires_grad only if already on it)."""
         blocks = {n: b.to(device) for n, b in self.blocks.items()}
+        delta = None if self.delta is None else self.delta.to(device)
         return SafeRoPEPack(self.shape, list(self.concepts), self.rank, blocks, dict(self.thresholds),
-                            dict(self.recipe), self.delta, self.name)
+                            dict(self.recipe), delta, self.name)
 
     # --- the file -------------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -165,6 +166,16 @@ class SafeRoPEPack:
         trained = "trained" if self.recipe.get("trained", True) else "untrained (rotations are zero)"
         return (f"{', '.join(self.concepts) or '(no concept)'} | rank {self.rank} | {self.heads_rotated()} heads in "
                 f"{len(self.blocks)} blocks | {trained} | for {self.shape.describe()}")
+
+
+ORTHONORMAL_TOLERANCE = 1e-3
+
+
+def orthonormal(bases: torch.Tensor) -> bool:
+    """Whether every basis [.., D, r] has orthonormal columns: U^T U = I within ORTHONORMAL_TOLERANCE."""
+    u = bases.double()
+    gram = u.transpose(-1, -2) @ u
+    return bool((gram - torch.eye(u.shape[-1], dtype=u.dtype)).abs().max() <= ORTHONORMAL_TOLERANCE)
 
 
 def content_hash(tensors: dict[str, torch.Tensor], metadata: dict) -> str:
@@ -241,6 +252,10 @@ def _pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
         if not parts["heads"].any():
             fail(f"block '{block}' is listed but selects no head")
         parts["heads"] = parts["heads"].bool()
+        for part in ("basis_q", "basis_k"):
+            if not orthonormal(parts[part][parts["heads"]]):
+                fail(f"tensor '{block}.{part}' is not orthonormal (U^T U differs from I by more than "
+                     f"{ORTHONORMAL_TOLERANCE}): the bases were damaged or scaled")
         blocks[block] = BlockRotation(**{k: parts[k].float() if k != "heads" else parts[k] for k in expected})
     delta = tensors.get("hds.delta")
     if delta is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import random
 from collections.abc import Callable, Sequence
@@ -53,12 +52,13 @@ def build_unsafe_prompts(subjects: Sequence[str], modifiers: Sequence[str], temp
     templates = [t for t in templates if "{subject}" in t]
     mods = list(modifiers) or [""]
     total = len(subjects) * len(mods) * len(templates)
-    combos = itertools.product(subjects, mods, templates)
-    if total > max_count:
-        picks = sorted(random.Random(seed).sample(range(total), max_count))
-        all_combos = list(combos)
-        combos = (all_combos[i] for i in picks)
-    return [UnsafePrompt(_fill(t, s, m), s) for s, m, t in combos]
+    picks = range(total) if total <= max_count else sorted(random.Random(seed).sample(range(total), max_count))
+    prompts = []
+    for i in picks:  # the i-th subject x modifier x template combination, never the whole product in memory
+        rest, t = divmod(i, len(templates))
+        s, m = divmod(rest, len(mods))
+        prompts.append(UnsafePrompt(_fill(templates[t], subjects[s], mods[m]), subjects[s]))
+    return prompts
 
 
 def _fill(template: str, subject: str, modifier: str) -> str:
@@ -175,24 +175,31 @@ def default_lists(concept: str) -> dict[str, list[str]]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+MAX_PROMPT_FILE_BYTES = 64 * 2**20
+
+
 def read_prompt_file(path: str | Path, limit: int | None = None) -> list[str]:
     """Prompts from a .txt file (one per line) or a .csv file with a header row (column 'prompt', 'caption' or
-    'text', else the first column)."""
+    'text', else the first column); at most `limit` of them, read line by line (files over 64 MiB are refused)."""
     path = Path(path)
     if not path.is_file():
-        raise PromptSetError(f"prompt file not found: {path}")
-    if path.suffix.lower() != ".csv":
-        lines = clean_lines(path.read_text(encoding="utf-8", errors="replace"))
-        return lines[:limit] if limit else lines
+        raise PromptSetError(f"prompt file not found: {path.name}")
+    size = path.stat().st_size
+    if size > MAX_PROMPT_FILE_BYTES:
+        raise PromptSetError(f"{path.name} is {size / 2**20:.0f} MiB; prompt files may have at most "
+                             f"{MAX_PROMPT_FILE_BYTES // 2**20} MiB")
+    out = []
     with path.open(newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.reader(f)
-        header = next(reader, [])
-        lowered = [h.strip().lower() for h in header]
-        column = next((lowered.index(c) for c in ("prompt", "caption", "text") if c in lowered), 0)
-        out = []
-        for row in reader:
-            if len(row) > column and row[column].strip():
-                out.append(row[column].strip())
-                if limit and len(out) >= limit:
-                    break
-    return out
+        if path.suffix.lower() == ".csv":
+            reader = csv.reader(f)
+            lowered = [h.strip().lower() for h in next(reader, [])]
+            column = next((lowered.index(c) for c in ("prompt", "caption", "text") if c in lowered), 0)
+            texts = (row[column] for row in reader if len(row) > column)
+        else:
+            texts = f
+        for text in texts:
+            for line in clean_lines(text):
+                out.append(line)
+            if limit and len(out) >= limit:
+                break
+    return out[:limit] if limit else out

@@ -9,6 +9,7 @@ components, smooth, and a ring around the core.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,16 +53,21 @@ class UVRAnchors:
         except ValueError as err:
             raise AnchorsError(f"{name}: {err}") from None
         numbers = {key: meta.get(key) for key in ("threshold", "sigma_start")}
-        if not isinstance(meta.get("block"), str) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values()):
-            raise AnchorsError(f"{name}: malformed metadata (block {meta.get('block')!r}, {numbers})")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in numbers.values()) or not -1 <= numbers["threshold"] <= 1 \
+                or not 0 <= numbers["sigma_start"] <= 1:
+            raise AnchorsError(f"{name}: threshold and sigma_start must be finite scores ({numbers})")
+        block = meta.get("block")
+        if block not in [f"single.{i}" for i in range(shape.single_blocks)]:
+            raise AnchorsError(f"{name}: detection block {block!r} is not a single block of a "
+                               f"{shape.single_blocks}-single-block model")
         anchors, mean = tensors.get("anchors"), tensors.get("safe_mean")
         if anchors is None or mean is None or anchors.ndim != 3 or tuple(mean.shape) != (shape.heads, shape.head_dim) \
                 or tuple(anchors.shape[::2]) != (shape.heads, shape.head_dim):
             raise AnchorsError(f"{name}: anchor tensors are missing or have wrong shapes")
         if not (torch.isfinite(anchors).all() and torch.isfinite(mean).all()):
             raise AnchorsError(f"{name}: anchor tensors contain NaN or Inf")
-        return cls(shape, meta["block"], anchors.float(), mean.float(), float(numbers["threshold"]),
+        return cls(shape, block, anchors.float(), mean.float(), float(numbers["threshold"]),
                    float(numbers["sigma_start"]), [str(c) for c in meta.get("concepts", [])])
 
 

@@ -381,6 +381,12 @@ def combo_options(spec: list) -> list:
     return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
 
 
+def editor(cls):
+    """A test editor class (edit_qk / edit_attention) made a subclass of the pack's Editor, so it has every hook the
+    adapter calls (import_pack() first)."""
+    return type(cls.__name__, (cls, import_pack().nodes.editors.Editor), {})
+
+
 def node_input(node_class, name: str):
     """The V3 schema input `name` of a node class (its .options, .default, ...), as define_schema builds it now."""
     return next(i for i in node_class.define_schema().inputs if i.id == name)
@@ -446,12 +452,14 @@ def run_model(patcher, latent: torch.Tensor, sigma, context: torch.Tensor, poole
 
 def sample(patcher, positive, negative=None, width: int = 64, height: int = 64, steps: int = 3, cfg: float = 1.0,
            seed: int = 0, sampler_name: str = "euler", scheduler: str = "simple", denoise: float = 1.0,
-           latent: torch.Tensor | None = None) -> torch.Tensor:
+           latent: torch.Tensor | None = None, sigmas: list[float] | None = None) -> torch.Tensor:
     """End to end through comfy.sample.sample, as the KSampler node does, under torch.inference_mode like
     ComfyUI's executor. positive/negative: CONDITIONING lists or texts (see conditioning()); negative None is
     the empty text. latent: a VAE-space start latent, default an empty [1, 16, height/8, width/8].
+    sigmas: sample these (through comfy.sample.sample_custom, as SamplerCustom does) instead of steps/scheduler.
     Returns the VAE-space samples."""
     import comfy.sample
+    import comfy.samplers
 
     positive = conditioning(positive) if isinstance(positive, str) else positive
     negative = conditioning(negative or "") if negative is None or isinstance(negative, str) else negative
@@ -460,5 +468,9 @@ def sample(patcher, positive, negative=None, width: int = 64, height: int = 64, 
             latent = torch.zeros(1, 16, height // 8, width // 8)
         latent = comfy.sample.fix_empty_latent_channels(patcher, latent)
         noise = comfy.sample.prepare_noise(latent, seed)
+        if sigmas is not None:
+            return comfy.sample.sample_custom(patcher, noise, cfg, comfy.samplers.sampler_object(sampler_name),
+                                              torch.tensor(sigmas), positive, negative, latent, disable_pbar=True,
+                                              seed=seed)
         return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
                                    denoise=denoise, disable_pbar=True, seed=seed)

@@ -161,8 +161,6 @@ def run(patcher, latent, context, pooled, sigma=0.7, **kw):
 class LayoutObserver:
     """A q/k editor that changes nothing and records the token layout the adapter computed for each call."""
 
-    needs_attention = False  # an editor of q/k only (nodes.editors.Editor)
-
     def __init__(self):
         self.layouts = []
 
@@ -252,14 +250,14 @@ def test_hooks_are_removed_when_a_call_fails(pack, base):
     import comfy.model_management
 
     class Failing:
-        needs_attention = False  # an editor of q/k only (nodes.editors.Editor)
 
         def edit_qk(self, call, block, tokens, q, k):
             if block == "single.0":
                 raise comfy.model_management.InterruptProcessingException()
             return q, k
 
-    model = apply(pack, pack.nodes.flux_adapter.with_qk_editor(base, Failing()), planted(pack, base))
+    failing = pack.nodes.flux_adapter.with_qk_editor(base, comfyui_env.editor(Failing)())
+    model = apply(pack, failing, planted(pack, base))
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         run(model, *inputs())
     assert not any(m._forward_hooks for m in base.model.diffusion_model.modules())
@@ -279,7 +277,7 @@ def test_kontext_reference_tokens_are_image_tokens(pack, method, n_refs):
     kontext = comfyui_env.tiny_flux("kontext", seed=1)
     rotation_pack = planted(pack, kontext, seed=3)
     applies = [(rotation_pack, 1.0, "both")]
-    observer = LayoutObserver()
+    observer = comfyui_env.editor(LayoutObserver)()
     model, pre, post = instrumented(pack, kontext, *applies)
     model = pack.nodes.flux_adapter.with_qk_editor(model, observer)
     g = torch.Generator().manual_seed(7)
@@ -333,7 +331,7 @@ def test_batch_with_cfg(pack, base, negative, calls):
 def test_odd_resolution(pack, base):
     """A 9x13 latent (not divisible by the patch size): 5x7 image tokens, split and rotated correctly."""
     applies = [(planted(pack, base, seed=6), 1.0, "both")]
-    observer = LayoutObserver()
+    observer = comfyui_env.editor(LayoutObserver)()
     model, pre, post = instrumented(pack, base, *applies)
     model = pack.nodes.flux_adapter.with_qk_editor(model, observer)
     latent, context, pooled = inputs(h=9, w=13)

@@ -248,7 +248,6 @@ def test_reference_image_editing(pack, editing):
     pooled = torch.randn(1, comfyui_env.POOLED_DIM) if editing == "kontext" else None
 
     class LayoutRecorder:
-        needs_attention = False  # an editor of q/k only (nodes.editors.Editor)
 
         layouts = []
 
@@ -256,7 +255,7 @@ def test_reference_image_editing(pack, editing):
             self.layouts.append(call.layout)
             return q, k
 
-    seen = pack.nodes.flux_adapter.with_qk_editor(model, LayoutRecorder())
+    seen = pack.nodes.flux_adapter.with_qk_editor(model, comfyui_env.editor(LayoutRecorder)())
     with torch.inference_mode():
         base = comfyui_env.run_model(model, x, 0.95, context, pooled, ref_latents=refs)
         comfyui_env.run_model(seen, x, 0.95, context, pooled, ref_latents=refs)
@@ -344,7 +343,7 @@ def test_attention_editors_know_the_running_block(pack, kind):
     """Every attention call is attributed to its block, in execution order (ComfyUI 0.8 names the block in
     transformer_options; on 0.3.64 the QK hook that ran just before tells)."""
     model, clip = model_of(kind), clip_of(kind)
-    recorder = BlockRecorder()
+    recorder = comfyui_env.editor(BlockRecorder)()
     velocity(pack, pack.nodes.flux_adapter.with_qk_editor(model, recorder), clip, SAFE[0], noise(pack, model))
     assert recorder.blocks == pack.nodes.flux_adapter.model_shape(model).block_names()
 

@@ -70,6 +70,13 @@ def region(hw, rows, cols):
     return grid
 
 
+def watched(editor) -> list[dict]:
+    """The detections `editor` makes from now on (scores, core and ring masks), newest last."""
+    seen = []
+    editor.on_detect = seen.append
+    return seen
+
+
 def test_mask_finds_planted_patches(pack, uvr, model):
     """Anchors planted on a 2x2 region of the image are found there, and nowhere else."""
     chosen = region((8, 8), slice(2, 4), slice(4, 6))
@@ -77,9 +84,10 @@ def test_mask_finds_planted_patches(pack, uvr, model):
     outputs = detection_outputs(pack, uvr, model, x, 0.95)
     anchors = planted_anchors(pack, model, outputs, chosen.flatten())
     editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
+    seen = watched(editor)
     patched = pack.nodes.flux_adapter.with_qk_editor(model, editor)
     comfyui_env.run_model(patched, x, 0.95, *text())
-    core, ring = editor.last_detection["core"][0], editor.last_detection["ring"][0]
+    core, ring = seen[-1]["core"][0], seen[-1]["ring"][0]
     assert torch.equal(core, chosen)
     assert ring.sum() > 0 and not (ring & core).any()
     assert (ring <= torch.nn.functional.max_pool2d(chosen[None, None].float(), 3, 1, 1)[0, 0].bool()).all()
@@ -112,43 +120,53 @@ def test_text_to_image_suppresses_flagged_tokens_only(pack, uvr, model):
     assert per_patch[chosen].mean() > 5 * per_patch[~chosen].mean()
 
 
-def test_mask_carries_to_the_next_startup_step_of_the_same_samples(pack, uvr, model):
-    """A step's mask restricts the blocks before the detection block at the next start-up step of the same samples;
-    not at the same step again, not for another batch, not in a new sampling run."""
+class RecordedRestriction:
+    """Restrict Unsafe Flow's editor, recording (sigma, block) wherever it restricts flow."""
+
+    @staticmethod
+    def make(uvr, anchors, threshold):
+        class Recorded(uvr.UnsafeFlowRestriction):
+            def __init__(self):
+                super().__init__(anchors, 1.0, threshold, SIGMA_START)
+                self.restricted = []
+
+            def _suppress(self, call, out, core, block):
+                self.restricted.append((round(float(call.sigma.max()), 3), call.block))
+                return super()._suppress(call, out, core, block)
+
+            def _reference_bias(self, call, core, ring, q):
+                self.restricted.append((round(float(call.sigma.max()), 3), call.block))
+                return super()._reference_bias(call, core, ring, q)
+
+        return Recorded()
+
+
+def test_mask_carries_to_the_next_startup_step_of_the_same_run_only(pack, uvr, model):
+    """In a sampling run, a start-up step's mask restricts the blocks before the detection block at the next
+    start-up step; a second run starts without it; model calls outside a sampling run carry nothing; and after a
+    run the editor holds no tensor (its per-run state is dropped)."""
     chosen = region((8, 8), slice(2, 5), slice(3, 6))
     x = plant(latent(6), chosen)
     anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x, 0.95), chosen.flatten())
+    editor = RecordedRestriction.make(uvr, anchors, -1.0)  # everything flagged (cosine >= -1)
+    patched = pack.nodes.flux_adapter.with_qk_editor(model, editor)
+    blocks = pack.nodes.flux_adapter.model_shape(model).block_names()
+    after = blocks[blocks.index(anchors.block) + 1:]
+    every = [b for b in blocks if b != anchors.block]
+    runs = []
+    for _ in range(2):
+        editor.restricted = []
+        comfyui_env.sample(patched, "a red fox", width=128, height=128, sigmas=[0.95, 0.9, 0.5, 0.0])
+        runs.append(editor.restricted)
+    expected = [(0.95, b) for b in after] + [(0.9, b) for b in every]  # nothing at 0.5: not a start-up step
+    assert runs[0] == expected and runs[1] == expected
+    assert not [v for v in vars(editor).values() if torch.is_tensor(v)]
 
-    def restricted():
-        editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
-        return editor, pack.nodes.flux_adapter.with_qk_editor(model, editor)
-
-    def run(patcher, sigma, x=x, run_sigmas=(0.95, 0.9, 0.5, 0.0)):
-        return comfyui_env.run_model(patcher, x, sigma, *text(batch=x.shape[0]), run_sigmas=list(run_sigmas))
-
-    def fresh(sigma, x=x):
-        return run(restricted()[1], sigma, x)
-
-    editor, patched = restricted()
-    run(patched, 0.95)
-    assert editor.last_detection["core"].any()
-    assert not torch.equal(run(patched, 0.9), fresh(0.9))
-    assert torch.equal(run(patched, 0.95), fresh(0.95))  # a first step again: no mask carried in
-    run(patched, 0.95)
-    assert torch.equal(run(patched, 0.9, run_sigmas=(0.9, 0.0)), fresh(0.9))  # a new run starting lower
-    run(patched, 0.9)
-    assert torch.equal(run(patched, 0.9), fresh(0.9))  # the same sigma again: not a later step
-    run(patched, 0.95)
-    two = torch.cat([x, x])
-    assert torch.equal(run(patched, 0.9, two), fresh(0.9, two))  # another batch: its own masks
-
-    # sampling runs: everything flagged (cosine >= -1); a second run is not touched by the first one's last mask
-    flag_all = uvr.UnsafeFlowRestriction(anchors, 1.0, -1.0, SIGMA_START)
-    sampled = [comfyui_env.sample(pack.nodes.flux_adapter.with_qk_editor(model, flag_all), "a red fox", "blurry",
-                                  width=128, height=128, steps=6, cfg=2.0) for _ in range(2)]
-    assert torch.equal(sampled[0], sampled[1])
-    assert not torch.equal(sampled[0], comfyui_env.sample(model, "a red fox", "blurry", width=128, height=128,
-                                                          steps=6, cfg=2.0))
+    editor.restricted = []
+    with torch.inference_mode():
+        comfyui_env.run_model(patched, x, 0.95, *text())
+        comfyui_env.run_model(patched, x, 0.9, *text())  # outside a sampling run: no mask carried in
+    assert editor.restricted == [(0.95, b) for b in after] + [(0.9, b) for b in after]
 
 
 @pytest.mark.parametrize("method", ["offset", "index", "uxo"])
@@ -161,18 +179,20 @@ def test_kontext_restricts_reference_keys(pack, uvr, model, method, n_refs):
     outputs = detection_outputs(pack, uvr, model, x, 0.95, refs)
     anchors = planted_anchors(pack, model, outputs, chosen.flatten())
     editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
+    seen = watched(editor)
     patched = pack.nodes.flux_adapter.with_qk_editor(model, editor)
     out = comfyui_env.run_model(patched, x, 0.95, *text(), ref_latents=refs, ref_latents_method=method)
     base = comfyui_env.run_model(model, x, 0.95, *text(), ref_latents=refs, ref_latents_method=method)
-    assert torch.equal(editor.last_detection["core"][0], chosen)
+    assert torch.equal(seen[-1]["core"][0], chosen)
     assert torch.isfinite(out).all() and not torch.equal(out, base)
-    # the next start-up step of the run: the carried mask restricts every block, the double blocks included
-    run = dict(ref_latents=refs, ref_latents_method=method, run_sigmas=[0.95, 0.9, 0.0])
-    carried = comfyui_env.run_model(patched, x, 0.9, *text(), **run)
-    fresh = pack.nodes.flux_adapter.with_qk_editor(
-        model, uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START))
-    assert torch.isfinite(carried).all()
-    assert not torch.equal(carried, comfyui_env.run_model(fresh, x, 0.9, *text(), **run))
+    # in a sampling run, the next start-up step's carried mask restricts every block, the double blocks included
+    recorded = RecordedRestriction.make(uvr, anchors, -1.0)
+    positive = comfyui_env.conditioning("a red fox in the snow", reference_latents=refs,
+                                        reference_latents_method=method)
+    comfyui_env.sample(pack.nodes.flux_adapter.with_qk_editor(model, recorded), positive, width=128, height=128,
+                       sigmas=[0.95, 0.9, 0.0])
+    blocks = pack.nodes.flux_adapter.model_shape(model).block_names()
+    assert [b for s, b in recorded.restricted if s == 0.9] == [b for b in blocks if b != anchors.block]
     late = comfyui_env.run_model(patched, x, 0.3, *text(), ref_latents=refs, ref_latents_method=method)
     assert torch.equal(late, comfyui_env.run_model(model, x, 0.3, *text(), ref_latents=refs,
                                                    ref_latents_method=method))
@@ -197,13 +217,14 @@ def test_batch_and_cfg_branches_are_independent(pack, uvr, model):
     x = torch.cat([plant(latent(4), chosen), latent(5)])
     anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x[:1], 0.95), chosen.flatten())
     editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
+    seen = watched(editor)
     patched = pack.nodes.flux_adapter.with_qk_editor(model, editor)
     comfyui_env.run_model(patched, x, 0.95, *text(batch=2))
-    together = editor.last_detection["core"].clone()
+    together = seen[-1]["core"].clone()
     alone = []
     for i in range(2):
         comfyui_env.run_model(patched, x[i:i + 1], 0.95, *text())
-        alone.append(editor.last_detection["core"][0])
+        alone.append(seen[-1]["core"][0])
     assert torch.equal(together, torch.stack(alone))
     sampled = comfyui_env.sample(uvr.RestrictUnsafeFlow.execute(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0],
                                  "a red fox", "blurry", width=128, height=128, steps=3, cfg=2.0)

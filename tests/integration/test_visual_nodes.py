@@ -35,8 +35,6 @@ def clip(comfy):
 class TextRecorder:
     """q/k editor that keeps the last text-token queries and keys of every block; never edits."""
 
-    needs_attention = False  # an editor of q/k only (nodes.editors.Editor)
-
     def __init__(self):
         self.q, self.k = {}, {}
 
@@ -92,7 +90,7 @@ def planted(pack, vis, model, clip):
     positions = dict(vis.words_of(*_pieces(pack, clip)))[PLANTED]
     rank = len(positions)
     delta = delta_table(shape)
-    recorder = TextRecorder()
+    recorder = comfyui_env.editor(TextRecorder)()
     dummy = make_pack(pack, shape, random_bases(shape, rank, 0), delta, rank, "dummy")
     run_node(vis.LRSVisualize.execute, adapter.with_qk_editor(model, recorder), dummy, clip, PROMPT, 0.9, 0)
     assert set(recorder.q) == set(shape.block_names())
