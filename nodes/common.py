@@ -19,6 +19,7 @@ Prompts = io.Custom("SAFEROPE_PROMPTS")  # a prompt set: unsafe prompts with sub
 Anchors = io.Custom("UVR_ANCHORS")  # UVR anchors collected by Collect UVR Anchors
 
 MAX_SEED = 2**31 - 1
+MAX_NAME = 120  # characters of a file name the nodes write
 
 
 def seed_input(tooltip: str) -> io.Int.Input:
@@ -102,9 +103,15 @@ def parse_sigmas(text: str, node: str) -> list[float]:
 
 def file_stem(node: str, name: str, input_name: str = "name") -> str:
     """The file name `name` stands for, without folders or extension; an error when it is not usable."""
-    stem = os.path.basename(name.strip()).removesuffix(".safetensors")
-    if not stem or stem.startswith("."):
-        raise SafeRoPEInputError(node, input_name, f"'{name}' is not a usable file name", "Type a name like 'nudity'")
+    stem = os.path.basename(name.strip().replace("\\", "/")).removesuffix(".safetensors")
+    usable = stem and not stem.startswith(".") and len(stem) <= MAX_NAME and all(c.isprintable() for c in stem)
+    if not usable:
+        raise SafeRoPEInputError(
+            node,
+            input_name,
+            f"{name[:80]!r} is not a usable file name",
+            f"Type a name like 'nudity' (letters, digits, spaces; at most {MAX_NAME} characters)",
+        )
     return stem
 
 

@@ -259,8 +259,9 @@ class RunStateWrapper:
         original = guider.model_options
         guider.model_options = comfy.model_patcher.create_model_options_clone(original)
         options = guider.model_options.setdefault("transformer_options", {})
-        options[RUN_STATES] = RunStates({**getattr(options.get(RUN_STATES), "by_editor", {}),
-                                         id(self.editor): self.editor.new_run_state()})
+        options[RUN_STATES] = RunStates(
+            {**getattr(options.get(RUN_STATES), "by_editor", {}), id(self.editor): self.editor.new_run_state()}
+        )
         try:
             return executor(*args, **kwargs)
         finally:

@@ -6,6 +6,7 @@ still load (Load UVR Anchors lists them), and Load Statistics lists only statist
 from __future__ import annotations
 
 import os
+import shutil
 
 import folder_paths
 
@@ -118,10 +119,13 @@ def download_from_hub(repo_id: str, filename: str) -> str:
             "Hugging Face Hub is off (HF_HUB_OFFLINE is set)",
         )
     repo_dir = os.path.join(output_dir(), HUB_FOLDER, *repo_id.split("/"))
+    created = not os.path.exists(repo_dir)
     try:
         path = hf_hub_download(repo_id=repo_id, filename=filename, local_dir=repo_dir, etag_timeout=5)
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
-        _remove_empty_folders(os.path.dirname(local), output_dir())
+        if created:  # the repo's folder holds only what this failed download left (locks, partial files)
+            shutil.rmtree(repo_dir, ignore_errors=True)
+        _remove_empty_folders(os.path.dirname(repo_dir), output_dir())
         raise HubDownloadError(
             "hf_repo_id",
             f"could not download {filename} from {repo_id}: {type(err).__name__}: {str(err).splitlines()[0][:300]}",

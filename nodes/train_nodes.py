@@ -164,6 +164,7 @@ class TrainRiskRotations(io.ComfyNode):
             height=height,
             checkpoint_every=checkpoint_every,
         )
+        run_file = f"{file_stem(cls.NODE, run_name, 'run_name')}.safetensors"  # checked before any work starts
         require_pack_fits(
             cls.NODE, "subspaces", subspaces, model, "Collect statistics and build subspaces on this model"
         )
@@ -182,10 +183,7 @@ class TrainRiskRotations(io.ComfyNode):
         data = TrainingData(prompts, latent_shape(model, width, height))
         if safe_images is not None:
             data.safe_latents, data.safe_captions = cls.safe_latents(model, vae, safe_images, safe_captions)
-        checkpoint = os.path.join(
-            model_files.output_dir(model_files.TRAINING_FOLDER),
-            f"{os.path.basename(run_name.strip()) or 'run'}.safetensors",
-        )
+        checkpoint = os.path.join(model_files.output_dir(model_files.TRAINING_FOLDER), run_file)
         progress = comfy.utils.ProgressBar(steps)
         history = []
         node_id = cls.hidden.unique_id if cls.hidden is not None else None

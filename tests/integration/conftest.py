@@ -39,12 +39,12 @@ def pack(comfy):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, pack):
-    """The saferope, saferope_statistics and saferope_training model folders, redirected to a temp dir."""
+    """The pack's model folders (saferope, saferope_statistics, saferope_training, saferope_anchors), redirected to
+    a temp dir."""
     import folder_paths
 
     root = tmp_path_factory.mktemp("models")
-    names = (pack.nodes.model_files.FOLDER, pack.nodes.model_files.STATS_FOLDER,
-             pack.nodes.model_files.TRAINING_FOLDER)
+    names = pack.nodes.model_files.FOLDERS
 
     def forget_file_lists():  # folder_paths caches file lists per folder name
         for name in names:
