@@ -5,141 +5,150 @@ for: /api/workflow_templates/<pack folder>/<name>.jpg).
     python tests/make_workflows.py            # (re)write workflows/*.json and *.jpg
     python tests/make_workflows.py --check    # exit 1 when the committed files differ from what would be written
 
-Needs only the standard library and Pillow. The node table below (widget order, sockets, outputs) is what the
-frontend builds from /object_info; tests/integration/test_workflows.py checks it against a live ComfyUI. Each
-workflow records in extra.saferope the oldest ComfyUI it needs (min_comfyui) and which of its node types need more
-than the pack's own minimum (new_node_types, changed_node_types); the tests run a workflow's server checks on the
-ComfyUI versions that can run it (workflows_for).
+The nodes are built from their own definitions, not from a copy kept here: the script starts a headless ComfyUI
+with this pack loaded (tests/comfy_server.py; the ComfyUI at $COMFYUI_PATH, or --comfyui, see
+tests/comfyui_env.find_comfyui) and builds each node as the frontend builds it from /object_info (frontend_view:
+sockets, widgets in the frontend's order, outputs, display name). Workflow builders give widget values by input
+name. So it needs a ComfyUI that has every node type the workflows use (GENERATE_WITH or newer), run by the
+Python that runs that ComfyUI (torch and ComfyUI's requirements), plus Pillow:
+
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/ComfyUI/venv/bin/python tests/make_workflows.py
+
+tests/integration/test_workflows.py builds the workflows the same way from its own server's /object_info and
+checks them against it. Each workflow records in extra.saferope the oldest ComfyUI it needs (min_comfyui) and which
+of its node types need more than the pack's own minimum (new_node_types, changed_node_types); the tests run a
+workflow's server checks on the ComfyUI versions that can run it (workflows_for).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import re
 import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "workflows"
+MODULE = "ComfyUI-SafeRoPE"  # the pack's folder name in custom_nodes, as a user clones it
 CONTROL = "control_after_generate"  # the frontend adds this widget after every INT named seed / noise_seed
 UPLOAD = "upload"  # LoadImage's upload button, serialised as the value "image"
-FRONTEND_ONLY = {"Note", "MarkdownNote"}  # virtual nodes: drawn by the frontend, never sent to the server
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}  # input types the frontend draws as widgets
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Node definitions: what the frontend builds from /object_info
+
+
+class Widget(NamedTuple):
+    name: str
+    kind: str  # INT, FLOAT, STRING, BOOLEAN, COMBO, or CONTROL / UPLOAD (widgets the frontend adds)
+    options: dict  # the input's options (min, max, default, multiline, ...)
+    choices: list | None  # a COMBO's values
+
+
+class Socket(NamedTuple):
+    name: str
+    type: str
+    optional: bool
+
+
+def frontend_view(info: dict) -> tuple[list[Widget], list[Socket]]:
+    """What the frontend builds from one /object_info entry: widgets and sockets, both in input order (required,
+    then optional); a control_after_generate widget after each seed, an upload widget after an image upload."""
+    widgets, sockets = [], []
+    order = info["input_order"]
+    for group in ("required", "optional"):
+        for name in order.get(group, []):
+            spec = info["input"][group][name]
+            kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+            values = kind if isinstance(kind, list) else opts.get("options")
+            kind = "COMBO" if isinstance(kind, list) else kind
+            if kind in WIDGET_TYPES and not opts.get("forceInput"):
+                widgets.append(Widget(name, kind, opts, values))
+                if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
+                    widgets.append(Widget(CONTROL, "CONTROL", {}, None))
+                if kind == "COMBO" and opts.get("image_upload"):
+                    widgets.append(Widget(UPLOAD, "UPLOAD", {}, None))
+            else:
+                sockets.append(Socket(name, kind, group == "optional"))
+    return widgets, sockets
 
 
 @dataclass(frozen=True)
-class Spec:
-    """A node type as the frontend builds it: sockets (inputs that take links; optional ones last), widgets in
-    the frontend's order (required then optional inputs, control widgets after seeds), outputs."""
+class NodeDef:
+    """A node type as the frontend builds it: title, sockets (inputs that take links; optional ones last), widgets
+    in the frontend's order, outputs (name, type); saferope: one of this pack's nodes."""
 
+    type: str
     title: str
-    sockets: tuple = ()  # (name, type, optional)
-    widgets: tuple = ()
-    outputs: tuple = ()  # (name, type)
+    sockets: tuple[Socket, ...] = ()
+    widgets: tuple[Widget, ...] = ()
+    outputs: tuple[tuple[str, str], ...] = ()
     saferope: bool = False
-    renamed: tuple = ()  # the same node's display name in other ComfyUI versions
 
     @property
-    def titles(self) -> tuple:
-        return (self.title, *self.renamed)
+    def widget_names(self) -> tuple[str, ...]:
+        return tuple(w.name for w in self.widgets)
 
 
-SPECS = {
-    # ComfyUI core
-    "UNETLoader": Spec("Load Diffusion Model", widgets=("unet_name", "weight_dtype"), outputs=(("MODEL", "MODEL"),)),
-    "DualCLIPLoader": Spec("DualCLIPLoader", widgets=("clip_name1", "clip_name2", "type", "device"),
-                           outputs=(("CLIP", "CLIP"),)),
-    "VAELoader": Spec("Load VAE", widgets=("vae_name",), outputs=(("VAE", "VAE"),)),
-    "CLIPTextEncode": Spec("CLIP Text Encode (Prompt)", (("clip", "CLIP", False),), ("text",),
-                           (("CONDITIONING", "CONDITIONING"),)),
-    "FluxGuidance": Spec("FluxGuidance", (("conditioning", "CONDITIONING", False),), ("guidance",),
-                         (("CONDITIONING", "CONDITIONING"),)),
-    "ConditioningZeroOut": Spec("ConditioningZeroOut", (("conditioning", "CONDITIONING", False),), (),
-                                (("CONDITIONING", "CONDITIONING"),)),
-    "EmptySD3LatentImage": Spec("EmptySD3LatentImage", widgets=("width", "height", "batch_size"),
-                                outputs=(("LATENT", "LATENT"),)),
-    "KSampler": Spec("KSampler", (("model", "MODEL", False), ("positive", "CONDITIONING", False),
-                                  ("negative", "CONDITIONING", False), ("latent_image", "LATENT", False)),
-                     ("seed", CONTROL, "steps", "cfg", "sampler_name", "scheduler", "denoise"),
-                     (("LATENT", "LATENT"),)),
-    "VAEDecode": Spec("VAE Decode", (("samples", "LATENT", False), ("vae", "VAE", False)), (), (("IMAGE", "IMAGE"),)),
-    "VAEEncode": Spec("VAE Encode", (("pixels", "IMAGE", False), ("vae", "VAE", False)), (), (("LATENT", "LATENT"),)),
-    "SaveImage": Spec("Save Image", (("images", "IMAGE", False),), ("filename_prefix",)),
-    "PreviewImage": Spec("Preview Image", (("images", "IMAGE", False),)),
-    "PreviewAny": Spec("Preview Any", (("source", "*", False),), renamed=("Preview as Text",)),  # 0.8.0's name
-    "LoadImage": Spec("Load Image", widgets=("image", UPLOAD), outputs=(("IMAGE", "IMAGE"), ("MASK", "MASK"))),
-    "FluxKontextImageScale": Spec("FluxKontextImageScale", (("image", "IMAGE", False),), (), (("IMAGE", "IMAGE"),)),
-    "ReferenceLatent": Spec("ReferenceLatent", (("conditioning", "CONDITIONING", False), ("latent", "LATENT", True)),
-                            (), (("CONDITIONING", "CONDITIONING"),)),
-    "CLIPLoader": Spec("Load CLIP", widgets=("clip_name", "type", "device"), outputs=(("CLIP", "CLIP"),)),
-    "ModelSamplingAuraFlow": Spec("ModelSamplingAuraFlow", (("model", "MODEL", False),), ("shift",),
-                                  (("MODEL", "MODEL"),)),
-    "ImageScaleToTotalPixels": Spec("ImageScaleToTotalPixels", (("image", "IMAGE", False),),
-                                    ("upscale_method", "megapixels", "resolution_steps"), (("IMAGE", "IMAGE"),)),
-    "EmptyFlux2LatentImage": Spec("Empty Flux 2 Latent", widgets=("width", "height", "batch_size"),
-                                  outputs=(("LATENT", "LATENT"),)),
-    "Flux2Scheduler": Spec("Flux2Scheduler", widgets=("steps", "width", "height"), outputs=(("SIGMAS", "SIGMAS"),)),
-    "RandomNoise": Spec("RandomNoise", widgets=("noise_seed", CONTROL), outputs=(("NOISE", "NOISE"),)),
-    "KSamplerSelect": Spec("KSamplerSelect", widgets=("sampler_name",), outputs=(("SAMPLER", "SAMPLER"),)),
-    "BasicGuider": Spec("BasicGuider", (("model", "MODEL", False), ("conditioning", "CONDITIONING", False)), (),
-                        (("GUIDER", "GUIDER"),)),
-    "SamplerCustomAdvanced": Spec("SamplerCustomAdvanced",
-                                  (("noise", "NOISE", False), ("guider", "GUIDER", False),
-                                   ("sampler", "SAMPLER", False), ("sigmas", "SIGMAS", False),
-                                   ("latent_image", "LATENT", False)), (),
-                                  (("output", "LATENT"), ("denoised_output", "LATENT"))),
-    # this pack
-    "LoadSafeRoPEPack": Spec("Load SafeRoPE Pack", (), ("pack_name", "hf_repo_id", "hf_filename"),
-                             (("pack", "SAFEROPE_PACK"), ("info", "STRING")), True),
-    "ApplyRiskRotation": Spec("Apply Risk Rotation", (("model", "MODEL", False), ("pack", "SAFEROPE_PACK", False)),
-                              ("strength", "apply_to"), (("MODEL", "MODEL"),), True),
-    "LRSVisualize": Spec("LRS Visualize", (("model", "MODEL", False), ("pack", "SAFEROPE_PACK", False),
-                                           ("clip", "CLIP", False), ("image", "IMAGE", True),
-                                           ("latent", "LATENT", True)),
-                         ("text", "sigma", "seed", CONTROL), (("images", "IMAGE"), ("summary", "STRING")), True),
-    "SafetyReport": Spec("Safety Report", (("images", "IMAGE", False),),
-                         ("threshold", "action", "classes", "fid_reference_folder"),
-                         (("images", "IMAGE"), ("flagged_count", "INT"), ("any_flagged", "BOOLEAN"),
-                          ("report", "STRING")), True),
-    "SafeRoPEPromptSet": Spec("SafeRoPE Prompt Set", (),
-                              ("concept", "subjects", "modifiers", "templates", "safe_prompts", "max_unsafe",
-                               "max_safe", "seed", CONTROL, "safe_prompt_file", "concept_name"),
-                              (("prompts", "SAFEROPE_PROMPTS"), ("summary", "STRING")), True),
-    "CollectQK": Spec("Collect Q/K", (("model", "MODEL", False), ("clip", "CLIP", False),
-                                      ("prompts", "SAFEROPE_PROMPTS", False)),
-                      ("sigmas", "width", "height", "seed", CONTROL, "reservoir_size"),
-                      (("statistics", "SAFEROPE_STATS"), ("report", "STRING")), True),
-    "SaveStatistics": Spec("Save Statistics", (("statistics", "SAFEROPE_STATS", False),), ("name", "overwrite"),
-                           (("path", "STRING"),), True),
-    "BuildSubspaces": Spec("Build Subspaces", (("statistics", "SAFEROPE_STATS", False),),
-                           ("rank", "lrs_threshold", "hds_threshold"),
-                           (("subspaces", "SAFEROPE_PACK"), ("summary", "STRING")), True),
-    "TrainRiskRotations": Spec("Train Risk Rotations",
-                               (("model", "MODEL", False), ("clip", "CLIP", False),
-                                ("subspaces", "SAFEROPE_PACK", False), ("prompts", "SAFEROPE_PROMPTS", False),
-                                ("vae", "VAE", True), ("safe_images", "IMAGE", True)),
-                               ("steps", "learning_rate", "unlearn_weight", "preserve_weight", "seed", CONTROL,
-                                "width", "height", "run_name", "checkpoint_every", "resume",
-                                "gradient_checkpointing", "safe_captions"),
-                               (("pack", "SAFEROPE_PACK"), ("log", "STRING")), True),
-    "SaveSafeRoPEPack": Spec("Save SafeRoPE Pack", (("pack", "SAFEROPE_PACK", False),), ("name", "overwrite"),
-                             (("path", "STRING"),), True),
-    "CollectUVRAnchors": Spec("Collect UVR Anchors", (("model", "MODEL", False), ("clip", "CLIP", False),
-                                                      ("prompts", "SAFEROPE_PROMPTS", False)),
-                              ("detection_block", "sigmas", "width", "height", "anchors_per_head", "seed", CONTROL),
-                              (("anchors", "UVR_ANCHORS"), ("report", "STRING")), True),
-    "SaveUVRAnchors": Spec("Save UVR Anchors", (("anchors", "UVR_ANCHORS", False),), ("name", "overwrite"),
-                           (("path", "STRING"),), True),
-    "LoadUVRAnchors": Spec("Load UVR Anchors", (), ("name",), (("UVR_ANCHORS", "UVR_ANCHORS"),), True),
-    "RestrictUnsafeFlow": Spec("Restrict Unsafe Flow", (("model", "MODEL", False), ("anchors", "UVR_ANCHORS", False)),
-                               ("strength", "threshold", "sigma_start", "detection_block"), (("MODEL", "MODEL"),),
-                               True),
-    # frontend-only
-    "MarkdownNote": Spec("Note", widgets=("text",)),
-    "Note": Spec("Note", widgets=("text",)),
-}
+def node_def(node_type: str, info: dict) -> NodeDef:
+    """The NodeDef of one /object_info entry."""
+    widgets, sockets = frontend_view(info)
+    return NodeDef(node_type, info.get("display_name") or node_type, tuple(sockets), tuple(widgets),
+                   tuple(zip(info["output_name"], info["output"], strict=True)),
+                   info.get("python_module", "").endswith(MODULE))
+
+
+# Frontend-only (virtual) nodes: drawn by the frontend, never sent to the server, so not in /object_info.
+FRONTEND_DEFS = {t: NodeDef(t, "Note", widgets=(Widget("text", "STRING", {"multiline": True}, None),))
+                 for t in ("MarkdownNote", "Note")}
+FRONTEND_ONLY = set(FRONTEND_DEFS)
+
+
+def node_defs(object_info: dict) -> dict[str, NodeDef]:
+    """Every node type of a server's /object_info as the frontend builds it, plus the frontend-only notes."""
+    return {**{t: node_def(t, info) for t, info in object_info.items()}, **FRONTEND_DEFS}
+
+
+class DefinitionsUnavailable(RuntimeError):
+    """No node definitions to build the workflows from (no ComfyUI, or one that cannot start or is too old)."""
+
+
+def load_defs(comfyui: str | Path | None = None) -> dict[str, NodeDef]:
+    """The node definitions of a live headless ComfyUI (`comfyui`, default comfyui_env.find_comfyui(): $COMFYUI_PATH,
+    ~/ComfyUI, ...) with this pack loaded, read from its /object_info. Raises DefinitionsUnavailable saying what is
+    missing and what is needed."""
+    try:
+        import comfyui_env
+        from comfy_server import ComfyServer
+    except ImportError as e:
+        raise DefinitionsUnavailable(f"this Python cannot run ComfyUI ({e}).\n\n{NEEDS}") from e
+    checkout = Path(comfyui).resolve() if comfyui else comfyui_env.find_comfyui()
+    if checkout is None:
+        env = os.environ.get("COMFYUI_PATH")
+        said = ("$COMFYUI_PATH is not set, and neither ~/ComfyUI nor a ComfyUI around this repository is one"
+                if env is None else "$COMFYUI_PATH is empty" if not env else
+                f"$COMFYUI_PATH is {env!r}, which is not a ComfyUI checkout")
+        raise DefinitionsUnavailable(f"no ComfyUI checkout found ({said}).\n\n{NEEDS}")
+    if not (checkout / "main.py").is_file():
+        raise DefinitionsUnavailable(f"{checkout} is not a ComfyUI checkout (no main.py).\n\n{NEEDS}")
+    version = comfyui_version(checkout)
+    if version is not None and parse_version(version) < parse_version(GENERATE_WITH):
+        raise DefinitionsUnavailable(f"the ComfyUI at {checkout} is {version}: it lacks node types or inputs some "
+                                     f"workflows use ({', '.join(sorted(NEWER_NODE_TYPES))}, ...).\n\n{NEEDS}")
+    try:
+        with ComfyServer({MODULE: REPO}, checkout) as server:
+            info = server.object_info()
+    except (RuntimeError, TimeoutError, OSError) as e:
+        raise DefinitionsUnavailable(f"the ComfyUI at {checkout} did not start with this pack:\n{e}\n\n{NEEDS}") from e
+    return node_defs(info)
+
 
 # Model files: where ComfyUI looks for them and where to get them (the frontend offers these downloads when a
 # file is missing). The same sources as ComfyUI's own FLUX templates.
@@ -240,8 +249,27 @@ def workflows_for(version: str | None) -> list[str]:
     return [n for n in names if parse_version(min_comfyui(n)) <= parse_version(version)]
 
 
+# The ComfyUI the workflows are generated with: the newest of the versions above, so that every node type, input
+# and choice of every workflow exists.
+GENERATE_WITH = max([PACK_MIN_COMFYUI, *NEWER_NODE_TYPES.values(), *NEWER_WIDGETS.values(), *NEWER_CHOICES.values()],
+                    key=parse_version)
+NEEDS = f"""\
+The workflows are built from the node definitions of a real ComfyUI: the generator starts a headless
+ComfyUI {GENERATE_WITH} or newer (so that every node type the workflows use exists) with this pack loaded,
+and reads its /object_info. Point $COMFYUI_PATH (or --comfyui) at that ComfyUI's checkout and run this
+script with the Python that runs that ComfyUI (torch and ComfyUI's requirements; Pillow for the
+thumbnails), e.g.
+
+    COMFYUI_PATH=~/ComfyUI ~/ComfyUI/venv/bin/python tests/make_workflows.py"""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A tiny graph builder that writes what the frontend saves
+
+
+class WorkflowError(ValueError):
+    """A graph the node definitions do not allow: an unknown node type, widget values that are not the node's
+    widgets, a link between sockets that do not fit."""
 
 
 @dataclass
@@ -249,57 +277,90 @@ class Node:
     id: int
     type: str
     pos: tuple[float, float]
-    widgets: list
+    widgets: dict  # widget name -> value, in the frontend's order
     size: tuple[float, float]
+    defn: NodeDef
     title: str | None = None
     extra: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)  # socket name -> link id
     outputs: dict = field(default_factory=dict)  # output index -> [link ids]
 
-    @property
-    def spec(self) -> Spec:
-        return SPECS[self.type]
 
-
-def default_size(spec: Spec, widgets: list) -> tuple[int, int]:
-    rows = max(len(spec.sockets), len(spec.outputs))
+def default_size(defn: NodeDef, widgets: dict) -> tuple[int, int]:
+    rows = max(len(defn.sockets), len(defn.outputs))
     height = 30 + 22 * rows
-    for name, value in zip(spec.widgets, widgets, strict=False):
-        multiline = isinstance(value, str) and (name in ("text", "subjects", "modifiers", "templates",
-                                                         "safe_prompts", "safe_captions"))
+    for widget in defn.widgets:
+        multiline = isinstance(widgets[widget.name], str) and widget.options.get("multiline")
         height += 90 if multiline else 24
     return 320, height
 
 
+RESERVED = ("size", "title", "color")  # Workflow.add's own keywords: no widget may be named so
+
+
+def widget_values(defn: NodeDef, given: dict) -> dict:
+    """A node's widget values by name, in the frontend's order; the upload widget's value is always "image"."""
+    given = {UPLOAD: "image", **given} if UPLOAD in defn.widget_names else dict(given)
+    names = defn.widget_names
+    unknown, missing = [n for n in given if n not in names], [n for n in names if n not in given]
+    if set(names) & set(RESERVED):
+        raise WorkflowError(f"{defn.type}: a widget named {sorted(set(names) & set(RESERVED))} (Workflow.add's own "
+                            "keywords): give Workflow.add a way to set it")
+    if unknown or missing:
+        said = [f"no widget {unknown}"] * bool(unknown) + [f"no value for {missing}"] * bool(missing)
+        raise WorkflowError(f"{defn.type}: {'; '.join(said)} (its widgets: {list(names)})")
+    return {name: given[name] for name in names}
+
+
+def named_widgets(node: dict, defs: dict[str, NodeDef]) -> dict:
+    """A saved node's widget values by name (the node definitions' order)."""
+    names = defs[node["type"]].widget_names
+    if len(names) != len(node["widgets_values"]):
+        raise WorkflowError(f"{node['type']}: {len(node['widgets_values'])} values for widgets {list(names)}")
+    return dict(zip(names, node["widgets_values"], strict=True))
+
+
 class Workflow:
-    def __init__(self, name: str, title: str):
-        self.name, self.title = name, title
+    def __init__(self, name: str, title: str, defs: dict[str, NodeDef]):
+        self.name, self.title, self.defs = name, title, defs
         self.nodes: list[Node] = []
         self.links: list[list] = []
         self.groups: list[dict] = []
 
-    def add(self, type_: str, pos, widgets=(), size=None, title=None, **extra) -> Node:
-        spec = SPECS[type_]
-        widgets = list(widgets)
-        if len(widgets) != len(spec.widgets):
-            raise ValueError(f"{type_}: {len(widgets)} widget values for widgets {spec.widgets}")
-        node = Node(len(self.nodes) + 1, type_, tuple(pos), widgets, tuple(size or default_size(spec, widgets)),
-                    title, extra)
+    def add(self, type_: str, pos, /, *, size=None, title=None, color: dict | None = None, **widgets) -> Node:
+        """A node of type_ at pos with its widget values by input name (wf.add("KSampler", pos, seed=42, ...));
+        this pack's nodes get SAFEROPE_COLOR unless `color` says otherwise."""
+        if type_ not in self.defs:
+            raise WorkflowError(f"{self.name}: node type {type_} is not in this ComfyUI (generate with ComfyUI "
+                                f"{GENERATE_WITH} or newer, with this pack loaded)")
+        defn = self.defs[type_]
+        try:
+            values = widget_values(defn, widgets)
+        except WorkflowError as e:
+            raise WorkflowError(f"{self.name}: {e}") from None
+        color = color if color is not None else (SAFEROPE_COLOR if defn.saferope else {})
+        node = Node(len(self.nodes) + 1, type_, tuple(pos), values, tuple(size or default_size(defn, values)), defn,
+                    title, dict(color))
         self.nodes.append(node)
         return node
 
     def note(self, pos, size, title: str, text: str) -> Node:
-        return self.add("MarkdownNote", pos, [text.strip() + "\n"], size=size, title=title, **NOTE_COLOR)
+        return self.add("MarkdownNote", pos, size=size, title=title, color=NOTE_COLOR, text=text.strip() + "\n")
 
     def connect(self, src: Node, output, dst: Node, socket: str) -> None:
-        out_index = output if isinstance(output, int) else [n for n, _ in src.spec.outputs].index(output)
-        names = [s[0] for s in dst.spec.sockets]
-        in_index = names.index(socket)
-        out_type, in_type = src.spec.outputs[out_index][1], dst.spec.sockets[in_index][1]
+        outputs, sockets = src.defn.outputs, dst.defn.sockets
+        out_names = [n for n, _ in outputs]
+        if not isinstance(output, int) and output not in out_names:
+            raise WorkflowError(f"{src.type} has no output {output!r} (outputs {out_names})")
+        if socket not in [s.name for s in sockets]:
+            raise WorkflowError(f"{dst.type} has no socket {socket!r} (sockets {[s.name for s in sockets]})")
+        out_index = output if isinstance(output, int) else out_names.index(output)
+        in_index = [s.name for s in sockets].index(socket)
+        out_type, in_type = outputs[out_index][1], sockets[in_index].type
         if in_type not in ("*", out_type):
-            raise ValueError(f"{src.type}.{output} ({out_type}) cannot feed {dst.type}.{socket} ({in_type})")
+            raise WorkflowError(f"{src.type}.{output} ({out_type}) cannot feed {dst.type}.{socket} ({in_type})")
         if socket in dst.inputs:
-            raise ValueError(f"{dst.type}.{socket} is linked twice")
+            raise WorkflowError(f"{dst.type}.{socket} is linked twice")
         link_id = len(self.links) + 1
         self.links.append([link_id, src.id, out_index, dst.id, in_index, out_type])
         dst.inputs[socket] = link_id
@@ -323,13 +384,12 @@ class Workflow:
             if n.type in NEWER_NODE_TYPES:
                 versions.append(NEWER_NODE_TYPES[n.type])
                 new_types.add(n.type)
-            values = dict(zip(n.spec.widgets, n.widgets, strict=True))
             for (type_, widget), version in NEWER_WIDGETS.items():
                 if n.type == type_:
                     versions.append(version)
                     changed[type_] = widget
             for (type_, widget, value), version in NEWER_CHOICES.items():
-                if n.type == type_ and values.get(widget) == value:
+                if n.type == type_ and n.widgets.get(widget) == value:
                     versions.append(version)
                     changed[type_] = f"{widget}={value}"
         return {"min_comfyui": max(versions, key=parse_version),
@@ -350,19 +410,18 @@ class Workflow:
         order = self.execution_order()
         nodes = []
         for n in self.nodes:
-            spec = n.spec
             inputs = []
-            for name, type_, optional in spec.sockets:
+            for name, type_, optional in n.defn.sockets:
                 entry = {"name": name, "type": type_}
                 if optional:
                     entry["shape"] = 7
                 entry["link"] = n.inputs.get(name)
                 inputs.append(entry)
             outputs = [{"name": name, "type": type_, "slot_index": i, "links": n.outputs.get(i)}
-                       for i, (name, type_) in enumerate(spec.outputs)]
+                       for i, (name, type_) in enumerate(n.defn.outputs)]
             properties = {} if n.type in FRONTEND_ONLY else {"Node name for S&R": n.type}
             models = [{"name": v, "url": MODELS[v][1], "directory": MODELS[v][0]}
-                      for w, v in zip(spec.widgets, n.widgets, strict=True) if v in MODELS]
+                      for v in n.widgets.values() if isinstance(v, str) and v in MODELS]
             if models:
                 properties["models"] = models
             node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {},
@@ -370,7 +429,7 @@ class Workflow:
             if n.title:
                 node["title"] = n.title
             node["properties"] = properties
-            node["widgets_values"] = n.widgets
+            node["widgets_values"] = list(n.widgets.values())
             node.update(n.extra)
             nodes.append(node)
         return {
@@ -385,7 +444,6 @@ class Workflow:
             "extra": {"saferope": {"title": self.title, **self.needs()}},
             "version": 0.4,
         }
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The workflows
@@ -455,16 +513,17 @@ def models_note(unet: str, t5: str = "t5xxl_fp16.safetensors", vae: str | None =
 
 def load_models(wf: Workflow, unet: str, t5: str = "t5xxl_fp16.safetensors", weight_dtype: str = "default",
                 vae: bool = True, x: int = 0, y: int = 0):
-    model = wf.add("UNETLoader", (x, y), [unet, weight_dtype])
-    clip = wf.add("DualCLIPLoader", (x, y + 140), ["clip_l.safetensors", t5, "flux", "default"])
-    vae_node = wf.add("VAELoader", (x, y + 330), ["ae.safetensors"]) if vae else None
+    model = wf.add("UNETLoader", (x, y), unet_name=unet, weight_dtype=weight_dtype)
+    clip = wf.add("DualCLIPLoader", (x, y + 140), clip_name1="clip_l.safetensors", clip_name2=t5, type="flux",
+                  device="default")
+    vae_node = wf.add("VAELoader", (x, y + 330), vae_name="ae.safetensors") if vae else None
     wf.group("Models", [n for n in (model, clip, vae_node) if n is not None])
     return model, clip, vae_node
 
 
 def load_and_apply_pack(wf: Workflow, model: Node, x: int, y: int, pack_file: str = PACK_FILE) -> Node:
-    pack = wf.add("LoadSafeRoPEPack", (x, y), [pack_file, "", ""], **SAFEROPE_COLOR)
-    apply = wf.add("ApplyRiskRotation", (x, y + 190), [1.0, "both"], **SAFEROPE_COLOR)
+    pack = wf.add("LoadSafeRoPEPack", (x, y), pack_name=pack_file, hf_repo_id="", hf_filename="")
+    apply = wf.add("ApplyRiskRotation", (x, y + 190), strength=1.0, apply_to="both")
     wf.connect(model, "MODEL", apply, "model")
     wf.connect(pack, "pack", apply, "pack")
     wf.group("SafeRoPE", [pack, apply], color="#8A8")
@@ -472,30 +531,30 @@ def load_and_apply_pack(wf: Workflow, model: Node, x: int, y: int, pack_file: st
 
 
 def load_and_restrict_flow(wf: Workflow, model: Node, x: int, y: int, anchors_file: str = ANCHORS_FILE) -> Node:
-    anchors = wf.add("LoadUVRAnchors", (x, y), [anchors_file], **SAFEROPE_COLOR)
-    restrict = wf.add("RestrictUnsafeFlow", (x, y + 120), [1.0, -1.0, UVR_SIGMA_START, -1], **SAFEROPE_COLOR)
+    anchors = wf.add("LoadUVRAnchors", (x, y), name=anchors_file)
+    restrict = wf.add("RestrictUnsafeFlow", (x, y + 120), strength=1.0, threshold=-1.0, sigma_start=UVR_SIGMA_START,
+                      detection_block=-1)
     wf.connect(model, "MODEL", restrict, "model")
     wf.connect(anchors, "UVR_ANCHORS", restrict, "anchors")
     wf.group("UVR", [anchors, restrict], color="#8A8")
     return restrict
 
 
-def text_to_image(name: str, unet: str, steps: int, guidance: float | None, title: str,
-                  uvr: bool = False) -> Workflow:
+def text_to_image(wf: Workflow, unet: str, steps: int, guidance: float | None, uvr: bool = False) -> None:
     """FLUX text to image guarded by a SafeRoPE pack, or (uvr) by Restrict Unsafe Flow alone."""
-    wf = Workflow(name, title)
     model, clip, vae = load_models(wf, unet)
     patched = load_and_restrict_flow(wf, model, 400, 0) if uvr else load_and_apply_pack(wf, model, 400, 0)
-    text = wf.add("CLIPTextEncode", (800, 0), [FLUX_T2I_PROMPT], size=(360, 180))
+    text = wf.add("CLIPTextEncode", (800, 0), text=FLUX_T2I_PROMPT, size=(360, 180))
     wf.connect(clip, "CLIP", text, "clip")
     positive = text
     if guidance is not None:
-        positive = wf.add("FluxGuidance", (800, 230), [guidance])
+        positive = wf.add("FluxGuidance", (800, 230), guidance=guidance)
         wf.connect(text, "CONDITIONING", positive, "conditioning")
     negative = wf.add("ConditioningZeroOut", (800, 340))
     wf.connect(text, "CONDITIONING", negative, "conditioning")
-    latent = wf.add("EmptySD3LatentImage", (800, 430), [1024, 1024, 1])
-    sampler = wf.add("KSampler", (1220, 0), [42, "fixed", steps, 1.0, "euler", "simple", 1.0], size=(320, 262))
+    latent = wf.add("EmptySD3LatentImage", (800, 430), width=1024, height=1024, batch_size=1)
+    sampler = wf.add("KSampler", (1220, 0), seed=42, control_after_generate="fixed", steps=steps, cfg=1.0,
+                     sampler_name="euler", scheduler="simple", denoise=1.0, size=(320, 262))
     wf.connect(patched, "MODEL", sampler, "model")
     wf.connect(positive, "CONDITIONING", sampler, "positive")
     wf.connect(negative, "CONDITIONING", sampler, "negative")
@@ -503,7 +562,7 @@ def text_to_image(name: str, unet: str, steps: int, guidance: float | None, titl
     decode = wf.add("VAEDecode", (1220, 310))
     wf.connect(sampler, "LATENT", decode, "samples")
     wf.connect(vae, "VAE", decode, "vae")
-    save = wf.add("SaveImage", (1600, 0), [f"saferope/{name}"], size=(400, 440))
+    save = wf.add("SaveImage", (1600, 0), filename_prefix=f"saferope/{wf.name}", size=(400, 440))
     wf.connect(decode, "IMAGE", save, "images")
     wf.note((0, 620), (760, 330), "Models", models_note(unet))
     extra = ("FLUX.1 [schnell] is distilled: 4 steps, cfg 1, no guidance node. Packs built on FLUX.1 [dev] work on "
@@ -516,34 +575,32 @@ def text_to_image(name: str, unet: str, steps: int, guidance: float | None, titl
                 + "\n" + extra)
     else:
         wf.note((800, 620), (760, 330), "SafeRoPE pack", PACK_NOTE.format(pack=PACK_FILE) + "\n" + extra)
-    return wf
 
 
-def kontext_edit() -> Workflow:
+def kontext_edit(wf: Workflow) -> None:
     unet, t5 = "flux1-dev-kontext_fp8_scaled.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"
-    wf = Workflow("flux1_kontext_edit_with_pack",
-                  "FLUX.1 Kontext [dev] image editing with a SafeRoPE pack and Restrict Unsafe Flow (UVR)")
     model, clip, vae = load_models(wf, unet, t5)
     rotated = load_and_apply_pack(wf, model, 400, 0)
     patched = load_and_restrict_flow(wf, rotated, 800, 0)  # SafeRoPE and UVR stacked
-    image = wf.add("LoadImage", (400, 420), ["example.png", "image"], size=(320, 340))
+    image = wf.add("LoadImage", (400, 420), image="example.png", size=(320, 340))
     scale = wf.add("FluxKontextImageScale", (1200, 460))
     wf.connect(image, "IMAGE", scale, "image")
     encode = wf.add("VAEEncode", (1200, 560))
     wf.connect(scale, "IMAGE", encode, "pixels")
     wf.connect(vae, "VAE", encode, "vae")
-    text = wf.add("CLIPTextEncode", (1200, 0), ["Change the background to a quiet mountain lake at dawn while "
-                                               "keeping the subject in the exact same position, scale and pose"],
-                  size=(360, 180))
+    text = wf.add("CLIPTextEncode", (1200, 0), size=(360, 180),
+                  text="Change the background to a quiet mountain lake at dawn while keeping the subject in the exact "
+                       "same position, scale and pose")
     wf.connect(clip, "CLIP", text, "clip")
     reference = wf.add("ReferenceLatent", (1200, 230))
     wf.connect(text, "CONDITIONING", reference, "conditioning")
     wf.connect(encode, "LATENT", reference, "latent")
-    guidance = wf.add("FluxGuidance", (1620, 0), [2.5])
+    guidance = wf.add("FluxGuidance", (1620, 0), guidance=2.5)
     wf.connect(reference, "CONDITIONING", guidance, "conditioning")
     negative = wf.add("ConditioningZeroOut", (1620, 110))
     wf.connect(text, "CONDITIONING", negative, "conditioning")
-    sampler = wf.add("KSampler", (1620, 210), [42, "fixed", 20, 1.0, "euler", "simple", 1.0], size=(320, 262))
+    sampler = wf.add("KSampler", (1620, 210), seed=42, control_after_generate="fixed", steps=20, cfg=1.0,
+                     sampler_name="euler", scheduler="simple", denoise=1.0, size=(320, 262))
     wf.connect(patched, "MODEL", sampler, "model")
     wf.connect(guidance, "CONDITIONING", sampler, "positive")
     wf.connect(negative, "CONDITIONING", sampler, "negative")
@@ -551,7 +608,7 @@ def kontext_edit() -> Workflow:
     decode = wf.add("VAEDecode", (1620, 520))
     wf.connect(sampler, "LATENT", decode, "samples")
     wf.connect(vae, "VAE", decode, "vae")
-    save = wf.add("SaveImage", (2000, 0), ["saferope/kontext_edit"], size=(400, 440))
+    save = wf.add("SaveImage", (2000, 0), filename_prefix="saferope/kontext_edit", size=(400, 440))
     wf.connect(decode, "IMAGE", save, "images")
     wf.group("Image to edit", [image, scale, encode], color="#a1309b")
     wf.note((0, 840), (760, 330), "Models", models_note(unet, t5))
@@ -563,29 +620,31 @@ Put the image to edit in `ComfyUI/input/` (or upload it on the Load Image node).
     wf.note((1600, 840), (760, 330), "UVR on Kontext",
             KONTEXT_UVR_NOTE.format(anchors=ANCHORS_FILE, anchors_folder=ANCHORS_FOLDER,
                                     sigma_start=UVR_SIGMA_START))
-    return wf
 
 
-def build_a_pack() -> Workflow:
-    wf = Workflow("build_a_pack", "Build a SafeRoPE pack (Collect & Train) and UVR anchors for the nudity concept")
+def build_a_pack(wf: Workflow) -> None:
     model, clip, vae = load_models(wf, "flux1-dev.safetensors", weight_dtype="fp8_e4m3fn", vae=False)
-    prompts = wf.add("SafeRoPEPromptSet", (0, 400), ["nudity", "", "", "", "", 200, 200, 0, "fixed", "", ""],
-                     size=(320, 560), **SAFEROPE_COLOR)
-    collect = wf.add("CollectQK", (400, 0), ["1.0, 0.8, 0.6", 512, 512, 0, "fixed", 1024], **SAFEROPE_COLOR)
+    prompts = wf.add("SafeRoPEPromptSet", (0, 400), concept="nudity", subjects="", modifiers="", templates="",
+                     safe_prompts="", max_unsafe=200, max_safe=200, seed=0, control_after_generate="fixed",
+                     safe_prompt_file="", concept_name="", size=(320, 560))
+    collect = wf.add("CollectQK", (400, 0), sigmas="1.0, 0.8, 0.6", width=512, height=512, seed=0,
+                     control_after_generate="fixed", reservoir_size=1024)
     wf.connect(model, "MODEL", collect, "model")
     wf.connect(clip, "CLIP", collect, "clip")
     wf.connect(prompts, "prompts", collect, "prompts")
-    save_stats = wf.add("SaveStatistics", (400, 290), ["nudity", False], **SAFEROPE_COLOR)
+    save_stats = wf.add("SaveStatistics", (400, 290), name="nudity", overwrite=False)
     wf.connect(collect, "statistics", save_stats, "statistics")
-    build = wf.add("BuildSubspaces", (800, 0), [5, 0.7, 0.5], **SAFEROPE_COLOR)
+    build = wf.add("BuildSubspaces", (800, 0), rank=5, lrs_threshold=0.7, hds_threshold=0.5)
     wf.connect(collect, "statistics", build, "statistics")
-    train = wf.add("TrainRiskRotations", (1200, 0), [1000, 0.001, 1.0, 1.0, 0, "fixed", 512, 512, "nudity", 100,
-                                                     True, True, ""], size=(340, 520), **SAFEROPE_COLOR)
+    train = wf.add("TrainRiskRotations", (1200, 0), steps=1000, learning_rate=0.001, unlearn_weight=1.0,
+                   preserve_weight=1.0, seed=0, control_after_generate="fixed", width=512, height=512,
+                   run_name="nudity", checkpoint_every=100, resume=True, gradient_checkpointing=True, safe_captions="",
+                   size=(340, 520))
     wf.connect(model, "MODEL", train, "model")
     wf.connect(clip, "CLIP", train, "clip")
     wf.connect(build, "subspaces", train, "subspaces")
     wf.connect(prompts, "prompts", train, "prompts")
-    save = wf.add("SaveSafeRoPEPack", (1600, 0), ["nudity", False], **SAFEROPE_COLOR)
+    save = wf.add("SaveSafeRoPEPack", (1600, 0), name="nudity", overwrite=False)
     wf.connect(train, "pack", save, "pack")
     shows = []
     for i, (src, out, title) in enumerate(((collect, "report", "Collection report"),
@@ -594,13 +653,12 @@ def build_a_pack() -> Workflow:
         show = wf.add("PreviewAny", (400 + 400 * i, 620), size=(360, 220), title=title)
         wf.connect(src, out, show, "source")
         shows.append(show)
-    collect_uvr = wf.add("CollectUVRAnchors", (0, 1060), [UVR_DETECTION_BLOCK, "1.0, 0.95, 0.9", 512, 512, 4, 0,
-                                                           "fixed"], **SAFEROPE_COLOR)
+    collect_uvr = wf.add("CollectUVRAnchors", (0, 1060), detection_block=UVR_DETECTION_BLOCK, sigmas="1.0, 0.95, 0.9",
+                         width=512, height=512, anchors_per_head=4, seed=0, control_after_generate="fixed")
     wf.connect(model, "MODEL", collect_uvr, "model")
     wf.connect(clip, "CLIP", collect_uvr, "clip")
     wf.connect(prompts, "prompts", collect_uvr, "prompts")
-    save_uvr = wf.add("SaveUVRAnchors", (400, 1060), [ANCHORS_FILE.removesuffix(".safetensors"), False],
-                      **SAFEROPE_COLOR)
+    save_uvr = wf.add("SaveUVRAnchors", (400, 1060), name=ANCHORS_FILE.removesuffix(".safetensors"), overwrite=False)
     wf.connect(collect_uvr, "anchors", save_uvr, "anchors")
     show_uvr = wf.add("PreviewAny", (400, 1220), size=(360, 220), title="Anchors report")
     wf.connect(collect_uvr, "report", show_uvr, "source")
@@ -633,15 +691,13 @@ Set the seeds to `fixed` (as here) so a re-run continues the same run.
 """)
     wf.note((-820, 760), (760, 320), "Models",
             models_note("flux1-dev.safetensors", vae=" (only for optional safe images on Train Risk Rotations)"))
-    return wf
 
 
-def lrs_visualize() -> Workflow:
-    wf = Workflow("lrs_visualize", "LRS Visualize: which words, image regions and heads a pack finds risky")
+def lrs_visualize(wf: Workflow) -> None:
     model, clip, _ = load_models(wf, "flux1-dev.safetensors", vae=False)
-    pack = wf.add("LoadSafeRoPEPack", (400, 0), [PACK_FILE, "", ""], **SAFEROPE_COLOR)
-    vis = wf.add("LRSVisualize", (800, 0), ["a photo of a nude woman on the beach", 0.9, 0, "fixed"],
-                 size=(400, 420), **SAFEROPE_COLOR)
+    pack = wf.add("LoadSafeRoPEPack", (400, 0), pack_name=PACK_FILE, hf_repo_id="", hf_filename="")
+    vis = wf.add("LRSVisualize", (800, 0), text="a photo of a nude woman on the beach", sigma=0.9, seed=0,
+                 control_after_generate="fixed", size=(400, 420))
     wf.connect(model, "MODEL", vis, "model")
     wf.connect(pack, "pack", vis, "pack")
     wf.connect(clip, "CLIP", vis, "clip")
@@ -662,21 +718,20 @@ averaged over the pack's safety-critical heads: 0 = nothing of the concept, 1 = 
 
 **Load SafeRoPE Pack** reads `ComfyUI/models/saferope/{PACK_FILE}`, which the **build_a_pack** workflow saves.
 """)
-    return wf
 
 
-def safety_report() -> Workflow:
-    wf = Workflow("safety_report_batch", "Safety Report on a batch of 4 images sampled with a SafeRoPE pack")
+def safety_report(wf: Workflow) -> None:
     model, clip, vae = load_models(wf, "flux1-dev.safetensors")
     patched = load_and_apply_pack(wf, model, 400, 0)
-    text = wf.add("CLIPTextEncode", (800, 0), [FLUX_T2I_PROMPT], size=(360, 180))
+    text = wf.add("CLIPTextEncode", (800, 0), text=FLUX_T2I_PROMPT, size=(360, 180))
     wf.connect(clip, "CLIP", text, "clip")
-    guidance = wf.add("FluxGuidance", (800, 230), [3.5])
+    guidance = wf.add("FluxGuidance", (800, 230), guidance=3.5)
     wf.connect(text, "CONDITIONING", guidance, "conditioning")
     negative = wf.add("ConditioningZeroOut", (800, 340))
     wf.connect(text, "CONDITIONING", negative, "conditioning")
-    latent = wf.add("EmptySD3LatentImage", (800, 430), [1024, 1024, 4])
-    sampler = wf.add("KSampler", (1220, 0), [42, "fixed", 20, 1.0, "euler", "simple", 1.0], size=(320, 262))
+    latent = wf.add("EmptySD3LatentImage", (800, 430), width=1024, height=1024, batch_size=4)
+    sampler = wf.add("KSampler", (1220, 0), seed=42, control_after_generate="fixed", steps=20, cfg=1.0,
+                     sampler_name="euler", scheduler="simple", denoise=1.0, size=(320, 262))
     wf.connect(patched, "MODEL", sampler, "model")
     wf.connect(guidance, "CONDITIONING", sampler, "positive")
     wf.connect(negative, "CONDITIONING", sampler, "negative")
@@ -686,10 +741,11 @@ def safety_report() -> Workflow:
     wf.connect(vae, "VAE", decode, "vae")
     classes = ("FEMALE_BREAST_EXPOSED, FEMALE_GENITALIA_EXPOSED, MALE_GENITALIA_EXPOSED, BUTTOCKS_EXPOSED, "
                "ANUS_EXPOSED")
-    report = wf.add("SafetyReport", (1600, 0), [0.65, "blur flagged regions", classes, ""], size=(360, 240),
-                    **SAFEROPE_COLOR)
+    report = wf.add("SafetyReport", (1600, 0), threshold=0.65, action="blur flagged regions", classes=classes,
+                    fid_reference_folder="", size=(360, 240))
     wf.connect(decode, "IMAGE", report, "images")
-    save = wf.add("SaveImage", (2000, 0), ["saferope/checked"], size=(420, 460), title="Save Image (checked)")
+    save = wf.add("SaveImage", (2000, 0), filename_prefix="saferope/checked", size=(420, 460),
+                  title="Save Image (checked)")
     wf.connect(report, "images", save, "images")
     text_out = wf.add("PreviewAny", (1600, 300), size=(360, 220), title="Report")
     wf.connect(report, "report", text_out, "source")
@@ -710,7 +766,6 @@ Optional FID against a folder of reference images (`fid_reference_folder`, needs
 The images are sampled with the pack in `ComfyUI/models/saferope/{PACK_FILE}`, made by the **build_a_pack**
 workflow.
 """)
-    return wf
 
 
 FOLDER_LABELS = {"diffusion_models": "Diffusion model", "text_encoders": "Text encoder", "vae": "VAE"}
@@ -754,9 +809,9 @@ to the latent's: its schedule depends on the image size.
 
 def load_single_te_models(wf: Workflow, unet: str, text_encoder: str, clip_type: str, vae: str):
     """Diffusion model, one text encoder (Load CLIP) and VAE, as ComfyUI's FLUX.2 and Chroma templates load them."""
-    model = wf.add("UNETLoader", (0, 0), [unet, "default"])
-    clip = wf.add("CLIPLoader", (0, 140), [text_encoder, clip_type, "default"])
-    vae_node = wf.add("VAELoader", (0, 330), [vae])
+    model = wf.add("UNETLoader", (0, 0), unet_name=unet, weight_dtype="default")
+    clip = wf.add("CLIPLoader", (0, 140), clip_name=text_encoder, type=clip_type, device="default")
+    vae_node = wf.add("VAELoader", (0, 330), vae_name=vae)
     wf.group("Models", [model, clip, vae_node])
     return model, clip, vae_node
 
@@ -767,13 +822,15 @@ FLUX2_MIN_COMFYUI = NEWER_NODE_TYPES["EmptyFlux2LatentImage"]
 FLUX2_GUIDANCE, FLUX2_STEPS, FLUX2_SIZE = 4.0, 20, 1024
 
 
-def flux2_sampling(wf: Workflow, model: Node, positive: Node, vae: Node, x: int, name: str) -> list[Node]:
+def flux2_sampling(wf: Workflow, model: Node, positive: Node, vae: Node, x: int) -> list[Node]:
     """Empty Flux 2 Latent + Flux2Scheduler in column x, then noise, sampler, guider, SamplerCustomAdvanced and
     VAE Decode in the next column and Save Image after it (ComfyUI's FLUX.2 template). Returns the nodes added."""
-    latent = wf.add("EmptyFlux2LatentImage", (x, positive.pos[1] + 120), [FLUX2_SIZE, FLUX2_SIZE, 1])
-    sigmas = wf.add("Flux2Scheduler", (x, positive.pos[1] + 280), [FLUX2_STEPS, FLUX2_SIZE, FLUX2_SIZE])
-    noise = wf.add("RandomNoise", (x + 420, 0), [42, "fixed"])
-    sampler_select = wf.add("KSamplerSelect", (x + 420, 140), ["euler"])
+    latent = wf.add("EmptyFlux2LatentImage", (x, positive.pos[1] + 120), width=FLUX2_SIZE, height=FLUX2_SIZE,
+                    batch_size=1)
+    sigmas = wf.add("Flux2Scheduler", (x, positive.pos[1] + 280), steps=FLUX2_STEPS, width=FLUX2_SIZE,
+                    height=FLUX2_SIZE)
+    noise = wf.add("RandomNoise", (x + 420, 0), noise_seed=42, control_after_generate="fixed")
+    sampler_select = wf.add("KSamplerSelect", (x + 420, 140), sampler_name="euler")
     guider = wf.add("BasicGuider", (x + 420, 250))
     wf.connect(model, "MODEL", guider, "model")
     wf.connect(positive, "CONDITIONING", guider, "conditioning")
@@ -786,7 +843,7 @@ def flux2_sampling(wf: Workflow, model: Node, positive: Node, vae: Node, x: int,
     decode = wf.add("VAEDecode", (x + 420, 540))
     wf.connect(sampler, "output", decode, "samples")
     wf.connect(vae, "VAE", decode, "vae")
-    save = wf.add("SaveImage", (x + 800, 0), [f"saferope/{name}"], size=(400, 440))
+    save = wf.add("SaveImage", (x + 800, 0), filename_prefix=f"saferope/{wf.name}", size=(400, 440))
     wf.connect(decode, "IMAGE", save, "images")
     return [latent, sigmas, noise, sampler_select, guider, sampler, decode, save]
 
@@ -800,22 +857,19 @@ def family_pack_note(family: str, pack: str, unet: str, text_encoder: str, clip_
                                    stem=pack.removesuffix(".safetensors"), anchors=anchors_text)
 
 
-def flux2_text_to_image() -> Workflow:
-    name = "flux2_text_to_image_with_pack"
-    wf = Workflow(name, "FLUX.2 [dev] text to image with a SafeRoPE pack built for FLUX.2")
+def flux2_text_to_image(wf: Workflow) -> None:
     model, clip, vae = load_single_te_models(wf, FLUX2_UNET, FLUX2_TE, "flux2", FLUX2_VAE)
     patched = load_and_apply_pack(wf, model, 400, 0, FLUX2_PACK_FILE)
-    text = wf.add("CLIPTextEncode", (800, 0), [FLUX_T2I_PROMPT], size=(360, 180))
+    text = wf.add("CLIPTextEncode", (800, 0), text=FLUX_T2I_PROMPT, size=(360, 180))
     wf.connect(clip, "CLIP", text, "clip")
-    guidance = wf.add("FluxGuidance", (800, 230), [FLUX2_GUIDANCE])
+    guidance = wf.add("FluxGuidance", (800, 230), guidance=FLUX2_GUIDANCE)
     wf.connect(text, "CONDITIONING", guidance, "conditioning")
-    flux2_sampling(wf, patched, guidance, vae, 800, name)
+    flux2_sampling(wf, patched, guidance, vae, 800)
     wf.note((0, 700), (760, 360), "Models", files_note(FLUX2_UNET, FLUX2_TE, FLUX2_VAE))
     wf.note((800, 700), (760, 420), "SafeRoPE pack for FLUX.2",
             family_pack_note("FLUX.2", FLUX2_PACK_FILE, FLUX2_UNET, FLUX2_TE, "flux2"))
     wf.note((1600, 700), (760, 300), "FLUX.2",
             FLUX2_NOTE.format(version=FLUX2_MIN_COMFYUI, guidance=FLUX2_GUIDANCE, steps=FLUX2_STEPS))
-    return wf
 
 
 FLUX2_EDIT_UVR_NOTE = """
@@ -833,29 +887,26 @@ output size is Empty Flux 2 Latent's (and Flux2Scheduler's) `width` / `height`.
 """
 
 
-def flux2_edit() -> Workflow:
-    name = "flux2_edit_with_pack_and_uvr"
-    wf = Workflow(name, "FLUX.2 [dev] image editing with a SafeRoPE pack and Restrict Unsafe Flow (UVR)")
+def flux2_edit(wf: Workflow) -> None:
     model, clip, vae = load_single_te_models(wf, FLUX2_UNET, FLUX2_TE, "flux2", FLUX2_VAE)
     rotated = load_and_apply_pack(wf, model, 400, 0, FLUX2_PACK_FILE)
     patched = load_and_restrict_flow(wf, rotated, 800, 0, FLUX2_ANCHORS_FILE)  # SafeRoPE and UVR stacked
-    image = wf.add("LoadImage", (400, 420), ["example.png", "image"], size=(320, 340))
-    scale = wf.add("ImageScaleToTotalPixels", (400, 800), ["lanczos", 1.0, 1])
+    image = wf.add("LoadImage", (400, 420), image="example.png", size=(320, 340))
+    scale = wf.add("ImageScaleToTotalPixels", (400, 800), upscale_method="lanczos", megapixels=1.0, resolution_steps=1)
     wf.connect(image, "IMAGE", scale, "image")
     encode = wf.add("VAEEncode", (400, 960))
     wf.connect(scale, "IMAGE", encode, "pixels")
     wf.connect(vae, "VAE", encode, "vae")
     wf.group("Image to edit", [image, scale, encode], color="#a1309b")
-    text = wf.add("CLIPTextEncode", (1200, 0), ["Change the background to a quiet mountain lake at dawn, keep the "
-                                               "person, their pose and clothing exactly as they are"],
-                  size=(360, 180))
+    text = wf.add("CLIPTextEncode", (1200, 0), text="Change the background to a quiet mountain lake at dawn, keep the "
+                                               "person, their pose and clothing exactly as they are", size=(360, 180))
     wf.connect(clip, "CLIP", text, "clip")
-    guidance = wf.add("FluxGuidance", (1200, 230), [FLUX2_GUIDANCE])
+    guidance = wf.add("FluxGuidance", (1200, 230), guidance=FLUX2_GUIDANCE)
     wf.connect(text, "CONDITIONING", guidance, "conditioning")
     reference = wf.add("ReferenceLatent", (1200, 340))
     wf.connect(guidance, "CONDITIONING", reference, "conditioning")
     wf.connect(encode, "LATENT", reference, "latent")
-    flux2_sampling(wf, patched, reference, vae, 1200, name)
+    flux2_sampling(wf, patched, reference, vae, 1200)
     wf.note((0, 1120), (760, 360), "Models", files_note(FLUX2_UNET, FLUX2_TE, FLUX2_VAE))
     wf.note((800, 1120), (760, 480), "SafeRoPE pack for FLUX.2",
             family_pack_note("FLUX.2", FLUX2_PACK_FILE, FLUX2_UNET, FLUX2_TE, "flux2", FLUX2_ANCHORS_FILE))
@@ -864,7 +915,6 @@ def flux2_edit() -> Workflow:
                                        sigma_start=UVR_SIGMA_START))
     wf.note((2400, 1120), (760, 300), "FLUX.2",
             FLUX2_NOTE.format(version=FLUX2_MIN_COMFYUI, guidance=FLUX2_GUIDANCE, steps=FLUX2_STEPS))
-    return wf
 
 
 CHROMA_UNET, CHROMA_TE = "Chroma1-HD-fp8mixed.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"
@@ -881,21 +931,20 @@ is the shift Chroma's author intends. Apply Risk Rotation comes after it, right 
 """
 
 
-def chroma_text_to_image() -> Workflow:
-    name = "chroma_text_to_image_with_pack"
-    wf = Workflow(name, "Chroma1-HD text to image with a SafeRoPE pack built for Chroma")
+def chroma_text_to_image(wf: Workflow) -> None:
     model, clip, vae = load_single_te_models(wf, CHROMA_UNET, CHROMA_TE, "chroma", "ae.safetensors")
-    shift = wf.add("ModelSamplingAuraFlow", (400, 0), [1.0])
+    shift = wf.add("ModelSamplingAuraFlow", (400, 0), shift=1.0)
     wf.connect(model, "MODEL", shift, "model")
     patched = load_and_apply_pack(wf, shift, 800, 0, CHROMA_PACK_FILE)
-    positive = wf.add("CLIPTextEncode", (1200, 0), [FLUX_T2I_PROMPT], size=(360, 180),
+    positive = wf.add("CLIPTextEncode", (1200, 0), text=FLUX_T2I_PROMPT, size=(360, 180),
                       title="CLIP Text Encode (Positive Prompt)")
     wf.connect(clip, "CLIP", positive, "clip")
-    negative = wf.add("CLIPTextEncode", (1200, 230), [CHROMA_NEGATIVE], size=(360, 180),
+    negative = wf.add("CLIPTextEncode", (1200, 230), text=CHROMA_NEGATIVE, size=(360, 180),
                       title="CLIP Text Encode (Negative Prompt)")
     wf.connect(clip, "CLIP", negative, "clip")
-    latent = wf.add("EmptySD3LatentImage", (1200, 460), [1024, 1024, 1])
-    sampler = wf.add("KSampler", (1620, 0), [42, "fixed", 26, 3.5, "euler", "beta", 1.0], size=(320, 262))
+    latent = wf.add("EmptySD3LatentImage", (1200, 460), width=1024, height=1024, batch_size=1)
+    sampler = wf.add("KSampler", (1620, 0), seed=42, control_after_generate="fixed", steps=26, cfg=3.5,
+                     sampler_name="euler", scheduler="beta", denoise=1.0, size=(320, 262))
     wf.connect(patched, "MODEL", sampler, "model")
     wf.connect(positive, "CONDITIONING", sampler, "positive")
     wf.connect(negative, "CONDITIONING", sampler, "negative")
@@ -903,49 +952,65 @@ def chroma_text_to_image() -> Workflow:
     decode = wf.add("VAEDecode", (1620, 310))
     wf.connect(sampler, "LATENT", decode, "samples")
     wf.connect(vae, "VAE", decode, "vae")
-    save = wf.add("SaveImage", (2000, 0), [f"saferope/{name}"], size=(400, 440))
+    save = wf.add("SaveImage", (2000, 0), filename_prefix=f"saferope/{wf.name}", size=(400, 440))
     wf.connect(decode, "IMAGE", save, "images")
     wf.note((0, 660), (760, 360), "Models", files_note(CHROMA_UNET, CHROMA_TE, "ae.safetensors"))
     wf.note((800, 660), (760, 420), "SafeRoPE pack for Chroma",
             family_pack_note("Chroma", CHROMA_PACK_FILE, CHROMA_UNET, CHROMA_TE, "chroma"))
     wf.note((1600, 660), (760, 300), "Chroma", CHROMA_NOTE)
+
+
+# Every workflow: name -> (title, the function that fills its graph)
+BUILDERS = {
+    "flux1_dev_text_to_image_with_pack": (
+        "FLUX.1 [dev] text to image with a SafeRoPE pack",
+        functools.partial(text_to_image, unet="flux1-dev.safetensors", steps=20, guidance=3.5)),
+    "flux1_schnell_text_to_image_with_pack": (
+        "FLUX.1 [schnell] text to image with a SafeRoPE pack",
+        functools.partial(text_to_image, unet="flux1-schnell.safetensors", steps=4, guidance=None)),
+    "flux1_dev_text_to_image_with_uvr": (
+        "FLUX.1 [dev] text to image with Restrict Unsafe Flow (UVR, no trained pack)",
+        functools.partial(text_to_image, unet="flux1-dev.safetensors", steps=20, guidance=3.5, uvr=True)),
+    "flux1_kontext_edit_with_pack": (
+        "FLUX.1 Kontext [dev] image editing with a SafeRoPE pack and Restrict Unsafe Flow (UVR)", kontext_edit),
+    "build_a_pack": ("Build a SafeRoPE pack (Collect & Train) and UVR anchors for the nudity concept", build_a_pack),
+    "lrs_visualize": ("LRS Visualize: which words, image regions and heads a pack finds risky", lrs_visualize),
+    "safety_report_batch": ("Safety Report on a batch of 4 images sampled with a SafeRoPE pack", safety_report),
+    "flux2_text_to_image_with_pack": (
+        "FLUX.2 [dev] text to image with a SafeRoPE pack built for FLUX.2", flux2_text_to_image),
+    "flux2_edit_with_pack_and_uvr": (
+        "FLUX.2 [dev] image editing with a SafeRoPE pack and Restrict Unsafe Flow (UVR)", flux2_edit),
+    "chroma_text_to_image_with_pack": (
+        "Chroma1-HD text to image with a SafeRoPE pack built for Chroma", chroma_text_to_image),
+}
+
+
+def build(name: str, defs: dict[str, NodeDef]) -> Workflow:
+    """Workflow `name` built from the node definitions `defs` (node_defs of a server's /object_info)."""
+    title, fill = BUILDERS[name]
+    wf = Workflow(name, title, defs)
+    fill(wf)
     return wf
 
 
-def build_all() -> dict[str, Workflow]:
-    workflows = [
-        text_to_image("flux1_dev_text_to_image_with_pack", "flux1-dev.safetensors", 20, 3.5,
-                      "FLUX.1 [dev] text to image with a SafeRoPE pack"),
-        text_to_image("flux1_schnell_text_to_image_with_pack", "flux1-schnell.safetensors", 4, None,
-                      "FLUX.1 [schnell] text to image with a SafeRoPE pack"),
-        text_to_image("flux1_dev_text_to_image_with_uvr", "flux1-dev.safetensors", 20, 3.5,
-                      "FLUX.1 [dev] text to image with Restrict Unsafe Flow (UVR, no trained pack)", uvr=True),
-        kontext_edit(),
-        build_a_pack(),
-        lrs_visualize(),
-        safety_report(),
-        flux2_text_to_image(),
-        flux2_edit(),
-        chroma_text_to_image(),
-    ]
-    return {wf.name: wf for wf in workflows}
+def build_all(defs: dict[str, NodeDef]) -> dict[str, Workflow]:
+    return {name: build(name, defs) for name in BUILDERS}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # UI format -> API format (what the frontend's graphToPrompt sends to POST /prompt, for these simple graphs)
 
 
-def to_api(workflow: dict) -> dict:
-    """The API-format prompt of a UI workflow made of SPECS nodes (no reroutes, primitives, groups nodes or
-    subgraphs): widgets by name without control/upload widgets, links as [source id, output index]."""
+def to_api(workflow: dict, defs: dict[str, NodeDef]) -> dict:
+    """The API-format prompt of a UI workflow (no reroutes, primitives, groups nodes or subgraphs), its widgets
+    named by the node definitions `defs`: widgets by name without the frontend's control/upload widgets, links as
+    [source id, output index]."""
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
         if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):
             continue
-        spec = SPECS[node["type"]]
-        inputs = {name: value for name, value in zip(spec.widgets, node["widgets_values"], strict=True)
-                  if name not in (CONTROL, UPLOAD)}
+        inputs = {name: value for name, value in named_widgets(node, defs).items() if name not in (CONTROL, UPLOAD)}
         for socket in node["inputs"]:
             if socket.get("link") is not None:
                 link = links[socket["link"]]
@@ -1006,7 +1071,7 @@ def _wrap(draw, text: str, font, width: float) -> list[str]:
     return [*lines, line] if line else lines
 
 
-def render_thumbnail(workflow: dict, title: str):
+def render_thumbnail(workflow: dict, title: str, defs: dict[str, NodeDef]):
     """A schematic of the graph: the workflow's columns (distinct x positions) left to right, nodes top to bottom
     in each, as boxes with their titles (SafeRoPE nodes green), links coloured by type, groups around their
     nodes, a legend of the link types and the titles of the notes (notes are not drawn as boxes)."""
@@ -1020,7 +1085,7 @@ def render_thumbnail(workflow: dict, title: str):
     xs = sorted({n["pos"][0] for n in nodes})
     columns = [sorted((n for n in nodes if n["pos"][0] == x), key=lambda n: n["pos"][1]) for x in xs]
     width = (THUMB[0] - 2 * margin - (len(xs) - 1) * gap) / len(xs)
-    label = {n["id"]: _wrap(draw, n.get("title") or SPECS[n["type"]].title, node_font, width - 14) for n in nodes}
+    label = {n["id"]: _wrap(draw, n.get("title") or defs[n["type"]].title, node_font, width - 14) for n in nodes}
     height = {i: max(len(lines), 2) * line_h + 16 for i, lines in label.items()}
     head = _wrap(draw, title, head_font, THUMB[0] - 2 * margin)
     types = sorted({link[5] for link in workflow["links"]})
@@ -1046,8 +1111,8 @@ def render_thumbnail(workflow: dict, title: str):
             b = (max(b[2] for b in inside) + 8, max(b[3] for b in inside) + 8)
             draw.rectangle([a, b], outline=g["color"], width=3)
             draw.text((a[0] + 6, a[1] + 2), g["title"], fill=g["color"], font=small)
-    count_in = {n["id"]: max(len(SPECS[n["type"]].sockets), 1) for n in nodes}
-    count_out = {n["id"]: max(len(SPECS[n["type"]].outputs), 1) for n in nodes}
+    count_in = {n["id"]: max(len(n["inputs"]), 1) for n in nodes}
+    count_out = {n["id"]: max(len(n["outputs"]), 1) for n in nodes}
 
     def slot(node_id, index, output):
         x0, y0, x1, y1 = box[node_id]
@@ -1072,7 +1137,7 @@ def render_thumbnail(workflow: dict, title: str):
         draw.line(points, fill=colour, width=3)
     for n in nodes:
         x0, y0, x1, y1 = box[n["id"]]
-        saferope = SPECS[n["type"]].saferope
+        saferope = defs[n["type"]].saferope
         draw.rounded_rectangle([x0, y0, x1, y1], radius=7, fill="#3f7a52" if saferope else "#4a4a4a",
                                outline="#9a9a9a", width=2)
         lines = label[n["id"]]
@@ -1091,11 +1156,11 @@ def render_thumbnail(workflow: dict, title: str):
     return img
 
 
-def thumbnail_bytes(workflow: dict, title: str) -> bytes:
+def thumbnail_bytes(workflow: dict, title: str, defs: dict[str, NodeDef]) -> bytes:
     import io
 
     buf = io.BytesIO()
-    render_thumbnail(workflow, title).save(buf, "JPEG", quality=90)
+    render_thumbnail(workflow, title, defs).save(buf, "JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -1104,12 +1169,22 @@ def json_text(workflow: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="only compare with the files in workflows/")
+    parser = argparse.ArgumentParser(prog="python tests/make_workflows.py", description=__doc__.split("\n\n")[0],
+                                     epilog=NEEDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true",
+                        help="only compare with the files in workflows/ (exit 1 when one is stale or missing)")
+    parser.add_argument("--comfyui", metavar="PATH",
+                        help="the ComfyUI checkout to read the node definitions from (default: $COMFYUI_PATH, else "
+                             "~/ComfyUI, else the ComfyUI whose custom_nodes holds this repository)")
     args = parser.parse_args(argv)
+    try:
+        workflows = build_all(load_defs(args.comfyui))
+    except (DefinitionsUnavailable, WorkflowError) as e:
+        print(f"make_workflows: {e}", file=sys.stderr)
+        return 2
     stale = []
     OUT.mkdir(exist_ok=True)
-    for name, wf in build_all().items():
+    for name, wf in workflows.items():
         data = wf.to_json()
         path = OUT / f"{name}.json"
         if args.check:
@@ -1119,7 +1194,7 @@ def main(argv=None) -> int:
                 stale.append(f"{name}.jpg")
             continue
         path.write_text(json_text(data), encoding="utf-8")
-        (OUT / f"{name}.jpg").write_bytes(thumbnail_bytes(data, wf.title))
+        (OUT / f"{name}.jpg").write_bytes(thumbnail_bytes(data, wf.title, wf.defs))
         print(f"wrote workflows/{name}.json and .jpg")
     if stale:
         print("stale or missing (run python tests/make_workflows.py):", ", ".join(stale))

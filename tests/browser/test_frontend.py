@@ -1,6 +1,7 @@
 """The pack in ComfyUI's real frontend: every example workflow loads with no missing node, its widgets mean to the
-frontend what tests/make_workflows.py means, the web extension registers and colours LRS Visualize's words after a
-run on the tiny FLUX, and without the extension the frontend still loads and runs the graphs.
+frontend what tests/make_workflows.py means (it names them by the node definitions of /object_info), the web
+extension registers and colours LRS Visualize's words after a run on the tiny FLUX, and without the extension the
+frontend still loads and runs the graphs.
 
 Screenshots go to tests/out/browser/.
 """
@@ -180,7 +181,7 @@ def test_workflow_loads(frontend, server, name, out_dir):
     assert all(n["registered"] for n in loaded["nodes"]), [n["type"] for n in loaded["nodes"] if not n["registered"]]
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
     assert {k: {"class_type": v["class_type"], "inputs": server_inputs(info, v)} for k, v in prompt.items()} \
-        == mw.to_api(workflow)
+        == mw.to_api(workflow, mw.node_defs(info))
     title = loaded["titleHeight"]
     boxes = [(n["pos"][0], n["pos"][1] - title, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1], n["type"])
              for n in loaded["nodes"]]

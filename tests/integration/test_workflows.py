@@ -1,12 +1,14 @@
 """The example workflows in workflows/ against a live ComfyUI with this pack: every node type exists, widget values
 fit the node's inputs in the frontend's order, links join matching types, required inputs are linked, model files
 come with a download source, the server accepts each graph as a prompt, and ComfyUI serves them as templates with
-their thumbnails. Also: the committed files are what tests/make_workflows.py generates.
+their thumbnails. Also: the committed files are what tests/make_workflows.py generates from this server's node
+definitions (make_workflows.node_defs of its /object_info: the same frontend_view these checks use).
 
 Each workflow records the oldest ComfyUI it needs (extra.saferope.min_comfyui). The checks against the server run on
-the workflows the ComfyUI under test can run (decided at collection time from its comfyui_version.py); the checks
-of the files alone run on all of them; test_needs_newer_comfyui_is_exact checks, on a ComfyUI older than a
-workflow needs, that what that ComfyUI lacks is exactly what the workflow declares.
+the workflows the ComfyUI under test can run (decided at collection time from its comfyui_version.py), and so does
+the comparison with the generator (the others cannot be built from its node definitions); the checks of the files
+alone run on all of them; test_needs_newer_comfyui_is_exact checks, on a ComfyUI older than a workflow needs, that
+what that ComfyUI lacks is exactly what the workflow declares, and that the generator refuses to build it there.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ import pytest
 
 import comfyui_env
 
-MODULE = "ComfyUI-SafeRoPE"  # the pack's folder name in custom_nodes, as a user clones it
+MODULE = mw.MODULE  # the pack's folder name in custom_nodes, as a user clones it
 ALL_WORKFLOWS = sorted(p.stem for p in mw.OUT.glob("*.json"))
 COMFYUI_VERSION = mw.comfyui_version(comfyui_env.find_comfyui())  # the ComfyUI under test (None: the tier is skipped)
 WORKFLOWS = mw.workflows_for(COMFYUI_VERSION)  # those it can run: min_comfyui <= its version
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+FILE_LOADERS = {type_ for type_, _ in mw.FILE_WIDGETS}  # node types with a widget that names a file
 
 
 def load(name: str) -> dict:
@@ -35,28 +37,6 @@ def load(name: str) -> dict:
 def get(server, path: str) -> tuple[bytes, str]:
     with urllib.request.urlopen(server.url + path, timeout=30) as response:
         return response.read(), response.headers.get("Content-Type", "")
-
-
-def frontend_view(info: dict) -> tuple[list[tuple], list[tuple]]:
-    """What the frontend builds from one /object_info entry: widgets [(name, kind, spec options, values)] and
-    sockets [(name, type, optional)], both in input order (required, then optional)."""
-    widgets, sockets = [], []
-    order = info["input_order"]
-    for group in ("required", "optional"):
-        for name in order.get(group, []):
-            spec = info["input"][group][name]
-            kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-            values = kind if isinstance(kind, list) else opts.get("options")
-            kind = "COMBO" if isinstance(kind, list) else kind
-            if kind in WIDGET_TYPES and not opts.get("forceInput"):
-                widgets.append((name, kind, opts, values))
-                if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
-                    widgets.append((mw.CONTROL, "CONTROL", {}, None))
-                if kind == "COMBO" and opts.get("image_upload"):
-                    widgets.append((mw.UPLOAD, "UPLOAD", {}, None))
-            else:
-                sockets.append((name, kind, group == "optional"))
-    return widgets, sockets
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +53,12 @@ def server(pack):
     kinds = {mw.PACK_FOLDER: pack.saferope_core.pack.PACK_KIND, mw.ANCHORS_FOLDER: pack.saferope_core.uvr.ANCHORS_KIND}
 
     with ComfyServer({MODULE: comfyui_env.REPO}) as srv:
+        defs = mw.node_defs(srv.object_info())
         for name in ALL_WORKFLOWS:
             for node in load(name)["nodes"]:
-                spec = mw.SPECS.get(node["type"])
-                for widget, value in zip(spec.widgets if spec else (), node["widgets_values"], strict=False):
+                if node["type"] not in FILE_LOADERS:
+                    continue
+                for widget, value in mw.named_widgets(node, defs).items():
                     folder = mw.FILE_WIDGETS.get((node["type"], widget))
                     if folder is None:
                         continue
@@ -90,11 +72,12 @@ def server(pack):
                     else:
                         path.write_bytes(b"")
         srv.info = srv.object_info()
+        srv.defs = mw.node_defs(srv.info)  # what the frontend builds: make_workflows generates from the same
         yield srv
 
 
 def test_every_workflow_is_generated():
-    assert ALL_WORKFLOWS == sorted(mw.build_all()), "workflows/ and tests/make_workflows.py disagree on the set"
+    assert ALL_WORKFLOWS == sorted(mw.BUILDERS), "workflows/ and tests/make_workflows.py disagree on the set"
     assert set(ALL_WORKFLOWS) >= {"flux1_dev_text_to_image_with_pack", "flux1_schnell_text_to_image_with_pack",
                                   "flux1_dev_text_to_image_with_uvr", "flux1_kontext_edit_with_pack", "build_a_pack",
                                   "lrs_visualize", "safety_report_batch", "flux2_text_to_image_with_pack",
@@ -103,21 +86,77 @@ def test_every_workflow_is_generated():
     assert set(WORKFLOWS) >= {n for n in ALL_WORKFLOWS if mw.min_comfyui(n) == mw.PACK_MIN_COMFYUI}
 
 
-@pytest.mark.parametrize("name", ALL_WORKFLOWS)
-def test_committed_files_are_generated(name):
-    """workflows/<name>.json is byte-identical to the generator's output; the thumbnail is the same picture
-    (compared by pixels: JPEG bytes may differ between Pillow builds)."""
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_committed_files_are_generated(server, name):
+    """workflows/<name>.json is byte-identical to what the generator builds from this server's node definitions;
+    the thumbnail is the same picture (compared by pixels: JPEG bytes may differ between Pillow builds). Checked
+    for the workflows this ComfyUI can run: the others use node types or inputs it lacks (they are generated with
+    ComfyUI make_workflows.GENERATE_WITH, and checked here on a ComfyUI that new)."""
     from PIL import Image
 
-    wf = mw.build_all()[name]
+    wf = mw.build(name, server.defs)
     data = wf.to_json()
     assert (mw.OUT / f"{name}.json").read_text(encoding="utf-8") == mw.json_text(data), \
         "stale workflow: run python tests/make_workflows.py"
     committed = Image.open(mw.OUT / f"{name}.jpg").convert("RGB")
-    fresh = Image.open(io.BytesIO(mw.thumbnail_bytes(data, wf.title))).convert("RGB")
+    fresh = Image.open(io.BytesIO(mw.thumbnail_bytes(data, wf.title, server.defs))).convert("RGB")
     assert committed.size == fresh.size == mw.THUMB
     diff = sum(abs(a - b) for a, b in zip(committed.tobytes(), fresh.tobytes(), strict=True))
     assert diff / len(committed.tobytes()) < 2.0, "stale thumbnail: run python tests/make_workflows.py"
+
+
+def test_generator_refuses_what_the_node_definitions_do_not_allow(server):
+    """The builder takes every widget value by input name, as the node definitions name them, and refuses anything
+    else: an unknown node type, a widget the node lacks, a widget left out, a link between types that do not fit,
+    a socket linked twice."""
+    wf = mw.Workflow("refused", "refused", server.defs)
+    sampler_widgets = {"seed": 42, mw.CONTROL: "fixed", "steps": 20, "cfg": 1.0, "sampler_name": "euler",
+                       "scheduler": "simple", "denoise": 1.0}
+    sampler = wf.add("KSampler", (0, 0), **sampler_widgets)
+    assert list(sampler.widgets) == [w.name for w in server.defs["KSampler"].widgets]  # the definition's order
+    with pytest.raises(mw.WorkflowError, match="NoSuchNode"):
+        wf.add("NoSuchNode", (0, 0))
+    with pytest.raises(mw.WorkflowError, match="KSampler: no widget \\['stepz'\\]; no value for \\['steps'\\]"):
+        wf.add("KSampler", (0, 0), **{k: v for k, v in sampler_widgets.items() if k != "steps"}, stepz=20)
+    with pytest.raises(mw.WorkflowError, match="no value for \\['control_after_generate'\\]"):
+        wf.add("KSampler", (0, 0), **{k: v for k, v in sampler_widgets.items() if k != mw.CONTROL})
+    latent = wf.add("EmptySD3LatentImage", (0, 0), width=64, height=64, batch_size=1)
+    with pytest.raises(mw.WorkflowError, match="LATENT.*cannot feed KSampler.model"):
+        wf.connect(latent, "LATENT", sampler, "model")
+    with pytest.raises(mw.WorkflowError, match="no socket 'modell'"):
+        wf.connect(latent, "LATENT", sampler, "modell")
+    wf.connect(latent, "LATENT", sampler, "latent_image")
+    with pytest.raises(mw.WorkflowError, match="linked twice"):
+        wf.connect(latent, "LATENT", sampler, "latent_image")
+
+
+def test_generator_says_what_it_needs(tmp_path):
+    """python tests/make_workflows.py has a --help, and without a ComfyUI, or with one too old for every workflow,
+    says what it needs (exit 2) instead of failing somewhere inside."""
+    import os
+    import subprocess
+    import sys
+
+    script = [sys.executable, str(comfyui_env.REPO / "tests" / "make_workflows.py")]
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+
+    def run(*args, comfyui_path=""):
+        done = subprocess.run([*script, *args], env={**env, "COMFYUI_PATH": comfyui_path}, capture_output=True,
+                              text=True, timeout=120)
+        return done.returncode, done.stdout + done.stderr
+
+    code, text = run("--help")
+    assert code == 0 and "--check" in text and "--comfyui" in text and "COMFYUI_PATH" in text, text
+    code, text = run("--check")
+    assert code == 2 and "no ComfyUI checkout found ($COMFYUI_PATH is empty)" in text, text
+    assert f"ComfyUI {mw.GENERATE_WITH} or newer" in text and "Traceback" not in text, text
+    old = tmp_path / "ComfyUI"
+    (old / "comfy").mkdir(parents=True)
+    (old / "comfy" / "model_patcher.py").write_text("")
+    (old / "main.py").write_text("raise SystemExit('not to be started')\n")
+    (old / "comfyui_version.py").write_text('__version__ = "0.3.40"\n')
+    code, text = run("--check", comfyui_path=str(old))
+    assert code == 2 and "is 0.3.40: it lacks node types or inputs" in text, text
 
 
 @pytest.mark.parametrize("name", ALL_WORKFLOWS)
@@ -164,25 +203,22 @@ def test_layout_has_no_overlaps(name):
 
 def node_problems(info: dict, node: dict) -> list[str]:
     """What keeps the frontend of a server with `info` (/object_info) from building `node` as saved: an unknown
-    type, other sockets, outputs or widgets, or a widget value that does not fit (type, range, choices incl. files).
-    Empty when the node is fine. A problem with a widget names that widget."""
+    type, other sockets or outputs, another number of widget values than the frontend's widgets (its
+    make_workflows.frontend_view), or a widget value that does not fit (type, range, choices incl. files). Empty
+    when the node is fine. A problem with a widget value names that widget."""
     if node["type"] not in info:
         return ["unknown node type"]
     info = info[node["type"]]
     problems = []
-    if (info["display_name"] or node["type"]) not in mw.SPECS[node["type"]].titles:
-        problems.append(f"title {info['display_name']!r}")
-    widgets, sockets = frontend_view(info)
+    widgets, sockets = mw.frontend_view(info)
     if [(i["name"], i["type"], i.get("shape") == 7) for i in node["inputs"]] != sockets:
         problems.append(f"sockets {sockets}")
     if [(o["name"], o["type"]) for o in node["outputs"]] != list(zip(info["output_name"], info["output"],
                                                                        strict=True)):
         problems.append(f"outputs {info['output_name']}")
-    names, saved = [w[0] for w in widgets], list(mw.SPECS[node["type"]].widgets)
     values = node["widgets_values"]
-    if names != saved or len(values) != len(widgets):
-        differ = [w for w in saved if w not in names] + [w for w in names if w not in saved]
-        return [*problems, f"widgets {names} here, {len(values)} values for {saved} (differ: {differ})"]
+    if len(values) != len(widgets):
+        return [*problems, f"{len(values)} widget values for the widgets here {[w.name for w in widgets]}"]
     for (wname, kind, opts, choices), value in zip(widgets, values, strict=True):
         at = f"{wname} = {value!r}"
         if kind == "CONTROL":
@@ -220,9 +256,11 @@ def test_needs_newer_comfyui_is_exact(server):
     (min_comfyui) and why: node types older ComfyUI lacks (new_node_types) and node types it has in an older form
     (changed_node_types: the widget, or widget=choice, that is newer). On a ComfyUI older than min_comfyui, the
     node types the server lacks are exactly new_node_types, the known types that do not fit are exactly
-    changed_node_types (each problem naming the declared widget), and every other node passes every node check.
-    On a ComfyUI that runs the workflow, the declared types exist. min_comfyui is the pack's own minimum exactly
-    when nothing newer is declared."""
+    changed_node_types (a newer choice: each problem names its widget; a newer widget: this ComfyUI lacks it, and
+    the saved node has one value more than its widgets), every other node passes every node check, and the
+    generator refuses to build the workflow from this ComfyUI's definitions, naming a declared type or widget. On a
+    ComfyUI that runs the workflow, the declared types exist. min_comfyui is the pack's own minimum exactly when
+    nothing newer is declared."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("saferope_version_check",
@@ -249,7 +287,17 @@ def test_needs_newer_comfyui_is_exact(server):
         assert missing == new_types, f"{name}: ComfyUI {COMFYUI_VERSION} lacks {missing}, declared {new_types}"
         assert set(problems) - missing == set(changed), f"{name}: on ComfyUI {COMFYUI_VERSION}: {problems}"
         for type_, widget in changed.items():
-            assert all(widget.split("=")[0] in p for p in problems[type_]), f"{name}: {type_}: {problems[type_]}"
+            here = server.defs[type_].widget_names
+            if "=" in widget:  # a newer choice of a widget this ComfyUI has
+                assert all(widget.split("=")[0] in p for p in problems[type_]), f"{name}: {type_}: {problems[type_]}"
+            else:  # a newer widget
+                assert widget not in here, f"{name}: {type_} has {widget} on ComfyUI {COMFYUI_VERSION}"
+                assert all(p.startswith(f"{len(here) + 1} widget values") for p in problems[type_]), \
+                    f"{name}: {type_}: {problems[type_]}"
+        with pytest.raises(mw.WorkflowError) as refused:
+            mw.build(name, server.defs)
+        assert any(what.split("=")[0] in str(refused.value) for what in [*new_types, *changed.values()]), \
+            f"{name}: {refused.value}"
     assert older == [n for n in ALL_WORKFLOWS if n not in WORKFLOWS]
 
 
@@ -261,7 +309,7 @@ def test_links_and_required_inputs(server, name):
     for _, src, out, dst, inp, type_ in wf["links"]:
         source, target = server.info[nodes[src]["type"]], server.info[nodes[dst]["type"]]
         assert type_ == source["output"][out], f"{name}: link type {type_} from {nodes[src]['type']}"
-        _, sockets = frontend_view(target)
+        _, sockets = mw.frontend_view(target)
         assert sockets[inp][1] in (type_, "*"), f"{name}: {type_} into {nodes[dst]['type']}.{sockets[inp][0]}"
     for node in wf["nodes"]:
         if node["type"] in mw.FRONTEND_ONLY:
@@ -276,15 +324,16 @@ def notes_text(wf: dict) -> str:
 
 
 @pytest.mark.parametrize("name", ALL_WORKFLOWS)
-def test_model_files_have_a_source(name):
+def test_model_files_have_a_source(server, name):
     """Each model file a loader names is in properties.models with its folder and a Hugging Face URL ending in
     the file name (the frontend's missing-models dialog downloads from there), and the notes name it as a link to
     that URL under its folder; each pack and UVR anchors file is named in the notes with its folder."""
     wf = load(name)
     notes = notes_text(wf)
     for node in wf["nodes"]:
-        spec = mw.SPECS.get(node["type"])
-        for widget, value in zip(spec.widgets if spec else (), node["widgets_values"], strict=False):
+        if node["type"] not in FILE_LOADERS:
+            continue
+        for widget, value in widgets(node, server.defs).items():
             folder = mw.FILE_WIDGETS.get((node["type"], widget))
             if folder in (None, "input"):
                 continue
@@ -307,7 +356,7 @@ def test_model_files_have_a_source(name):
 def test_server_accepts_the_graph(server, name):
     """POST /prompt with the API form of the workflow: ComfyUI validates every input (no 400); running stops at
     the first loader, whose model file here is an empty placeholder, and nowhere else."""
-    prompt = mw.to_api(load(name))
+    prompt = mw.to_api(load(name), server.defs)
     entry = server.wait(server.post_prompt(prompt), timeout=60)
     status = entry["status"]
     errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
@@ -379,49 +428,50 @@ def test_model_path_to_the_sampler(name):
             f"{name}: needs no trained pack, but loads one"
 
 
-def widgets(node: dict) -> dict:
-    """A node's widget values by name (make_workflows' widget order, checked against /object_info above)."""
-    return dict(zip(mw.SPECS[node["type"]].widgets, node["widgets_values"], strict=True))
+def widgets(node: dict, defs: dict) -> dict:
+    """A node's widget values by name, in the order of the server's node definitions (make_workflows.node_defs)."""
+    return mw.named_widgets(node, defs)
 
 
-def loaded_files(wf: dict) -> set[tuple[str, str]]:
+def loaded_files(wf: dict, defs: dict) -> set[tuple[str, str]]:
     """(folder, file) of each pack and UVR anchors file a workflow loads."""
-    return {(folder, value) for node in wf["nodes"] for widget, value in widgets(node).items()
+    return {(folder, value) for node in wf["nodes"] if node["type"] in FILE_LOADERS
+            for widget, value in widgets(node, defs).items()
             if (folder := mw.FILE_WIDGETS.get((node["type"], widget))) in (mw.PACK_FOLDER, mw.ANCHORS_FOLDER)}
 
 
-def model_family(wf: dict) -> str | None:
+def model_family(wf: dict, defs: dict) -> str | None:
     """The model family of the diffusion model a workflow loads (make_workflows.FAMILY), None without one."""
-    families = {mw.FAMILY[widgets(n)["unet_name"]] for n in wf["nodes"] if n["type"] == "UNETLoader"}
+    families = {mw.FAMILY[widgets(n, defs)["unet_name"]] for n in wf["nodes"] if n["type"] == "UNETLoader"}
     assert len(families) <= 1, families
     return next(iter(families), None)
 
 
-def test_workflows_load_what_build_a_pack_saves():
+def test_workflows_load_what_build_a_pack_saves(server):
     """Every pack and UVR anchors file an example loads is one build_a_pack saves (to the folder the loader
     lists), or, for another model family, one whose note says how build_a_pack makes it: with that family's
     diffusion model and text encoder loaded, saved under the file's name. A file is only ever used with one model
     family (packs and anchors do not transfer between families), and build_a_pack collects the Q/K statistics and
     the UVR anchors from the same Prompt Set."""
-    build = load("build_a_pack")
-    saved = {(mw.FILE_WIDGETS[(loader, widget)], widgets(n)["name"] + ".safetensors")
+    build, defs = load("build_a_pack"), server.defs
+    saved = {(mw.FILE_WIDGETS[(loader, widget)], widgets(n, defs)["name"] + ".safetensors")
              for n in build["nodes"]
              for saver, loader, widget in (("SaveSafeRoPEPack", "LoadSafeRoPEPack", "pack_name"),
                                            ("SaveUVRAnchors", "LoadUVRAnchors", "name"))
              if n["type"] == saver}
     assert {folder for folder, _ in saved} == {mw.PACK_FOLDER, mw.ANCHORS_FOLDER}, saved
-    families = {file: {model_family(build)} for file in saved}
+    families = {file: {model_family(build, defs)} for file in saved}
     loaded = set()
     for name in ALL_WORKFLOWS:
         wf = load(name)
         notes = notes_text(wf)
-        for folder, value in loaded_files(wf):
+        for folder, value in loaded_files(wf, defs):
             loaded.add((folder, value))
-            families.setdefault((folder, value), set()).add(model_family(wf))
+            families.setdefault((folder, value), set()).add(model_family(wf, defs))
             if (folder, value) in saved:
                 continue
-            unet = next(widgets(n) for n in wf["nodes"] if n["type"] == "UNETLoader")["unet_name"]
-            clip = next(widgets(n) for n in wf["nodes"] if n["type"] in ("CLIPLoader", "DualCLIPLoader"))
+            unet = next(widgets(n, defs) for n in wf["nodes"] if n["type"] == "UNETLoader")["unet_name"]
+            clip = next(widgets(n, defs) for n in wf["nodes"] if n["type"] in ("CLIPLoader", "DualCLIPLoader"))
             stem = value.removesuffix(".safetensors")
             assert "**build_a_pack**" in notes and f"`{stem}`" in notes, \
                 f"{name}: loads {value}; no note says how build_a_pack makes it (saved as `{stem}`)"
@@ -444,13 +494,13 @@ def test_uvr_settings_are_the_papers(server):
     for name in ALL_WORKFLOWS:
         for node in load(name)["nodes"]:
             if node["type"] == "CollectUVRAnchors":
-                values = widgets(node)
+                values = widgets(node, server.defs)
                 assert values["detection_block"] == 10 < 38, name
                 sigmas = [float(s) for s in values["sigmas"].split(",")]
                 assert sigmas == sorted(sigmas, reverse=True) and min(sigmas) >= 0.85, name
                 seen.add(node["type"])
             if node["type"] == "RestrictUnsafeFlow":
-                values = widgets(node)
+                values = widgets(node, server.defs)
                 assert values == {"strength": 1.0, "threshold": -1.0, "sigma_start": 0.85, "detection_block": -1}, name
                 assert values == {k: restrict_inputs[k][1]["default"] for k in values}, name
                 seen.add(node["type"])
