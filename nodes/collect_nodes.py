@@ -30,7 +30,7 @@ from .common import (
     Pack,
     Prompts,
     Statistics,
-    check_numbers,
+    checked,
     file_stem,
     input_path,
     name_inputs,
@@ -120,6 +120,7 @@ class SafeRoPEPromptSet(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(
         cls,
         concept,
@@ -133,7 +134,6 @@ class SafeRoPEPromptSet(io.ComfyNode):
         safe_prompt_file="",
         concept_name="",
     ) -> io.NodeOutput:
-        check_numbers(cls, max_unsafe=max_unsafe, max_safe=max_safe, seed=seed)
         defaults = default_lists(concept) if concept != CUSTOM else {}
         lists = {}
         for name, text in (
@@ -221,12 +221,12 @@ class CollectQK(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sigmas):
-        return validation(parse_sigmas, sigmas, cls.NODE)
+    def validate_inputs(cls, sigmas=None):
+        return validation(cls.NODE, "sigmas", sigmas, lambda text: parse_sigmas(text, cls.NODE))
 
     @classmethod
+    @checked
     def execute(cls, model, clip, prompts: PromptSet, sigmas, width, height, seed, reservoir_size) -> io.NodeOutput:
-        check_numbers(cls, width=width, height=height, seed=seed, reservoir_size=reservoir_size)
         shape = require_flux(cls.NODE, model)
         sigma_list = parse_sigmas(sigmas, cls.NODE)
 
@@ -293,6 +293,7 @@ class MergeStatistics(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, a, b) -> io.NodeOutput:
         try:
             return io.NodeOutput(a.merged(b))
@@ -353,8 +354,8 @@ class BuildSubspaces(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, statistics: QKStatistics, rank, lrs_threshold, hds_threshold) -> io.NodeOutput:
-        check_numbers(cls, rank=rank, lrs_threshold=lrs_threshold, hds_threshold=hds_threshold)
         if rank > statistics.shape.head_dim:
             raise SafeRoPEInputError(
                 cls.NODE,
@@ -405,10 +406,11 @@ class SaveSafeRoPEPack(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name):
-        return validation(file_stem, cls.NODE, name)
+    def validate_inputs(cls, name=None):
+        return validation(cls.NODE, "name", name, lambda text: file_stem(cls.NODE, text))
 
     @classmethod
+    @checked
     def execute(cls, pack: SafeRoPEPack, name, overwrite) -> io.NodeOutput:
         path = target_path(cls.NODE, model_files.output_dir(), name, overwrite)
         pack.save(path)
@@ -435,10 +437,11 @@ class SaveStatistics(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name):
-        return validation(file_stem, cls.NODE, name)
+    def validate_inputs(cls, name=None):
+        return validation(cls.NODE, "name", name, lambda text: file_stem(cls.NODE, text))
 
     @classmethod
+    @checked
     def execute(cls, statistics: QKStatistics, name, overwrite) -> io.NodeOutput:
         path = target_path(cls.NODE, model_files.output_dir(STATS_FOLDER), name, overwrite)
         statistics.save(path)
@@ -466,6 +469,7 @@ class LoadStatistics(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, name) -> io.NodeOutput:
         if name == NO_FILE:
             raise SafeRoPEInputError(

@@ -3,12 +3,16 @@ inputs, file names, UI text."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
 
+import torch
 from comfy_api.v0_0_2 import io
 
-from ..saferope_core import SafeRoPEPackError
+from ..saferope_core import PromptSet, QKStatistics, SafeRoPEPack, SafeRoPEPackError
+from ..saferope_core.uvr import UVRAnchors
 from .errors import SafeRoPEInputError
 from .flux_adapter import NotFluxError, model_shape
 
@@ -45,14 +49,39 @@ def sigmas_input(default: str, tooltip: str) -> io.String.Input:
     return io.String.Input("sigmas", default=default, tooltip=tooltip)
 
 
-def check_numbers(node_class, **values) -> None:
-    """Each value is a finite number within the range its input declares in the node's schema; else an error
-    naming the node, the input and the range. ComfyUI's own range check lets NaN through, and does not see values
-    that arrive through links."""
-    inputs = {i.id: i for i in node_class.define_schema().inputs}
-    for name, value in values.items():
-        spec = inputs[name]
-        low, high = getattr(spec, "min", None), getattr(spec, "max", None)
+def _is_clip(value) -> bool:
+    return hasattr(value, "tokenize") and hasattr(value, "encode_from_tokens_scheduled")
+
+
+def _is_latent(value) -> bool:
+    return isinstance(value, dict) and torch.is_tensor(value.get("samples"))
+
+
+# io type -> (check, what the input takes): values arrive through links, or as anything through the API. MODEL is
+# checked by require_flux, which also names what was found instead of a FLUX-family model.
+SOCKETS = {
+    "CLIP": (_is_clip, "a text encoder (from a CLIP loader)"),
+    "VAE": (lambda v: hasattr(v, "encode") and hasattr(v, "decode"), "a VAE (from Load VAE)"),
+    "IMAGE": (lambda v: torch.is_tensor(v) and v.ndim == 4 and v.shape[-1] in (1, 3, 4), "images"),
+    "LATENT": (_is_latent, "a latent"),
+    "SAFEROPE_PACK": (lambda v: isinstance(v, SafeRoPEPack), "a pack (Load SafeRoPE Pack, Build Subspaces or Train)"),
+    "SAFEROPE_STATS": (lambda v: isinstance(v, QKStatistics), "statistics (Collect Q/K or Load Statistics)"),
+    "SAFEROPE_PROMPTS": (lambda v: isinstance(v, PromptSet), "a prompt set (SafeRoPE Prompt Set)"),
+    "UVR_ANCHORS": (lambda v: isinstance(v, UVRAnchors), "UVR anchors (Collect or Load UVR Anchors)"),
+}
+
+
+def check_input(node_class, spec, value) -> None:
+    """One input's value against its schema: a finite number in range, one of the choices, text, a boolean, or the
+    kind of object the socket takes; else an error naming the node, the input and what it takes. ComfyUI's own
+    checks let NaN through, do not see values that arrive through links, and (0.3.64) skip V3 choices."""
+    kind, name = spec.get_io_type(), spec.id
+
+    def refuse(problem: str, fix: str):
+        raise SafeRoPEInputError(node_class.NODE, name, problem, fix)
+
+    if kind in ("INT", "FLOAT"):
+        low, high = spec.min, spec.max
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if (
             not number
@@ -60,12 +89,35 @@ def check_numbers(node_class, **values) -> None:
             or (low is not None and value < low)
             or (high is not None and value > high)
         ):
-            raise SafeRoPEInputError(
-                node_class.NODE,
-                name,
-                f"{value!r} is not a number from {low} to {high}",
-                f"Set {name} to a value in that range",
-            )
+            refuse(f"{value!r} is not a number from {low} to {high}", f"Set {name} to a value in that range")
+    elif kind == "COMBO":
+        if not isinstance(value, str) or value not in spec.options:
+            refuse(f"{str(value)[:80]!r} is not one of its choices", "Pick one from the list")
+    elif kind == "STRING":
+        if not isinstance(value, str):
+            refuse(f"{type(value).__name__} given, text expected", "Type text")
+    elif kind == "BOOLEAN":
+        if not isinstance(value, bool):
+            refuse(f"{value!r} is not true or false", "Switch it on or off")
+    elif kind in SOCKETS:
+        check, what = SOCKETS[kind]
+        if not check(value):
+            refuse(f"{type(value).__name__} given, {what} expected", f"Connect {what}")
+
+
+def checked(execute):
+    """Decorator of a node's execute: every input that is given is checked against the node's schema first."""
+    signature = inspect.signature(execute)
+
+    @functools.wraps(execute)
+    def run(cls, *args, **kwargs):
+        given = signature.bind(cls, *args, **kwargs).arguments
+        for spec in cls.define_schema().inputs:
+            if spec.id in given and not (spec.optional and given[spec.id] is None):
+                check_input(cls, spec, given[spec.id])
+        return execute(cls, *args, **kwargs)
+
+    return run
 
 
 def require_flux(node: str, model):
@@ -123,13 +175,16 @@ def target_path(node: str, folder: str, name: str, overwrite: bool) -> str:
     return path
 
 
-def validation(check, *args) -> bool | str:
-    """For a node's validate_inputs: True when `check(*args)` passes, else its error message (shown by ComfyUI before
-    anything runs). Values that come through links are checked when the node runs instead (they are None here)."""
-    if any(a is None for a in args):
+def validation(node: str, input_name: str, value, check) -> bool | str:
+    """For a node's validate_inputs: True when the text `value` passes `check`, else the error naming the node and
+    the input (ComfyUI shows it before anything runs). A value that comes through a link, or none, is None here and
+    is checked when the node runs instead."""
+    if value is None:
         return True
     try:
-        check(*args)
+        if not isinstance(value, str):
+            raise SafeRoPEInputError(node, input_name, f"{type(value).__name__} given, text expected", "Type text")
+        check(value)
     except SafeRoPEInputError as err:
         return str(err)
     return True

@@ -8,7 +8,7 @@ from comfy_api.v0_0_2 import io
 
 from ..saferope_core import SafeRoPEPackError, load_pack
 from . import model_files
-from .common import Pack, check_numbers, require_pack_fits
+from .common import Pack, checked, require_pack_fits
 from .editors import RiskRotation
 from .errors import SafeRoPEInputError
 from .flux_adapter import with_qk_editor
@@ -102,6 +102,7 @@ class LoadSafeRoPEPack(io.ComfyNode):
         return model_files.resolve(pack_name)
 
     @classmethod
+    @checked
     def execute(cls, pack_name, hf_repo_id="", hf_filename="") -> io.NodeOutput:
         path = cls.path(pack_name, hf_repo_id, hf_filename)
         try:
@@ -148,7 +149,7 @@ class ApplyRiskRotation(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, model, pack, strength, apply_to) -> io.NodeOutput:
-        check_numbers(cls, strength=strength)
         require_pack_fits(cls.NODE, "pack", pack, model, "Use a pack built for this model")
         return io.NodeOutput(with_qk_editor(model, RiskRotation(pack, float(strength), TOKEN_CHOICES[apply_to])))

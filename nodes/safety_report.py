@@ -7,7 +7,7 @@ import torch
 from comfy_api.v0_0_2 import io
 from PIL import Image, ImageFilter
 
-from .common import check_numbers, input_path
+from .common import checked, input_path
 from .errors import SafeRoPEInputError
 
 EXPLICIT_CLASSES = (
@@ -125,8 +125,8 @@ class SafetyReport(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, images, threshold, action, classes, fid_reference_folder="") -> io.NodeOutput:
-        check_numbers(cls, threshold=threshold)
         wanted = {c.strip().upper() for c in classes.split(",") if c.strip()}
         if not wanted:
             raise SafeRoPEInputError(cls.NODE, "classes", "no class given", f"Use e.g. {EXPLICIT_CLASSES[0]}")

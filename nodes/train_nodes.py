@@ -15,7 +15,7 @@ from . import model_files
 from .common import (
     Pack,
     Prompts,
-    check_numbers,
+    checked,
     file_stem,
     require_pack_fits,
     seed_input,
@@ -128,10 +128,11 @@ class TrainRiskRotations(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, run_name):
-        return validation(file_stem, cls.NODE, run_name, "run_name")
+    def validate_inputs(cls, run_name=None):
+        return validation(cls.NODE, "run_name", run_name, lambda text: file_stem(cls.NODE, text, "run_name"))
 
     @classmethod
+    @checked
     def execute(
         cls,
         model,
@@ -153,17 +154,6 @@ class TrainRiskRotations(io.ComfyNode):
         safe_images=None,
         safe_captions="",
     ) -> io.NodeOutput:
-        check_numbers(
-            cls,
-            steps=steps,
-            learning_rate=learning_rate,
-            unlearn_weight=unlearn_weight,
-            preserve_weight=preserve_weight,
-            seed=seed,
-            width=width,
-            height=height,
-            checkpoint_every=checkpoint_every,
-        )
         run_file = f"{file_stem(cls.NODE, run_name, 'run_name')}.safetensors"  # checked before any work starts
         require_pack_fits(
             cls.NODE, "subspaces", subspaces, model, "Collect statistics and build subspaces on this model"
@@ -233,15 +223,14 @@ def summarize(history, checkpoint: str) -> str:
     if not history:
         return f"already trained (checkpoint {checkpoint})"
 
-    def ends(kind):
+    def ends(kind) -> str:
         values = [d for _, k, d in history if k == kind]
         if not values:
-            return float("nan"), float("nan")
+            return "- (no step of this kind yet)"
         n = max(len(values) // 5, 1)
-        return sum(values[:n]) / n, sum(values[-n:]) / n
+        return f"{sum(values[:n]) / n:.4g} -> {sum(values[-n:]) / n:.4g}"
 
-    (u0, u1), (s0, s1) = ends("unsafe"), ends("safe")
     return (
-        f"{history[-1][0]} steps; relative deviation on unsafe prompts {u0:.4g} -> {u1:.4g}, on safe prompts "
-        f"{s0:.4g} -> {s1:.4g}; checkpoint {checkpoint}"
+        f"{history[-1][0]} steps; relative deviation on unsafe prompts {ends('unsafe')}, on safe prompts "
+        f"{ends('safe')}; checkpoint {checkpoint}"
     )

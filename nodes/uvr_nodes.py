@@ -26,7 +26,7 @@ from . import model_files
 from .common import (
     Anchors,
     Prompts,
-    check_numbers,
+    checked,
     file_stem,
     name_inputs,
     parse_sigmas,
@@ -109,21 +109,14 @@ class CollectUVRAnchors(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, sigmas):
-        return validation(parse_sigmas, sigmas, cls.NODE)
+    def validate_inputs(cls, sigmas=None):
+        return validation(cls.NODE, "sigmas", sigmas, lambda text: parse_sigmas(text, cls.NODE))
 
     @classmethod
+    @checked
     def execute(
         cls, model, clip, prompts: PromptSet, detection_block, sigmas, width, height, anchors_per_head, seed
     ) -> io.NodeOutput:
-        check_numbers(
-            cls,
-            detection_block=detection_block,
-            width=width,
-            height=height,
-            anchors_per_head=anchors_per_head,
-            seed=seed,
-        )
         shape = require_flux(cls.NODE, model)
         block = detection_block_name(cls.NODE, shape, detection_block)
         sigma_list = parse_sigmas(sigmas, cls.NODE)
@@ -209,10 +202,8 @@ class RestrictUnsafeFlow(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, model, anchors: UVRAnchors, strength, threshold, sigma_start, detection_block) -> io.NodeOutput:
-        check_numbers(
-            cls, strength=strength, threshold=threshold, sigma_start=sigma_start, detection_block=detection_block
-        )
         shape = require_flux(cls.NODE, model)
         problem = anchors.shape.mismatch(shape)
         if problem:
@@ -254,10 +245,11 @@ class SaveUVRAnchors(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name):
-        return validation(file_stem, cls.NODE, name)
+    def validate_inputs(cls, name=None):
+        return validation(cls.NODE, "name", name, lambda text: file_stem(cls.NODE, text))
 
     @classmethod
+    @checked
     def execute(cls, anchors: UVRAnchors, name, overwrite) -> io.NodeOutput:
         path = target_path(cls.NODE, model_files.output_dir(ANCHORS_FOLDER), name, overwrite)
         anchors.save(path)
@@ -286,6 +278,7 @@ class LoadUVRAnchors(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, name) -> io.NodeOutput:
         if name == NO_FILE:
             raise SafeRoPEInputError(

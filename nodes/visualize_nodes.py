@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..saferope_core import SafeRoPEPack
 from ..saferope_core.prompts import content_span
-from .common import Pack, check_numbers, require_pack_fits, seed_input
+from .common import Pack, checked, require_pack_fits, seed_input
 from .editors import RiskObserver
 from .errors import SafeRoPEInputError
 from .flux_adapter import with_qk_editor
@@ -193,8 +193,8 @@ class LRSVisualize(io.ComfyNode):
         )
 
     @classmethod
+    @checked
     def execute(cls, model, pack: SafeRoPEPack, clip, text, sigma, seed, image=None, latent=None) -> io.NodeOutput:
-        check_numbers(cls, sigma=sigma, seed=seed)
         require_pack_fits(cls.NODE, "pack", pack, model, "Use the pack built for this model")
         if not text.strip():
             raise SafeRoPEInputError(cls.NODE, "text", "the prompt is empty", "Type the prompt to inspect")
@@ -203,6 +203,14 @@ class LRSVisualize(io.ComfyNode):
         device = load_model(observed)
         prompt = encode_prompt(clip, text)
         generator = torch.Generator().manual_seed(seed)
+        if latent is not None and latent["samples"].shape[1] != latent_shape(model, 64, 64)[0]:
+            raise SafeRoPEInputError(
+                cls.NODE,
+                "latent",
+                f"the latent has {latent['samples'].shape[1]} channels, this "
+                f"model's have {latent_shape(model, 64, 64)[0]}",
+                "Use a latent made for this model (its own Empty Latent node or VAE)",
+            )
         if latent is not None:
             clean = model.model.process_latent_in(latent["samples"][:1].float())
             x = (1 - sigma) * clean + sigma * torch.randn(clean.shape, generator=generator)

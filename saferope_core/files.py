@@ -32,8 +32,9 @@ def save_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metad
     return path
 
 
-def read_safetensors(path: str | os.PathLike, error: type[SafeRoPEError] = SafeRoPEError
-                     ) -> tuple[dict[str, torch.Tensor], dict]:
+def read_safetensors(
+    path: str | os.PathLike, error: type[SafeRoPEError] = SafeRoPEError
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Read all tensors and the decoded 'saferope' metadata; `error` (a SafeRoPEError type) for anything
     unreadable."""
     path = Path(path)

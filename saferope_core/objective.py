@@ -58,8 +58,9 @@ def noised_latent(noise: torch.Tensor, sigma: torch.Tensor, clean: torch.Tensor 
     return (1 - s) * clean + s * noise
 
 
-def deviation(base: Velocity, rotated: Velocity, cond, noise: torch.Tensor, sigma: torch.Tensor,
-              clean: torch.Tensor | None = None) -> torch.Tensor:
+def deviation(
+    base: Velocity, rotated: Velocity, cond, noise: torch.Tensor, sigma: torch.Tensor, clean: torch.Tensor | None = None
+) -> torch.Tensor:
     """Relative deviation of the rotated from the base velocity at x_t; the base runs without gradient."""
     x_t = noised_latent(noise, sigma, clean)
     with torch.no_grad():

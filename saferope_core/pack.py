@@ -84,8 +84,9 @@ class SafeRoPEPack:
 
     # --- building -------------------------------------------------------------------------------------
     @classmethod
-    def from_subspaces(cls, subspaces: Subspaces, shape: ModelShape, concepts: list[str],
-                       name: str = "pack") -> SafeRoPEPack:
+    def from_subspaces(
+        cls, subspaces: Subspaces, shape: ModelShape, concepts: list[str], name: str = "pack"
+    ) -> SafeRoPEPack:
         """An untrained pack (W = 0, so it changes nothing yet) over the selected heads of `subspaces`."""
         if not subspaces.selected.any():
             raise SafeRoPEPackError("no safety-critical head was selected: the pack would be empty")
@@ -95,11 +96,11 @@ class SafeRoPEPack:
             heads = subspaces.selected[row]
             if heads.any():
                 zeros = torch.zeros(shape.heads, r, r)
-                blocks[block] = BlockRotation(subspaces.bases[block]["q"], subspaces.bases[block]["k"],
-                                              heads.clone(), zeros, zeros.clone())
+                blocks[block] = BlockRotation(
+                    subspaces.bases[block]["q"], subspaces.bases[block]["k"], heads.clone(), zeros, zeros.clone()
+                )
         thresholds = {"lrs": subspaces.lrs_threshold, "hds": subspaces.hds_threshold, "gate": None}
-        return cls(shape, list(concepts), r, blocks, thresholds, {"trained": False},
-                   subspaces.delta.clone(), name)
+        return cls(shape, list(concepts), r, blocks, thresholds, {"trained": False}, subspaces.delta.clone(), name)
 
     # --- applying -------------------------------------------------------------------------------------
     def heads_rotated(self) -> int:
@@ -120,16 +121,25 @@ class SafeRoPEPack:
         basis = rot.basis_q if qk == "q" else rot.basis_k
         w = rot.w_txt if tokens == "txt" else rot.w_img
         chosen = x.index_select(1, index)
-        rotated = rotate_tokens(chosen, basis[index], w[index], strength, self.thresholds.get("gate"),
-                                known_to_rotate=True)
+        rotated = rotate_tokens(
+            chosen, basis[index], w[index], strength, self.thresholds.get("gate"), known_to_rotate=True
+        )
         return x.index_copy(1, index, rotated)
 
     def to(self, device) -> SafeRoPEPack:
         """A copy with all tensors on `device` (parameters keep requires_grad only if already on it)."""
         blocks = {n: b.to(device) for n, b in self.blocks.items()}
         delta = None if self.delta is None else self.delta.to(device)
-        return SafeRoPEPack(self.shape, list(self.concepts), self.rank, blocks, dict(self.thresholds),
-                            dict(self.recipe), delta, self.name)
+        return SafeRoPEPack(
+            self.shape,
+            list(self.concepts),
+            self.rank,
+            blocks,
+            dict(self.thresholds),
+            dict(self.recipe),
+            delta,
+            self.name,
+        )
 
     # --- the file -------------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -164,8 +174,10 @@ class SafeRoPEPack:
     def describe(self) -> str:
         """One paragraph for the node UI: concept, rank, heads rotated, model it was built for."""
         trained = "trained" if self.recipe.get("trained", True) else "untrained (rotations are zero)"
-        return (f"{', '.join(self.concepts) or '(no concept)'} | rank {self.rank} | {self.heads_rotated()} heads in "
-                f"{len(self.blocks)} blocks | {trained} | for {self.shape.describe()}")
+        return (
+            f"{', '.join(self.concepts) or '(no concept)'} | rank {self.rank} | {self.heads_rotated()} heads in "
+            f"{len(self.blocks)} blocks | {trained} | for {self.shape.describe()}"
+        )
 
 
 ORTHONORMAL_TOLERANCE = 1e-3
@@ -204,8 +216,10 @@ def _pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
     if meta.get("kind") != PACK_KIND:
         fail(f"not a SafeRoPE pack (metadata kind is {meta.get('kind')!r})")
     if meta.get("format_version") != PACK_FORMAT_VERSION:
-        fail(f"format version {meta.get('format_version')!r} is not supported (this pack reads version "
-             f"{PACK_FORMAT_VERSION}); update the node pack or rebuild the file")
+        fail(
+            f"format version {meta.get('format_version')!r} is not supported (this pack reads version "
+            f"{PACK_FORMAT_VERSION}); update the node pack or rebuild the file"
+        )
     for key in ("model", "concepts", "rank", "thresholds", "recipe", "blocks", "content_hash"):
         if key not in meta:
             fail(f"metadata field '{key}' is missing")
@@ -229,8 +243,13 @@ def _pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
         fail("malformed metadata: 'content_hash' must be a string")
     names = shape.block_names()
     h, d = shape.heads, shape.head_dim
-    expected = {"basis_q": (h, d, rank), "basis_k": (h, d, rank), "heads": (h,), "w_txt": (h, rank, rank),
-                "w_img": (h, rank, rank)}
+    expected = {
+        "basis_q": (h, d, rank),
+        "basis_k": (h, d, rank),
+        "heads": (h,),
+        "w_txt": (h, rank, rank),
+        "w_img": (h, rank, rank),
+    }
     blocks, wanted = {}, set()
     for block in meta["blocks"]:
         if not isinstance(block, str) or block not in names:
@@ -254,8 +273,10 @@ def _pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
         parts["heads"] = parts["heads"].bool()
         for part in ("basis_q", "basis_k"):
             if not orthonormal(parts[part][parts["heads"]]):
-                fail(f"tensor '{block}.{part}' is not orthonormal (U^T U differs from I by more than "
-                     f"{ORTHONORMAL_TOLERANCE}): the bases were damaged or scaled")
+                fail(
+                    f"tensor '{block}.{part}' is not orthonormal (U^T U differs from I by more than "
+                    f"{ORTHONORMAL_TOLERANCE}): the bases were damaged or scaled"
+                )
         blocks[block] = BlockRotation(**{k: parts[k].float() if k != "heads" else parts[k] for k in expected})
     delta = tensors.get("hds.delta")
     if delta is not None:
@@ -273,5 +294,13 @@ def _pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
         fail("the pack rotates no block")
     if content_hash(tensors, meta) != meta["content_hash"]:
         fail("content hash mismatch: the file was modified or damaged after it was written")
-    return SafeRoPEPack(shape, meta["concepts"], rank, blocks, meta["thresholds"], meta["recipe"],
-                        None if delta is None else delta.float(), name)
+    return SafeRoPEPack(
+        shape,
+        meta["concepts"],
+        rank,
+        blocks,
+        meta["thresholds"],
+        meta["recipe"],
+        None if delta is None else delta.float(),
+        name,
+    )

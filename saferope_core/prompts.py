@@ -34,8 +34,9 @@ def clean_lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
-def build_unsafe_prompts(subjects: Sequence[str], modifiers: Sequence[str], templates: Sequence[str],
-                         max_count: int = 1000, seed: int = 0) -> list[UnsafePrompt]:
+def build_unsafe_prompts(
+    subjects: Sequence[str], modifiers: Sequence[str], templates: Sequence[str], max_count: int = 1000, seed: int = 0
+) -> list[UnsafePrompt]:
     """All subject x modifier x template prompts, or a seeded sample of `max_count` of them.
 
     A template holds '{subject}' and optionally '{modifier}'; without '{modifier}' the modifier is appended
@@ -70,7 +71,7 @@ def _fill(template: str, subject: str, modifier: str) -> str:
 
 def _find(sequence: Sequence[int], part: Sequence[int]) -> list[int]:
     n = len(part)
-    return [i for i in range(len(sequence) - n + 1) if n and list(sequence[i:i + n]) == list(part)]
+    return [i for i in range(len(sequence) - n + 1) if n and list(sequence[i : i + n]) == list(part)]
 
 
 def _padding_token(empty: Sequence[int]) -> int | None:
@@ -169,6 +170,8 @@ def default_concepts() -> list[str]:
 
 def default_lists(concept: str) -> dict[str, list[str]]:
     """The shipped subjects, modifiers, templates and safe prompts of a concept."""
+    if concept not in default_concepts():  # a name, never a path
+        raise PromptSetError(f"no default prompt lists for {concept!r}; known: {', '.join(default_concepts())}")
     path = DEFAULTS_DIR / f"{concept}.json"
     if not path.is_file():
         raise PromptSetError(f"no default prompt lists for {concept!r}; known: {', '.join(default_concepts())}")
@@ -186,9 +189,18 @@ def read_prompt_file(path: str | Path, limit: int | None = None) -> list[str]:
         raise PromptSetError(f"prompt file not found: {path.name}")
     size = path.stat().st_size
     if size > MAX_PROMPT_FILE_BYTES:
-        raise PromptSetError(f"{path.name} is {size / 2**20:.0f} MiB; prompt files may have at most "
-                             f"{MAX_PROMPT_FILE_BYTES // 2**20} MiB")
+        raise PromptSetError(
+            f"{path.name} is {size / 2**20:.0f} MiB; prompt files may have at most {MAX_PROMPT_FILE_BYTES // 2**20} MiB"
+        )
     out = []
+    try:
+        _read_lines(path, limit, out)
+    except csv.Error as err:
+        raise PromptSetError(f"{path.name} is not a readable CSV file ({err})") from None
+    return out[:limit] if limit else out
+
+
+def _read_lines(path: Path, limit: int | None, out: list[str]) -> None:
     with path.open(newline="", encoding="utf-8", errors="replace") as f:
         if path.suffix.lower() == ".csv":
             reader = csv.reader(f)
@@ -202,4 +214,3 @@ def read_prompt_file(path: str | Path, limit: int | None = None) -> list[str]:
                 out.append(line)
             if limit and len(out) >= limit:
                 break
-    return out[:limit] if limit else out

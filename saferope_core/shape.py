@@ -33,9 +33,7 @@ class ModelShape:
 
     def block_names(self) -> list[str]:
         """All attention blocks in execution order: 'double.0' ... 'single.N'."""
-        return [f"double.{i}" for i in range(self.double_blocks)] + [
-            f"single.{i}" for i in range(self.single_blocks)
-        ]
+        return [f"double.{i}" for i in range(self.double_blocks)] + [f"single.{i}" for i in range(self.single_blocks)]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,8 +46,9 @@ class ModelShape:
         for key in sizes:
             value = data.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SIZE:
-                raise ValueError(f"model shape field '{key}' = {value!r} is impossible: expected an integer in "
-                                 f"[0, {MAX_SIZE}]")
+                raise ValueError(
+                    f"model shape field '{key}' = {value!r} is impossible: expected an integer in [0, {MAX_SIZE}]"
+                )
         shape = cls(data["family"], *(data[key] for key in sizes))
         if min(shape.heads, shape.head_dim) < 1:
             raise ValueError(f"model shape has impossible sizes: {data!r}")
@@ -57,14 +56,18 @@ class ModelShape:
 
     def describe(self) -> str:
         """'FLUX.1 (dev, schnell, Kontext), 19+38 blocks, 24 heads x 128'."""
-        return (f"{family_name(self.family)}, {self.double_blocks}+{self.single_blocks} blocks, "
-                f"{self.heads} heads x {self.head_dim}")
+        return (
+            f"{family_name(self.family)}, {self.double_blocks}+{self.single_blocks} blocks, "
+            f"{self.heads} heads x {self.head_dim}"
+        )
 
     def mismatch(self, other: ModelShape) -> str | None:
         """Name the first dimension where two shapes differ (both families when those differ), or None."""
         if self.family != other.family:
-            return (f"family: built for {family_name(self.family)}, but the model is {family_name(other.family)}; "
-                    "packs do not transfer between model families")
+            return (
+                f"family: built for {family_name(self.family)}, but the model is {family_name(other.family)}; "
+                "packs do not transfer between model families"
+            )
         for field in ("double_blocks", "single_blocks", "heads", "head_dim"):
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine != theirs:

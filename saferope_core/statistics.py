@@ -30,8 +30,7 @@ def site_name(block: str, stream: str, kind: str) -> str:
 class QKStatistics:
     """Per (group, site): Gram matrix [H, D, D], vector count, and a uniform reservoir sample [<=cap, H, D]."""
 
-    def __init__(self, shape: ModelShape, reservoir_size: int = 512, seed: int = 0,
-                 concepts: list[str] | None = None):
+    def __init__(self, shape: ModelShape, reservoir_size: int = 512, seed: int = 0, concepts: list[str] | None = None):
         if reservoir_size < 1:
             raise ValueError("reservoir_size must be at least 1")
         self.shape = shape
@@ -54,8 +53,10 @@ class QKStatistics:
         key = self.key(group, site)
         n, heads, dim = vectors.shape
         if (heads, dim) != (self.shape.heads, self.shape.head_dim):
-            raise ValueError(f"vectors for {site} have {heads} heads x {dim} dims, expected "
-                             f"{self.shape.heads} x {self.shape.head_dim}")
+            raise ValueError(
+                f"vectors for {site} have {heads} heads x {dim} dims, expected "
+                f"{self.shape.heads} x {self.shape.head_dim}"
+            )
         if n == 0:
             return
         v = vectors.detach().float()
@@ -113,7 +114,7 @@ class QKStatistics:
 
     def sites(self, group: str) -> list[str]:
         prefix = f"{group}/"
-        return sorted(k[len(prefix):] for k in self.count if k.startswith(prefix))
+        return sorted(k[len(prefix) :] for k in self.count if k.startswith(prefix))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.gram, self.reservoir) for t in d.values())
@@ -140,8 +141,10 @@ class QKStatistics:
         tensors, meta = read_safetensors(path, StatisticsError)
         name = Path(path).name
         if meta.get("kind") != STATISTICS_KIND or meta.get("format_version") != STATISTICS_VERSION:
-            raise StatisticsError(f"{name} is not a SafeRoPE statistics file of version {STATISTICS_VERSION} "
-                                      f"(kind={meta.get('kind')!r}, version={meta.get('format_version')!r})")
+            raise StatisticsError(
+                f"{name} is not a SafeRoPE statistics file of version {STATISTICS_VERSION} "
+                f"(kind={meta.get('kind')!r}, version={meta.get('format_version')!r})"
+            )
         try:
             shape = ModelShape.from_dict(meta.get("model"))
         except ValueError as err:

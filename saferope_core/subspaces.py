@@ -41,8 +41,10 @@ class Subspaces:
 
     def summary(self, block_names: list[str]) -> str:
         """Readable report: selected heads per block and the delta distribution."""
-        lines = [f"rank {self.rank}, LRS > {self.lrs_threshold}, keep heads with delta >= {self.hds_threshold}",
-                 f"selected {int(self.selected.sum())} of {self.selected.numel()} heads"]
+        lines = [
+            f"rank {self.rank}, LRS > {self.lrs_threshold}, keep heads with delta >= {self.hds_threshold}",
+            f"selected {int(self.selected.sum())} of {self.selected.numel()} heads",
+        ]
         for name, row, sel in zip(block_names, self.delta, self.selected, strict=True):
             if sel.any():
                 heads = ", ".join(f"h{int(h)} ({row[h]:.2f})" for h in torch.nonzero(sel).flatten())
@@ -53,13 +55,17 @@ class Subspaces:
 
 
 def _group_vectors(stats: QKStatistics, group: str, block: str, qk: str) -> torch.Tensor:
-    parts = [stats.reservoir[stats.key(group, f"{block}.{s}.{qk}")] for s in ("txt", "img")
-             if stats.key(group, f"{block}.{s}.{qk}") in stats.reservoir]
+    parts = [
+        stats.reservoir[stats.key(group, f"{block}.{s}.{qk}")]
+        for s in ("txt", "img")
+        if stats.key(group, f"{block}.{s}.{qk}") in stats.reservoir
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, stats.shape.heads, stats.shape.head_dim)
 
 
-def build_subspaces(stats: QKStatistics, rank: int = 5, lrs_threshold: float = 0.7,
-                    hds_threshold: float = 0.5) -> Subspaces:
+def build_subspaces(
+    stats: QKStatistics, rank: int = 5, lrs_threshold: float = 0.7, hds_threshold: float = 0.5
+) -> Subspaces:
     """Bases from the unsafe Gram matrices; delta = high-risk share (unsafe) - high-risk share (safe).
 
     The delta of a head averages its q and k deltas (the paper pools q and k vectors). Raises ValueError for a
@@ -76,8 +82,10 @@ def build_subspaces(stats: QKStatistics, rank: int = 5, lrs_threshold: float = 0
             keys = [k for k in keys if k in stats.gram]
             count = sum(stats.count[k] for k in keys)
             if count < rank:
-                raise StatisticsError(f"block {block} {qk}: {count} unsafe vectors collected, fewer than rank {rank}; "
-                                 "collect more prompts or lower the rank")
+                raise StatisticsError(
+                    f"block {block} {qk}: {count} unsafe vectors collected, fewer than rank {rank}; "
+                    "collect more prompts or lower the rank"
+                )
             basis = subspace_basis(sum(stats.gram[k].cpu() for k in keys), rank)
             bases[block][qk] = basis
             block_delta.append(

@@ -36,9 +36,15 @@ class UVRAnchors:
     concepts: list[str]
 
     def save(self, path) -> None:
-        meta = {"kind": ANCHORS_KIND, "format_version": ANCHORS_VERSION, "model": self.shape.to_dict(),
-                "block": self.block, "threshold": self.threshold, "sigma_start": self.sigma_start,
-                "concepts": self.concepts}
+        meta = {
+            "kind": ANCHORS_KIND,
+            "format_version": ANCHORS_VERSION,
+            "model": self.shape.to_dict(),
+            "block": self.block,
+            "threshold": self.threshold,
+            "sigma_start": self.sigma_start,
+            "concepts": self.concepts,
+        }
         save_atomic(path, {"anchors": self.anchors, "safe_mean": self.safe_mean}, meta)
 
     @classmethod
@@ -53,22 +59,39 @@ class UVRAnchors:
         except ValueError as err:
             raise AnchorsError(f"{name}: {err}") from None
         numbers = {key: meta.get(key) for key in ("threshold", "sigma_start")}
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                   for v in numbers.values()) or not -1 <= numbers["threshold"] <= 1 \
-                or not 0 <= numbers["sigma_start"] <= 1:
+        if (
+            not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers.values()
+            )
+            or not -1 <= numbers["threshold"] <= 1
+            or not 0 <= numbers["sigma_start"] <= 1
+        ):
             raise AnchorsError(f"{name}: threshold and sigma_start must be finite scores ({numbers})")
         block = meta.get("block")
         if block not in [f"single.{i}" for i in range(shape.single_blocks)]:
-            raise AnchorsError(f"{name}: detection block {block!r} is not a single block of a "
-                               f"{shape.single_blocks}-single-block model")
+            raise AnchorsError(
+                f"{name}: detection block {block!r} is not a single block of a {shape.single_blocks}-single-block model"
+            )
         anchors, mean = tensors.get("anchors"), tensors.get("safe_mean")
-        if anchors is None or mean is None or anchors.ndim != 3 or tuple(mean.shape) != (shape.heads, shape.head_dim) \
-                or tuple(anchors.shape[::2]) != (shape.heads, shape.head_dim):
+        if (
+            anchors is None
+            or mean is None
+            or anchors.ndim != 3
+            or tuple(mean.shape) != (shape.heads, shape.head_dim)
+            or tuple(anchors.shape[::2]) != (shape.heads, shape.head_dim)
+        ):
             raise AnchorsError(f"{name}: anchor tensors are missing or have wrong shapes")
         if not (torch.isfinite(anchors).all() and torch.isfinite(mean).all()):
             raise AnchorsError(f"{name}: anchor tensors contain NaN or Inf")
-        return cls(shape, block, anchors.float(), mean.float(), float(numbers["threshold"]),
-                   float(numbers["sigma_start"]), [str(c) for c in meta.get("concepts", [])])
+        return cls(
+            shape,
+            block,
+            anchors.float(),
+            mean.float(),
+            float(numbers["threshold"]),
+            float(numbers["sigma_start"]),
+            [str(c) for c in meta.get("concepts", [])],
+        )
 
 
 def patch_scores(outputs: torch.Tensor, anchors: torch.Tensor, safe_mean: torch.Tensor) -> torch.Tensor:
@@ -116,7 +139,8 @@ def connected_components(mask: torch.Tensor) -> torch.Tensor:
     for _ in range(h * w):  # each pass spreads the largest label one patch; stops when nothing changes
         neighbours = torch.maximum(
             torch.maximum(F.pad(labels, (0, 0, 1, 0))[:, :-1], F.pad(labels, (0, 0, 0, 1))[:, 1:]),
-            torch.maximum(F.pad(labels, (1, 0))[:, :, :-1], F.pad(labels, (0, 1))[:, :, 1:]))
+            torch.maximum(F.pad(labels, (1, 0))[:, :, :-1], F.pad(labels, (0, 1))[:, :, 1:]),
+        )
         new = torch.maximum(labels, neighbours) * mask
         if torch.equal(new, labels):
             break
@@ -124,8 +148,9 @@ def connected_components(mask: torch.Tensor) -> torch.Tensor:
     return labels.long()
 
 
-def patch_mask(scores: torch.Tensor, threshold: float, min_patches: int = 2, blur: int = 1,
-               ring: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def patch_mask(
+    scores: torch.Tensor, threshold: float, min_patches: int = 2, blur: int = 1, ring: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(core, ring) boolean masks [B, h, w] from patch scores [B, h, w].
 
     Threshold, drop connected components smaller than `min_patches`, smooth with a (2*blur+1) box filter (keep where
@@ -157,7 +182,7 @@ def reference_patches(ids: torch.Tensor, image_hw: tuple[int, int], ref_sizes: l
     h_out, w_out = image_hw
     out, start = [], 0
     for size in ref_sizes:
-        part = ids[start:start + size, 1:].float()
+        part = ids[start : start + size, 1:].float()
         start += size
         lo, hi = part.min(0).values, part.max(0).values
         rel = (part - lo) / (hi - lo + 1)
