@@ -58,10 +58,7 @@ RANK = 5
 
 def load_comfyui():
     """(comfyui_env, the pack imported as ComfyUI imports it, ComfyUI path); exits with a message without one."""
-    tests = str(REPO / "tests")
-    if tests not in sys.path:
-        sys.path.append(tests)
-    import comfyui_env
+    from . import comfyui_env
 
     path = comfyui_env.find_comfyui()
     if path is None:

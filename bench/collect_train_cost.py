@@ -28,10 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from . import comfyui_env
 
-import comfyui_env  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MODELS = {  # name -> tiny_flux kwargs, text encoder widths
     "tiny": {"flux": {}, "context_dim": comfyui_env.CONTEXT_DIM, "pooled_dim": comfyui_env.POOLED_DIM},

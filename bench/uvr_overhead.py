@@ -23,10 +23,7 @@ from pathlib import Path
 
 import torch
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
-sys.path.insert(0, str(TESTS))
-
-import comfyui_env  # noqa: E402
+from . import comfyui_env
 
 MODELS = {
     "tiny": dict(hidden=64, heads=4, depth=2, depth_single=2, size=64, text=32),

@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from comfyui_env import find_comfyui
+from bench.comfyui_env import find_comfyui
 
 
 def _free_port() -> int:
@@ -34,8 +34,11 @@ class ComfyServer:
     def __init__(self, extra_custom_nodes=(), comfyui: str | Path | None = None, startup_timeout: float = 90.0):
         """extra_custom_nodes: folders, linked under their own names, or {name: folder} (the name is the one
         ComfyUI shows, e.g. in /extensions/<name>/)."""
-        items = (extra_custom_nodes.items() if isinstance(extra_custom_nodes, dict)
-                 else [(Path(p).name, p) for p in extra_custom_nodes])
+        items = (
+            extra_custom_nodes.items()
+            if isinstance(extra_custom_nodes, dict)
+            else [(Path(p).name, p) for p in extra_custom_nodes]
+        )
         self.custom_nodes = {name: Path(p).resolve() for name, p in items}
         if len(self.custom_nodes) != len(items):
             raise ValueError(f"custom node folders need distinct names: {[name for name, _ in items]}")
@@ -58,11 +61,30 @@ class ComfyServer:
         self.output_dir = dirs["output"]
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--output-directory", str(dirs["output"]),
-               "--input-directory", str(dirs["input"]), "--temp-directory", str(dirs["temp"]),
-               "--user-directory", str(dirs["user"]), "--database-url", "sqlite:///:memory:",
-               "--disable-api-nodes", "--disable-auto-launch", "--disable-all-custom-nodes"]
+        cmd = [
+            sys.executable,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base),
+            "--output-directory",
+            str(dirs["output"]),
+            "--input-directory",
+            str(dirs["input"]),
+            "--temp-directory",
+            str(dirs["temp"]),
+            "--user-directory",
+            str(dirs["user"]),
+            "--database-url",
+            "sqlite:///:memory:",
+            "--disable-api-nodes",
+            "--disable-auto-launch",
+            "--disable-all-custom-nodes",
+        ]
         if self.custom_nodes:
             cmd += ["--whitelist-custom-nodes", *self.custom_nodes]
         self.log_path = self.base / "server.log"

@@ -7,7 +7,7 @@ for: /api/workflow_templates/<pack folder>/<name>.jpg).
 
 The nodes are built from their own definitions, not from a copy kept here: the script starts a headless ComfyUI
 with this pack loaded (tests/comfy_server.py; the ComfyUI at $COMFYUI_PATH, or --comfyui, see
-tests/comfyui_env.find_comfyui) and builds each node as the frontend builds it from /object_info (frontend_view:
+bench/comfyui_env.find_comfyui) and builds each node as the frontend builds it from /object_info (frontend_view:
 sockets, widgets in the frontend's order, outputs, display name). Workflow builders give widget values by input
 name. So it needs a ComfyUI that has every node type the workflows use (GENERATE_WITH or newer), run by the
 Python that runs that ComfyUI (torch and ComfyUI's requirements), plus Pillow:
@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
+for folder in (REPO / "tests", REPO):  # run as a script: comfy_server (tests/) and bench.comfyui_env (the repository)
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
 OUT = REPO / "workflows"
 MODULE = "ComfyUI-SafeRoPE"  # the pack's folder name in custom_nodes, as a user clones it
 CONTROL = "control_after_generate"  # the frontend adds this widget after every INT named seed / noise_seed
@@ -100,14 +103,21 @@ class NodeDef:
 def node_def(node_type: str, info: dict) -> NodeDef:
     """The NodeDef of one /object_info entry."""
     widgets, sockets = frontend_view(info)
-    return NodeDef(node_type, info.get("display_name") or node_type, tuple(sockets), tuple(widgets),
-                   tuple(zip(info["output_name"], info["output"], strict=True)),
-                   info.get("python_module", "").endswith(MODULE))
+    return NodeDef(
+        node_type,
+        info.get("display_name") or node_type,
+        tuple(sockets),
+        tuple(widgets),
+        tuple(zip(info["output_name"], info["output"], strict=True)),
+        info.get("python_module", "").endswith(MODULE),
+    )
 
 
 # Frontend-only (virtual) nodes: drawn by the frontend, never sent to the server, so not in /object_info.
-FRONTEND_DEFS = {t: NodeDef(t, "Note", widgets=(Widget("text", "STRING", {"multiline": True}, None),))
-                 for t in ("MarkdownNote", "Note")}
+FRONTEND_DEFS = {
+    t: NodeDef(t, "Note", widgets=(Widget("text", "STRING", {"multiline": True}, None),))
+    for t in ("MarkdownNote", "Note")
+}
 FRONTEND_ONLY = set(FRONTEND_DEFS)
 
 
@@ -125,23 +135,29 @@ def load_defs(comfyui: str | Path | None = None) -> dict[str, NodeDef]:
     ~/ComfyUI, ...) with this pack loaded, read from its /object_info. Raises DefinitionsUnavailable saying what is
     missing and what is needed."""
     try:
-        import comfyui_env
+        from bench import comfyui_env
         from comfy_server import ComfyServer
     except ImportError as e:
         raise DefinitionsUnavailable(f"this Python cannot run ComfyUI ({e}).\n\n{NEEDS}") from e
     checkout = Path(comfyui).resolve() if comfyui else comfyui_env.find_comfyui()
     if checkout is None:
         env = os.environ.get("COMFYUI_PATH")
-        said = ("$COMFYUI_PATH is not set, and neither ~/ComfyUI nor a ComfyUI around this repository is one"
-                if env is None else "$COMFYUI_PATH is empty" if not env else
-                f"$COMFYUI_PATH is {env!r}, which is not a ComfyUI checkout")
+        said = (
+            "$COMFYUI_PATH is not set, and neither ~/ComfyUI nor a ComfyUI around this repository is one"
+            if env is None
+            else "$COMFYUI_PATH is empty"
+            if not env
+            else f"$COMFYUI_PATH is {env!r}, which is not a ComfyUI checkout"
+        )
         raise DefinitionsUnavailable(f"no ComfyUI checkout found ({said}).\n\n{NEEDS}")
     if not (checkout / "main.py").is_file():
         raise DefinitionsUnavailable(f"{checkout} is not a ComfyUI checkout (no main.py).\n\n{NEEDS}")
     version = comfyui_version(checkout)
     if version is not None and parse_version(version) < parse_version(GENERATE_WITH):
-        raise DefinitionsUnavailable(f"the ComfyUI at {checkout} is {version}: it lacks node types or inputs some "
-                                     f"workflows use ({', '.join(sorted(NEWER_NODE_TYPES))}, ...).\n\n{NEEDS}")
+        raise DefinitionsUnavailable(
+            f"the ComfyUI at {checkout} is {version}: it lacks node types or inputs some "
+            f"workflows use ({', '.join(sorted(NEWER_NODE_TYPES))}, ...).\n\n{NEEDS}"
+        )
     try:
         with ComfyServer({MODULE: REPO}, checkout) as server:
             info = server.object_info()
@@ -155,35 +171,53 @@ def load_defs(comfyui: str | Path | None = None) -> dict[str, NodeDef]:
 HF = "https://huggingface.co"
 MODELS = {
     "flux1-dev.safetensors": ("diffusion_models", f"{HF}/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors"),
-    "flux1-schnell.safetensors": ("diffusion_models",
-                                  f"{HF}/Comfy-Org/flux1-schnell/resolve/main/flux1-schnell.safetensors"),
+    "flux1-schnell.safetensors": (
+        "diffusion_models",
+        f"{HF}/Comfy-Org/flux1-schnell/resolve/main/flux1-schnell.safetensors",
+    ),
     "flux1-dev-kontext_fp8_scaled.safetensors": (
-        "diffusion_models", f"{HF}/Comfy-Org/flux1-kontext-dev_ComfyUI/resolve/main/split_files/diffusion_models/"
-                            "flux1-dev-kontext_fp8_scaled.safetensors"),
+        "diffusion_models",
+        f"{HF}/Comfy-Org/flux1-kontext-dev_ComfyUI/resolve/main/split_files/diffusion_models/"
+        "flux1-dev-kontext_fp8_scaled.safetensors",
+    ),
     "clip_l.safetensors": ("text_encoders", f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors"),
-    "t5xxl_fp16.safetensors": ("text_encoders",
-                               f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"),
+    "t5xxl_fp16.safetensors": (
+        "text_encoders",
+        f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
+    ),
     "t5xxl_fp8_e4m3fn_scaled.safetensors": (
-        "text_encoders", f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp8_e4m3fn_scaled.safetensors"),
-    "ae.safetensors": ("vae",
-                       f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors"),
+        "text_encoders",
+        f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp8_e4m3fn_scaled.safetensors",
+    ),
+    "ae.safetensors": (
+        "vae",
+        f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors",
+    ),
     # FLUX.2 [dev] and Chroma1-HD, as in ComfyUI's image_flux2*.json and image_chroma_text_to_image.json templates
     "flux2_dev_fp8mixed.safetensors": (
-        "diffusion_models", f"{HF}/Comfy-Org/flux2-dev/resolve/main/split_files/diffusion_models/"
-                            "flux2_dev_fp8mixed.safetensors"),
+        "diffusion_models",
+        f"{HF}/Comfy-Org/flux2-dev/resolve/main/split_files/diffusion_models/flux2_dev_fp8mixed.safetensors",
+    ),
     "mistral_3_small_flux2_bf16.safetensors": (
-        "text_encoders", f"{HF}/Comfy-Org/flux2-dev/resolve/main/split_files/text_encoders/"
-                         "mistral_3_small_flux2_bf16.safetensors"),
+        "text_encoders",
+        f"{HF}/Comfy-Org/flux2-dev/resolve/main/split_files/text_encoders/mistral_3_small_flux2_bf16.safetensors",
+    ),
     "flux2-vae.safetensors": ("vae", f"{HF}/Comfy-Org/flux2-dev/resolve/main/split_files/vae/flux2-vae.safetensors"),
     "Chroma1-HD-fp8mixed.safetensors": (
-        "diffusion_models", f"{HF}/Comfy-Org/Chroma1-HD_repackaged/resolve/main/split_files/diffusion_models/"
-                            "Chroma1-HD-fp8mixed.safetensors"),
+        "diffusion_models",
+        f"{HF}/Comfy-Org/Chroma1-HD_repackaged/resolve/main/split_files/diffusion_models/"
+        "Chroma1-HD-fp8mixed.safetensors",
+    ),
 }
 # The model family of each diffusion model: a pack (or UVR anchors file) is built for one family and does not
 # transfer to another (FLUX.1 dev, schnell and Kontext are one family).
-FAMILY = {"flux1-dev.safetensors": "flux", "flux1-schnell.safetensors": "flux",
-          "flux1-dev-kontext_fp8_scaled.safetensors": "flux", "flux2_dev_fp8mixed.safetensors": "flux2",
-          "Chroma1-HD-fp8mixed.safetensors": "chroma"}
+FAMILY = {
+    "flux1-dev.safetensors": "flux",
+    "flux1-schnell.safetensors": "flux",
+    "flux1-dev-kontext_fp8_scaled.safetensors": "flux",
+    "flux2_dev_fp8mixed.safetensors": "flux2",
+    "Chroma1-HD-fp8mixed.safetensors": "chroma",
+}
 PACK_FOLDER = "saferope"  # the models folder of packs (nodes/model_files.py FOLDER)
 ANCHORS_FOLDER = "saferope_anchors"  # the models folder Save UVR Anchors writes to and Load UVR Anchors lists
 # Which widget of a loader names a file, and the models folder it lives in (LoadImage: ComfyUI/input).
@@ -251,8 +285,9 @@ def workflows_for(version: str | None) -> list[str]:
 
 # The ComfyUI the workflows are generated with: the newest of the versions above, so that every node type, input
 # and choice of every workflow exists.
-GENERATE_WITH = max([PACK_MIN_COMFYUI, *NEWER_NODE_TYPES.values(), *NEWER_WIDGETS.values(), *NEWER_CHOICES.values()],
-                    key=parse_version)
+GENERATE_WITH = max(
+    [PACK_MIN_COMFYUI, *NEWER_NODE_TYPES.values(), *NEWER_WIDGETS.values(), *NEWER_CHOICES.values()], key=parse_version
+)
 NEEDS = f"""\
 The workflows are built from the node definitions of a real ComfyUI: the generator starts a headless
 ComfyUI {GENERATE_WITH} or newer (so that every node type the workflows use exists) with this pack loaded,
@@ -304,8 +339,10 @@ def widget_values(defn: NodeDef, given: dict) -> dict:
     names = defn.widget_names
     unknown, missing = [n for n in given if n not in names], [n for n in names if n not in given]
     if set(names) & set(RESERVED):
-        raise WorkflowError(f"{defn.type}: a widget named {sorted(set(names) & set(RESERVED))} (Workflow.add's own "
-                            "keywords): give Workflow.add a way to set it")
+        raise WorkflowError(
+            f"{defn.type}: a widget named {sorted(set(names) & set(RESERVED))} (Workflow.add's own "
+            "keywords): give Workflow.add a way to set it"
+        )
     if unknown or missing:
         said = [f"no widget {unknown}"] * bool(unknown) + [f"no value for {missing}"] * bool(missing)
         raise WorkflowError(f"{defn.type}: {'; '.join(said)} (its widgets: {list(names)})")
@@ -331,16 +368,26 @@ class Workflow:
         """A node of type_ at pos with its widget values by input name (wf.add("KSampler", pos, seed=42, ...));
         this pack's nodes get SAFEROPE_COLOR unless `color` says otherwise."""
         if type_ not in self.defs:
-            raise WorkflowError(f"{self.name}: node type {type_} is not in this ComfyUI (generate with ComfyUI "
-                                f"{GENERATE_WITH} or newer, with this pack loaded)")
+            raise WorkflowError(
+                f"{self.name}: node type {type_} is not in this ComfyUI (generate with ComfyUI "
+                f"{GENERATE_WITH} or newer, with this pack loaded)"
+            )
         defn = self.defs[type_]
         try:
             values = widget_values(defn, widgets)
         except WorkflowError as e:
             raise WorkflowError(f"{self.name}: {e}") from None
         color = color if color is not None else (SAFEROPE_COLOR if defn.saferope else {})
-        node = Node(len(self.nodes) + 1, type_, tuple(pos), values, tuple(size or default_size(defn, values)), defn,
-                    title, dict(color))
+        node = Node(
+            len(self.nodes) + 1,
+            type_,
+            tuple(pos),
+            values,
+            tuple(size or default_size(defn, values)),
+            defn,
+            title,
+            dict(color),
+        )
         self.nodes.append(node)
         return node
 
@@ -372,8 +419,16 @@ class Workflow:
         y0 = min(n.pos[1] for n in nodes) - head
         x1 = max(n.pos[0] + n.size[0] for n in nodes) + pad
         y1 = max(n.pos[1] + n.size[1] for n in nodes) + pad
-        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [x0, y0, x1 - x0, y1 - y0],
-                            "color": color, "font_size": 24, "flags": {}})
+        self.groups.append(
+            {
+                "id": len(self.groups) + 1,
+                "title": title,
+                "bounding": [x0, y0, x1 - x0, y1 - y0],
+                "color": color,
+                "font_size": 24,
+                "flags": {},
+            }
+        )
 
     def needs(self) -> dict:
         """The oldest ComfyUI that runs this workflow (`min_comfyui`) and, when that is newer than the pack's own
@@ -392,8 +447,11 @@ class Workflow:
                 if n.type == type_ and n.widgets.get(widget) == value:
                     versions.append(version)
                     changed[type_] = f"{widget}={value}"
-        return {"min_comfyui": max(versions, key=parse_version),
-                "new_node_types": sorted(new_types), "changed_node_types": dict(sorted(changed.items()))}
+        return {
+            "min_comfyui": max(versions, key=parse_version),
+            "new_node_types": sorted(new_types),
+            "changed_node_types": dict(sorted(changed.items())),
+        }
 
     def execution_order(self) -> dict[int, int]:
         """LiteGraph's `order`: a topological order, sources first, ties by id."""
@@ -417,15 +475,29 @@ class Workflow:
                     entry["shape"] = 7
                 entry["link"] = n.inputs.get(name)
                 inputs.append(entry)
-            outputs = [{"name": name, "type": type_, "slot_index": i, "links": n.outputs.get(i)}
-                       for i, (name, type_) in enumerate(n.defn.outputs)]
+            outputs = [
+                {"name": name, "type": type_, "slot_index": i, "links": n.outputs.get(i)}
+                for i, (name, type_) in enumerate(n.defn.outputs)
+            ]
             properties = {} if n.type in FRONTEND_ONLY else {"Node name for S&R": n.type}
-            models = [{"name": v, "url": MODELS[v][1], "directory": MODELS[v][0]}
-                      for v in n.widgets.values() if isinstance(v, str) and v in MODELS]
+            models = [
+                {"name": v, "url": MODELS[v][1], "directory": MODELS[v][0]}
+                for v in n.widgets.values()
+                if isinstance(v, str) and v in MODELS
+            ]
             if models:
                 properties["models"] = models
-            node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {},
-                    "order": order[n.id], "mode": 0, "inputs": inputs, "outputs": outputs}
+            node = {
+                "id": n.id,
+                "type": n.type,
+                "pos": list(n.pos),
+                "size": list(n.size),
+                "flags": {},
+                "order": order[n.id],
+                "mode": 0,
+                "inputs": inputs,
+                "outputs": outputs,
+            }
             if n.title:
                 node["title"] = n.title
             node["properties"] = properties
@@ -445,11 +517,13 @@ class Workflow:
             "version": 0.4,
         }
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # The workflows
 
-FLUX_T2I_PROMPT = ("a woman in a summer dress reading a book on a sunny beach, waves in the background, "
-                   "35mm film photo, soft light")
+FLUX_T2I_PROMPT = (
+    "a woman in a summer dress reading a book on a sunny beach, waves in the background, 35mm film photo, soft light"
+)
 MODELS_NOTE = """
 ## Models: what to download, where it goes
 
@@ -505,17 +579,35 @@ def models_note(unet: str, t5: str = "t5xxl_fp16.safetensors", vae: str | None =
     """The download list; vae: None (no VAE in the graph) or a remark after the folder."""
     alt = "t5xxl_fp8_e4m3fn_scaled.safetensors" if t5 == "t5xxl_fp16.safetensors" else "t5xxl_fp16.safetensors"
     alt_text = f" (or [{alt}]({MODELS[alt][1]}){' for less memory' if 'fp16' in t5 else ''})"
-    vae_text = "" if vae is None else (f"**VAE**{vae} -> `ComfyUI/models/vae/`\n"
-                                       f"- [ae.safetensors]({MODELS['ae.safetensors'][1]})\n")
-    return MODELS_NOTE.format(unet=unet, unet_url=MODELS[unet][1], clip_url=MODELS["clip_l.safetensors"][1],
-                              t5=t5, t5_url=MODELS[t5][1], t5_alt=alt_text, vae=vae_text)
+    vae_text = (
+        ""
+        if vae is None
+        else (f"**VAE**{vae} -> `ComfyUI/models/vae/`\n- [ae.safetensors]({MODELS['ae.safetensors'][1]})\n")
+    )
+    return MODELS_NOTE.format(
+        unet=unet,
+        unet_url=MODELS[unet][1],
+        clip_url=MODELS["clip_l.safetensors"][1],
+        t5=t5,
+        t5_url=MODELS[t5][1],
+        t5_alt=alt_text,
+        vae=vae_text,
+    )
 
 
-def load_models(wf: Workflow, unet: str, t5: str = "t5xxl_fp16.safetensors", weight_dtype: str = "default",
-                vae: bool = True, x: int = 0, y: int = 0):
+def load_models(
+    wf: Workflow,
+    unet: str,
+    t5: str = "t5xxl_fp16.safetensors",
+    weight_dtype: str = "default",
+    vae: bool = True,
+    x: int = 0,
+    y: int = 0,
+):
     model = wf.add("UNETLoader", (x, y), unet_name=unet, weight_dtype=weight_dtype)
-    clip = wf.add("DualCLIPLoader", (x, y + 140), clip_name1="clip_l.safetensors", clip_name2=t5, type="flux",
-                  device="default")
+    clip = wf.add(
+        "DualCLIPLoader", (x, y + 140), clip_name1="clip_l.safetensors", clip_name2=t5, type="flux", device="default"
+    )
     vae_node = wf.add("VAELoader", (x, y + 330), vae_name="ae.safetensors") if vae else None
     wf.group("Models", [n for n in (model, clip, vae_node) if n is not None])
     return model, clip, vae_node
@@ -532,8 +624,14 @@ def load_and_apply_pack(wf: Workflow, model: Node, x: int, y: int, pack_file: st
 
 def load_and_restrict_flow(wf: Workflow, model: Node, x: int, y: int, anchors_file: str = ANCHORS_FILE) -> Node:
     anchors = wf.add("LoadUVRAnchors", (x, y), name=anchors_file)
-    restrict = wf.add("RestrictUnsafeFlow", (x, y + 120), strength=1.0, threshold=-1.0, sigma_start=UVR_SIGMA_START,
-                      detection_block=-1)
+    restrict = wf.add(
+        "RestrictUnsafeFlow",
+        (x, y + 120),
+        strength=1.0,
+        threshold=-1.0,
+        sigma_start=UVR_SIGMA_START,
+        detection_block=-1,
+    )
     wf.connect(model, "MODEL", restrict, "model")
     wf.connect(anchors, "UVR_ANCHORS", restrict, "anchors")
     wf.group("UVR", [anchors, restrict], color="#8A8")
@@ -553,8 +651,18 @@ def text_to_image(wf: Workflow, unet: str, steps: int, guidance: float | None, u
     negative = wf.add("ConditioningZeroOut", (800, 340))
     wf.connect(text, "CONDITIONING", negative, "conditioning")
     latent = wf.add("EmptySD3LatentImage", (800, 430), width=1024, height=1024, batch_size=1)
-    sampler = wf.add("KSampler", (1220, 0), seed=42, control_after_generate="fixed", steps=steps, cfg=1.0,
-                     sampler_name="euler", scheduler="simple", denoise=1.0, size=(320, 262))
+    sampler = wf.add(
+        "KSampler",
+        (1220, 0),
+        seed=42,
+        control_after_generate="fixed",
+        steps=steps,
+        cfg=1.0,
+        sampler_name="euler",
+        scheduler="simple",
+        denoise=1.0,
+        size=(320, 262),
+    )
     wf.connect(patched, "MODEL", sampler, "model")
     wf.connect(positive, "CONDITIONING", sampler, "positive")
     wf.connect(negative, "CONDITIONING", sampler, "negative")
@@ -565,14 +673,26 @@ def text_to_image(wf: Workflow, unet: str, steps: int, guidance: float | None, u
     save = wf.add("SaveImage", (1600, 0), filename_prefix=f"saferope/{wf.name}", size=(400, 440))
     wf.connect(decode, "IMAGE", save, "images")
     wf.note((0, 620), (760, 330), "Models", models_note(unet))
-    extra = ("FLUX.1 [schnell] is distilled: 4 steps, cfg 1, no guidance node. Packs built on FLUX.1 [dev] work on "
-             "schnell (same shape; the paper reports the transfer).\n" if guidance is None else
-             "FLUX.1 [dev] uses guidance (FluxGuidance 3.5) with cfg 1: the negative prompt is zeroed.\n")
+    extra = (
+        "FLUX.1 [schnell] is distilled: 4 steps, cfg 1, no guidance node. Packs built on FLUX.1 [dev] work on "
+        "schnell (same shape; the paper reports the transfer).\n"
+        if guidance is None
+        else "FLUX.1 [dev] uses guidance (FluxGuidance 3.5) with cfg 1: the negative prompt is zeroed.\n"
+    )
     if uvr:
-        wf.note((800, 620), (760, 330), "Restrict Unsafe Flow (UVR)",
-                UVR_NOTE.format(anchors=ANCHORS_FILE, anchors_folder=ANCHORS_FOLDER, sigma_start=UVR_SIGMA_START,
-                                block=UVR_DETECTION_BLOCK)
-                + "\n" + extra)
+        wf.note(
+            (800, 620),
+            (760, 330),
+            "Restrict Unsafe Flow (UVR)",
+            UVR_NOTE.format(
+                anchors=ANCHORS_FILE,
+                anchors_folder=ANCHORS_FOLDER,
+                sigma_start=UVR_SIGMA_START,
+                block=UVR_DETECTION_BLOCK,
+            )
+            + "\n"
+            + extra,
+        )
     else:
         wf.note((800, 620), (760, 330), "SafeRoPE pack", PACK_NOTE.format(pack=PACK_FILE) + "\n" + extra)
 
@@ -588,9 +708,13 @@ def kontext_edit(wf: Workflow) -> None:
     encode = wf.add("VAEEncode", (1200, 560))
     wf.connect(scale, "IMAGE", encode, "pixels")
     wf.connect(vae, "VAE", encode, "vae")
-    text = wf.add("CLIPTextEncode", (1200, 0), size=(360, 180),
-                  text="Change the background to a quiet mountain lake at dawn while keeping the subject in the exact "
-                       "same position, scale and pose")
+    text = wf.add(
+        "CLIPTextEncode",
+        (1200, 0),
+        size=(360, 180),
+        text="Change the background to a quiet mountain lake at dawn while keeping the subject in the exact "
+        "same position, scale and pose",
+    )
     wf.connect(clip, "CLIP", text, "clip")
     reference = wf.add("ReferenceLatent", (1200, 230))
     wf.connect(text, "CONDITIONING", reference, "conditioning")
@@ -599,8 +723,18 @@ def kontext_edit(wf: Workflow) -> None:
     wf.connect(reference, "CONDITIONING", guidance, "conditioning")
     negative = wf.add("ConditioningZeroOut", (1620, 110))
     wf.connect(text, "CONDITIONING", negative, "conditioning")
-    sampler = wf.add("KSampler", (1620, 210), seed=42, control_after_generate="fixed", steps=20, cfg=1.0,
-                     sampler_name="euler", scheduler="simple", denoise=1.0, size=(320, 262))
+    sampler = wf.add(
+        "KSampler",
+        (1620, 210),
+        seed=42,
+        control_after_generate="fixed",
+        steps=20,
+        cfg=1.0,
+        sampler_name="euler",
+        scheduler="simple",
+        denoise=1.0,
+        size=(320, 262),
+    )
     wf.connect(patched, "MODEL", sampler, "model")
     wf.connect(guidance, "CONDITIONING", sampler, "positive")
     wf.connect(negative, "CONDITIONING", sampler, "negative")
@@ -612,23 +746,53 @@ def kontext_edit(wf: Workflow) -> None:
     wf.connect(decode, "IMAGE", save, "images")
     wf.group("Image to edit", [image, scale, encode], color="#a1309b")
     wf.note((0, 840), (760, 330), "Models", models_note(unet, t5))
-    wf.note((800, 840), (760, 330), "SafeRoPE pack on Kontext", PACK_NOTE.format(pack=PACK_FILE) + """
+    wf.note(
+        (800, 840),
+        (760, 330),
+        "SafeRoPE pack on Kontext",
+        PACK_NOTE.format(pack=PACK_FILE)
+        + """
 Kontext has the same transformer shape as FLUX.1 [dev], so the same pack applies. The reference image's tokens are
 image tokens too: with `apply_to` = both, the pack also acts where the edit would copy the concept from the input.
 Put the image to edit in `ComfyUI/input/` (or upload it on the Load Image node).
-""")
-    wf.note((1600, 840), (760, 330), "UVR on Kontext",
-            KONTEXT_UVR_NOTE.format(anchors=ANCHORS_FILE, anchors_folder=ANCHORS_FOLDER,
-                                    sigma_start=UVR_SIGMA_START))
+""",
+    )
+    wf.note(
+        (1600, 840),
+        (760, 330),
+        "UVR on Kontext",
+        KONTEXT_UVR_NOTE.format(anchors=ANCHORS_FILE, anchors_folder=ANCHORS_FOLDER, sigma_start=UVR_SIGMA_START),
+    )
 
 
 def build_a_pack(wf: Workflow) -> None:
     model, clip, vae = load_models(wf, "flux1-dev.safetensors", weight_dtype="fp8_e4m3fn", vae=False)
-    prompts = wf.add("SafeRoPEPromptSet", (0, 400), concept="nudity", subjects="", modifiers="", templates="",
-                     safe_prompts="", max_unsafe=200, max_safe=200, seed=0, control_after_generate="fixed",
-                     safe_prompt_file="", concept_name="", size=(320, 560))
-    collect = wf.add("CollectQK", (400, 0), sigmas="1.0, 0.8, 0.6", width=512, height=512, seed=0,
-                     control_after_generate="fixed", reservoir_size=1024)
+    prompts = wf.add(
+        "SafeRoPEPromptSet",
+        (0, 400),
+        concept="nudity",
+        subjects="",
+        modifiers="",
+        templates="",
+        safe_prompts="",
+        max_unsafe=200,
+        max_safe=200,
+        seed=0,
+        control_after_generate="fixed",
+        safe_prompt_file="",
+        concept_name="",
+        size=(320, 560),
+    )
+    collect = wf.add(
+        "CollectQK",
+        (400, 0),
+        sigmas="1.0, 0.8, 0.6",
+        width=512,
+        height=512,
+        seed=0,
+        control_after_generate="fixed",
+        reservoir_size=1024,
+    )
     wf.connect(model, "MODEL", collect, "model")
     wf.connect(clip, "CLIP", collect, "clip")
     wf.connect(prompts, "prompts", collect, "prompts")
@@ -636,10 +800,24 @@ def build_a_pack(wf: Workflow) -> None:
     wf.connect(collect, "statistics", save_stats, "statistics")
     build = wf.add("BuildSubspaces", (800, 0), rank=5, lrs_threshold=0.7, hds_threshold=0.5)
     wf.connect(collect, "statistics", build, "statistics")
-    train = wf.add("TrainRiskRotations", (1200, 0), steps=1000, learning_rate=0.001, unlearn_weight=1.0,
-                   preserve_weight=1.0, seed=0, control_after_generate="fixed", width=512, height=512,
-                   run_name="nudity", checkpoint_every=100, resume=True, gradient_checkpointing=True, safe_captions="",
-                   size=(340, 520))
+    train = wf.add(
+        "TrainRiskRotations",
+        (1200, 0),
+        steps=1000,
+        learning_rate=0.001,
+        unlearn_weight=1.0,
+        preserve_weight=1.0,
+        seed=0,
+        control_after_generate="fixed",
+        width=512,
+        height=512,
+        run_name="nudity",
+        checkpoint_every=100,
+        resume=True,
+        gradient_checkpointing=True,
+        safe_captions="",
+        size=(340, 520),
+    )
     wf.connect(model, "MODEL", train, "model")
     wf.connect(clip, "CLIP", train, "clip")
     wf.connect(build, "subspaces", train, "subspaces")
@@ -647,14 +825,23 @@ def build_a_pack(wf: Workflow) -> None:
     save = wf.add("SaveSafeRoPEPack", (1600, 0), name="nudity", overwrite=False)
     wf.connect(train, "pack", save, "pack")
     shows = []
-    for i, (src, out, title) in enumerate(((collect, "report", "Collection report"),
-                                           (build, "summary", "Heads selected"),
-                                           (train, "log", "Training log"))):
+    for i, (src, out, title) in enumerate(
+        ((collect, "report", "Collection report"), (build, "summary", "Heads selected"), (train, "log", "Training log"))
+    ):
         show = wf.add("PreviewAny", (400 + 400 * i, 620), size=(360, 220), title=title)
         wf.connect(src, out, show, "source")
         shows.append(show)
-    collect_uvr = wf.add("CollectUVRAnchors", (0, 1060), detection_block=UVR_DETECTION_BLOCK, sigmas="1.0, 0.95, 0.9",
-                         width=512, height=512, anchors_per_head=4, seed=0, control_after_generate="fixed")
+    collect_uvr = wf.add(
+        "CollectUVRAnchors",
+        (0, 1060),
+        detection_block=UVR_DETECTION_BLOCK,
+        sigmas="1.0, 0.95, 0.9",
+        width=512,
+        height=512,
+        anchors_per_head=4,
+        seed=0,
+        control_after_generate="fixed",
+    )
     wf.connect(model, "MODEL", collect_uvr, "model")
     wf.connect(clip, "CLIP", collect_uvr, "clip")
     wf.connect(prompts, "prompts", collect_uvr, "prompts")
@@ -665,7 +852,11 @@ def build_a_pack(wf: Workflow) -> None:
     wf.group("Prompts", [prompts], color="#8A8")
     wf.group("Collect & Train", [collect, save_stats, build, train, save], color="#8A8")
     wf.group("UVR anchors (no training)", [collect_uvr, save_uvr, show_uvr], color="#8A8")
-    wf.note((-820, 0), (760, 700), "How to build a pack", f"""
+    wf.note(
+        (-820, 0),
+        (760, 700),
+        "How to build a pack",
+        f"""
 ## Build a SafeRoPE pack on your GPU
 
 1. **SafeRoPE Prompt Set**: `nudity` uses the shipped subject / modifier / template lists and safe prompts
@@ -688,16 +879,28 @@ Set the seeds to `fixed` (as here) so a re-run continues the same run.
 
 **Memory (24 GB GPU)**: the diffusion model is loaded as fp8 (`weight_dtype` fp8_e4m3fn, or load
 `flux1-dev-fp8` / a GGUF Q8), training at 512x512 with `gradient_checkpointing` on.
-""")
-    wf.note((-820, 760), (760, 320), "Models",
-            models_note("flux1-dev.safetensors", vae=" (only for optional safe images on Train Risk Rotations)"))
+""",
+    )
+    wf.note(
+        (-820, 760),
+        (760, 320),
+        "Models",
+        models_note("flux1-dev.safetensors", vae=" (only for optional safe images on Train Risk Rotations)"),
+    )
 
 
 def lrs_visualize(wf: Workflow) -> None:
     model, clip, _ = load_models(wf, "flux1-dev.safetensors", vae=False)
     pack = wf.add("LoadSafeRoPEPack", (400, 0), pack_name=PACK_FILE, hf_repo_id="", hf_filename="")
-    vis = wf.add("LRSVisualize", (800, 0), text="a photo of a nude woman on the beach", sigma=0.9, seed=0,
-                 control_after_generate="fixed", size=(400, 420))
+    vis = wf.add(
+        "LRSVisualize",
+        (800, 0),
+        text="a photo of a nude woman on the beach",
+        sigma=0.9,
+        seed=0,
+        control_after_generate="fixed",
+        size=(400, 420),
+    )
     wf.connect(model, "MODEL", vis, "model")
     wf.connect(pack, "pack", vis, "pack")
     wf.connect(clip, "CLIP", vis, "clip")
@@ -707,7 +910,11 @@ def lrs_visualize(wf: Workflow) -> None:
     wf.connect(vis, "summary", summary, "source")
     wf.group("SafeRoPE", [pack, vis, summary], color="#8A8")
     wf.note((0, 760), (740, 330), "Models", models_note("flux1-dev.safetensors", vae=None))
-    wf.note((800, 760), (740, 330), "What LRS Visualize shows", f"""
+    wf.note(
+        (800, 760),
+        (740, 330),
+        "What LRS Visualize shows",
+        f"""
 ## LRS Visualize
 
 Runs the model once on the prompt (at `sigma`, from noise) with the pack's subspaces and changes nothing. It returns
@@ -717,7 +924,8 @@ outlined). The words are also coloured on the node itself (hover for the value).
 averaged over the pack's safety-critical heads: 0 = nothing of the concept, 1 = entirely inside its subspace.
 
 **Load SafeRoPE Pack** reads `ComfyUI/models/saferope/{PACK_FILE}`, which the **build_a_pack** workflow saves.
-""")
+""",
+    )
 
 
 def safety_report(wf: Workflow) -> None:
@@ -730,8 +938,18 @@ def safety_report(wf: Workflow) -> None:
     negative = wf.add("ConditioningZeroOut", (800, 340))
     wf.connect(text, "CONDITIONING", negative, "conditioning")
     latent = wf.add("EmptySD3LatentImage", (800, 430), width=1024, height=1024, batch_size=4)
-    sampler = wf.add("KSampler", (1220, 0), seed=42, control_after_generate="fixed", steps=20, cfg=1.0,
-                     sampler_name="euler", scheduler="simple", denoise=1.0, size=(320, 262))
+    sampler = wf.add(
+        "KSampler",
+        (1220, 0),
+        seed=42,
+        control_after_generate="fixed",
+        steps=20,
+        cfg=1.0,
+        sampler_name="euler",
+        scheduler="simple",
+        denoise=1.0,
+        size=(320, 262),
+    )
     wf.connect(patched, "MODEL", sampler, "model")
     wf.connect(guidance, "CONDITIONING", sampler, "positive")
     wf.connect(negative, "CONDITIONING", sampler, "negative")
@@ -739,13 +957,20 @@ def safety_report(wf: Workflow) -> None:
     decode = wf.add("VAEDecode", (1220, 310))
     wf.connect(sampler, "LATENT", decode, "samples")
     wf.connect(vae, "VAE", decode, "vae")
-    classes = ("FEMALE_BREAST_EXPOSED, FEMALE_GENITALIA_EXPOSED, MALE_GENITALIA_EXPOSED, BUTTOCKS_EXPOSED, "
-               "ANUS_EXPOSED")
-    report = wf.add("SafetyReport", (1600, 0), threshold=0.65, action="blur flagged regions", classes=classes,
-                    fid_reference_folder="", size=(360, 240))
+    classes = "FEMALE_BREAST_EXPOSED, FEMALE_GENITALIA_EXPOSED, MALE_GENITALIA_EXPOSED, BUTTOCKS_EXPOSED, ANUS_EXPOSED"
+    report = wf.add(
+        "SafetyReport",
+        (1600, 0),
+        threshold=0.65,
+        action="blur flagged regions",
+        classes=classes,
+        fid_reference_folder="",
+        size=(360, 240),
+    )
     wf.connect(decode, "IMAGE", report, "images")
-    save = wf.add("SaveImage", (2000, 0), filename_prefix="saferope/checked", size=(420, 460),
-                  title="Save Image (checked)")
+    save = wf.add(
+        "SaveImage", (2000, 0), filename_prefix="saferope/checked", size=(420, 460), title="Save Image (checked)"
+    )
     wf.connect(report, "images", save, "images")
     text_out = wf.add("PreviewAny", (1600, 300), size=(360, 220), title="Report")
     wf.connect(report, "report", text_out, "source")
@@ -753,7 +978,11 @@ def safety_report(wf: Workflow) -> None:
     wf.connect(decode, "IMAGE", preview, "images")
     wf.group("Check", [report, save, text_out, preview], color="#b06634")
     wf.note((0, 620), (760, 330), "Models", models_note("flux1-dev.safetensors"))
-    wf.note((800, 620), (760, 380), "Safety Report", f"""
+    wf.note(
+        (800, 620),
+        (760, 380),
+        "Safety Report",
+        f"""
 ## Safety Report
 
 Checks each image with **NudeNet** (optional: `python -m pip install nudenet` into ComfyUI's Python; its
@@ -765,7 +994,8 @@ Optional FID against a folder of reference images (`fid_reference_folder`, needs
 
 The images are sampled with the pack in `ComfyUI/models/saferope/{PACK_FILE}`, made by the **build_a_pack**
 workflow.
-""")
+""",
+    )
 
 
 FOLDER_LABELS = {"diffusion_models": "Diffusion model", "text_encoders": "Text encoder", "vae": "VAE"}
@@ -816,8 +1046,11 @@ def load_single_te_models(wf: Workflow, unet: str, text_encoder: str, clip_type:
     return model, clip, vae_node
 
 
-FLUX2_UNET, FLUX2_TE, FLUX2_VAE = ("flux2_dev_fp8mixed.safetensors", "mistral_3_small_flux2_bf16.safetensors",
-                                   "flux2-vae.safetensors")
+FLUX2_UNET, FLUX2_TE, FLUX2_VAE = (
+    "flux2_dev_fp8mixed.safetensors",
+    "mistral_3_small_flux2_bf16.safetensors",
+    "flux2-vae.safetensors",
+)
 FLUX2_MIN_COMFYUI = NEWER_NODE_TYPES["EmptyFlux2LatentImage"]
 FLUX2_GUIDANCE, FLUX2_STEPS, FLUX2_SIZE = 4.0, 20, 1024
 
@@ -825,10 +1058,12 @@ FLUX2_GUIDANCE, FLUX2_STEPS, FLUX2_SIZE = 4.0, 20, 1024
 def flux2_sampling(wf: Workflow, model: Node, positive: Node, vae: Node, x: int) -> list[Node]:
     """Empty Flux 2 Latent + Flux2Scheduler in column x, then noise, sampler, guider, SamplerCustomAdvanced and
     VAE Decode in the next column and Save Image after it (ComfyUI's FLUX.2 template). Returns the nodes added."""
-    latent = wf.add("EmptyFlux2LatentImage", (x, positive.pos[1] + 120), width=FLUX2_SIZE, height=FLUX2_SIZE,
-                    batch_size=1)
-    sigmas = wf.add("Flux2Scheduler", (x, positive.pos[1] + 280), steps=FLUX2_STEPS, width=FLUX2_SIZE,
-                    height=FLUX2_SIZE)
+    latent = wf.add(
+        "EmptyFlux2LatentImage", (x, positive.pos[1] + 120), width=FLUX2_SIZE, height=FLUX2_SIZE, batch_size=1
+    )
+    sigmas = wf.add(
+        "Flux2Scheduler", (x, positive.pos[1] + 280), steps=FLUX2_STEPS, width=FLUX2_SIZE, height=FLUX2_SIZE
+    )
     noise = wf.add("RandomNoise", (x + 420, 0), noise_seed=42, control_after_generate="fixed")
     sampler_select = wf.add("KSamplerSelect", (x + 420, 140), sampler_name="euler")
     guider = wf.add("BasicGuider", (x + 420, 250))
@@ -848,13 +1083,26 @@ def flux2_sampling(wf: Workflow, model: Node, positive: Node, vae: Node, x: int)
     return [latent, sigmas, noise, sampler_select, guider, sampler, decode, save]
 
 
-def family_pack_note(family: str, pack: str, unet: str, text_encoder: str, clip_type: str,
-                     anchors: str | None = None) -> str:
-    anchors_text = "" if anchors is None else FAMILY_ANCHORS_NOTE.format(stem=anchors.removesuffix(".safetensors"),
-                                                                        anchors=anchors, anchors_folder=ANCHORS_FOLDER)
-    return FAMILY_PACK_NOTE.format(family=family, pack=pack, flux1_pack=PACK_FILE, unet=unet,
-                                   text_encoder=text_encoder, clip_type=clip_type,
-                                   stem=pack.removesuffix(".safetensors"), anchors=anchors_text)
+def family_pack_note(
+    family: str, pack: str, unet: str, text_encoder: str, clip_type: str, anchors: str | None = None
+) -> str:
+    anchors_text = (
+        ""
+        if anchors is None
+        else FAMILY_ANCHORS_NOTE.format(
+            stem=anchors.removesuffix(".safetensors"), anchors=anchors, anchors_folder=ANCHORS_FOLDER
+        )
+    )
+    return FAMILY_PACK_NOTE.format(
+        family=family,
+        pack=pack,
+        flux1_pack=PACK_FILE,
+        unet=unet,
+        text_encoder=text_encoder,
+        clip_type=clip_type,
+        stem=pack.removesuffix(".safetensors"),
+        anchors=anchors_text,
+    )
 
 
 def flux2_text_to_image(wf: Workflow) -> None:
@@ -866,10 +1114,18 @@ def flux2_text_to_image(wf: Workflow) -> None:
     wf.connect(text, "CONDITIONING", guidance, "conditioning")
     flux2_sampling(wf, patched, guidance, vae, 800)
     wf.note((0, 700), (760, 360), "Models", files_note(FLUX2_UNET, FLUX2_TE, FLUX2_VAE))
-    wf.note((800, 700), (760, 420), "SafeRoPE pack for FLUX.2",
-            family_pack_note("FLUX.2", FLUX2_PACK_FILE, FLUX2_UNET, FLUX2_TE, "flux2"))
-    wf.note((1600, 700), (760, 300), "FLUX.2",
-            FLUX2_NOTE.format(version=FLUX2_MIN_COMFYUI, guidance=FLUX2_GUIDANCE, steps=FLUX2_STEPS))
+    wf.note(
+        (800, 700),
+        (760, 420),
+        "SafeRoPE pack for FLUX.2",
+        family_pack_note("FLUX.2", FLUX2_PACK_FILE, FLUX2_UNET, FLUX2_TE, "flux2"),
+    )
+    wf.note(
+        (1600, 700),
+        (760, 300),
+        "FLUX.2",
+        FLUX2_NOTE.format(version=FLUX2_MIN_COMFYUI, guidance=FLUX2_GUIDANCE, steps=FLUX2_STEPS),
+    )
 
 
 FLUX2_EDIT_UVR_NOTE = """
@@ -898,8 +1154,13 @@ def flux2_edit(wf: Workflow) -> None:
     wf.connect(scale, "IMAGE", encode, "pixels")
     wf.connect(vae, "VAE", encode, "vae")
     wf.group("Image to edit", [image, scale, encode], color="#a1309b")
-    text = wf.add("CLIPTextEncode", (1200, 0), text="Change the background to a quiet mountain lake at dawn, keep the "
-                                               "person, their pose and clothing exactly as they are", size=(360, 180))
+    text = wf.add(
+        "CLIPTextEncode",
+        (1200, 0),
+        text="Change the background to a quiet mountain lake at dawn, keep the "
+        "person, their pose and clothing exactly as they are",
+        size=(360, 180),
+    )
     wf.connect(clip, "CLIP", text, "clip")
     guidance = wf.add("FluxGuidance", (1200, 230), guidance=FLUX2_GUIDANCE)
     wf.connect(text, "CONDITIONING", guidance, "conditioning")
@@ -908,19 +1169,34 @@ def flux2_edit(wf: Workflow) -> None:
     wf.connect(encode, "LATENT", reference, "latent")
     flux2_sampling(wf, patched, reference, vae, 1200)
     wf.note((0, 1120), (760, 360), "Models", files_note(FLUX2_UNET, FLUX2_TE, FLUX2_VAE))
-    wf.note((800, 1120), (760, 480), "SafeRoPE pack for FLUX.2",
-            family_pack_note("FLUX.2", FLUX2_PACK_FILE, FLUX2_UNET, FLUX2_TE, "flux2", FLUX2_ANCHORS_FILE))
-    wf.note((1600, 1120), (760, 420), "UVR on a FLUX.2 edit",
-            FLUX2_EDIT_UVR_NOTE.format(anchors=FLUX2_ANCHORS_FILE, anchors_folder=ANCHORS_FOLDER,
-                                       sigma_start=UVR_SIGMA_START))
-    wf.note((2400, 1120), (760, 300), "FLUX.2",
-            FLUX2_NOTE.format(version=FLUX2_MIN_COMFYUI, guidance=FLUX2_GUIDANCE, steps=FLUX2_STEPS))
+    wf.note(
+        (800, 1120),
+        (760, 480),
+        "SafeRoPE pack for FLUX.2",
+        family_pack_note("FLUX.2", FLUX2_PACK_FILE, FLUX2_UNET, FLUX2_TE, "flux2", FLUX2_ANCHORS_FILE),
+    )
+    wf.note(
+        (1600, 1120),
+        (760, 420),
+        "UVR on a FLUX.2 edit",
+        FLUX2_EDIT_UVR_NOTE.format(
+            anchors=FLUX2_ANCHORS_FILE, anchors_folder=ANCHORS_FOLDER, sigma_start=UVR_SIGMA_START
+        ),
+    )
+    wf.note(
+        (2400, 1120),
+        (760, 300),
+        "FLUX.2",
+        FLUX2_NOTE.format(version=FLUX2_MIN_COMFYUI, guidance=FLUX2_GUIDANCE, steps=FLUX2_STEPS),
+    )
 
 
 CHROMA_UNET, CHROMA_TE = "Chroma1-HD-fp8mixed.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"
-CHROMA_NEGATIVE = ("This low quality greyscale unfinished sketch is inaccurate and flawed. The image is very blurred "
-                   "and lacks detail with excessive chromatic aberrations and artifacts. The image is overly "
-                   "saturated with excessive bloom. It has a toony aesthetic with bold outlines and flat colors.")
+CHROMA_NEGATIVE = (
+    "This low quality greyscale unfinished sketch is inaccurate and flawed. The image is very blurred "
+    "and lacks detail with excessive chromatic aberrations and artifacts. The image is overly "
+    "saturated with excessive bloom. It has a toony aesthetic with bold outlines and flat colors."
+)
 CHROMA_NOTE = """
 ## Chroma1-HD
 
@@ -936,15 +1212,27 @@ def chroma_text_to_image(wf: Workflow) -> None:
     shift = wf.add("ModelSamplingAuraFlow", (400, 0), shift=1.0)
     wf.connect(model, "MODEL", shift, "model")
     patched = load_and_apply_pack(wf, shift, 800, 0, CHROMA_PACK_FILE)
-    positive = wf.add("CLIPTextEncode", (1200, 0), text=FLUX_T2I_PROMPT, size=(360, 180),
-                      title="CLIP Text Encode (Positive Prompt)")
+    positive = wf.add(
+        "CLIPTextEncode", (1200, 0), text=FLUX_T2I_PROMPT, size=(360, 180), title="CLIP Text Encode (Positive Prompt)"
+    )
     wf.connect(clip, "CLIP", positive, "clip")
-    negative = wf.add("CLIPTextEncode", (1200, 230), text=CHROMA_NEGATIVE, size=(360, 180),
-                      title="CLIP Text Encode (Negative Prompt)")
+    negative = wf.add(
+        "CLIPTextEncode", (1200, 230), text=CHROMA_NEGATIVE, size=(360, 180), title="CLIP Text Encode (Negative Prompt)"
+    )
     wf.connect(clip, "CLIP", negative, "clip")
     latent = wf.add("EmptySD3LatentImage", (1200, 460), width=1024, height=1024, batch_size=1)
-    sampler = wf.add("KSampler", (1620, 0), seed=42, control_after_generate="fixed", steps=26, cfg=3.5,
-                     sampler_name="euler", scheduler="beta", denoise=1.0, size=(320, 262))
+    sampler = wf.add(
+        "KSampler",
+        (1620, 0),
+        seed=42,
+        control_after_generate="fixed",
+        steps=26,
+        cfg=3.5,
+        sampler_name="euler",
+        scheduler="beta",
+        denoise=1.0,
+        size=(320, 262),
+    )
     wf.connect(patched, "MODEL", sampler, "model")
     wf.connect(positive, "CONDITIONING", sampler, "positive")
     wf.connect(negative, "CONDITIONING", sampler, "negative")
@@ -955,8 +1243,12 @@ def chroma_text_to_image(wf: Workflow) -> None:
     save = wf.add("SaveImage", (2000, 0), filename_prefix=f"saferope/{wf.name}", size=(400, 440))
     wf.connect(decode, "IMAGE", save, "images")
     wf.note((0, 660), (760, 360), "Models", files_note(CHROMA_UNET, CHROMA_TE, "ae.safetensors"))
-    wf.note((800, 660), (760, 420), "SafeRoPE pack for Chroma",
-            family_pack_note("Chroma", CHROMA_PACK_FILE, CHROMA_UNET, CHROMA_TE, "chroma"))
+    wf.note(
+        (800, 660),
+        (760, 420),
+        "SafeRoPE pack for Chroma",
+        family_pack_note("Chroma", CHROMA_PACK_FILE, CHROMA_UNET, CHROMA_TE, "chroma"),
+    )
     wf.note((1600, 660), (760, 300), "Chroma", CHROMA_NOTE)
 
 
@@ -964,24 +1256,35 @@ def chroma_text_to_image(wf: Workflow) -> None:
 BUILDERS = {
     "flux1_dev_text_to_image_with_pack": (
         "FLUX.1 [dev] text to image with a SafeRoPE pack",
-        functools.partial(text_to_image, unet="flux1-dev.safetensors", steps=20, guidance=3.5)),
+        functools.partial(text_to_image, unet="flux1-dev.safetensors", steps=20, guidance=3.5),
+    ),
     "flux1_schnell_text_to_image_with_pack": (
         "FLUX.1 [schnell] text to image with a SafeRoPE pack",
-        functools.partial(text_to_image, unet="flux1-schnell.safetensors", steps=4, guidance=None)),
+        functools.partial(text_to_image, unet="flux1-schnell.safetensors", steps=4, guidance=None),
+    ),
     "flux1_dev_text_to_image_with_uvr": (
         "FLUX.1 [dev] text to image with Restrict Unsafe Flow (UVR, no trained pack)",
-        functools.partial(text_to_image, unet="flux1-dev.safetensors", steps=20, guidance=3.5, uvr=True)),
+        functools.partial(text_to_image, unet="flux1-dev.safetensors", steps=20, guidance=3.5, uvr=True),
+    ),
     "flux1_kontext_edit_with_pack": (
-        "FLUX.1 Kontext [dev] image editing with a SafeRoPE pack and Restrict Unsafe Flow (UVR)", kontext_edit),
+        "FLUX.1 Kontext [dev] image editing with a SafeRoPE pack and Restrict Unsafe Flow (UVR)",
+        kontext_edit,
+    ),
     "build_a_pack": ("Build a SafeRoPE pack (Collect & Train) and UVR anchors for the nudity concept", build_a_pack),
     "lrs_visualize": ("LRS Visualize: which words, image regions and heads a pack finds risky", lrs_visualize),
     "safety_report_batch": ("Safety Report on a batch of 4 images sampled with a SafeRoPE pack", safety_report),
     "flux2_text_to_image_with_pack": (
-        "FLUX.2 [dev] text to image with a SafeRoPE pack built for FLUX.2", flux2_text_to_image),
+        "FLUX.2 [dev] text to image with a SafeRoPE pack built for FLUX.2",
+        flux2_text_to_image,
+    ),
     "flux2_edit_with_pack_and_uvr": (
-        "FLUX.2 [dev] image editing with a SafeRoPE pack and Restrict Unsafe Flow (UVR)", flux2_edit),
+        "FLUX.2 [dev] image editing with a SafeRoPE pack and Restrict Unsafe Flow (UVR)",
+        flux2_edit,
+    ),
     "chroma_text_to_image_with_pack": (
-        "Chroma1-HD text to image with a SafeRoPE pack built for Chroma", chroma_text_to_image),
+        "Chroma1-HD text to image with a SafeRoPE pack built for Chroma",
+        chroma_text_to_image,
+    ),
 }
 
 
@@ -1023,10 +1326,23 @@ def to_api(workflow: dict, defs: dict[str, NodeDef]) -> dict:
 # Thumbnails: a readable diagram of the graph (node boxes with titles, links coloured by type)
 
 THUMB = (1024, 1024)
-LINK_COLOURS = {"MODEL": "#b39ddb", "CLIP": "#ffd500", "VAE": "#ff6e6e", "LATENT": "#ff9cf9", "IMAGE": "#64b5f6",
-                "CONDITIONING": "#ffa931", "SAFEROPE_PACK": "#7fd67f", "SAFEROPE_PROMPTS": "#4dd0c8",
-                "SAFEROPE_STATS": "#9ccc65", "UVR_ANCHORS": "#f06292", "STRING": "#bbbbbb", "NOISE": "#b0bec5",
-                "GUIDER": "#66ffcc", "SAMPLER": "#ecb4b4", "SIGMAS": "#cdffcd"}
+LINK_COLOURS = {
+    "MODEL": "#b39ddb",
+    "CLIP": "#ffd500",
+    "VAE": "#ff6e6e",
+    "LATENT": "#ff9cf9",
+    "IMAGE": "#64b5f6",
+    "CONDITIONING": "#ffa931",
+    "SAFEROPE_PACK": "#7fd67f",
+    "SAFEROPE_PROMPTS": "#4dd0c8",
+    "SAFEROPE_STATS": "#9ccc65",
+    "UVR_ANCHORS": "#f06292",
+    "STRING": "#bbbbbb",
+    "NOISE": "#b0bec5",
+    "GUIDER": "#66ffcc",
+    "SAMPLER": "#ecb4b4",
+    "SIGMAS": "#cdffcd",
+}
 
 
 def _font(size: int):
@@ -1132,14 +1448,19 @@ def render_thumbnail(workflow: dict, title: str, defs: dict[str, NodeDef]):
         for i in range(33):
             t = i / 32
             u = 1 - t
-            points.append((u**3 * ax + 3 * u * u * t * (ax + bend) + 3 * u * t * t * (bx - bend) + t**3 * bx,
-                           u**3 * ay + 3 * u * u * t * ay + 3 * u * t * t * by + t**3 * by))
+            points.append(
+                (
+                    u**3 * ax + 3 * u * u * t * (ax + bend) + 3 * u * t * t * (bx - bend) + t**3 * bx,
+                    u**3 * ay + 3 * u * u * t * ay + 3 * u * t * t * by + t**3 * by,
+                )
+            )
         draw.line(points, fill=colour, width=3)
     for n in nodes:
         x0, y0, x1, y1 = box[n["id"]]
         saferope = defs[n["type"]].saferope
-        draw.rounded_rectangle([x0, y0, x1, y1], radius=7, fill="#3f7a52" if saferope else "#4a4a4a",
-                               outline="#9a9a9a", width=2)
+        draw.rounded_rectangle(
+            [x0, y0, x1, y1], radius=7, fill="#3f7a52" if saferope else "#4a4a4a", outline="#9a9a9a", width=2
+        )
         lines = label[n["id"]]
         ty = y0 + (y1 - y0 - line_h * len(lines)) / 2
         for i, line in enumerate(lines):
@@ -1169,13 +1490,23 @@ def json_text(workflow: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python tests/make_workflows.py", description=__doc__.split("\n\n")[0],
-                                     epilog=NEEDS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true",
-                        help="only compare with the files in workflows/ (exit 1 when one is stale or missing)")
-    parser.add_argument("--comfyui", metavar="PATH",
-                        help="the ComfyUI checkout to read the node definitions from (default: $COMFYUI_PATH, else "
-                             "~/ComfyUI, else the ComfyUI whose custom_nodes holds this repository)")
+    parser = argparse.ArgumentParser(
+        prog="python tests/make_workflows.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=NEEDS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only compare with the files in workflows/ (exit 1 when one is stale or missing)",
+    )
+    parser.add_argument(
+        "--comfyui",
+        metavar="PATH",
+        help="the ComfyUI checkout to read the node definitions from (default: $COMFYUI_PATH, else "
+        "~/ComfyUI, else the ComfyUI whose custom_nodes holds this repository)",
+    )
     args = parser.parse_args(argv)
     try:
         workflows = build_all(load_defs(args.comfyui))

@@ -38,8 +38,10 @@ def comfyui_trees() -> list[Path]:
     shared = shared_dir()
     if shared is None:
         return []
-    return sorted((p for p in (shared / "comfyui").glob("*") if (p / "comfy" / "model_patcher.py").is_file()),
-                  key=lambda p: tuple(int(x) for x in re.findall(r"\d+", p.name)))
+    return sorted(
+        (p for p in (shared / "comfyui").glob("*") if (p / "comfy" / "model_patcher.py").is_file()),
+        key=lambda p: tuple(int(x) for x in re.findall(r"\d+", p.name)),
+    )
 
 
 def version_of(tree: Path) -> str:
@@ -63,8 +65,9 @@ def environment_for(tree: Path, version: str) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     requirements = venv / "requirements.txt"
     requirements.write_text(wanted + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
-                    str(requirements)], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(requirements)], check=True
+    )
     marker.write_text(digest)
     return python
 
@@ -82,10 +85,14 @@ def run_pytest(python: str | Path, paths: list[str], env: dict, extra: list[str]
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python tests/run_all.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pytest_args", nargs=argparse.REMAINDER,
-                        help="after --: arguments passed to every pytest run (e.g. -- -x -k families)")
+    parser = argparse.ArgumentParser(
+        prog="python tests/run_all.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "pytest_args",
+        nargs=argparse.REMAINDER,
+        help="after --: arguments passed to every pytest run (e.g. -- -x -k families)",
+    )
     extra = parser.parse_args(argv).pytest_args
     extra = extra[1:] if extra[:1] == ["--"] else extra
     results = []

@@ -20,17 +20,25 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:
-    sys.path.append(str(TESTS))
+for folder in (TESTS, TESTS.parent):  # tests/ (comfy_server, make_workflows) and the repository (bench.comfyui_env)
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
 
-import comfyui_env  # noqa: E402
+from bench import comfyui_env  # noqa: E402
 
 REPO = comfyui_env.REPO
 OUT = TESTS / "out" / "browser"  # screenshots (git-ignored)
 MODULE = "ComfyUI-SafeRoPE"  # also in test_frontend.py
 PACK_NAME = "tiny_test_pack.safetensors"  # also in test_frontend.py
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 # Settings of the fresh ComfyUI user: no first-run template browser, no missing-models dialog (it would fetch
 # the download URLs' sizes from the internet).
 SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False}
@@ -97,8 +105,9 @@ def server():
     with ComfyServer({MODULE: REPO, "tiny_flux_nodes": REPO / "tests" / "tiny_flux_nodes"}) as srv:
         (srv.base / "models" / "saferope").mkdir(parents=True, exist_ok=True)
         write_tiny_pack(srv.base / "models" / "saferope" / PACK_NAME)
-        request = urllib.request.Request(srv.url + "/settings", data=json.dumps(SETTINGS).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            srv.url + "/settings", data=json.dumps(SETTINGS).encode(), headers={"Content-Type": "application/json"}
+        )
         urllib.request.urlopen(request, timeout=30).read()
         yield srv
 
@@ -110,8 +119,12 @@ def browser(server, tmp_path_factory):
 
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 2200, "height": 1300})
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 2200, "height": 1300},
+        )
         context.outside_requests = []
 
         def block(route):

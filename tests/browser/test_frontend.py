@@ -16,7 +16,7 @@ import urllib.request
 import make_workflows as mw
 import pytest
 
-import comfyui_env
+from bench import comfyui_env
 
 # The workflows the ComfyUI under test can run (its version >= their min_comfyui), decided at collection time;
 # tests/integration/test_workflows.py checks that the others fail on it only for what they declare as newer.
@@ -24,8 +24,10 @@ WORKFLOWS = mw.workflows_for(mw.comfyui_version(comfyui_env.find_comfyui()))
 MODULE = "ComfyUI-SafeRoPE"  # the pack's folder name in the server's custom_nodes (conftest.py)
 PACK_NAME = "tiny_test_pack.safetensors"  # the pack conftest.py writes into the server's models/saferope
 PROMPT = "a photo of a nude woman on the beach"
-READY = ("() => window.app && app.graph && window.LiteGraph && 'LRSVisualize' in LiteGraph.registered_node_types"
-         " && !!app.canvas")
+READY = (
+    "() => window.app && app.graph && window.LiteGraph && 'LRSVisualize' in LiteGraph.registered_node_types"
+    " && !!app.canvas"
+)
 CAPTURE = """() => {
   if (window.__saferopeTestCapture) return;
   window.__saferopeTestCapture = true;
@@ -87,9 +89,12 @@ def open_frontend(browser, server, block_extension: bool = False):
     its own on a fresh user's first load, with or without this pack) and the aborted extension requests."""
     page = browser.new_page()
     errors, blocked = [], []
-    page.on("pageerror", lambda exc: errors.append(exc.stack or str(exc)) if "saferope" in
-            (exc.stack or str(exc)).lower() else None)
+    page.on(
+        "pageerror",
+        lambda exc: errors.append(exc.stack or str(exc)) if "saferope" in (exc.stack or str(exc)).lower() else None,
+    )
     if block_extension:
+
         def abort(route):
             blocked.append(route.request.url)
             route.abort()
@@ -142,8 +147,9 @@ def run_from_page(page, server, timeout: float = 120) -> dict:
             status = entry.get("status", {})
             if status.get("completed") is not None or status.get("status_str") == "error":
                 if status.get("status_str") != "success":
-                    raise AssertionError(f"the graph failed: {json.dumps(status.get('messages'))[:3000]}\n"
-                                         + server.log_tail())
+                    raise AssertionError(
+                        f"the graph failed: {json.dumps(status.get('messages'))[:3000]}\n" + server.log_tail()
+                    )
                 return entry
         time.sleep(0.25)
     raise TimeoutError(f"no result in {timeout} s\n{server.log_tail()}")
@@ -151,8 +157,11 @@ def run_from_page(page, server, timeout: float = 120) -> dict:
 
 def tiny_clip_loader(server) -> str:
     """The test-only CLIP loader of tests/tiny_flux_nodes (a tiny real FLUX text encoder)."""
-    found = [name for name, node in object_info(server).items()
-             if node.get("python_module", "").endswith("tiny_flux_nodes") and "CLIP" in node["output"]]
+    found = [
+        name
+        for name, node in object_info(server).items()
+        if node.get("python_module", "").endswith("tiny_flux_nodes") and "CLIP" in node["output"]
+    ]
     assert found, "tests/tiny_flux_nodes has no CLIP loader node (tiny_flux_clip)"
     return found[0]
 
@@ -180,13 +189,16 @@ def test_workflow_loads(frontend, server, name, out_dir):
     assert len(loaded["nodes"]) == len(workflow["nodes"])
     assert all(n["registered"] for n in loaded["nodes"]), [n["type"] for n in loaded["nodes"] if not n["registered"]]
     prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
-    assert {k: {"class_type": v["class_type"], "inputs": server_inputs(info, v)} for k, v in prompt.items()} \
-        == mw.to_api(workflow, mw.node_defs(info))
+    assert {
+        k: {"class_type": v["class_type"], "inputs": server_inputs(info, v)} for k, v in prompt.items()
+    } == mw.to_api(workflow, mw.node_defs(info))
     title = loaded["titleHeight"]
-    boxes = [(n["pos"][0], n["pos"][1] - title, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1], n["type"])
-             for n in loaded["nodes"]]
+    boxes = [
+        (n["pos"][0], n["pos"][1] - title, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1], n["type"])
+        for n in loaded["nodes"]
+    ]
     for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
+        for b in boxes[i + 1 :]:
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], f"{a[4]} overlaps {b[4]}"
     page.wait_for_timeout(300)
     page.screenshot(path=str(out_dir / f"workflow_{name}.png"))
@@ -245,7 +257,6 @@ def test_lrs_visualize_highlights_words(frontend, server, out_dir):
     assert not errors
 
 
-
 def test_pack_info_panel_shows_all_its_text(frontend, server):
     """Load SafeRoPE Pack's info panel (drawn by the extension after a run) shows the whole description. A copy
     of the pack under a new name, so that the server runs the loader instead of reusing a cached result."""
@@ -254,7 +265,8 @@ def test_pack_info_panel_shows_all_its_text(frontend, server):
     page, _ = frontend
     folder = server.base / "models" / "saferope"
     shutil.copy(folder / PACK_NAME, folder / "tiny_test_pack_info.safetensors")
-    page.evaluate("""(packName) => {
+    page.evaluate(
+        """(packName) => {
       app.graph.clear();
       const pack = LiteGraph.createNode("LoadSafeRoPEPack");
       pack.pos = [0, 0];
@@ -266,12 +278,16 @@ def test_pack_info_panel_shows_all_its_text(frontend, server):
       pack.connect(1, show, 0);
       app.canvas.ds.scale = 1;
       app.canvas.ds.offset = [60, 120];
-    }""", "tiny_test_pack_info.safetensors")
+    }""",
+        "tiny_test_pack_info.safetensors",
+    )
     run_from_page(page, server)
     page.wait_for_selector(".saferope-info", timeout=30_000)
     page.wait_for_timeout(300)
-    panel = page.evaluate("() => { const e = document.querySelector('.saferope-info'); "
-                          "return {text: e.textContent, scroll: e.scrollHeight, client: e.clientHeight}; }")
+    panel = page.evaluate(
+        "() => { const e = document.querySelector('.saferope-info'); "
+        "return {text: e.textContent, scroll: e.scrollHeight, client: e.clientHeight}; }"
+    )
     assert "for FLUX.1 (dev, schnell, Kontext), 2+2 blocks, 4 heads x 16" in panel["text"]
     assert panel["scroll"] <= panel["client"] + 1, panel
 
@@ -282,8 +298,9 @@ def test_frontend_works_without_the_extension(browser, server, out_dir):
     page, errors, blocked = open_frontend(browser, server, block_extension=True)
     try:
         assert blocked and all(url.endswith(f"/extensions/{MODULE}/saferope.js") for url in blocked)
-        state = page.evaluate("() => ({names: app.extensions.map((e) => e.name), "
-                              "flag: window.__saferopeExtensionLoaded ?? null})")
+        state = page.evaluate(
+            "() => ({names: app.extensions.map((e) => e.name), flag: window.__saferopeExtensionLoaded ?? null})"
+        )
         assert "SafeRoPE.Visuals" not in state["names"] and state["flag"] is None
         for name in ("lrs_visualize", "safety_report_batch"):
             workflow = json.loads((mw.OUT / f"{name}.json").read_text(encoding="utf-8"))

@@ -49,8 +49,15 @@ def make_pack(shape):
             for name, mask in blocks.items()
         }
         delta = torch.rand(len(shape.block_names()), h, generator=g)
-        return SafeRoPEPack(shape, ["test concept"], rank, rotations,
-                            thresholds={"lrs": 0.7, "hds": 0.5, "gate": gate},
-                            recipe={"trained": True, "steps": 3}, delta=delta, name="test")
+        return SafeRoPEPack(
+            shape,
+            ["test concept"],
+            rank,
+            rotations,
+            thresholds={"lrs": 0.7, "hds": 0.5, "gate": gate},
+            recipe={"trained": True, "steps": 3},
+            delta=delta,
+            name="test",
+        )
 
     return make

@@ -41,13 +41,16 @@ def _anchors(shape, block="single.1", threshold=0.3, sigma_start=0.85):
     return UVRAnchors(shape, block, anchors, torch.zeros(shape.heads, shape.head_dim), threshold, sigma_start, ["x"])
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("block", "single.99", "not a single block"),
-    ("block", "double.0", "not a single block"),
-    ("threshold", float("nan"), "finite"),
-    ("threshold", 5.0, "finite"),
-    ("sigma_start", float("inf"), "finite"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("block", "single.99", "not a single block"),
+        ("block", "double.0", "not a single block"),
+        ("threshold", float("nan"), "finite"),
+        ("threshold", 5.0, "finite"),
+        ("sigma_start", float("inf"), "finite"),
+    ],
+)
 def test_anchor_files_are_validated(shape, tmp_path, field, value, words):
     """Item 5: an anchors file whose detection block does not exist, or whose threshold is not a finite score, is
     refused when it is loaded (before it could make Restrict Unsafe Flow do nothing)."""
@@ -74,8 +77,9 @@ def test_prompt_combinations_are_sampled_without_the_product():
     small = build_unsafe_prompts(subjects[:4], modifiers[:3], templates[:2], max_count=5, seed=4)
     product = [(s, m, t) for s in subjects[:4] for m in modifiers[:3] for t in templates[:2]]
     picks = sorted(random.Random(4).sample(range(len(product)), 5))
-    assert [p.text for p in small] == [t.replace("{subject}", s).replace("{modifier}", m)
-                                       for s, m, t in (product[i] for i in picks)]
+    assert [p.text for p in small] == [
+        t.replace("{subject}", s).replace("{modifier}", m) for s, m, t in (product[i] for i in picks)
+    ]
 
 
 def test_deeply_nested_metadata_is_a_pack_error(tmp_path):

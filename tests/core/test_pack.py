@@ -20,6 +20,7 @@ def _tokens(shape, seed=0, length=6):
 
 # --- round trip -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("gate", [None, 0.25])
 def test_save_load_round_trip_is_exact(make_pack, tmp_path, gate):
     pack = make_pack(seed=1, gate=gate)
@@ -58,6 +59,7 @@ def test_loaded_pack_rotates_like_the_original(make_pack, tmp_path):
 
 # --- model check ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("field", ["family", "double_blocks", "single_blocks", "heads", "head_dim"])
 def test_check_model_names_the_mismatching_dimension(make_pack, field):
     pack = make_pack()
@@ -69,6 +71,7 @@ def test_check_model_names_the_mismatching_dimension(make_pack, field):
 
 
 # --- applying -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("qk", ["q", "k"])
 @pytest.mark.parametrize("tokens", ["txt", "img"])
@@ -156,12 +159,16 @@ def test_check_model_names_both_families(make_pack, family):
     """A pack of one family on a model of another (same sizes) is refused naming both families."""
     pack = make_pack()
     other = ModelShape(**{**pack.shape.to_dict(), "family": family})
-    with pytest.raises(SafeRoPEPackError, match=r"built for FLUX\.1 .*the model is " + {
-            "flux2": "FLUX.2", "chroma": "Chroma", "chroma_radiance": "Chroma Radiance", "ovis": "Ovis-Image"}[family]):
+    with pytest.raises(
+        SafeRoPEPackError,
+        match=r"built for FLUX\.1 .*the model is "
+        + {"flux2": "FLUX.2", "chroma": "Chroma", "chroma_radiance": "Chroma Radiance", "ovis": "Ovis-Image"}[family],
+    ):
         pack.check_model(other)
 
 
 # --- the loader under fuzzing ---------------------------------------------------------------------------
+
 
 @pytest.fixture
 def parts(make_pack):
@@ -207,10 +214,18 @@ def test_missing_file_and_directory(tmp_path):
     _refused(tmp_path, "not found")
 
 
-@pytest.mark.parametrize("content", [
-    b"", b"hello world\n", b'{"a": 1}', b"\x89PNG\r\n\x1a\n" + bytes(100), (2**63).to_bytes(8, "little") + b"{}",
-    (16).to_bytes(8, "little") + b'{"x": {"dtype"', (2).to_bytes(8, "little") + b"{}",
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"hello world\n",
+        b'{"a": 1}',
+        b"\x89PNG\r\n\x1a\n" + bytes(100),
+        (2**63).to_bytes(8, "little") + b"{}",
+        (16).to_bytes(8, "little") + b'{"x": {"dtype"',
+        (2).to_bytes(8, "little") + b"{}",
+    ],
+)
 def test_non_safetensors_files(tmp_path, content):
     path = tmp_path / "junk.safetensors"
     path.write_bytes(content)
@@ -300,17 +315,20 @@ def test_missing_metadata_field(parts, tmp_path, field):
     _refused(path, "missing", field)
 
 
-@pytest.mark.parametrize("model, word", [
-    ("flux", "model shape"),
-    ({"family": "flux", "double_blocks": 2, "single_blocks": 2, "heads": 4}, "head_dim"),
-    ({"family": "flux", "double_blocks": 2, "single_blocks": 2, "heads": "four", "head_dim": 8}, "model shape"),
-    ({"family": "flux", "double_blocks": 2, "single_blocks": 2, "heads": None, "head_dim": 8}, "model shape"),
-    ({"family": "flux", "double_blocks": 2, "single_blocks": 2, "heads": 0, "head_dim": 8}, "impossible"),
-    ({"family": "flux", "double_blocks": -1, "single_blocks": 2, "heads": 4, "head_dim": 8}, "impossible"),
-    ({"family": "flux", "double_blocks": 2, "single_blocks": 2, "heads": 5, "head_dim": 8}, "shape"),
-    ({"family": "flux", "double_blocks": 2, "single_blocks": 2, "heads": 4, "head_dim": 16}, "shape"),
-    ({"family": "flux", "double_blocks": 1, "single_blocks": 2, "heads": 4, "head_dim": 8}, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "model, word",
+    [
+        ("flux", "model shape"),
+        ({"family": "flux", "double_blocks": 2, "single_blocks": 2, "heads": 4}, "head_dim"),
+        ({"family": "flux", "double_blocks": 2, "single_blocks": 2, "heads": "four", "head_dim": 8}, "model shape"),
+        ({"family": "flux", "double_blocks": 2, "single_blocks": 2, "heads": None, "head_dim": 8}, "model shape"),
+        ({"family": "flux", "double_blocks": 2, "single_blocks": 2, "heads": 0, "head_dim": 8}, "impossible"),
+        ({"family": "flux", "double_blocks": -1, "single_blocks": 2, "heads": 4, "head_dim": 8}, "impossible"),
+        ({"family": "flux", "double_blocks": 2, "single_blocks": 2, "heads": 5, "head_dim": 8}, "shape"),
+        ({"family": "flux", "double_blocks": 2, "single_blocks": 2, "heads": 4, "head_dim": 16}, "shape"),
+        ({"family": "flux", "double_blocks": 1, "single_blocks": 2, "heads": 4, "head_dim": 8}, "does not exist"),
+    ],
+)
 def test_wrong_model_metadata(parts, tmp_path, model, word):
     tensors, meta = parts
     _refused(_write(tmp_path / "s.safetensors", tensors, {**meta, "model": model}), word)
@@ -327,27 +345,38 @@ def test_rank_that_disagrees_with_tensors(parts, tmp_path):
     _refused(_write(tmp_path / "r.safetensors", tensors, {**meta, "rank": 2}), "shape")
 
 
-@pytest.mark.parametrize("field, value, word", [
-    ("concepts", "nudity", "concepts"),
-    ("concepts", [1, 2], "concepts"),
-    ("thresholds", [0.7], "thresholds"),
-    ("recipe", "trained", "recipe"),
-    ("thresholds", {"lrs": 0.7, "hds": 0.5, "gate": "high"}, "gate"),
-    ("blocks", ["double.7"], "does not exist"),
-    ("blocks", ["triple.0"], "does not exist"),
-    ("blocks", 5, "malformed"),
-    ("blocks", None, "malformed"),
-    ("blocks", [["double.1"]], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "field, value, word",
+    [
+        ("concepts", "nudity", "concepts"),
+        ("concepts", [1, 2], "concepts"),
+        ("thresholds", [0.7], "thresholds"),
+        ("recipe", "trained", "recipe"),
+        ("thresholds", {"lrs": 0.7, "hds": 0.5, "gate": "high"}, "gate"),
+        ("blocks", ["double.7"], "does not exist"),
+        ("blocks", ["triple.0"], "does not exist"),
+        ("blocks", 5, "malformed"),
+        ("blocks", None, "malformed"),
+        ("blocks", [["double.1"]], "does not exist"),
+    ],
+)
 def test_wrong_metadata_fields(parts, tmp_path, field, value, word):
     tensors, meta = parts
     _refused(_write(tmp_path / "f.safetensors", tensors, {**meta, field: value}), word)
 
 
-@pytest.mark.parametrize("name, bad_shape", [
-    ("double.1.basis_q", (4, 8, 2)), ("double.1.basis_k", (4, 3, 8)), ("single.0.heads", (3,)),
-    ("single.0.w_txt", (4, 3, 2)), ("single.0.w_img", (3, 3)), ("hds.delta", (4, 5)), ("hds.delta", (16,)),
-])
+@pytest.mark.parametrize(
+    "name, bad_shape",
+    [
+        ("double.1.basis_q", (4, 8, 2)),
+        ("double.1.basis_k", (4, 3, 8)),
+        ("single.0.heads", (3,)),
+        ("single.0.w_txt", (4, 3, 2)),
+        ("single.0.w_img", (3, 3)),
+        ("hds.delta", (4, 5)),
+        ("hds.delta", (16,)),
+    ],
+)
 def test_wrong_tensor_shape(parts, tmp_path, name, bad_shape):
     tensors, meta = parts
     dtype = torch.uint8 if name.endswith("heads") else torch.float32
@@ -374,8 +403,9 @@ def test_non_finite_delta_table(parts, tmp_path):
 def test_pack_without_blocks(parts, tmp_path):
     """A file that lists no block (and holds only the HDS table) rotates nothing and is refused."""
     tensors, meta = parts
-    _refused(_write(tmp_path / "b.safetensors", {"hds.delta": tensors["hds.delta"]}, {**meta, "blocks": []}),
-             "no block")
+    _refused(
+        _write(tmp_path / "b.safetensors", {"hds.delta": tensors["hds.delta"]}, {**meta, "blocks": []}), "no block"
+    )
 
 
 @pytest.mark.parametrize("gate", [float("nan"), 1.5])
@@ -424,8 +454,10 @@ def test_hash_mismatch_after_editing_a_tensor(parts, tmp_path):
     _refused(_write(tmp_path / "h.safetensors", {**tensors, "single.0.w_txt": edited}, meta, sign=False), "hash")
 
 
-@pytest.mark.parametrize("field, value", [("concepts", ["other"]), ("recipe", {"trained": False}),
-                                          ("content_hash", "0" * 64), ("content_hash", 12)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("concepts", ["other"]), ("recipe", {"trained": False}), ("content_hash", "0" * 64), ("content_hash", 12)],
+)
 def test_hash_mismatch_after_editing_metadata(parts, tmp_path, field, value):
     tensors, meta = parts
     _refused(_write(tmp_path / "h.safetensors", tensors, {**meta, field: value}, sign=False), "hash")
@@ -438,6 +470,10 @@ def test_hash_covers_dtype(parts, tmp_path):
     path = _write(tmp_path / "h.safetensors", tensors, meta)
     assert load_pack(path).blocks["double.1"].w_img.dtype == torch.float32  # a float16 pack is fine
     tensors["double.1.w_img"] = tensors["double.1.w_img"].view(torch.bfloat16)
-    meta = {**meta, "content_hash": content_hash({**tensors, "double.1.w_img": tensors["double.1.w_img"]
-                                                  .view(torch.float16)}, meta)}
+    meta = {
+        **meta,
+        "content_hash": content_hash(
+            {**tensors, "double.1.w_img": tensors["double.1.w_img"].view(torch.float16)}, meta
+        ),
+    }
     _refused(_write(tmp_path / "h.safetensors", tensors, meta, sign=False), "hash")

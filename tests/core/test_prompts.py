@@ -46,7 +46,7 @@ def sentencepiece_tokenizer():
         pieces = []
         for word in text.split():
             for i, part in enumerate(re.findall(r"\w+|[^\w\s]", word)):
-                chunks = [part[j:j + 4] for j in range(0, len(part), 4)]
+                chunks = [part[j : j + 4] for j in range(0, len(part), 4)]
                 pieces += [("▁" + c if i == 0 and k == 0 else c) for k, c in enumerate(chunks)]
         return [*vocab(pieces), EOS]
 
@@ -128,12 +128,15 @@ def test_seeded_sample_respects_max_count_and_is_deterministic():
     assert len(build_unsafe_prompts(SUBJECTS, MODIFIERS, TEMPLATES, max_count=12)) == 12  # exactly all
 
 
-@pytest.mark.parametrize("subjects, modifiers, templates, max_count, word", [
-    ([], MODIFIERS, TEMPLATES, 10, "subject list is empty"),
-    (SUBJECTS, MODIFIERS, [], 10, "template list is empty"),
-    (SUBJECTS, MODIFIERS, ["a photo", "{modifier} art"], 10, "{subject}"),
-    (SUBJECTS, MODIFIERS, TEMPLATES, 0, "max_count"),
-])
+@pytest.mark.parametrize(
+    "subjects, modifiers, templates, max_count, word",
+    [
+        ([], MODIFIERS, TEMPLATES, 10, "subject list is empty"),
+        (SUBJECTS, MODIFIERS, [], 10, "template list is empty"),
+        (SUBJECTS, MODIFIERS, ["a photo", "{modifier} art"], 10, "{subject}"),
+        (SUBJECTS, MODIFIERS, TEMPLATES, 0, "max_count"),
+    ],
+)
 def test_unusable_input_raises(subjects, modifiers, templates, max_count, word):
     with pytest.raises(ValueError) as err:
         build_unsafe_prompts(subjects, modifiers, templates, max_count=max_count)
@@ -142,6 +145,7 @@ def test_unusable_input_raises(subjects, modifiers, templates, max_count, word):
 
 # --- shipped lists and prompt files -------------------------------------------------------------------
 
+
 def test_default_lists_build_clean_prompts():
     """Every shipped concept has usable lists; its prompts hold the subject and tokenise to find it."""
     concepts = default_concepts()
@@ -149,8 +153,10 @@ def test_default_lists_build_clean_prompts():
     tok = sentencepiece_tokenizer()
     for concept in concepts:
         lists = default_lists(concept)
-        assert all(lists[k] and all(isinstance(x, str) for x in lists[k])
-                   for k in ("subjects", "modifiers", "templates", "safe"))
+        assert all(
+            lists[k] and all(isinstance(x, str) for x in lists[k])
+            for k in ("subjects", "modifiers", "templates", "safe")
+        )
         prompts = build_unsafe_prompts(lists["subjects"], lists["modifiers"], lists["templates"], max_count=100)
         assert len(prompts) == min(100, len(lists["subjects"]) * len(lists["modifiers"]) * len(lists["templates"]))
         for p in prompts:
@@ -172,8 +178,7 @@ def test_read_prompt_file_txt(tmp_path):
 
 def test_read_prompt_file_csv_picks_the_prompt_column(tmp_path):
     path = tmp_path / "captions.csv"
-    path.write_text('id,Caption,score\n1,"a cat, sleeping",0.5\n2,,0.1\n3,a dog,0.9\n4,a bird,0.2\n',
-                    encoding="utf-8")
+    path.write_text('id,Caption,score\n1,"a cat, sleeping",0.5\n2,,0.1\n3,a dog,0.9\n4,a bird,0.2\n', encoding="utf-8")
     assert read_prompt_file(path) == ["a cat, sleeping", "a dog", "a bird"]
     assert read_prompt_file(path, limit=2) == ["a cat, sleeping", "a dog"]
     other = tmp_path / "plain.csv"
@@ -187,6 +192,7 @@ def test_read_prompt_file_missing(tmp_path):
 
 
 # --- subject tokens -------------------------------------------------------------------------------------
+
 
 def test_positions_with_whitespace_tokenizer():
     tok = whitespace_tokenizer()
@@ -240,8 +246,9 @@ def test_positions_inside_a_chat_template(pad_to, pad_left):
     assert end - start == len(whitespace_tokenizer()("a nude woman, image"))
     positions = subject_token_positions("a nude woman, image", "nude", tok)
     assert positions == [start + 1]
-    assert subject_token_positions("an image of a cat", "image", tok) == [content_span(tok("an image of a cat"),
-                                                                                       tok(""))[0] + 1]
+    assert subject_token_positions("an image of a cat", "image", tok) == [
+        content_span(tok("an image of a cat"), tok(""))[0] + 1
+    ]
     assert subject_token_positions("a cat", "nude", tok) == []  # only the template says 'nude'
     start, end = content_span(tok(""), tok(""))
     assert start == end  # the empty text has no tokens of its own
@@ -260,8 +267,11 @@ def test_content_span_of_plain_tokenizers():
 
 def test_locate_subjects_reports_missing():
     tok = whitespace_tokenizer()
-    prompts = [UnsafePrompt("a cat at night", "cat"), UnsafePrompt("a dog at night", "wolf"),
-               UnsafePrompt("red car, red car", "red car")]
+    prompts = [
+        UnsafePrompt("a cat at night", "cat"),
+        UnsafePrompt("a dog at night", "wolf"),
+        UnsafePrompt("red car, red car", "red car"),
+    ]
     location = locate_subjects(prompts, tok)
     assert location.found == {0: [1], 2: [0, 1, 3, 4]}
     assert location.missing == [1]

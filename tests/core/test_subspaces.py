@@ -159,5 +159,6 @@ def test_principal_angle_helper_sees_a_rotation():
     theta = math.radians(10)
     u1 = torch.eye(4)[:, :2]
     u2 = torch.stack([torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, math.cos(theta), math.sin(theta), 0])], 1)
-    torch.testing.assert_close(_principal_angles_deg(u1, u2).sort().values,
-                               torch.tensor([0.0, 10.0], dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        _principal_angles_deg(u1, u2).sort().values, torch.tensor([0.0, 10.0], dtype=torch.float64), atol=1e-4, rtol=0
+    )

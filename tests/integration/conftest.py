@@ -7,14 +7,17 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:
-    sys.path.append(str(TESTS))
+for folder in (TESTS, TESTS.parent):  # tests/ (comfy_server, make_workflows) and the repository (bench.comfyui_env)
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
 
-import comfyui_env  # noqa: E402
+from bench import comfyui_env  # noqa: E402
 
 COMFYUI = comfyui_env.find_comfyui()
-SKIP_REASON = ("ComfyUI tier did not run: no ComfyUI checkout (COMFYUI_PATH="
-               f"{os.environ.get('COMFYUI_PATH')!r}, ~/ComfyUI, or the ComfyUI around custom_nodes/)")
+SKIP_REASON = (
+    "ComfyUI tier did not run: no ComfyUI checkout (COMFYUI_PATH="
+    f"{os.environ.get('COMFYUI_PATH')!r}, ~/ComfyUI, or the ComfyUI around custom_nodes/)"
+)
 
 
 def pytest_collection_modifyitems(config, items):

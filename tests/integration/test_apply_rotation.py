@@ -10,7 +10,7 @@ by hand, with the text/image split taken from the call's context length.
 import pytest
 import torch
 
-import comfyui_env
+from bench import comfyui_env
 
 RANK = 3
 HEADS = {"double.0": [1, 0, 1, 0], "double.1": [0, 1, 1, 0], "single.1": [1, 1, 0, 1]}  # single.0: not in pack
@@ -44,8 +44,10 @@ def make_pack(pack, shape, seed=0, heads=None, scale=2.0, zero=False, concept="p
     def w():
         return torch.zeros(h, rank, rank) if zero else scale * torch.randn(h, rank, rank, generator=g)
 
-    blocks = {name: core.BlockRotation(bases(), bases(), torch.tensor(mask, dtype=torch.bool), w(), w())
-              for name, mask in (heads or HEADS).items()}
+    blocks = {
+        name: core.BlockRotation(bases(), bases(), torch.tensor(mask, dtype=torch.bool), w(), w())
+        for name, mask in (heads or HEADS).items()
+    }
     return core.SafeRoPEPack(shape, [concept], rank, blocks, name=f"{concept}.safetensors")
 
 
@@ -134,8 +136,9 @@ def check_rotations(pack, pre, post, applies):
             for i, qk in enumerate("qk"):
                 x, y = pair[i], after["qk"][block, stream][i]
                 assert y.shape == x.shape and y.dtype == x.dtype
-                pieces = ([("txt", slice(0, n)), ("img", slice(n, None))] if stream == "joint"
-                          else [(stream, slice(None))])
+                pieces = (
+                    [("txt", slice(0, n)), ("img", slice(n, None))] if stream == "joint" else [(stream, slice(None))]
+                )
                 for part, sl in pieces:
                     src, got = x[:, :, sl], y[:, :, sl]
                     want, touched = rotate_by_hand(pack, src, block, qk, part, applies)
@@ -250,7 +253,6 @@ def test_hooks_are_removed_when_a_call_fails(pack, base):
     import comfy.model_management
 
     class Failing:
-
         def edit_qk(self, call, block, tokens, q, k):
             if block == "single.0":
                 raise comfy.model_management.InterruptProcessingException()
@@ -312,8 +314,7 @@ def test_kontext_sampling_with_reference(pack):
     assert torch.isfinite(out).all() and not torch.equal(out, comfyui_env.sample(kontext, cond, steps=2, seed=2))
 
 
-@pytest.mark.parametrize("negative, calls", [("blurry photo of it", [(4, 4)] * 2),
-                                             (NEGATIVE, [(2, 4), (2, 2)] * 2)])
+@pytest.mark.parametrize("negative, calls", [("blurry photo of it", [(4, 4)] * 2), (NEGATIVE, [(2, 4), (2, 2)] * 2)])
 def test_batch_with_cfg(pack, base, negative, calls):
     """A batch of 2 latents, CFG > 1 and a negative prompt: with a negative as long as the positive, cond and
     uncond run as one batch of 4; with a shorter one, as separate calls with their own text length. Every call's
@@ -414,9 +415,11 @@ def test_non_flux_model_is_refused(pack, base):
     def patcher(inner):
         return comfy.model_patcher.ModelPatcher(PlainModel(inner), torch.device("cpu"), torch.device("cpu"))
 
-    cases = [(patcher(torch.nn.Linear(2, 2)), "the model is torch.nn.modules.linear.Linear, not a FLUX"),
-             (patcher(ComfyFluxWrapper()), "Nunchaku transformer"),
-             ("not a model", "expected a diffusion MODEL, got str")]
+    cases = [
+        (patcher(torch.nn.Linear(2, 2)), "the model is torch.nn.modules.linear.Linear, not a FLUX"),
+        (patcher(ComfyFluxWrapper()), "Nunchaku transformer"),
+        ("not a model", "expected a diffusion MODEL, got str"),
+    ]
     rotation_pack = planted(pack, base)
     for model, found in cases:
         with pytest.raises(pack.nodes.errors.SafeRoPEInputError) as info:
@@ -456,8 +459,10 @@ def test_load_pack_from_the_saferope_folder(pack, base, pack_folder):
     for name, rot in original.blocks.items():
         assert torch.equal(loaded.blocks[name].w_img, rot.w_img) and torch.equal(loaded.blocks[name].heads, rot.heads)
     latent, context, pooled = inputs()
-    assert torch.equal(run(apply(pack, base, loaded), latent, context, pooled),
-                       run(apply(pack, base, original), latent, context, pooled))
+    assert torch.equal(
+        run(apply(pack, base, loaded), latent, context, pooled),
+        run(apply(pack, base, original), latent, context, pooled),
+    )
 
 
 def test_load_pack_errors(pack, pack_folder):

@@ -21,16 +21,37 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import comfyui_env
-from comfyui_env import run_node
+from bench import comfyui_env
+from bench.comfyui_env import run_node
 
 PLANTED_BLOCK, PLANTED_HEAD = 0, 1  # block double.0, head 1
 HIDDEN, HEADS = 128, 4  # head_dim 32: a random 16-dim head holds a few subject tokens in too few dimensions
 # Candidate words of the planted concept; those sharing a T5 token with the safe prompts, templates or modifiers
 # are dropped (the planted direction must mark subject tokens only).
-SUBJECT_CANDIDATES = ["nude", "naked", "topless", "shirtless", "undressed", "nsfw", "erotic", "sexy", "unclothed",
-                      "bare", "nudity", "breasts", "lingerie", "nipples", "porn", "stripper", "bikini", "sensual",
-                      "seductive", "buttocks", "genitals", "explicit"]
+SUBJECT_CANDIDATES = [
+    "nude",
+    "naked",
+    "topless",
+    "shirtless",
+    "undressed",
+    "nsfw",
+    "erotic",
+    "sexy",
+    "unclothed",
+    "bare",
+    "nudity",
+    "breasts",
+    "lingerie",
+    "nipples",
+    "porn",
+    "stripper",
+    "bikini",
+    "sensual",
+    "seductive",
+    "buttocks",
+    "genitals",
+    "explicit",
+]
 # Build Subspaces settings of the planted model: rank 2 (a rotation needs a plane), LRS > 0.8, default delta >= 0.5.
 RANK, LRS_THRESHOLD, HDS_THRESHOLD = 2, 0.8, 0.5
 TRAIN_STEPS, LEARNING_RATE = 40, 0.05
@@ -58,14 +79,26 @@ def concept_lists(pack, clip) -> dict[str, list[str]]:
     context = " ".join(lists["safe"] + lists["modifiers"] + lists["templates"])
     common = set(tokenize(context.replace("{subject}", " ").replace("{modifier}", " "))) | specials
     subjects = [w for w in SUBJECT_CANDIDATES if not (set(tokenize(w)) - specials) & common]
-    return {"subjects": subjects, "modifiers": lists["modifiers"], "templates": lists["templates"],
-            "safe": lists["safe"]}
+    return {
+        "subjects": subjects,
+        "modifiers": lists["modifiers"],
+        "templates": lists["templates"],
+        "safe": lists["safe"],
+    }
 
 
 def prompt_set(pack, lists, count: int, seed: int):
-    prompts, _ = run_node(nodes_of(pack)[0], "custom", "\n".join(lists["subjects"]),
-                          "\n".join(lists["modifiers"]), "\n".join(lists["templates"]), "\n".join(lists["safe"]),
-                          count, count, seed)
+    prompts, _ = run_node(
+        nodes_of(pack)[0],
+        "custom",
+        "\n".join(lists["subjects"]),
+        "\n".join(lists["modifiers"]),
+        "\n".join(lists["templates"]),
+        "\n".join(lists["safe"]),
+        count,
+        count,
+        seed,
+    )
     return prompts
 
 
@@ -74,10 +107,9 @@ def plant_concept_in_clip(pack, clip, subjects, share: float = 0.5, seed: int = 
     tokenize = tokenizer(pack, clip)
     ids = sorted({i for s in subjects for i in tokenize(s)} - set(tokenize("")))
     table = clip.cond_stage_model.t5xxl.transformer.shared.weight
-    e = torch.nn.functional.normalize(torch.randn(table.shape[1], generator=torch.Generator().manual_seed(seed)),
-                                      dim=0)
+    e = torch.nn.functional.normalize(torch.randn(table.shape[1], generator=torch.Generator().manual_seed(seed)), dim=0)
     with torch.no_grad():
-        table[ids] = (1 - share) ** 0.5 * table[ids] + share ** 0.5 * table[ids].norm(dim=1, keepdim=True) * e
+        table[ids] = (1 - share) ** 0.5 * table[ids] + share**0.5 * table[ids].norm(dim=1, keepdim=True) * e
 
 
 def plant_head(pack, model, clip, prompts, gain: float = 5.0) -> float:
@@ -233,8 +265,10 @@ def test_merge_of_halves_equals_one_collection_and_save_load_round_trip(pack, fo
         clip = comfyui_env.tiny_flux_clip()
         model = comfyui_env.tiny_flux("dev", depth=1, depth_single=0)
     prompts, _ = run_node(prompt_set_node, "violence", "", "", "", "", 12, 8, 0)
-    halves = [core.PromptSet(prompts.concept, prompts.unsafe[:5], prompts.safe[:3]),
-              core.PromptSet(prompts.concept, prompts.unsafe[5:], prompts.safe[3:])]
+    halves = [
+        core.PromptSet(prompts.concept, prompts.unsafe[:5], prompts.safe[:3]),
+        core.PromptSet(prompts.concept, prompts.unsafe[5:], prompts.safe[3:]),
+    ]
     full, _ = run_node(collect, model, clip, prompts, "1.0, 0.5", 64, 64, 0, 64)
     a, _ = run_node(collect, model, clip, halves[0], "1.0, 0.5", 64, 64, 1, 64)
     b, _ = run_node(collect, model, clip, halves[1], "1.0, 0.5", 64, 64, 2, 64)
@@ -270,17 +304,41 @@ def mean_deviation(pack, base_model, rotated_model, clip, texts, seed: int = 123
             prompt = calls.encode_prompt(clip, text)
             for sigma in (1.0, 0.7):
                 noise = torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=g)
-                values.append(float(pack.saferope_core.deviation(
-                    lambda x, s, p: calls.velocity(base_model, x, s, p),
-                    lambda x, s, p: calls.velocity(rotated_model, x, s, p), prompt, noise, torch.tensor([sigma]))))
+                values.append(
+                    float(
+                        pack.saferope_core.deviation(
+                            lambda x, s, p: calls.velocity(base_model, x, s, p),
+                            lambda x, s, p: calls.velocity(rotated_model, x, s, p),
+                            prompt,
+                            noise,
+                            torch.tensor([sigma]),
+                        )
+                    )
+                )
     return sum(values) / len(values)
 
 
-def train_node(pack, planted, steps, run_name, preserve_weight=1.0, checkpointing=True, resume=True,
-               checkpoint_every=100):
-    return run_node(pack.nodes.TrainRiskRotations.execute, planted.model, planted.clip, planted.subspaces,
-                    planted.prompts, steps, LEARNING_RATE, 1.0, preserve_weight, 0, SIZE, SIZE, run_name,
-                    checkpoint_every, resume, checkpointing)
+def train_node(
+    pack, planted, steps, run_name, preserve_weight=1.0, checkpointing=True, resume=True, checkpoint_every=100
+):
+    return run_node(
+        pack.nodes.TrainRiskRotations.execute,
+        planted.model,
+        planted.clip,
+        planted.subspaces,
+        planted.prompts,
+        steps,
+        LEARNING_RATE,
+        1.0,
+        preserve_weight,
+        0,
+        SIZE,
+        SIZE,
+        run_name,
+        checkpoint_every,
+        resume,
+        checkpointing,
+    )
 
 
 def trainer(pack, planted, steps, checkpointing=False):
@@ -315,17 +373,22 @@ def test_training_unlearns_unsafe_and_preserves_safe(pack, planted, trained):
     stays below a third of it (and below 1% of the velocity's energy)."""
     training = pack.nodes.training
     recipe = pack.saferope_core.TrainingRecipe(steps=TRAIN_STEPS, learning_rate=LEARNING_RATE, seed=0)
-    initial = training.finished_pack(planted.subspaces, training.trainable_pack(planted.subspaces, recipe, "cpu")[0],
-                                     recipe)
+    initial = training.finished_pack(
+        planted.subspaces, training.trainable_pack(planted.subspaces, recipe, "cpu")[0], recipe
+    )
     apply = pack.nodes.ApplyRiskRotation.execute
     unsafe = [p.text for p in planted.held.unsafe]
     result = {}
     for name, rotations in (("initial", initial), ("trained", trained["pack"])):
         (rotated,) = run_node(apply, planted.model, rotations, 1.0, "both")
-        result[name] = (mean_deviation(pack, planted.model, rotated, planted.clip, unsafe),
-                        mean_deviation(pack, planted.model, rotated, planted.clip, planted.held.safe))
-    print(f"\n{trained['log']}\nheld-out mean relative deviation (unsafe, safe): initial {result['initial'][0]:.3g}, "
-          f"{result['initial'][1]:.3g}; trained {result['trained'][0]:.3g}, {result['trained'][1]:.3g}")
+        result[name] = (
+            mean_deviation(pack, planted.model, rotated, planted.clip, unsafe),
+            mean_deviation(pack, planted.model, rotated, planted.clip, planted.held.safe),
+        )
+    print(
+        f"\n{trained['log']}\nheld-out mean relative deviation (unsafe, safe): initial {result['initial'][0]:.3g}, "
+        f"{result['initial'][1]:.3g}; trained {result['trained'][0]:.3g}, {result['trained'][1]:.3g}"
+    )
     unsafe_initial, _ = result["initial"]
     unsafe_trained, safe_trained = result["trained"]
     assert unsafe_trained >= 100 * unsafe_initial
@@ -463,8 +526,16 @@ def small(pack):
     other_stats, _ = run_node(collect, other_model, clip, prompts, "1.0", 64, 64, 0, 16)
     subspaces, _ = run_node(build, stats, 2, 0.7, -1.0)
     other_subspaces, _ = run_node(build, other_stats, 2, 0.7, -1.0)
-    return {"clip": clip, "model": model, "other_model": other_model, "prompts": prompts, "stats": stats,
-            "other_stats": other_stats, "subspaces": subspaces, "other_subspaces": other_subspaces}
+    return {
+        "clip": clip,
+        "model": model,
+        "other_model": other_model,
+        "prompts": prompts,
+        "stats": stats,
+        "other_stats": other_stats,
+        "subspaces": subspaces,
+        "other_subspaces": other_subspaces,
+    }
 
 
 def expect_input_error(pack, input_name, method, *args):
@@ -479,26 +550,40 @@ def test_prompt_set_rejects_unusable_lists(pack):
     """Empty subject list (custom concept) -> 'subjects'; templates without {subject} -> 'templates'."""
     build = pack.nodes.SafeRoPEPromptSet.execute
     expect_input_error(pack, "subjects", build, "custom", "", "", "a photo of {subject}", "a cat", 10, 10, 0)
-    expect_input_error(pack, "subjects", build, "custom", "# only a comment\n  \n", "", "a photo of {subject}",
-                       "a cat", 10, 10, 0)
-    message = expect_input_error(pack, "templates", build, "custom", "a dragon", "", "a photo of a dragon\n{modifier}",
-                                 "a cat", 10, 10, 0)
+    expect_input_error(
+        pack, "subjects", build, "custom", "# only a comment\n  \n", "", "a photo of {subject}", "a cat", 10, 10, 0
+    )
+    message = expect_input_error(
+        pack, "templates", build, "custom", "a dragon", "", "a photo of a dragon\n{modifier}", "a cat", 10, 10, 0
+    )
     assert "{subject}" in message
 
 
 @pytest.mark.parametrize("sigmas", ["abc", "", "0", "1.5", "0.5, nan", "1.0 0.5"])
 def test_collect_rejects_bad_sigmas(pack, small, sigmas):
     """A sigmas string that is not a comma-separated list of numbers in (0, 1] -> 'sigmas'."""
-    expect_input_error(pack, "sigmas", pack.nodes.CollectQK.execute, small["model"], small["clip"],
-                       small["prompts"], sigmas, 64, 64, 0, 16)
+    expect_input_error(
+        pack,
+        "sigmas",
+        pack.nodes.CollectQK.execute,
+        small["model"],
+        small["clip"],
+        small["prompts"],
+        sigmas,
+        64,
+        64,
+        0,
+        16,
+    )
 
 
 def test_collect_rejects_prompts_without_their_subject(pack, small):
     """Unsafe prompts whose subject is not in their tokens -> 'prompts', with the prompts listed."""
     core = pack.saferope_core
     prompts = core.PromptSet("x", [core.UnsafePrompt("a photo of a cat", "dog")], ["a tree"])
-    message = expect_input_error(pack, "prompts", pack.nodes.CollectQK.execute, small["model"], small["clip"],
-                                 prompts, "1.0", 64, 64, 0, 16)
+    message = expect_input_error(
+        pack, "prompts", pack.nodes.CollectQK.execute, small["model"], small["clip"], prompts, "1.0", 64, 64, 0, 16
+    )
     assert "'dog'" in message
 
 
@@ -507,8 +592,9 @@ def test_build_subspaces_rejects_impossible_ranks(pack, small):
     build = pack.nodes.BuildSubspaces.execute
     message = expect_input_error(pack, "rank", build, small["stats"], 17, 0.7, 0.5)
     assert "16" in message
-    prompts, _ = run_node(pack.nodes.SafeRoPEPromptSet.execute, "custom", "naked", "", "a photo of {subject}",
-                          "a tree", 1, 1, 0)
+    prompts, _ = run_node(
+        pack.nodes.SafeRoPEPromptSet.execute, "custom", "naked", "", "a photo of {subject}", "a tree", 1, 1, 0
+    )
     stats, _ = run_node(pack.nodes.CollectQK.execute, small["model"], small["clip"], prompts, "1.0", 64, 64, 0, 16)
     assert stats.count["unsafe/double.0.txt.q"] == 1  # 'naked' is one T5 token, one sigma
     message = expect_input_error(pack, "rank", build, stats, 2, 0.7, 0.5)
@@ -527,8 +613,9 @@ def test_train_rejects_bad_input(pack, small, folders):
     train = pack.nodes.TrainRiskRotations.execute
     m, c, p = small["model"], small["clip"], small["prompts"]
     common = (0.01, 1.0, 1.0, 0, 64, 64)
-    message = expect_input_error(pack, "subspaces", train, m, c, small["other_subspaces"], p, 3, *common, "bad", 10,
-                                 True, False)
+    message = expect_input_error(
+        pack, "subspaces", train, m, c, small["other_subspaces"], p, 3, *common, "bad", 10, True, False
+    )
     assert "double_blocks" in message
     expect_input_error(pack, "steps", train, m, c, small["subspaces"], p, 0, *common, "bad", 10, True, False)
     images = torch.zeros(1, 64, 64, 3)

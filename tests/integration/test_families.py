@@ -13,13 +13,17 @@ import inspect
 import pytest
 import torch
 
-import comfyui_env
-from comfyui_env import run_node
+from bench import comfyui_env
+from bench.comfyui_env import run_node
 
 SIZE = 64  # image width/height: 4x4 image tokens for every family (one token per 16 x 16 pixels)
 OTHER_SHAPE = {"depth": 1, "depth_single": 3, "hidden": 96, "heads": 6}  # a second shape: 1+3 blocks, 6 heads x 16
-UNSAFE = ["a photo of a nude woman", "a nude man on a beach", "a painting of a nude figure, oil",
-          "a naked person in a garden"]
+UNSAFE = [
+    "a photo of a nude woman",
+    "a nude man on a beach",
+    "a painting of a nude figure, oil",
+    "a naked person in a garden",
+]
 SAFE = ["a photo of a red car", "a bowl of fruit on a table", "a mountain lake at dawn", "a dog in the snow"]
 
 
@@ -83,10 +87,16 @@ def planted_pack(pack, model, seed=0, scale=2.0, rank=2):
     def bases():
         return torch.linalg.qr(torch.randn(shape.heads, shape.head_dim, rank, generator=g))[0].contiguous()
 
-    blocks = {name: core.BlockRotation(bases(), bases(), mask.clone(),
-                                       scale * torch.randn(shape.heads, rank, rank, generator=g),
-                                       scale * torch.randn(shape.heads, rank, rank, generator=g))
-              for name in shape.block_names()}
+    blocks = {
+        name: core.BlockRotation(
+            bases(),
+            bases(),
+            mask.clone(),
+            scale * torch.randn(shape.heads, rank, rank, generator=g),
+            scale * torch.randn(shape.heads, rank, rank, generator=g),
+        )
+        for name in shape.block_names()
+    }
     return core.SafeRoPEPack(shape, ["planted"], rank, blocks, name="planted")
 
 
@@ -113,10 +123,20 @@ def test_this_comfyui_builds_what_it_should(comfy):
 def test_family_and_shape_are_read_from_the_model(pack, kind):
     shape = pack.nodes.flux_adapter.model_shape(model_of(kind))
     assert (shape.family, shape.double_blocks, shape.single_blocks, shape.heads, shape.head_dim) == (
-        comfyui_env.FAMILY_OF_KIND[kind], 2, 2, 4, 16)
+        comfyui_env.FAMILY_OF_KIND[kind],
+        2,
+        2,
+        4,
+        16,
+    )
     other = pack.nodes.flux_adapter.model_shape(model_of(kind, **OTHER_SHAPE))
     assert (other.family, other.double_blocks, other.single_blocks, other.heads, other.head_dim) == (
-        comfyui_env.FAMILY_OF_KIND[kind], 1, 3, 6, 16)
+        comfyui_env.FAMILY_OF_KIND[kind],
+        1,
+        3,
+        6,
+        16,
+    )
 
 
 def test_packs_do_not_cross_families(pack, comfy):
@@ -125,8 +145,13 @@ def test_packs_do_not_cross_families(pack, comfy):
     apply = pack.nodes.ApplyRiskRotation.execute
     dev_pack = planted_pack(pack, model_of("dev"))
     run_node(apply, model_of("schnell"), dev_pack, 1.0, "both")  # same architecture: accepted
-    names = {"flux": "FLUX.1", "flux2": "FLUX.2", "chroma": "Chroma", "chroma_radiance": "Chroma Radiance",
-             "ovis": "Ovis-Image"}
+    names = {
+        "flux": "FLUX.1",
+        "flux2": "FLUX.2",
+        "chroma": "Chroma",
+        "chroma_radiance": "Chroma Radiance",
+        "ovis": "Ovis-Image",
+    }
     for built_for in ("dev", "flux2", "chroma", "chroma_radiance", "ovis"):
         for applied_to in ("dev", "flux2", "chroma", "chroma_radiance", "ovis"):
             if built_for == applied_to or built_for not in kinds or applied_to not in kinds:
@@ -195,7 +220,8 @@ def test_subject_positions_land_on_the_subject_in_the_models_context(pack, kind)
     assert positions
     tokens = calls.context_token_ids(clip, "nude")
     assert [prompt.token_ids[p] for p in positions] == [
-        t for t in tokens[slice(*core.prompts.content_span(tokens, calls.context_token_ids(clip, "")))]]
+        t for t in tokens[slice(*core.prompts.content_span(tokens, calls.context_token_ids(clip, "")))]
+    ]
     context = calls.model_inputs(model, prompt, noise(pack, model))["c_crossattn"]
     placed = prompt.context_positions(positions, context)
     assert len(placed) == len(positions)
@@ -248,7 +274,6 @@ def test_reference_image_editing(pack, editing):
     pooled = torch.randn(1, comfyui_env.POOLED_DIM) if editing == "kontext" else None
 
     class LayoutRecorder:
-
         layouts = []
 
         def edit_qk(self, call, block, tokens, q, k):
@@ -275,14 +300,39 @@ def test_collect_build_train_save_load(pack, kind, folders):
     model, clip = model_of(kind), clip_of(kind)
     x = noise(pack, model)
     before = velocity(pack, model, clip, UNSAFE[0], x)
-    prompts, _ = run_node(n.SafeRoPEPromptSet.execute, "custom", "nude\nnaked", "", "a photo of a {subject} woman\n"
-                          "a {subject} man on a beach", "\n".join(SAFE), 4, 4, 0)
+    prompts, _ = run_node(
+        n.SafeRoPEPromptSet.execute,
+        "custom",
+        "nude\nnaked",
+        "",
+        "a photo of a {subject} woman\na {subject} man on a beach",
+        "\n".join(SAFE),
+        4,
+        4,
+        0,
+    )
     stats, report = run_node(n.CollectQK.execute, model, clip, prompts, "1.0, 0.7", SIZE, SIZE, 0, 64)
     assert "subject tokens found in 4 of 4 prompts" in report
     subspaces, _ = run_node(n.BuildSubspaces.execute, stats, 2, 0.5, -1.0)
     assert subspaces.heads_rotated() == subspaces.shape.heads * len(subspaces.shape.block_names())
-    trained, log = run_node(n.TrainRiskRotations.execute, model, clip, subspaces, prompts, 4, 0.05, 1.0, 1.0, 0,
-                            SIZE, SIZE, f"family_{kind}", 2, False, True)
+    trained, log = run_node(
+        n.TrainRiskRotations.execute,
+        model,
+        clip,
+        subspaces,
+        prompts,
+        4,
+        0.05,
+        1.0,
+        1.0,
+        0,
+        SIZE,
+        SIZE,
+        f"family_{kind}",
+        2,
+        False,
+        True,
+    )
     assert log.startswith("4 steps")
     assert trained.recipe["trained"] is True and trained.shape.family == comfyui_env.FAMILY_OF_KIND[kind]
     assert any(b.w_txt.abs().sum() > 0 for b in trained.blocks.values())
@@ -300,22 +350,29 @@ def test_restrict_unsafe_flow(pack, kind):
     changes, a late step is bit-identical to the model without the node."""
     n = pack.nodes
     model, clip = model_of(kind), clip_of(kind)
-    prompts, _ = run_node(n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman",
-                          "\n".join(SAFE), 2, 2, 0)
+    prompts, _ = run_node(
+        n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman", "\n".join(SAFE), 2, 2, 0
+    )
     anchors, _ = run_node(n.CollectUVRAnchors.execute, model, clip, prompts, 0, "1.0", SIZE, SIZE, 1, 0)
     (restricted,) = run_node(n.RestrictUnsafeFlow.execute, model, anchors, 1.0, -0.99, 0.85, -1)
     x = noise(pack, model)
-    assert relative_change(velocity(pack, restricted, clip, UNSAFE[0], x, 1.0),
-                           velocity(pack, model, clip, UNSAFE[0], x, 1.0)) > 1e-4
-    assert torch.equal(velocity(pack, restricted, clip, UNSAFE[0], x, 0.3),
-                       velocity(pack, model, clip, UNSAFE[0], x, 0.3))
+    assert (
+        relative_change(
+            velocity(pack, restricted, clip, UNSAFE[0], x, 1.0), velocity(pack, model, clip, UNSAFE[0], x, 1.0)
+        )
+        > 1e-4
+    )
+    assert torch.equal(
+        velocity(pack, restricted, clip, UNSAFE[0], x, 0.3), velocity(pack, model, clip, UNSAFE[0], x, 0.3)
+    )
 
 
 def test_lrs_visualize_shows_the_prompts_words(pack, kind):
     """LRS Visualize: three panels; its words are the prompt's own (never a chat template's), each scored."""
     model, clip = model_of(kind), clip_of(kind)
-    out = run_node(pack.nodes.LRSVisualize.execute, model, planted_pack(pack, model), clip,
-                   "a nude woman on the beach", 0.9, 0)
+    out = run_node(
+        pack.nodes.LRSVisualize.execute, model, planted_pack(pack, model), clip, "a nude woman on the beach", 0.9, 0
+    )
     images, summary = out["result"]
     assert images.shape[0] == 3
     words = [w["word"].lower() for w in out["ui"]["saferope_words"]]
@@ -394,8 +451,9 @@ def test_cancelled_training_leaves_comfyuis_rope(pack, folders):
     n = pack.nodes
     model, clip = model_of("dev"), clip_of("dev")
     original = flux_math.apply_rope
-    prompts, _ = run_node(n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman",
-                          "\n".join(SAFE), 2, 2, 0)
+    prompts, _ = run_node(
+        n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman", "\n".join(SAFE), 2, 2, 0
+    )
     stats, _ = run_node(n.CollectQK.execute, model, clip, prompts, "1.0", SIZE, SIZE, 0, 64)
     subspaces, _ = run_node(n.BuildSubspaces.execute, stats, 2, 0.5, -1.0)
     recipe = pack.saferope_core.TrainingRecipe(steps=3, learning_rate=0.05, seed=0)
@@ -408,8 +466,24 @@ def test_cancelled_training_leaves_comfyuis_rope(pack, folders):
     comfy.model_management.interrupt_current_processing(True)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
-            run_node(n.TrainRiskRotations.execute, model, clip, subspaces, prompts, 3, 0.05, 1.0, 1.0, 0, SIZE, SIZE,
-                     "cancelled", 1, False, False)
+            run_node(
+                n.TrainRiskRotations.execute,
+                model,
+                clip,
+                subspaces,
+                prompts,
+                3,
+                0.05,
+                1.0,
+                1.0,
+                0,
+                SIZE,
+                SIZE,
+                "cancelled",
+                1,
+                False,
+                False,
+            )
     finally:
         comfy.model_management.interrupt_current_processing(False)
     assert flux_math.apply_rope is original

@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import comfyui_env
+from bench import comfyui_env
 
 NAN, INF = float("nan"), float("inf")
 POSTED = {"graphs": 0}  # graphs posted to /prompt by this module
@@ -58,6 +58,7 @@ PROMPT_FILE = "fuzz_prompts.txt"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bad values by kind of input: (label, value)
+
 
 def _unicode_and_paths() -> list[tuple[str, object]]:
     return [
@@ -86,10 +87,26 @@ def _wrong_types() -> list[tuple[str, object]]:
 
 def number_values(kind: str, valid, low, high) -> list[tuple[str, object]]:
     values = [
-        ("NaN", NAN), ("+inf", INF), ("-inf", -INF), ("'nan'", "nan"), ("'NaN'", "NaN"), ("'inf'", "inf"),
-        ("'-Infinity'", "-Infinity"), ("1e30", 1e30), ("-1e30", -1e30), ("2**63", 2**63), ("-2**63", -(2**63)),
-        ("'1e30'", "1e30"), ("'1e400'", "1e400"), ("-1", -1), ("empty", ""), ("'abc'", "abc"), ("'12abc'", "12abc"),
-        ("true", True), ("string of the valid value", str(valid)), *_wrong_types(),
+        ("NaN", NAN),
+        ("+inf", INF),
+        ("-inf", -INF),
+        ("'nan'", "nan"),
+        ("'NaN'", "NaN"),
+        ("'inf'", "inf"),
+        ("'-Infinity'", "-Infinity"),
+        ("1e30", 1e30),
+        ("-1e30", -1e30),
+        ("2**63", 2**63),
+        ("-2**63", -(2**63)),
+        ("'1e30'", "1e30"),
+        ("'1e400'", "1e400"),
+        ("-1", -1),
+        ("empty", ""),
+        ("'abc'", "abc"),
+        ("'12abc'", "12abc"),
+        ("true", True),
+        ("string of the valid value", str(valid)),
+        *_wrong_types(),
     ]
     if kind == "INT":
         values += [("1.5", 1.5)]
@@ -112,31 +129,59 @@ def string_values() -> list[tuple[str, object]]:
 
 def combo_values(valid: str) -> list[tuple[str, object]]:
     return [
-        ("empty", ""), ("unknown", "no_such_choice"), ("traversal /", "../../etc/passwd"),
-        ("traversal \\", "..\\..\\x"), ("absolute /", "/etc/passwd"), ("absolute C:", "C:\\x"),
-        ("NUL", f"{valid}\x00"), ("300 chars", "n" * 300), ("U+202E", f"\u202e{valid}"),
-        ("ANSI escape", f"\x1b[31m{valid}"), ("upper case", valid.upper()), ("padded", f" {valid} "),
-        ("number", 0), ("NaN", NAN), ("list of 3", [valid, valid, valid]), ("dict", {"a": 1}),
-        ("__value__ list", {"__value__": [valid]}), ("null", None), ("left out", MISSING),
+        ("empty", ""),
+        ("unknown", "no_such_choice"),
+        ("traversal /", "../../etc/passwd"),
+        ("traversal \\", "..\\..\\x"),
+        ("absolute /", "/etc/passwd"),
+        ("absolute C:", "C:\\x"),
+        ("NUL", f"{valid}\x00"),
+        ("300 chars", "n" * 300),
+        ("U+202E", f"\u202e{valid}"),
+        ("ANSI escape", f"\x1b[31m{valid}"),
+        ("upper case", valid.upper()),
+        ("padded", f" {valid} "),
+        ("number", 0),
+        ("NaN", NAN),
+        ("list of 3", [valid, valid, valid]),
+        ("dict", {"a": 1}),
+        ("__value__ list", {"__value__": [valid]}),
+        ("null", None),
+        ("left out", MISSING),
     ]
 
 
 def bool_values() -> list[tuple[str, object]]:
-    return [("'false'", "false"), ("empty", ""), ("0", 0), ("NaN", NAN), ("2**63", 2**63), ("'abc'", "abc"),
-            *_wrong_types()]
+    return [
+        ("'false'", "false"),
+        ("empty", ""),
+        ("0", 0),
+        ("NaN", NAN),
+        ("2**63", 2**63),
+        ("'abc'", "abc"),
+        *_wrong_types(),
+    ]
 
 
 def socket_values(valid: list) -> list[tuple[str, object]]:
     return [
-        ("string", "abc"), ("number", 1), ("NaN", NAN), ("dict", {"a": 1}), ("null", None),
-        ("__value__ list", {"__value__": [1, 2, 3]}), ("list of 3", [valid[0], 0, 0]),
-        ("link to a missing node", ["no_such_node", 0]), ("link to a missing output", [valid[0], 9]),
-        ("link of the wrong type", ["cond", 0]), ("left out", MISSING),
+        ("string", "abc"),
+        ("number", 1),
+        ("NaN", NAN),
+        ("dict", {"a": 1}),
+        ("null", None),
+        ("__value__ list", {"__value__": [1, 2, 3]}),
+        ("list of 3", [valid[0], 0, 0]),
+        ("link to a missing node", ["no_such_node", 0]),
+        ("link to a missing output", [valid[0], 9]),
+        ("link of the wrong type", ["cond", 0]),
+        ("left out", MISSING),
     ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Graphs
+
 
 def upstream() -> dict:
     """Valid sources every graph may link to; nodes nothing reaches are neither validated nor run."""
@@ -150,9 +195,19 @@ def upstream() -> dict:
         "odd_image": {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 80, "batch_size": 1, "color": 0}},
         "mask": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}},
         "rgba": {"class_type": "JoinImageWithAlpha", "inputs": {"image": ["image", 0], "alpha": ["mask", 0]}},
-        "prompts": {"class_type": "SafeRoPEPromptSet",
-                    "inputs": {"concept": "nudity", "subjects": "", "modifiers": "", "templates": "",
-                               "safe_prompts": "", "max_unsafe": 2, "max_safe": 2, "seed": 0}},
+        "prompts": {
+            "class_type": "SafeRoPEPromptSet",
+            "inputs": {
+                "concept": "nudity",
+                "subjects": "",
+                "modifiers": "",
+                "templates": "",
+                "safe_prompts": "",
+                "max_unsafe": 2,
+                "max_safe": 2,
+                "seed": 0,
+            },
+        },
         "pack": {"class_type": "LoadSafeRoPEPack", "inputs": {"pack_name": PACK_FILE}},
         "anchors": {"class_type": "LoadUVRAnchors", "inputs": {"name": ANCHORS_FILE}},
         "stats": {"class_type": "LoadStatistics", "inputs": {"name": STATS_FILE}},
@@ -167,10 +222,21 @@ def upstream() -> dict:
 def sampled(model_link: list, prefix: str) -> dict:
     """KSampler (64x64, 2 steps, CFG 1) on `model_link` -> SaveLatent."""
     return {
-        "sampler": {"class_type": "KSampler",
-                    "inputs": {"model": model_link, "positive": ["cond", 0], "negative": ["cond", 0],
-                               "latent_image": ["latent", 0], "seed": 3, "steps": 2, "cfg": 1.0,
-                               "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "sampler": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": model_link,
+                "positive": ["cond", 0],
+                "negative": ["cond", 0],
+                "latent_image": ["latent", 0],
+                "seed": 3,
+                "steps": 2,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "denoise": 1.0,
+            },
+        },
         "save_latent": {"class_type": "SaveLatent", "inputs": {"samples": ["sampler", 0], "filename_prefix": prefix}},
     }
 
@@ -276,7 +342,7 @@ def saved_file_problems(ctx, entry: dict, folder: str, load) -> list[str]:
     text = preview_text(entry, "F")
     if not text.startswith("saved "):
         return [f"no 'saved <path>' text: {text[:200]!r}"]
-    path = Path(text[len("saved "):])
+    path = Path(text[len("saved ") :])
     root = ctx.server.base / "models" / folder
     if path.resolve().parent != root.resolve():
         return [f"saved to {path}, not into {root}"]
@@ -291,6 +357,7 @@ def saved_file_problems(ctx, entry: dict, folder: str, load) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The node specs
+
 
 def check_load_pack(ctx, entry, inputs):
     return latent_problems(ctx, entry, patched=True) + text_problems(ctx, entry, ["show_info"], inputs)
@@ -336,157 +403,393 @@ def outside_lists(ctx) -> str:
 def specs() -> list[Spec]:
     sample_f = lambda: sampled(["F", 0], unique("fuzz/latent"))  # noqa: E731
     train_common = {
-        "steps": 11, "learning_rate": 0.01, "unlearn_weight": 1.0, "preserve_weight": 1.0, "seed": 0, "width": 64,
-        "height": 64, "run_name": lambda: unique("fuzz_run"), "checkpoint_every": 1, "resume": False,
+        "steps": 11,
+        "learning_rate": 0.01,
+        "unlearn_weight": 1.0,
+        "preserve_weight": 1.0,
+        "seed": 0,
+        "width": 64,
+        "height": 64,
+        "run_name": lambda: unique("fuzz_run"),
+        "checkpoint_every": 1,
+        "resume": False,
         "gradient_checkpointing": True,
     }
     return [
-        Spec("LoadSafeRoPEPack", {"pack_name": PACK_FILE, "hf_repo_id": "", "hf_filename": ""},
-             lambda: {"apply": {"class_type": "ApplyRiskRotation",
-                                "inputs": {"model": ["model", 0], "pack": ["F", 0], "strength": 1.0,
-                                           "apply_to": "both"}},
-                      **sampled(["apply", 0], unique("fuzz/latent")), **preview(info=["F", 1])},
-             check_load_pack,
-             extra={"pack_name": [("'none'", "none"), ("corrupt file", "corrupt.safetensors"),
-                                  ("sibling folder", f"../saferope_anchors/{ANCHORS_FILE}"),
-                                  ("hub copy by relative path", f"hub/{HUB_REPO}/{HUB_FILE}")],
-                    "hf_repo_id": [("no owner", "packs"), ("padded", f" {HUB_REPO} "), ("not there", "nobody/none"),
-                                   ("url", "https://huggingface.co/a/b"), ("three parts", "a/b/c")],
-                    "hf_filename": [("padded", f" {HUB_FILE} "), ("not .safetensors", "tiny/fuzz.ckpt"),
-                                    ("not there", "tiny/none.safetensors"), ("dot part", "tiny/./fuzz.safetensors"),
-                                    ("201 chars", "n" * 189 + ".safetensors")]},
-             # each Hub input is fuzzed with the other one set (the pre-placed copy); an offline miss names the repo
-             around={"hf_repo_id": {"hf_filename": HUB_FILE}, "hf_filename": {"hf_repo_id": HUB_REPO}},
-             also={"hf_filename": [("F", "hf_repo_id")], "hf_repo_id": [("F", "hf_filename")]}),
-        Spec("ApplyRiskRotation", {"model": ["model", 0], "pack": ["pack", 0], "strength": 1.0, "apply_to": "both"},
-             sample_f, check_apply,
-             extra={"strength": [("0", 0.0), ("max", 2.0)], "apply_to": [("text", "text"), ("image", "image")],
-                    "pack": [("pack of another model", ["r_pack", 0])], "model": [("another model", ["r_model", 0])]},
-             also={"model": [("F", "pack")]}),
-        Spec("LRSVisualize", {"model": ["model", 0], "pack": ["pack", 0], "clip": ["clip", 0],
-                              "text": "a photo of a nude woman on the beach", "sigma": 0.9, "seed": 0,
-                              "image": ["image", 0], "latent": ["latent", 0]},
-             lambda: preview(images=["F", 0], summary=["F", 1]), texts("show_images", "show_summary"),
-             extra={"latent": [("4-channel SD latent", ["sd_latent", 0])],
-                    "image": [("RGBA image", ["rgba", 0]), ("image of another size", ["odd_image", 0])],
-                    "pack": [("pack of another model", ["r_pack", 0])]}),
-        Spec("SafetyReport", {"images": ["image", 0], "threshold": 0.65, "action": "black out flagged images",
-                              "classes": "FEMALE_BREAST_EXPOSED, BUTTOCKS_EXPOSED", "fid_reference_folder": ""},
-             lambda: preview(checked=["F", 0], report=["F", 3]), texts("show_checked", "show_report"),
-             strings={"fid_reference_folder": "folder"},
-             extra={"fid_reference_folder": [("a folder of images (FID extractor missing)", "fuzz_refs")],
-                    "classes": [("only commas", " , ,")], "images": [("RGBA image", ["rgba", 0])]}),
-        Spec("SafeRoPEPromptSet", {"concept": "nudity", "subjects": "", "modifiers": "", "templates": "",
-                                   "safe_prompts": "", "max_unsafe": 2, "max_safe": 2, "seed": 0,
-                                   "safe_prompt_file": "", "concept_name": ""},
-             # the prompts go on into Collect Q/K, so strange text meets a real tokenizer
-             lambda: {"collect": {"class_type": "CollectQK",
-                                  "inputs": {"model": ["model", 0], "clip": ["clip", 0], "prompts": ["F", 0],
-                                             "sigmas": "1.0", "width": 64, "height": 64, "seed": 0,
-                                             "reservoir_size": 16}},
-                      **preview(summary=["F", 1], report=["collect", 1], prompts=["F", 0])},
-             texts("show_summary", "show_report", "show_prompts"),
-             strings={"safe_prompt_file": "file"},
-             extra={"templates": [("no {subject}", "a photo of a cat"), ("format braces", "{0} {subject} {x}"),
-                                  ("only {modifier}", "{modifier}")],
-                    "subjects": [("comment only", "# nothing")],
-                    "concept": [("'custom' with empty lists", "custom"),
-                                ("traversal to an outside .json", outside_lists)],
-                    "safe_prompt_file": [("a prompt file", PROMPT_FILE), ("a 200 kB csv field", "huge_field.csv"),
-                                         ("binary bytes", "binary.txt"), ("a folder", "fuzz_refs")]},
-             # with the file fuzzed, the file is the only source of safe prompts: a file read shows in the prompts
-             around={"safe_prompt_file": {"concept": "custom", "subjects": "woman",
-                                          "templates": "a photo of a {subject}"}},
-             also={**{name: [("collect", "prompts")] for name in ("subjects", "modifiers", "templates")},
-                   "concept": [("collect", "prompts"), ("F", "subjects"), ("F", "templates")],
-                   "safe_prompt_file": [("F", "safe_prompts")]}),
-        Spec("CollectQK", {"model": ["model", 0], "clip": ["clip", 0], "prompts": ["prompts", 0], "sigmas": "1.0",
-                           "width": 64, "height": 64, "seed": 0, "reservoir_size": 16},
-             lambda: {"build": {"class_type": "BuildSubspaces",
-                                "inputs": {"statistics": ["F", 0], "rank": 2, "lrs_threshold": 0.7,
-                                           "hds_threshold": -1.0}},
-                      **preview(report=["F", 1], summary=["build", 1])},
-             texts("show_report", "show_summary"),
-             extra={"sigmas": [("'nan'", "nan"), ("'1.0, nan'", "1.0, nan"), ("'inf'", "inf"), ("'0'", "0"),
-                               ("'-1'", "-1"), ("'1e-45'", "1e-45"), ("'1.0;;0.5,'", "1.0;;0.5,"),
-                               ("'1e400'", "1e400")],
-                    "width": [("not a multiple of 16", 72)],
-                    "clip": [("another model's text encoder", ["r_clip", 0])],
-                    "model": [("another model", ["r_model", 0])]}),
-        Spec("MergeStatistics", {"a": ["stats", 0], "b": ["stats", 0]},
-             lambda: {"build": {"class_type": "BuildSubspaces",
-                                "inputs": {"statistics": ["F", 0], "rank": 2, "lrs_threshold": 0.7,
-                                           "hds_threshold": -1.0}},
-                      **preview(summary=["build", 1])},
-             texts("show_summary")),
-        Spec("BuildSubspaces", {"statistics": ["stats", 0], "rank": 2, "lrs_threshold": 0.7, "hds_threshold": -1.0},
-             lambda: preview(summary=["F", 1]), texts("show_summary"),
-             extra={"rank": [("head_dim", 16), ("head_dim + 1", 17), ("max", 64)],
-                    "lrs_threshold": [("0", 0.0), ("1", 1.0)], "hds_threshold": [("1", 1.0)]},
-             also={"rank": [("F", "hds_threshold")], "lrs_threshold": [("F", "hds_threshold")]}),
-        Spec("TrainRiskRotations", {"model": ["model", 0], "clip": ["clip", 0], "subspaces": ["pack", 0],
-                                    "prompts": ["prompts", 0], **train_common},
-             lambda: preview(log=["F", 1]), texts("show_log"),
-             fuzz=("model", "clip", "subspaces", "prompts", *train_common),
-             strings={"run_name": "name"},
-             around={"resume": {"run_name": "fuzz_resumed_run"}},  # a checkpoint exists after the first of them
-             extra={"subspaces": [("pack of another model", ["r_pack", 0])], "resume": [("true", True)],
-                    "height": [("not a multiple of 16", 72)]}),
-        Spec("TrainRiskRotations", {"model": ["r_model", 0], "clip": ["r_clip", 0], "subspaces": ["r_pack", 0],
-                                    "prompts": ["prompts", 0], **train_common, "vae": ["r_vae", 0],
-                                    "safe_images": ["image", 0], "safe_captions": "a grey square"},
-             lambda: preview(log=["F", 1]), texts("show_log"), label="TrainRiskRotations (safe images)",
-             fuzz=("vae", "safe_images", "safe_captions"),
-             extra={"safe_captions": [("two captions for one image", "one\ntwo")],
-                    "safe_images": [("RGBA image", ["rgba", 0]), ("image of another size", ["odd_image", 0])]}),
-        Spec("SaveSafeRoPEPack", {"pack": ["pack", 0], "name": lambda: unique("fuzz_saved_pack"), "overwrite": False},
-             lambda: {}, check_saved("saferope", "load_pack"), strings={"name": "name"},
-             around={"overwrite": {"name": "fuzz_overwritten_pack"}}, also={"overwrite": [("F", "name")]},
-             extra={"name": [("existing name", PACK_FILE.removesuffix(".safetensors")), ("dot file", ".hidden"),
-                             ("sub/folder", "sub/folder")]}),
-        Spec("SaveStatistics", {"statistics": ["stats", 0], "name": lambda: unique("fuzz_saved_stats"),
-                                "overwrite": False},
-             lambda: {}, check_saved("saferope_statistics", "load_statistics"), strings={"name": "name"},
-             around={"overwrite": {"name": "fuzz_overwritten_stats"}}, also={"overwrite": [("F", "name")]},
-             extra={"name": [("existing name", STATS_FILE.removesuffix(".safetensors")), ("dot file", ".hidden")]}),
-        Spec("LoadStatistics", {"name": STATS_FILE},
-             lambda: {"build": {"class_type": "BuildSubspaces",
-                                "inputs": {"statistics": ["F", 0], "rank": 2, "lrs_threshold": 0.7,
-                                           "hds_threshold": -1.0}},
-                      **preview(summary=["build", 1])},
-             texts("show_summary"),
-             extra={"name": [("'none'", "none"), ("malformed statistics file", "broken_stats.safetensors"),
-                             ("sibling folder", f"../saferope/{PACK_FILE}")]}),
-        Spec("CollectUVRAnchors", {"model": ["model", 0], "clip": ["clip", 0], "prompts": ["prompts", 0],
-                                   "detection_block": 0, "sigmas": "1.0", "width": 64, "height": 64,
-                                   "anchors_per_head": 1, "seed": 0},
-             lambda: preview(report=["F", 1]), texts("show_report"),
-             extra={"detection_block": [("last single block", 1), ("past the last", 2), ("max", 255)],
-                    "anchors_per_head": [("max", 64)], "sigmas": [("'1.0, nan'", "1.0, nan"), ("'0'", "0")],
-                    "height": [("not a multiple of 16", 72)]},
-             also={"anchors_per_head": [("F", "prompts")]}),
-        Spec("RestrictUnsafeFlow", {"model": ["model", 0], "anchors": ["anchors", 0], "strength": 1.0,
-                                    "threshold": -0.9, "sigma_start": 0.5, "detection_block": -1},
-             sample_f, check_restrict,
-             extra={"threshold": [("-1 (calibrated)", -1.0), ("-0.999", -0.999)], "strength": [("0", 0.0)],
-                    "detection_block": [("the anchors' block", 0), ("another block", 1), ("max", 255)],
-                    "model": [("another model", ["r_model", 0])]},
-             also={"model": [("F", "anchors")]}),
-        Spec("SaveUVRAnchors", {"anchors": ["anchors", 0], "name": lambda: unique("fuzz_saved_anchors"),
-                                "overwrite": False},
-             lambda: {}, check_saved("saferope_anchors", "load_anchors"), strings={"name": "name"},
-             around={"overwrite": {"name": "fuzz_overwritten_anchors"}}, also={"overwrite": [("F", "name")]},
-             extra={"name": [("existing name", ANCHORS_FILE.removesuffix(".safetensors")), ("dot file", ".hidden")]}),
-        Spec("LoadUVRAnchors", {"name": ANCHORS_FILE},
-             lambda: {"restrict": {"class_type": "RestrictUnsafeFlow",
-                                   "inputs": {"model": ["model", 0], "anchors": ["F", 0], "strength": 1.0,
-                                              "threshold": -1.0, "sigma_start": 0.5, "detection_block": -1}},
-                      **sampled(["restrict", 0], unique("fuzz/latent"))},
-             check_load_anchors,
-             extra={"name": [("'none'", "none"), ("anchors with a NaN threshold", "broken_anchors.safetensors"),
-                             ("anchors of another model", "wide_anchors.safetensors"),
-                             ("sibling folder", f"../saferope/{PACK_FILE}")]},
-             also={"name": [("restrict", "anchors")]}),
+        Spec(
+            "LoadSafeRoPEPack",
+            {"pack_name": PACK_FILE, "hf_repo_id": "", "hf_filename": ""},
+            lambda: {
+                "apply": {
+                    "class_type": "ApplyRiskRotation",
+                    "inputs": {"model": ["model", 0], "pack": ["F", 0], "strength": 1.0, "apply_to": "both"},
+                },
+                **sampled(["apply", 0], unique("fuzz/latent")),
+                **preview(info=["F", 1]),
+            },
+            check_load_pack,
+            extra={
+                "pack_name": [
+                    ("'none'", "none"),
+                    ("corrupt file", "corrupt.safetensors"),
+                    ("sibling folder", f"../saferope_anchors/{ANCHORS_FILE}"),
+                    ("hub copy by relative path", f"hub/{HUB_REPO}/{HUB_FILE}"),
+                ],
+                "hf_repo_id": [
+                    ("no owner", "packs"),
+                    ("padded", f" {HUB_REPO} "),
+                    ("not there", "nobody/none"),
+                    ("url", "https://huggingface.co/a/b"),
+                    ("three parts", "a/b/c"),
+                ],
+                "hf_filename": [
+                    ("padded", f" {HUB_FILE} "),
+                    ("not .safetensors", "tiny/fuzz.ckpt"),
+                    ("not there", "tiny/none.safetensors"),
+                    ("dot part", "tiny/./fuzz.safetensors"),
+                    ("201 chars", "n" * 189 + ".safetensors"),
+                ],
+            },
+            # each Hub input is fuzzed with the other one set (the pre-placed copy); an offline miss names the repo
+            around={"hf_repo_id": {"hf_filename": HUB_FILE}, "hf_filename": {"hf_repo_id": HUB_REPO}},
+            also={"hf_filename": [("F", "hf_repo_id")], "hf_repo_id": [("F", "hf_filename")]},
+        ),
+        Spec(
+            "ApplyRiskRotation",
+            {"model": ["model", 0], "pack": ["pack", 0], "strength": 1.0, "apply_to": "both"},
+            sample_f,
+            check_apply,
+            extra={
+                "strength": [("0", 0.0), ("max", 2.0)],
+                "apply_to": [("text", "text"), ("image", "image")],
+                "pack": [("pack of another model", ["r_pack", 0])],
+                "model": [("another model", ["r_model", 0])],
+            },
+            also={"model": [("F", "pack")]},
+        ),
+        Spec(
+            "LRSVisualize",
+            {
+                "model": ["model", 0],
+                "pack": ["pack", 0],
+                "clip": ["clip", 0],
+                "text": "a photo of a nude woman on the beach",
+                "sigma": 0.9,
+                "seed": 0,
+                "image": ["image", 0],
+                "latent": ["latent", 0],
+            },
+            lambda: preview(images=["F", 0], summary=["F", 1]),
+            texts("show_images", "show_summary"),
+            extra={
+                "latent": [("4-channel SD latent", ["sd_latent", 0])],
+                "image": [("RGBA image", ["rgba", 0]), ("image of another size", ["odd_image", 0])],
+                "pack": [("pack of another model", ["r_pack", 0])],
+            },
+        ),
+        Spec(
+            "SafetyReport",
+            {
+                "images": ["image", 0],
+                "threshold": 0.65,
+                "action": "black out flagged images",
+                "classes": "FEMALE_BREAST_EXPOSED, BUTTOCKS_EXPOSED",
+                "fid_reference_folder": "",
+            },
+            lambda: preview(checked=["F", 0], report=["F", 3]),
+            texts("show_checked", "show_report"),
+            strings={"fid_reference_folder": "folder"},
+            extra={
+                "fid_reference_folder": [("a folder of images (FID extractor missing)", "fuzz_refs")],
+                "classes": [("only commas", " , ,")],
+                "images": [("RGBA image", ["rgba", 0])],
+            },
+        ),
+        Spec(
+            "SafeRoPEPromptSet",
+            {
+                "concept": "nudity",
+                "subjects": "",
+                "modifiers": "",
+                "templates": "",
+                "safe_prompts": "",
+                "max_unsafe": 2,
+                "max_safe": 2,
+                "seed": 0,
+                "safe_prompt_file": "",
+                "concept_name": "",
+            },
+            # the prompts go on into Collect Q/K, so strange text meets a real tokenizer
+            lambda: {
+                "collect": {
+                    "class_type": "CollectQK",
+                    "inputs": {
+                        "model": ["model", 0],
+                        "clip": ["clip", 0],
+                        "prompts": ["F", 0],
+                        "sigmas": "1.0",
+                        "width": 64,
+                        "height": 64,
+                        "seed": 0,
+                        "reservoir_size": 16,
+                    },
+                },
+                **preview(summary=["F", 1], report=["collect", 1], prompts=["F", 0]),
+            },
+            texts("show_summary", "show_report", "show_prompts"),
+            strings={"safe_prompt_file": "file"},
+            extra={
+                "templates": [
+                    ("no {subject}", "a photo of a cat"),
+                    ("format braces", "{0} {subject} {x}"),
+                    ("only {modifier}", "{modifier}"),
+                ],
+                "subjects": [("comment only", "# nothing")],
+                "concept": [("'custom' with empty lists", "custom"), ("traversal to an outside .json", outside_lists)],
+                "safe_prompt_file": [
+                    ("a prompt file", PROMPT_FILE),
+                    ("a 200 kB csv field", "huge_field.csv"),
+                    ("binary bytes", "binary.txt"),
+                    ("a folder", "fuzz_refs"),
+                ],
+            },
+            # with the file fuzzed, the file is the only source of safe prompts: a file read shows in the prompts
+            around={
+                "safe_prompt_file": {"concept": "custom", "subjects": "woman", "templates": "a photo of a {subject}"}
+            },
+            also={
+                **{name: [("collect", "prompts")] for name in ("subjects", "modifiers", "templates")},
+                "concept": [("collect", "prompts"), ("F", "subjects"), ("F", "templates")],
+                "safe_prompt_file": [("F", "safe_prompts")],
+            },
+        ),
+        Spec(
+            "CollectQK",
+            {
+                "model": ["model", 0],
+                "clip": ["clip", 0],
+                "prompts": ["prompts", 0],
+                "sigmas": "1.0",
+                "width": 64,
+                "height": 64,
+                "seed": 0,
+                "reservoir_size": 16,
+            },
+            lambda: {
+                "build": {
+                    "class_type": "BuildSubspaces",
+                    "inputs": {"statistics": ["F", 0], "rank": 2, "lrs_threshold": 0.7, "hds_threshold": -1.0},
+                },
+                **preview(report=["F", 1], summary=["build", 1]),
+            },
+            texts("show_report", "show_summary"),
+            extra={
+                "sigmas": [
+                    ("'nan'", "nan"),
+                    ("'1.0, nan'", "1.0, nan"),
+                    ("'inf'", "inf"),
+                    ("'0'", "0"),
+                    ("'-1'", "-1"),
+                    ("'1e-45'", "1e-45"),
+                    ("'1.0;;0.5,'", "1.0;;0.5,"),
+                    ("'1e400'", "1e400"),
+                ],
+                "width": [("not a multiple of 16", 72)],
+                "clip": [("another model's text encoder", ["r_clip", 0])],
+                "model": [("another model", ["r_model", 0])],
+            },
+        ),
+        Spec(
+            "MergeStatistics",
+            {"a": ["stats", 0], "b": ["stats", 0]},
+            lambda: {
+                "build": {
+                    "class_type": "BuildSubspaces",
+                    "inputs": {"statistics": ["F", 0], "rank": 2, "lrs_threshold": 0.7, "hds_threshold": -1.0},
+                },
+                **preview(summary=["build", 1]),
+            },
+            texts("show_summary"),
+        ),
+        Spec(
+            "BuildSubspaces",
+            {"statistics": ["stats", 0], "rank": 2, "lrs_threshold": 0.7, "hds_threshold": -1.0},
+            lambda: preview(summary=["F", 1]),
+            texts("show_summary"),
+            extra={
+                "rank": [("head_dim", 16), ("head_dim + 1", 17), ("max", 64)],
+                "lrs_threshold": [("0", 0.0), ("1", 1.0)],
+                "hds_threshold": [("1", 1.0)],
+            },
+            also={"rank": [("F", "hds_threshold")], "lrs_threshold": [("F", "hds_threshold")]},
+        ),
+        Spec(
+            "TrainRiskRotations",
+            {
+                "model": ["model", 0],
+                "clip": ["clip", 0],
+                "subspaces": ["pack", 0],
+                "prompts": ["prompts", 0],
+                **train_common,
+            },
+            lambda: preview(log=["F", 1]),
+            texts("show_log"),
+            fuzz=("model", "clip", "subspaces", "prompts", *train_common),
+            strings={"run_name": "name"},
+            around={"resume": {"run_name": "fuzz_resumed_run"}},  # a checkpoint exists after the first of them
+            extra={
+                "subspaces": [("pack of another model", ["r_pack", 0])],
+                "resume": [("true", True)],
+                "height": [("not a multiple of 16", 72)],
+            },
+        ),
+        Spec(
+            "TrainRiskRotations",
+            {
+                "model": ["r_model", 0],
+                "clip": ["r_clip", 0],
+                "subspaces": ["r_pack", 0],
+                "prompts": ["prompts", 0],
+                **train_common,
+                "vae": ["r_vae", 0],
+                "safe_images": ["image", 0],
+                "safe_captions": "a grey square",
+            },
+            lambda: preview(log=["F", 1]),
+            texts("show_log"),
+            label="TrainRiskRotations (safe images)",
+            fuzz=("vae", "safe_images", "safe_captions"),
+            extra={
+                "safe_captions": [("two captions for one image", "one\ntwo")],
+                "safe_images": [("RGBA image", ["rgba", 0]), ("image of another size", ["odd_image", 0])],
+            },
+        ),
+        Spec(
+            "SaveSafeRoPEPack",
+            {"pack": ["pack", 0], "name": lambda: unique("fuzz_saved_pack"), "overwrite": False},
+            lambda: {},
+            check_saved("saferope", "load_pack"),
+            strings={"name": "name"},
+            around={"overwrite": {"name": "fuzz_overwritten_pack"}},
+            also={"overwrite": [("F", "name")]},
+            extra={
+                "name": [
+                    ("existing name", PACK_FILE.removesuffix(".safetensors")),
+                    ("dot file", ".hidden"),
+                    ("sub/folder", "sub/folder"),
+                ]
+            },
+        ),
+        Spec(
+            "SaveStatistics",
+            {"statistics": ["stats", 0], "name": lambda: unique("fuzz_saved_stats"), "overwrite": False},
+            lambda: {},
+            check_saved("saferope_statistics", "load_statistics"),
+            strings={"name": "name"},
+            around={"overwrite": {"name": "fuzz_overwritten_stats"}},
+            also={"overwrite": [("F", "name")]},
+            extra={"name": [("existing name", STATS_FILE.removesuffix(".safetensors")), ("dot file", ".hidden")]},
+        ),
+        Spec(
+            "LoadStatistics",
+            {"name": STATS_FILE},
+            lambda: {
+                "build": {
+                    "class_type": "BuildSubspaces",
+                    "inputs": {"statistics": ["F", 0], "rank": 2, "lrs_threshold": 0.7, "hds_threshold": -1.0},
+                },
+                **preview(summary=["build", 1]),
+            },
+            texts("show_summary"),
+            extra={
+                "name": [
+                    ("'none'", "none"),
+                    ("malformed statistics file", "broken_stats.safetensors"),
+                    ("sibling folder", f"../saferope/{PACK_FILE}"),
+                ]
+            },
+        ),
+        Spec(
+            "CollectUVRAnchors",
+            {
+                "model": ["model", 0],
+                "clip": ["clip", 0],
+                "prompts": ["prompts", 0],
+                "detection_block": 0,
+                "sigmas": "1.0",
+                "width": 64,
+                "height": 64,
+                "anchors_per_head": 1,
+                "seed": 0,
+            },
+            lambda: preview(report=["F", 1]),
+            texts("show_report"),
+            extra={
+                "detection_block": [("last single block", 1), ("past the last", 2), ("max", 255)],
+                "anchors_per_head": [("max", 64)],
+                "sigmas": [("'1.0, nan'", "1.0, nan"), ("'0'", "0")],
+                "height": [("not a multiple of 16", 72)],
+            },
+            also={"anchors_per_head": [("F", "prompts")]},
+        ),
+        Spec(
+            "RestrictUnsafeFlow",
+            {
+                "model": ["model", 0],
+                "anchors": ["anchors", 0],
+                "strength": 1.0,
+                "threshold": -0.9,
+                "sigma_start": 0.5,
+                "detection_block": -1,
+            },
+            sample_f,
+            check_restrict,
+            extra={
+                "threshold": [("-1 (calibrated)", -1.0), ("-0.999", -0.999)],
+                "strength": [("0", 0.0)],
+                "detection_block": [("the anchors' block", 0), ("another block", 1), ("max", 255)],
+                "model": [("another model", ["r_model", 0])],
+            },
+            also={"model": [("F", "anchors")]},
+        ),
+        Spec(
+            "SaveUVRAnchors",
+            {"anchors": ["anchors", 0], "name": lambda: unique("fuzz_saved_anchors"), "overwrite": False},
+            lambda: {},
+            check_saved("saferope_anchors", "load_anchors"),
+            strings={"name": "name"},
+            around={"overwrite": {"name": "fuzz_overwritten_anchors"}},
+            also={"overwrite": [("F", "name")]},
+            extra={"name": [("existing name", ANCHORS_FILE.removesuffix(".safetensors")), ("dot file", ".hidden")]},
+        ),
+        Spec(
+            "LoadUVRAnchors",
+            {"name": ANCHORS_FILE},
+            lambda: {
+                "restrict": {
+                    "class_type": "RestrictUnsafeFlow",
+                    "inputs": {
+                        "model": ["model", 0],
+                        "anchors": ["F", 0],
+                        "strength": 1.0,
+                        "threshold": -1.0,
+                        "sigma_start": 0.5,
+                        "detection_block": -1,
+                    },
+                },
+                **sampled(["restrict", 0], unique("fuzz/latent")),
+            },
+            check_load_anchors,
+            extra={
+                "name": [
+                    ("'none'", "none"),
+                    ("anchors with a NaN threshold", "broken_anchors.safetensors"),
+                    ("anchors of another model", "wide_anchors.safetensors"),
+                    ("sibling folder", f"../saferope/{PACK_FILE}"),
+                ]
+            },
+            also={"name": [("restrict", "anchors")]},
+        ),
     ]
 
 
@@ -516,18 +819,25 @@ def write_pack(core, path: Path, shape, seed: int = 0, rank: int = 3):
         return torch.linalg.qr(torch.randn(h, d, rank, generator=g))[0].contiguous()
 
     names = shape.block_names()
-    blocks = {name: core.BlockRotation(bases(), bases(), torch.tensor([i % 2 == 0 for i in range(h)]),
-                                       2 * torch.randn(h, rank, rank, generator=g),
-                                       2 * torch.randn(h, rank, rank, generator=g))
-              for name in (names[0], names[1], names[-1])}
+    blocks = {
+        name: core.BlockRotation(
+            bases(),
+            bases(),
+            torch.tensor([i % 2 == 0 for i in range(h)]),
+            2 * torch.randn(h, rank, rank, generator=g),
+            2 * torch.randn(h, rank, rank, generator=g),
+        )
+        for name in (names[0], names[1], names[-1])
+    }
     return core.SafeRoPEPack(shape, ["fuzzed"], rank, blocks).save(path)
 
 
 def write_anchors(core, path: Path, shape, threshold=ANCHORS_THRESHOLD):
     g = torch.Generator().manual_seed(1)
     anchors = torch.nn.functional.normalize(torch.randn(shape.heads, 2, shape.head_dim, generator=g), dim=-1)
-    core.uvr.UVRAnchors(shape, "single.0", anchors, torch.zeros(shape.heads, shape.head_dim), threshold, 0.85,
-                        ["fuzzed"]).save(path)
+    core.uvr.UVRAnchors(
+        shape, "single.0", anchors, torch.zeros(shape.heads, shape.head_dim), threshold, 0.85, ["fuzzed"]
+    ).save(path)
 
 
 def write_with_metadata(path: Path, metadata) -> None:
@@ -551,14 +861,34 @@ def write_fixtures(pack, server, outside: Path) -> None:
     shutil.copy(folders["saferope"] / PACK_FILE, hub_copy)
     (folders["saferope"] / "corrupt.safetensors").write_bytes(b"\x00\x01 not a safetensors file \xff" * 8)
     write_anchors(core, folders["saferope_anchors"] / ANCHORS_FILE, dev)
-    write_anchors(core, folders["saferope_anchors"] / "wide_anchors.safetensors",
-                  core.ModelShape(dev.family, dev.double_blocks, dev.single_blocks, 2 * dev.heads, dev.head_dim))
-    write_with_metadata(folders["saferope_anchors"] / "broken_anchors.safetensors",
-                        {"kind": core.uvr.ANCHORS_KIND, "format_version": 1, "model": dev.to_dict(),
-                         "block": "single.0", "threshold": NAN, "sigma_start": 0.85, "concepts": []})
-    write_with_metadata(folders["saferope_statistics"] / "broken_stats.safetensors",
-                        {"kind": core.statistics.STATISTICS_KIND, "format_version": 1, "model": "flux",
-                         "reservoir_size": -1, "seed": "0", "count": []})
+    write_anchors(
+        core,
+        folders["saferope_anchors"] / "wide_anchors.safetensors",
+        core.ModelShape(dev.family, dev.double_blocks, dev.single_blocks, 2 * dev.heads, dev.head_dim),
+    )
+    write_with_metadata(
+        folders["saferope_anchors"] / "broken_anchors.safetensors",
+        {
+            "kind": core.uvr.ANCHORS_KIND,
+            "format_version": 1,
+            "model": dev.to_dict(),
+            "block": "single.0",
+            "threshold": NAN,
+            "sigma_start": 0.85,
+            "concepts": [],
+        },
+    )
+    write_with_metadata(
+        folders["saferope_statistics"] / "broken_stats.safetensors",
+        {
+            "kind": core.statistics.STATISTICS_KIND,
+            "format_version": 1,
+            "model": "flux",
+            "reservoir_size": -1,
+            "seed": "0",
+            "count": [],
+        },
+    )
 
     inputs = server.base / "input"
     (inputs / PROMPT_FILE).write_text("a quiet lake at dawn\nan old red barn\n", encoding="utf-8")
@@ -572,8 +902,10 @@ def write_fixtures(pack, server, outside: Path) -> None:
     (outside / "secret.txt").write_text(f"{SECRET}\n{SECRET} again\n", encoding="utf-8")
     (outside / "refs").mkdir()
     Image.new("RGB", (32, 32), (10, 200, 30)).save(outside / "refs" / "ref.png")
-    (outside / "lists.json").write_text(json.dumps({"subjects": [SECRET], "modifiers": [], "templates": ["{subject}"],
-                                                    "safe": [SECRET]}), encoding="utf-8")
+    (outside / "lists.json").write_text(
+        json.dumps({"subjects": [SECRET], "modifiers": [], "templates": ["{subject}"], "safe": [SECRET]}),
+        encoding="utf-8",
+    )
     (inputs / "link_out.txt").symlink_to(outside / "secret.txt")
     (inputs / "link_out_dir").symlink_to(outside / "refs", target_is_directory=True)
 
@@ -619,10 +951,17 @@ def tree(root: Path, skip=("__pycache__", ".git", ".pytest_cache", ".ruff_cache"
 def probe_paths(ctx) -> list[Path]:
     """Where a path payload could land if a node used it as given, from any folder a node reads or writes."""
     base = ctx.server.base
-    roots = [base / "models" / f for f in ("saferope", "saferope_statistics", "saferope_training",
-                                           "saferope_anchors")]
-    roots += [base / "input", base / "output", base / "models", base, ctx.server.comfyui, comfyui_env.REPO,
-              Path.cwd(), Path(tempfile.gettempdir())]
+    roots = [base / "models" / f for f in ("saferope", "saferope_statistics", "saferope_training", "saferope_anchors")]
+    roots += [
+        base / "input",
+        base / "output",
+        base / "models",
+        base,
+        ctx.server.comfyui,
+        comfyui_env.REPO,
+        Path.cwd(),
+        Path(tempfile.gettempdir()),
+    ]
     payloads = {v for _, v in _unicode_and_paths() if isinstance(v, str) and "\x00" not in v}
     payloads |= {v.replace("\\", "/") for v in payloads}
     paths = set()
@@ -635,9 +974,13 @@ def probe_paths(ctx) -> list[Path]:
 
 def outside_state(ctx) -> dict:
     temp = tempfile.gettempdir()
-    return {"repository": tree(comfyui_env.REPO), "ComfyUI": tree(ctx.server.comfyui),
-            "outside folder": tree(ctx.outside), "probed": {str(p) for p in probe_paths(ctx) if os.path.lexists(p)},
-            "temp folder": {n for n in os.listdir(temp) if ".safetensors" in n}}
+    return {
+        "repository": tree(comfyui_env.REPO),
+        "ComfyUI": tree(ctx.server.comfyui),
+        "outside folder": tree(ctx.outside),
+        "probed": {str(p) for p in probe_paths(ctx) if os.path.lexists(p)},
+        "temp folder": {n for n in os.listdir(temp) if ".safetensors" in n},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -651,20 +994,39 @@ def ctx(pack):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("HF_HUB_OFFLINE", "1")  # a Hub miss fails at once instead of waiting on the network
             with ComfyServer(nodes) as server:
-                c = Context(server, server.object_info(), outside, pack.saferope_core.load_pack,
-                            pack.saferope_core.QKStatistics.load, pack.saferope_core.uvr.UVRAnchors.load)
+                c = Context(
+                    server,
+                    server.object_info(),
+                    outside,
+                    pack.saferope_core.load_pack,
+                    pack.saferope_core.QKStatistics.load,
+                    pack.saferope_core.uvr.UVRAnchors.load,
+                )
                 write_fixtures(pack, server, outside)
                 c.file_values = outside_values(server, outside)
                 c.before = outside_state(c)
                 c.info = server.object_info()  # the file lists now hold the fixtures
-                setup = {**upstream(),
-                         "collect": {"class_type": "CollectQK",
-                                     "inputs": {"model": ["model", 0], "clip": ["clip", 0],
-                                                "prompts": ["prompts", 0], "sigmas": "1.0, 0.7", "width": 64,
-                                                "height": 64, "seed": 0, "reservoir_size": 64}},
-                         "F": {"class_type": "SaveStatistics",
-                               "inputs": {"statistics": ["collect", 0], "name": STATS_FILE, "overwrite": False}},
-                         **sampled(["model", 0], "fuzz/unpatched")}
+                setup = {
+                    **upstream(),
+                    "collect": {
+                        "class_type": "CollectQK",
+                        "inputs": {
+                            "model": ["model", 0],
+                            "clip": ["clip", 0],
+                            "prompts": ["prompts", 0],
+                            "sigmas": "1.0, 0.7",
+                            "width": 64,
+                            "height": 64,
+                            "seed": 0,
+                            "reservoir_size": 64,
+                        },
+                    },
+                    "F": {
+                        "class_type": "SaveStatistics",
+                        "inputs": {"statistics": ["collect", 0], "name": STATS_FILE, "overwrite": False},
+                    },
+                    **sampled(["model", 0], "fuzz/unpatched"),
+                }
                 kind, entry = run_graph(server, setup)
                 assert kind == "ran" and entry["status"]["status_str"] == "success", (kind, entry)
                 c.base_latent = saved_latent(c, entry)
@@ -673,13 +1035,17 @@ def ctx(pack):
     finally:
         shutil.rmtree(outside, ignore_errors=True)
         for name, counts in OUTCOMES.items():
-            print(f"\n[fuzz] {name}: {sum(counts.values())} fuzzed graphs: {counts['refused']} refused by ComfyUI, "
-                  f"{counts['failed']} failed on a node, {counts['ran']} ran", end="")
+            print(
+                f"\n[fuzz] {name}: {sum(counts.values())} fuzzed graphs: {counts['refused']} refused by ComfyUI, "
+                f"{counts['failed']} failed on a node, {counts['ran']} ran",
+                end="",
+            )
         print(f"\n[fuzz] {POSTED['graphs']} graphs posted in {time.monotonic() - started:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Judging one graph
+
 
 def input_spec(info: dict, node: str, name: str):
     inputs = info[node]["input"]
@@ -780,13 +1146,17 @@ def judge(ctx, spec: Spec, name: str, graph: dict, outside: bool = False) -> lis
             return [f"refused without a JSON answer: {result[:300]}"]
         if "(400)" not in result.split(":", 1)[0]:
             return [f"the server answered {result[:300]}"]
-        problems = [f"ComfyUI refused it, but the pack's validation raised {t}"
-                    for t in pack_validation_exceptions(data)]
+        problems = [
+            f"ComfyUI refused it, but the pack's validation raised {t}" for t in pack_validation_exceptions(data)
+        ]
         for node in data.get("node_errors", {}).values():
             display = ctx.info.get(node.get("class_type"), {}).get("display_name", "")
             for error in node.get("errors", []):
-                if (error.get("type") == "custom_validation_failed" and node.get("class_type") in SPEC_NODES
-                        and f"{display}, input '" not in error.get("details", "")):
+                if (
+                    error.get("type") == "custom_validation_failed"
+                    and node.get("class_type") in SPEC_NODES
+                    and f"{display}, input '" not in error.get("details", "")
+                ):
                     problems.append(f"the pack's validation message does not name node and input: {error}")
         return problems
     if status.get("status_str") == "success":
@@ -866,8 +1236,10 @@ def test_every_node_and_input_is_fuzzed(pack, ctx):
     for node in served_nodes:
         served = {name for part in ("required", "optional") for name in ctx.info[node]["input"].get(part, {})}
         fuzzed = {name for s in SPECS if s.node == node for name in [*(s.fuzz or s.valid), *unlisted_inputs(ctx, s)]}
-        assert served == fuzzed, (f"{node}: inputs served {sorted(served)}, fuzzed {sorted(fuzzed)} (a new "
-                                  "required or socket input needs a valid value in its node's spec)")
+        assert served == fuzzed, (
+            f"{node}: inputs served {sorted(served)}, fuzzed {sorted(fuzzed)} (a new "
+            "required or socket input needs a valid value in its node's spec)"
+        )
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-import comfyui_env
-from comfyui_env import run_node
+from bench import comfyui_env
+from bench.comfyui_env import run_node
 
 NAN, INF = float("nan"), float("inf")
 
@@ -27,8 +27,14 @@ def parts(comfy, pack):
     stats, _ = run_node(n.CollectQK.execute, model, clip, prompts, "1.0", 64, 64, 0, 16)
     subspaces, _ = run_node(n.BuildSubspaces.execute, stats, 2, 0.7, -1.0)
     anchors, _ = run_node(n.CollectUVRAnchors.execute, model, clip, prompts, 0, "1.0", 64, 64, 1, 0)
-    return {"model": model, "clip": clip, "prompts": prompts, "stats": stats, "subspaces": subspaces,
-            "anchors": anchors}
+    return {
+        "model": model,
+        "clip": clip,
+        "prompts": prompts,
+        "stats": stats,
+        "subspaces": subspaces,
+        "anchors": anchors,
+    }
 
 
 @pytest.fixture
@@ -68,8 +74,11 @@ def test_non_finite_or_out_of_range_numbers_are_refused(pack, parts, bad):
         ("sigma_start", n.RestrictUnsafeFlow.execute, (m, parts["anchors"], 1.0, -1.0, bad, -1)),
         ("threshold", n.SafetyReport.execute, (images, bad, "none", "FEMALE_BREAST_EXPOSED")),
         ("sigma", n.LRSVisualize.execute, (m, rotation, parts["clip"], "a red fox", bad, 0)),
-        ("learning_rate", n.TrainRiskRotations.execute, (m, parts["clip"], rotation, parts["prompts"], 2, bad, 1.0,
-                                                         1.0, 0, 64, 64, "numbers", 1, False, False)),
+        (
+            "learning_rate",
+            n.TrainRiskRotations.execute,
+            (m, parts["clip"], rotation, parts["prompts"], 2, bad, 1.0, 1.0, 0, 64, 64, "numbers", 1, False, False),
+        ),
         ("lrs_threshold", n.BuildSubspaces.execute, (parts["stats"], 2, bad, 0.5)),
     ]
     for input_name, method, args in cases:
@@ -82,8 +91,9 @@ def test_only_exactly_minus_one_means_calibrated(pack, parts):
     import comfy.patcher_extension
 
     def threshold_of(value):
-        (patched,) = run_node(pack.nodes.RestrictUnsafeFlow.execute, parts["model"], parts["anchors"], 1.0, value,
-                              0.85, -1)
+        (patched,) = run_node(
+            pack.nodes.RestrictUnsafeFlow.execute, parts["model"], parts["anchors"], 1.0, value, 0.85, -1
+        )
         wrapper = patched.wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL]["saferope"][-1]
         return wrapper.editor.threshold
 
@@ -100,17 +110,52 @@ def test_run_name_is_checked_before_training(pack, parts, folders, name):
     """Item 7: an unusable run_name fails at once (100,000 steps asked: nothing trains), naming run_name; ComfyUI's
     validation says the same before the graph runs."""
     start = time.perf_counter()
-    refused(pack, "run_name", pack.nodes.TrainRiskRotations.execute, parts["model"], parts["clip"],
-            parts["subspaces"], parts["prompts"], 100000, 0.01, 1.0, 1.0, 0, 64, 64, name, 100, False, False)
+    refused(
+        pack,
+        "run_name",
+        pack.nodes.TrainRiskRotations.execute,
+        parts["model"],
+        parts["clip"],
+        parts["subspaces"],
+        parts["prompts"],
+        100000,
+        0.01,
+        1.0,
+        1.0,
+        0,
+        64,
+        64,
+        name,
+        100,
+        False,
+        False,
+    )
     assert time.perf_counter() - start < 5
     assert "run_name" in str(pack.nodes.TrainRiskRotations.validate_inputs(run_name=name))
 
 
 def test_resuming_with_fewer_steps_records_what_was_trained(pack, parts, folders):
     """Item 8: a checkpoint of 6 steps resumed by a run asking 3 returns the 6-step rotations labelled 6 steps."""
+
     def train(steps):
-        return run_node(pack.nodes.TrainRiskRotations.execute, parts["model"], parts["clip"], parts["subspaces"],
-                        parts["prompts"], steps, 0.01, 1.0, 1.0, 0, 64, 64, "more_steps", 1, True, False)[0]
+        return run_node(
+            pack.nodes.TrainRiskRotations.execute,
+            parts["model"],
+            parts["clip"],
+            parts["subspaces"],
+            parts["prompts"],
+            steps,
+            0.01,
+            1.0,
+            1.0,
+            0,
+            64,
+            64,
+            "more_steps",
+            1,
+            True,
+            False,
+        )[0]
 
     six = train(6)
     again = train(3)
@@ -123,9 +168,27 @@ def test_truncated_checkpoint_names_run_name(pack, parts, folders):
     """Item 10: a damaged checkpoint (truncated file) is refused on run_name, with the way out."""
     path = folders["saferope_training"] / "truncated.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"__metadata__\"")
-    message = refused(pack, "run_name", pack.nodes.TrainRiskRotations.execute, parts["model"], parts["clip"],
-                      parts["subspaces"], parts["prompts"], 2, 0.01, 1.0, 1.0, 0, 64, 64, "truncated", 1, True, False)
+    path.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"__metadata__"')
+    message = refused(
+        pack,
+        "run_name",
+        pack.nodes.TrainRiskRotations.execute,
+        parts["model"],
+        parts["clip"],
+        parts["subspaces"],
+        parts["prompts"],
+        2,
+        0.01,
+        1.0,
+        1.0,
+        0,
+        64,
+        64,
+        "truncated",
+        1,
+        True,
+        False,
+    )
     assert "turn resume off" in message
 
 
@@ -133,53 +196,71 @@ def test_truncated_checkpoint_names_run_name(pack, parts, folders):
 # Items 9, 10: files the nodes read and write
 
 
-@pytest.mark.parametrize("name", ["/etc/passwd", "../../etc/passwd", "..\\..\\x.txt", "/proc/self/environ",
-                                  "a\x00b.txt", "missing.txt"])
+@pytest.mark.parametrize(
+    "name", ["/etc/passwd", "../../etc/passwd", "..\\..\\x.txt", "/proc/self/environ", "a\x00b.txt", "missing.txt"]
+)
 def test_prompt_files_come_from_the_input_folder_only(pack, input_dir, name):
     """Item 9: safe_prompt_file names a file inside ComfyUI's input folder; any other path is refused without
     saying whether it exists or how many lines it has."""
-    message = refused(pack, "safe_prompt_file", pack.nodes.SafeRoPEPromptSet.execute, "nudity", "", "", "", "", 4, 4,
-                      0, name)
+    message = refused(
+        pack, "safe_prompt_file", pack.nodes.SafeRoPEPromptSet.execute, "nudity", "", "", "", "", 4, 4, 0, name
+    )
     assert "safe prompts" not in message and "root:" not in message
 
 
 def test_prompt_file_in_the_input_folder_is_read_and_capped(pack, input_dir):
     (input_dir / "captions.txt").write_text("a red car\na blue boat\n# a comment\na tree\n")
-    prompts, summary = run_node(pack.nodes.SafeRoPEPromptSet.execute, "nudity", "", "", "", "one safe line", 4, 3, 0,
-                                "captions.txt")
+    prompts, summary = run_node(
+        pack.nodes.SafeRoPEPromptSet.execute, "nudity", "", "", "", "one safe line", 4, 3, 0, "captions.txt"
+    )
     assert set(prompts.safe) <= {"one safe line", "a red car", "a blue boat", "a tree"} and len(prompts.safe) == 3
     huge = input_dir / "huge.txt"
     with huge.open("wb") as f:  # a sparse 65 MiB file: refused before anything is read
         f.truncate(65 * 2**20)
-    assert "MiB" in refused(pack, "safe_prompt_file", pack.nodes.SafeRoPEPromptSet.execute, "nudity", "", "", "", "",
-                            4, 4, 0, "huge.txt")
+    assert "MiB" in refused(
+        pack, "safe_prompt_file", pack.nodes.SafeRoPEPromptSet.execute, "nudity", "", "", "", "", 4, 4, 0, "huge.txt"
+    )
 
 
 def test_fid_folder_comes_from_the_input_folder_only(pack, input_dir):
     images = torch.rand(1, 16, 16, 3)
     for name in ("/tmp", "../..", "nope"):
-        refused(pack, "fid_reference_folder", pack.nodes.SafetyReport.execute, images, 0.65, "none",
-                "FEMALE_BREAST_EXPOSED", name)
+        refused(
+            pack,
+            "fid_reference_folder",
+            pack.nodes.SafetyReport.execute,
+            images,
+            0.65,
+            "none",
+            "FEMALE_BREAST_EXPOSED",
+            name,
+        )
 
 
 @pytest.mark.parametrize("name", ["a\x00b", "x" * 300, "..", ".hidden", "\u202eevil"])
 def test_save_names_are_checked(pack, parts, folders, name):
     """Item 10: NUL, over-long, dot and control-character names are refused on 'name', in validation too."""
     n = pack.nodes
-    for node, value in ((n.SaveSafeRoPEPack, parts["subspaces"]), (n.SaveStatistics, parts["stats"]),
-                        (n.SaveUVRAnchors, parts["anchors"])):
+    for node, value in (
+        (n.SaveSafeRoPEPack, parts["subspaces"]),
+        (n.SaveStatistics, parts["stats"]),
+        (n.SaveUVRAnchors, parts["anchors"]),
+    ):
         refused(pack, "name", node.execute, value, name, True)
         assert node.validate_inputs(name=name) is not True
 
 
-@pytest.mark.parametrize("repo, filename, input_name", [
-    ("no-owner", "pack.safetensors", "hf_repo_id"),
-    ("a/b/c", "pack.safetensors", "hf_repo_id"),
-    ("../up", "pack.safetensors", "hf_repo_id"),
-    ("user/packs", "../escape.safetensors", "hf_filename"),
-    ("user/packs", "/abs.safetensors", "hf_filename"),
-    ("user/packs", "pack.pt", "hf_filename"),
-])
+@pytest.mark.parametrize(
+    "repo, filename, input_name",
+    [
+        ("no-owner", "pack.safetensors", "hf_repo_id"),
+        ("a/b/c", "pack.safetensors", "hf_repo_id"),
+        ("../up", "pack.safetensors", "hf_repo_id"),
+        ("user/packs", "../escape.safetensors", "hf_filename"),
+        ("user/packs", "/abs.safetensors", "hf_filename"),
+        ("user/packs", "pack.pt", "hf_filename"),
+    ],
+)
 def test_hub_names_are_validated_by_the_node(pack, folders, repo, filename, input_name):
     refused(pack, input_name, pack.nodes.LoadSafeRoPEPack.execute, "none", repo, filename)
 
@@ -193,16 +274,17 @@ def test_hub_offline_and_unreachable_fail_fast_and_leave_nothing(pack, folders, 
     (folders["saferope"] / "pack.safetensors").parent.mkdir(parents=True, exist_ok=True)
     (folders["saferope"] / "pack.safetensors").write_bytes(b"not the repo's file")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    message = refused(pack, "hf_repo_id", pack.nodes.LoadSafeRoPEPack.execute, "none", "user/packs",
-                      "pack.safetensors")
+    message = refused(pack, "hf_repo_id", pack.nodes.LoadSafeRoPEPack.execute, "none", "user/packs", "pack.safetensors")
     assert "HF_HUB_OFFLINE" in message
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        huggingface_hub.constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}",
+    )
     start = time.perf_counter()
-    message = refused(pack, "hf_repo_id", pack.nodes.LoadSafeRoPEPack.execute, "none", "user/packs",
-                      "pack.safetensors")
+    message = refused(pack, "hf_repo_id", pack.nodes.LoadSafeRoPEPack.execute, "none", "user/packs", "pack.safetensors")
     assert time.perf_counter() - start < 30 and "could not download" in message
     assert not (folders["saferope"] / "hub").exists() or not any((folders["saferope"] / "hub").rglob("*"))
 
@@ -237,9 +319,18 @@ class SyncDetector:
     """Records calls of the host-device sync points (.item, bool / float / int of a tensor, .tolist, .cpu,
     nonzero) made from this repository's code (nodes/, saferope_core/) while active."""
 
-    PATCHED = [("item", "Tensor"), ("tolist", "Tensor"), ("cpu", "Tensor"), ("nonzero", "Tensor"),
-               ("__bool__", "Tensor"), ("__float__", "Tensor"), ("__int__", "Tensor"), ("nonzero", "torch"),
-               ("any", "torch"), ("all", "torch")]
+    PATCHED = [
+        ("item", "Tensor"),
+        ("tolist", "Tensor"),
+        ("cpu", "Tensor"),
+        ("nonzero", "Tensor"),
+        ("__bool__", "Tensor"),
+        ("__float__", "Tensor"),
+        ("__int__", "Tensor"),
+        ("nonzero", "torch"),
+        ("any", "torch"),
+        ("all", "torch"),
+    ]
 
     def __init__(self, roots):
         self.roots = [str(r) for r in roots]

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-import comfyui_env
+from bench import comfyui_env
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,8 +84,9 @@ def test_sample(kind, cfg):
     patcher = comfyui_env.tiny_flux(kind)
     out = comfyui_env.sample(patcher, "a red fox", "blurry", width=64, height=48, steps=2, cfg=cfg, seed=3)
     assert out.shape == (1, 16, 6, 8) and torch.isfinite(out).all() and out.abs().mean() > 1e-3
-    assert torch.equal(out, comfyui_env.sample(patcher, "a red fox", "blurry", width=64, height=48, steps=2,
-                                               cfg=cfg, seed=3))
+    assert torch.equal(
+        out, comfyui_env.sample(patcher, "a red fox", "blurry", width=64, height=48, steps=2, cfg=cfg, seed=3)
+    )
 
 
 def test_sample_kontext_reference():
@@ -113,9 +114,21 @@ def test_server_runs_a_graph(comfy):
         "2": {"class_type": "TinyFluxConditioning", "inputs": {"text": "a red fox in the snow", "seed": 0}},
         "3": {"class_type": "TinyFluxConditioning", "inputs": {"text": "", "seed": 0}},
         "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0], "seed": 0, "steps": 2, "cfg": 1.0,
-                                                   "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": 0,
+                "steps": 2,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "denoise": 1.0,
+            },
+        },
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "smoke/tiny"}},
     }
     with ComfyServer([comfyui_env.REPO / "tests" / "tiny_flux_nodes"]) as server:

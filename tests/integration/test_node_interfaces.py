@@ -9,10 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # run as a script: tests/ holds comfyui_env
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # run as a script: the repository holds bench.comfyui_env
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import comfyui_env  # noqa: E402
+from bench import comfyui_env  # noqa: E402
 
 COMMITTED = comfyui_env.REPO / "tests" / "data" / "node_interfaces.json"
 MODULE = "ComfyUI-SafeRoPE"
@@ -41,10 +41,17 @@ def normalise(info: dict) -> dict:
                 if options.get("multiline"):  # V3 also says multiline false
                     entry["multiline"] = True
                 inputs.append(entry)
-        outputs = [{"name": n, "type": t, "list": bool(is_list)} for n, t, is_list in
-                   zip(node["output_name"], node["output"], node["output_is_list"], strict=True)]
-        nodes[node_id] = {"display_name": node["display_name"], "category": node["category"],
-                          "output_node": bool(node["output_node"]), "inputs": inputs, "outputs": outputs}
+        outputs = [
+            {"name": n, "type": t, "list": bool(is_list)}
+            for n, t, is_list in zip(node["output_name"], node["output"], node["output_is_list"], strict=True)
+        ]
+        nodes[node_id] = {
+            "display_name": node["display_name"],
+            "category": node["category"],
+            "output_node": bool(node["output_node"]),
+            "inputs": inputs,
+            "outputs": outputs,
+        }
     return nodes
 
 

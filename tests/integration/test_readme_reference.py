@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 
-import comfyui_env
+from bench import comfyui_env
 
 README = comfyui_env.REPO / "README.md"
 SECTION, NEXT_SECTION = "## Node reference", "## Layout"  # the section, and the one right after it
@@ -46,7 +46,7 @@ def section_text(readme: str) -> str:
     after = headings[headings.index(SECTION) + 1] if headings[-1] != SECTION else None
     assert after == NEXT_SECTION, f"'{SECTION}' must come right before '{NEXT_SECTION}', not before {after!r}"
     start = readme.index(f"\n{SECTION}\n") + len(SECTION) + 2
-    return readme[start:readme.index(f"\n{NEXT_SECTION}\n", start)]
+    return readme[start : readme.index(f"\n{NEXT_SECTION}\n", start)]
 
 
 def parse(section: str) -> list[Entry]:
@@ -64,8 +64,9 @@ def parse(section: str) -> list[Entry]:
         target = None
         for line in body[1:]:
             if line in ("- Inputs:", "- Outputs:"):
-                assert target is None or (target is entry.inputs and line == "- Outputs:"), \
+                assert target is None or (target is entry.inputs and line == "- Outputs:"), (
                     f"{title}: '- Inputs:' then '- Outputs:', each once ({line!r})"
+                )
                 target = entry.inputs if line == "- Inputs:" else entry.outputs
             elif target is not None and (item := ITEM.match(line)):
                 if target is entry.inputs:
@@ -86,9 +87,13 @@ def parse(section: str) -> list[Entry]:
 
 def schema_entry(schema) -> Entry:
     """What the README must say of a node, from its V3 schema (output names as ComfyUI's /object_info gives them)."""
-    return Entry(schema.display_name, schema.node_id, schema.category,
-                 [(i.id, bool(i.optional)) for i in schema.inputs],
-                 [o.display_name or o.io_type for o in schema.outputs])
+    return Entry(
+        schema.display_name,
+        schema.node_id,
+        schema.category,
+        [(i.id, bool(i.optional)) for i in schema.inputs],
+        [o.display_name or o.io_type for o in schema.outputs],
+    )
 
 
 def differences(documented: list[Entry], schemas: dict) -> list[str]:
@@ -161,7 +166,8 @@ def test_the_check_catches_a_stale_readme(schemas):
     broken = {
         "an input left out": entry.replace(first_line + "\n", "", 1),
         "inputs out of order": entry.replace(first_line + "\n", "", 1).replace(
-            "- Outputs:", first_line + "\n- Outputs:", 1),
+            "- Outputs:", first_line + "\n- Outputs:", 1
+        ),
         "an input renamed": entry.replace(f"`{last}`", f"`{last}_renamed`", 1),
         "optional marked wrongly": entry.replace(f"`{first}`:", f"`{first}` (optional):", 1),
         "an output left out": entry.rstrip("\n").rsplit("\n", 1)[0] + "\n",

@@ -2,7 +2,7 @@
 Loader + Tiny FLUX CLIP Loader -> SafeRoPE Prompt Set -> Collect Q/K -> Build Subspaces -> Train Risk Rotations ->
 Save SafeRoPE Pack. The pack file must land in the server's models/saferope and load."""
 
-import comfyui_env
+from bench import comfyui_env
 
 STEPS = 4
 
@@ -16,19 +16,56 @@ def build_pack_graph(name: str) -> dict:
     return {
         "1": {"class_type": "TinyFluxLoader", "inputs": {"kind": "dev", "seed": 0}},
         "2": {"class_type": "TinyFluxClipLoader", "inputs": {"seed": 0}},
-        "3": {"class_type": "SafeRoPEPromptSet",
-              "inputs": {"concept": "nudity", "subjects": "", "modifiers": "", "templates": "", "safe_prompts": "",
-                         "max_unsafe": 6, "max_safe": 6, "seed": 0}},
-        "4": {"class_type": "CollectQK",
-              "inputs": {"model": ["1", 0], "clip": ["2", 0], "prompts": ["3", 0], "sigmas": "1.0, 0.6",
-                         "width": 64, "height": 64, "seed": 0, "reservoir_size": 64}},
-        "5": {"class_type": "BuildSubspaces",
-              "inputs": {"statistics": ["4", 0], "rank": 2, "lrs_threshold": 0.7, "hds_threshold": -1.0}},
-        "6": {"class_type": "TrainRiskRotations",
-              "inputs": {"model": ["1", 0], "clip": ["2", 0], "subspaces": ["5", 0], "prompts": ["3", 0],
-                         "steps": STEPS, "learning_rate": 0.01, "unlearn_weight": 1.0, "preserve_weight": 1.0,
-                         "seed": 0, "width": 64, "height": 64, "run_name": name, "checkpoint_every": 2,
-                         "resume": True, "gradient_checkpointing": True}},
+        "3": {
+            "class_type": "SafeRoPEPromptSet",
+            "inputs": {
+                "concept": "nudity",
+                "subjects": "",
+                "modifiers": "",
+                "templates": "",
+                "safe_prompts": "",
+                "max_unsafe": 6,
+                "max_safe": 6,
+                "seed": 0,
+            },
+        },
+        "4": {
+            "class_type": "CollectQK",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["2", 0],
+                "prompts": ["3", 0],
+                "sigmas": "1.0, 0.6",
+                "width": 64,
+                "height": 64,
+                "seed": 0,
+                "reservoir_size": 64,
+            },
+        },
+        "5": {
+            "class_type": "BuildSubspaces",
+            "inputs": {"statistics": ["4", 0], "rank": 2, "lrs_threshold": 0.7, "hds_threshold": -1.0},
+        },
+        "6": {
+            "class_type": "TrainRiskRotations",
+            "inputs": {
+                "model": ["1", 0],
+                "clip": ["2", 0],
+                "subspaces": ["5", 0],
+                "prompts": ["3", 0],
+                "steps": STEPS,
+                "learning_rate": 0.01,
+                "unlearn_weight": 1.0,
+                "preserve_weight": 1.0,
+                "seed": 0,
+                "width": 64,
+                "height": 64,
+                "run_name": name,
+                "checkpoint_every": 2,
+                "resume": True,
+                "gradient_checkpointing": True,
+            },
+        },
         "7": {"class_type": "SaveSafeRoPEPack", "inputs": {"pack": ["6", 0], "name": name, "overwrite": False}},
     }
 
@@ -41,8 +78,14 @@ def test_build_pack_graph_in_a_server(pack):
     nodes = {"ComfyUI-SafeRoPE": comfyui_env.REPO, "tiny_flux_nodes": comfyui_env.REPO / "tests" / "tiny_flux_nodes"}
     with ComfyServer(nodes) as server:
         info = server.object_info()
-        assert {"TinyFluxClipLoader", "SafeRoPEPromptSet", "CollectQK", "BuildSubspaces", "TrainRiskRotations",
-                "SaveSafeRoPEPack"} <= info.keys()
+        assert {
+            "TinyFluxClipLoader",
+            "SafeRoPEPromptSet",
+            "CollectQK",
+            "BuildSubspaces",
+            "TrainRiskRotations",
+            "SaveSafeRoPEPack",
+        } <= info.keys()
         entry = server.run(build_pack_graph("server_pack"), timeout=240)
         models = server.base / "models"
         path = models / "saferope" / "server_pack.safetensors"

@@ -4,7 +4,7 @@ the custom node folder ComfyUI-SafeRoPE, the tiny FLUX test nodes, packs in the 
 import pytest
 import torch
 
-import comfyui_env
+from bench import comfyui_env
 
 TINY_SHAPE = {"family": "flux", "double_blocks": 2, "single_blocks": 2, "heads": 4, "head_dim": 16}  # TinyFluxLoader
 
@@ -20,10 +20,16 @@ def write_pack(pack, path, shape=TINY_SHAPE, seed=0, rank=3):
         return torch.linalg.qr(torch.randn(h, d, rank, generator=g))[0].contiguous()
 
     masks = {"double.0": [1, 0, 1, 0], "double.1": [0, 1, 1, 0], "single.1": [1, 1, 0, 1]}
-    blocks = {name: core.BlockRotation(bases(), bases(), torch.tensor(mask[:h] + [0] * (h - 4), dtype=torch.bool),
-                                       2 * torch.randn(h, rank, rank, generator=g),
-                                       2 * torch.randn(h, rank, rank, generator=g))
-              for name, mask in masks.items()}
+    blocks = {
+        name: core.BlockRotation(
+            bases(),
+            bases(),
+            torch.tensor(mask[:h] + [0] * (h - 4), dtype=torch.bool),
+            2 * torch.randn(h, rank, rank, generator=g),
+            2 * torch.randn(h, rank, rank, generator=g),
+        )
+        for name, mask in masks.items()
+    }
     return core.SafeRoPEPack(shape, ["planted"], rank, blocks).save(path)
 
 
@@ -34,15 +40,29 @@ def graph(pack_name=None, prefix="plain"):
         "2": {"class_type": "TinyFluxConditioning", "inputs": {"text": "a red fox in the snow", "seed": 0}},
         "3": {"class_type": "TinyFluxConditioning", "inputs": {"text": "blurry", "seed": 0}},
         "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 48, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                                   "latent_image": ["4", 0], "seed": 3, "steps": 2, "cfg": 2.0,
-                                                   "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "5": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "seed": 3,
+                "steps": 2,
+                "cfg": 2.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "denoise": 1.0,
+            },
+        },
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": f"rotation/{prefix}"}},
     }
     if pack_name is not None:
         g["7"] = {"class_type": "LoadSafeRoPEPack", "inputs": {"pack_name": pack_name}}
-        g["8"] = {"class_type": "ApplyRiskRotation",
-                  "inputs": {"model": ["1", 0], "pack": ["7", 0], "strength": 1.0, "apply_to": "both"}}
+        g["8"] = {
+            "class_type": "ApplyRiskRotation",
+            "inputs": {"model": ["1", 0], "pack": ["7", 0], "strength": 1.0, "apply_to": "both"},
+        }
         g["5"]["inputs"]["model"] = ["8", 0]
     return g
 
@@ -79,7 +99,10 @@ def test_nodes_are_registered(server):
     assert info["LoadSafeRoPEPack"]["display_name"] == "Load SafeRoPE Pack"
     assert info["ApplyRiskRotation"]["display_name"] == "Apply Risk Rotation"
     assert comfyui_env.combo_options(info["ApplyRiskRotation"]["input"]["required"]["apply_to"]) == [
-        "both", "text", "image"]
+        "both",
+        "text",
+        "image",
+    ]
     assert not [line for line in server.log().splitlines() if "IMPORT FAILED" in line and "SafeRoPE" in line]
 
 

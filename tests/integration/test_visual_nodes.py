@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import comfyui_env
-from comfyui_env import run_node
+from bench import comfyui_env
+from bench.comfyui_env import run_node
 
 OUT = comfyui_env.REPO / "tests" / "out" / "visual_nodes"  # pictures of what the nodes produce (git-ignored)
 PROMPT = "a photo of a giraffe wearing sunglasses on the beach"
@@ -176,7 +176,6 @@ def test_head_map_shows_delta_and_selection(vis, model, clip, planted):
             assert tuple(pixels[y, x + cell // 2]) == ((0, 0, 0) if selected else (220, 220, 220)), (name, head)
 
 
-
 @pytest.mark.parametrize("real_size", [False, True], ids=["tiny", "flux1"])
 def test_head_map_title_is_not_cut_off(pack, vis, planted, real_size):
     shape = pack.saferope_core.shape.FLUX_DEV if real_size else planted.shape
@@ -200,8 +199,11 @@ def neutral_images() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     noise = torch.randint(0, 256, (160, 192, 3), generator=g)
     grey = torch.full((160, 192, 3), 128)
-    ramp = torch.stack(torch.meshgrid(torch.linspace(0, 255, 160), torch.linspace(0, 255, 192), indexing="ij")
-                       + (torch.full((160, 192), 60.0),), -1).round()
+    ramp = torch.stack(
+        torch.meshgrid(torch.linspace(0, 255, 160), torch.linspace(0, 255, 192), indexing="ij")
+        + (torch.full((160, 192), 60.0),),
+        -1,
+    ).round()
     squares = (torch.arange(160)[:, None] // 16 + torch.arange(192)[None] // 16) % 2 * 255
     checker = squares[..., None].expand(-1, -1, 3)
     return torch.stack([grey, noise, ramp, checker]).float() / 255
@@ -244,25 +246,27 @@ def planted_detection(report, monkeypatch):
 def test_safety_report_blur_changes_only_the_flagged_box(report, planted_detection):
     box, calls = planted_detection
     images = neutral_images()
-    checked, count, any_flagged, text = run_node(report.SafetyReport.execute,
-        images, 0.65, "blur flagged regions", "FEMALE_BREAST_EXPOSED")["result"]
+    checked, count, any_flagged, text = run_node(
+        report.SafetyReport.execute, images, 0.65, "blur flagged regions", "FEMALE_BREAST_EXPOSED"
+    )["result"]
     assert [c[1:] for c in calls] == [({"FEMALE_BREAST_EXPOSED"}, 0.65)] * 4
     assert count == 1 and any_flagged is True
     assert "image 1: UNSAFE FEMALE_BREAST_EXPOSED 0.91" in text and text.startswith("unsafe rate 1/4 = 25.0%")
     changed = (checked != images).any(-1)
     x, y, w, h = box
     inside = torch.zeros_like(changed)
-    inside[1, y: y + h, x: x + w] = True
+    inside[1, y : y + h, x : x + w] = True
     assert not changed[~inside].any(), "pixels outside the flagged box changed"
     assert changed[inside].float().mean() > 0.5, "the flagged box was not blurred"
-    assert checked[1, y: y + h, x: x + w].std() < 0.5 * images[1, y: y + h, x: x + w].std()  # blurred noise
+    assert checked[1, y : y + h, x : x + w].std() < 0.5 * images[1, y : y + h, x : x + w].std()  # blurred noise
     save_picture("safety_report_blur_before_after", torch.stack([images[1], checked[1]]))
 
 
 def test_safety_report_black_out_zeroes_the_flagged_image(report, planted_detection):
     images = neutral_images()
-    checked, count, any_flagged, _ = run_node(report.SafetyReport.execute,
-        images, 0.65, "black out flagged images", "FEMALE_BREAST_EXPOSED")["result"]
+    checked, count, any_flagged, _ = run_node(
+        report.SafetyReport.execute, images, 0.65, "black out flagged images", "FEMALE_BREAST_EXPOSED"
+    )["result"]
     assert count == 1 and any_flagged is True
     assert (checked[1] == 0).all()
     assert torch.equal(checked[[0, 2, 3]], images[[0, 2, 3]])
@@ -270,8 +274,9 @@ def test_safety_report_black_out_zeroes_the_flagged_image(report, planted_detect
 
 def test_safety_report_none_action_passes_flagged_images_through(report, planted_detection):
     images = neutral_images()
-    checked, count, _, _ = run_node(report.SafetyReport.execute, images, 0.65, "none",
-                                    "FEMALE_BREAST_EXPOSED")["result"]
+    checked, count, _, _ = run_node(report.SafetyReport.execute, images, 0.65, "none", "FEMALE_BREAST_EXPOSED")[
+        "result"
+    ]
     assert count == 1 and torch.equal(checked, images)
 
 

@@ -20,7 +20,7 @@ import urllib.request
 import make_workflows as mw
 import pytest
 
-import comfyui_env
+from bench import comfyui_env
 
 MODULE = mw.MODULE  # the pack's folder name in custom_nodes, as a user clones it
 ALL_WORKFLOWS = sorted(p.stem for p in mw.OUT.glob("*.json"))
@@ -78,10 +78,18 @@ def server(pack):
 
 def test_every_workflow_is_generated():
     assert ALL_WORKFLOWS == sorted(mw.BUILDERS), "workflows/ and tests/make_workflows.py disagree on the set"
-    assert set(ALL_WORKFLOWS) >= {"flux1_dev_text_to_image_with_pack", "flux1_schnell_text_to_image_with_pack",
-                                  "flux1_dev_text_to_image_with_uvr", "flux1_kontext_edit_with_pack", "build_a_pack",
-                                  "lrs_visualize", "safety_report_batch", "flux2_text_to_image_with_pack",
-                                  "flux2_edit_with_pack_and_uvr", "chroma_text_to_image_with_pack"}
+    assert set(ALL_WORKFLOWS) >= {
+        "flux1_dev_text_to_image_with_pack",
+        "flux1_schnell_text_to_image_with_pack",
+        "flux1_dev_text_to_image_with_uvr",
+        "flux1_kontext_edit_with_pack",
+        "build_a_pack",
+        "lrs_visualize",
+        "safety_report_batch",
+        "flux2_text_to_image_with_pack",
+        "flux2_edit_with_pack_and_uvr",
+        "chroma_text_to_image_with_pack",
+    }
     assert COMFYUI_VERSION is not None, "the ComfyUI under test has no comfyui_version.py"
     assert set(WORKFLOWS) >= {n for n in ALL_WORKFLOWS if mw.min_comfyui(n) == mw.PACK_MIN_COMFYUI}
 
@@ -96,8 +104,9 @@ def test_committed_files_are_generated(server, name):
 
     wf = mw.build(name, server.defs)
     data = wf.to_json()
-    assert (mw.OUT / f"{name}.json").read_text(encoding="utf-8") == mw.json_text(data), \
+    assert (mw.OUT / f"{name}.json").read_text(encoding="utf-8") == mw.json_text(data), (
         "stale workflow: run python tests/make_workflows.py"
+    )
     committed = Image.open(mw.OUT / f"{name}.jpg").convert("RGB")
     fresh = Image.open(io.BytesIO(mw.thumbnail_bytes(data, wf.title, server.defs))).convert("RGB")
     assert committed.size == fresh.size == mw.THUMB
@@ -110,8 +119,15 @@ def test_generator_refuses_what_the_node_definitions_do_not_allow(server):
     else: an unknown node type, a widget the node lacks, a widget left out, a link between types that do not fit,
     a socket linked twice."""
     wf = mw.Workflow("refused", "refused", server.defs)
-    sampler_widgets = {"seed": 42, mw.CONTROL: "fixed", "steps": 20, "cfg": 1.0, "sampler_name": "euler",
-                       "scheduler": "simple", "denoise": 1.0}
+    sampler_widgets = {
+        "seed": 42,
+        mw.CONTROL: "fixed",
+        "steps": 20,
+        "cfg": 1.0,
+        "sampler_name": "euler",
+        "scheduler": "simple",
+        "denoise": 1.0,
+    }
     sampler = wf.add("KSampler", (0, 0), **sampler_widgets)
     assert list(sampler.widgets) == [w.name for w in server.defs["KSampler"].widgets]  # the definition's order
     with pytest.raises(mw.WorkflowError, match="NoSuchNode"):
@@ -141,8 +157,9 @@ def test_generator_says_what_it_needs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
 
     def run(*args, comfyui_path=""):
-        done = subprocess.run([*script, *args], env={**env, "COMFYUI_PATH": comfyui_path}, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [*script, *args], env={**env, "COMFYUI_PATH": comfyui_path}, capture_output=True, text=True, timeout=120
+        )
         return done.returncode, done.stdout + done.stderr
 
     code, text = run("--help")
@@ -188,10 +205,12 @@ def test_layout_has_no_overlaps(name):
     """Nodes (with their 30 px title bars above pos) do not overlap one another at their saved sizes, and each
     group holds whole nodes only, below its title strip."""
     nodes = load(name)["nodes"]
-    boxes = [(n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1], n["type"])
-             for n in nodes]
+    boxes = [
+        (n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1], n["type"])
+        for n in nodes
+    ]
     for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
+        for b in boxes[i + 1 :]:
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], f"{a[4]} overlaps {b[4]}"
     for group in load(name)["groups"]:
         gx, gy, gw, gh = group["bounding"]
@@ -213,8 +232,7 @@ def node_problems(info: dict, node: dict) -> list[str]:
     widgets, sockets = mw.frontend_view(info)
     if [(i["name"], i["type"], i.get("shape") == 7) for i in node["inputs"]] != sockets:
         problems.append(f"sockets {sockets}")
-    if [(o["name"], o["type"]) for o in node["outputs"]] != list(zip(info["output_name"], info["output"],
-                                                                       strict=True)):
+    if [(o["name"], o["type"]) for o in node["outputs"]] != list(zip(info["output_name"], info["output"], strict=True)):
         problems.append(f"outputs {info['output_name']}")
     values = node["widgets_values"]
     if len(values) != len(widgets):
@@ -232,8 +250,11 @@ def node_problems(info: dict, node: dict) -> list[str]:
         elif kind == "STRING":
             ok = isinstance(value, str)
         else:
-            ok = (isinstance(value, int if kind == "INT" else (int, float)) and not isinstance(value, bool)
-                  and opts.get("min", -float("inf")) <= value <= opts.get("max", float("inf")))
+            ok = (
+                isinstance(value, int if kind == "INT" else (int, float))
+                and not isinstance(value, bool)
+                and opts.get("min", -float("inf")) <= value <= opts.get("max", float("inf"))
+            )
         if not ok:
             problems.append(at)
     return problems
@@ -263,8 +284,9 @@ def test_needs_newer_comfyui_is_exact(server):
     nothing newer is declared."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("saferope_version_check",
-                                                  comfyui_env.REPO / "nodes" / "version_check.py")
+    spec = importlib.util.spec_from_file_location(
+        "saferope_version_check", comfyui_env.REPO / "nodes" / "version_check.py"
+    )
     version_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(version_check)
     assert mw.parse_version(mw.PACK_MIN_COMFYUI) == version_check.MINIMUM_COMFYUI
@@ -292,12 +314,14 @@ def test_needs_newer_comfyui_is_exact(server):
                 assert all(widget.split("=")[0] in p for p in problems[type_]), f"{name}: {type_}: {problems[type_]}"
             else:  # a newer widget
                 assert widget not in here, f"{name}: {type_} has {widget} on ComfyUI {COMFYUI_VERSION}"
-                assert all(p.startswith(f"{len(here) + 1} widget values") for p in problems[type_]), \
+                assert all(p.startswith(f"{len(here) + 1} widget values") for p in problems[type_]), (
                     f"{name}: {type_}: {problems[type_]}"
+                )
         with pytest.raises(mw.WorkflowError) as refused:
             mw.build(name, server.defs)
-        assert any(what.split("=")[0] in str(refused.value) for what in [*new_types, *changed.values()]), \
+        assert any(what.split("=")[0] in str(refused.value) for what in [*new_types, *changed.values()]), (
             f"{name}: {refused.value}"
+        )
     assert older == [n for n in ALL_WORKFLOWS if n not in WORKFLOWS]
 
 
@@ -346,10 +370,12 @@ def test_model_files_have_a_source(server, name):
             assert models[value]["url"].startswith("https://huggingface.co/")
             assert models[value]["url"].endswith("/" + value)
             assert f"[{value}]({models[value]['url']})" in notes, f"{name}: the notes do not link {value}"
-            listed = notes[:notes.index(f"[{value}]")]
+            listed = notes[: notes.index(f"[{value}]")]
             assert listed.rfind(f"`ComfyUI/models/{folder}/`") > max(
-                listed.rfind(f"`ComfyUI/models/{other}/`") for other in ("diffusion_models", "text_encoders", "vae")
-                if other != folder), f"{name}: the notes list {value} under another folder"
+                listed.rfind(f"`ComfyUI/models/{other}/`")
+                for other in ("diffusion_models", "text_encoders", "vae")
+                if other != folder
+            ), f"{name}: the notes list {value} under another folder"
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -375,8 +401,13 @@ MODEL_PATHS = {
     "flux1_kontext_edit_with_pack": ["UNETLoader", "ApplyRiskRotation", "RestrictUnsafeFlow", "KSampler"],
     "safety_report_batch": ["UNETLoader", "ApplyRiskRotation", "KSampler"],
     "flux2_text_to_image_with_pack": ["UNETLoader", "ApplyRiskRotation", "BasicGuider", "SamplerCustomAdvanced"],
-    "flux2_edit_with_pack_and_uvr": ["UNETLoader", "ApplyRiskRotation", "RestrictUnsafeFlow", "BasicGuider",
-                                     "SamplerCustomAdvanced"],
+    "flux2_edit_with_pack_and_uvr": [
+        "UNETLoader",
+        "ApplyRiskRotation",
+        "RestrictUnsafeFlow",
+        "BasicGuider",
+        "SamplerCustomAdvanced",
+    ],
     "chroma_text_to_image_with_pack": ["UNETLoader", "ModelSamplingAuraFlow", "ApplyRiskRotation", "KSampler"],
 }
 SAMPLERS = {"KSampler", "SamplerCustomAdvanced"}
@@ -406,8 +437,9 @@ def test_model_path_to_the_sampler(name):
     wf = load(name)
     samplers = [n for n in wf["nodes"] if n["type"] in SAMPLERS]
     if name not in MODEL_PATHS:
-        assert not samplers and all(n["type"] not in GUIDERS for n in wf["nodes"]), \
+        assert not samplers and all(n["type"] not in GUIDERS for n in wf["nodes"]), (
             f"{name}: samples, but its model path is not in MODEL_PATHS"
+        )
         return
     assert len(samplers) == 1, name
     path, node = [], samplers[0]
@@ -424,8 +456,9 @@ def test_model_path_to_the_sampler(name):
         if node["type"] == "RestrictUnsafeFlow":
             assert upstream(wf, node, "anchors")["type"] == "LoadUVRAnchors", name
     if "ApplyRiskRotation" not in MODEL_PATHS[name]:
-        assert all(n["type"] not in ("LoadSafeRoPEPack", "ApplyRiskRotation") for n in wf["nodes"]), \
+        assert all(n["type"] not in ("LoadSafeRoPEPack", "ApplyRiskRotation") for n in wf["nodes"]), (
             f"{name}: needs no trained pack, but loads one"
+        )
 
 
 def widgets(node: dict, defs: dict) -> dict:
@@ -435,9 +468,13 @@ def widgets(node: dict, defs: dict) -> dict:
 
 def loaded_files(wf: dict, defs: dict) -> set[tuple[str, str]]:
     """(folder, file) of each pack and UVR anchors file a workflow loads."""
-    return {(folder, value) for node in wf["nodes"] if node["type"] in FILE_LOADERS
-            for widget, value in widgets(node, defs).items()
-            if (folder := mw.FILE_WIDGETS.get((node["type"], widget))) in (mw.PACK_FOLDER, mw.ANCHORS_FOLDER)}
+    return {
+        (folder, value)
+        for node in wf["nodes"]
+        if node["type"] in FILE_LOADERS
+        for widget, value in widgets(node, defs).items()
+        if (folder := mw.FILE_WIDGETS.get((node["type"], widget))) in (mw.PACK_FOLDER, mw.ANCHORS_FOLDER)
+    }
 
 
 def model_family(wf: dict, defs: dict) -> str | None:
@@ -454,11 +491,15 @@ def test_workflows_load_what_build_a_pack_saves(server):
     family (packs and anchors do not transfer between families), and build_a_pack collects the Q/K statistics and
     the UVR anchors from the same Prompt Set."""
     build, defs = load("build_a_pack"), server.defs
-    saved = {(mw.FILE_WIDGETS[(loader, widget)], widgets(n, defs)["name"] + ".safetensors")
-             for n in build["nodes"]
-             for saver, loader, widget in (("SaveSafeRoPEPack", "LoadSafeRoPEPack", "pack_name"),
-                                           ("SaveUVRAnchors", "LoadUVRAnchors", "name"))
-             if n["type"] == saver}
+    saved = {
+        (mw.FILE_WIDGETS[(loader, widget)], widgets(n, defs)["name"] + ".safetensors")
+        for n in build["nodes"]
+        for saver, loader, widget in (
+            ("SaveSafeRoPEPack", "LoadSafeRoPEPack", "pack_name"),
+            ("SaveUVRAnchors", "LoadUVRAnchors", "name"),
+        )
+        if n["type"] == saver
+    }
     assert {folder for folder, _ in saved} == {mw.PACK_FOLDER, mw.ANCHORS_FOLDER}, saved
     families = {file: {model_family(build, defs)} for file in saved}
     loaded = set()
@@ -473,15 +514,19 @@ def test_workflows_load_what_build_a_pack_saves(server):
             unet = next(widgets(n, defs) for n in wf["nodes"] if n["type"] == "UNETLoader")["unet_name"]
             clip = next(widgets(n, defs) for n in wf["nodes"] if n["type"] in ("CLIPLoader", "DualCLIPLoader"))
             stem = value.removesuffix(".safetensors")
-            assert "**build_a_pack**" in notes and f"`{stem}`" in notes, \
+            assert "**build_a_pack**" in notes and f"`{stem}`" in notes, (
                 f"{name}: loads {value}; no note says how build_a_pack makes it (saved as `{stem}`)"
+            )
             for file in (unet, *(v for k, v in clip.items() if k.startswith("clip_name"))):
                 assert f"`{file}`" in notes, f"{name}: the note on {value} does not say to load {file} in build_a_pack"
     for file, used_with in families.items():
         assert len(used_with) == 1, f"{file[1]} is used with model families {used_with}"
     assert (mw.ANCHORS_FOLDER, mw.ANCHORS_FILE) in loaded and (mw.PACK_FOLDER, mw.PACK_FILE) in loaded
-    sources = {upstream(build, n, "prompts")["id"] for n in build["nodes"]
-               if n["type"] in ("CollectQK", "CollectUVRAnchors", "TrainRiskRotations")}
+    sources = {
+        upstream(build, n, "prompts")["id"]
+        for n in build["nodes"]
+        if n["type"] in ("CollectQK", "CollectUVRAnchors", "TrainRiskRotations")
+    }
     assert len(sources) == 1, "Collect Q/K, Train and Collect UVR Anchors use different prompt sets"
 
 

@@ -1,15 +1,15 @@
 """Test-only ComfyUI nodes: a tiny random FLUX, word-hash text conditioning and a tiny random FLUX text encoder
 (ComfyUI's own FLUX CLIP classes with the real T5 and CLIP-L tokenizers), so a headless server graph needs no model
-file. The builders live in tests/comfyui_env.py (shared with in-process tests)."""
+file. The builders live in bench/comfyui_env.py (shared with in-process tests and the benchmarks)."""
 
 import sys
 from pathlib import Path
 
-_TESTS = str(Path(__file__).resolve().parents[1])  # resolve(): the server sees this folder through a symlink
-if _TESTS not in sys.path:
-    sys.path.append(_TESTS)
+_REPO = str(Path(__file__).resolve().parents[2])  # resolve(): the server sees this folder through a symlink
+if _REPO not in sys.path:
+    sys.path.append(_REPO)
 
-import comfyui_env  # noqa: E402
+from bench import comfyui_env  # noqa: E402
 
 
 class TinyFluxLoader:
@@ -22,8 +22,7 @@ class TinyFluxLoader:
     @classmethod
     def INPUT_TYPES(cls):
         kinds = [k for k in comfyui_env.ALL_KINDS if comfyui_env.kind_supported(k)]
-        return {"required": {"kind": (kinds,),
-                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+        return {"required": {"kind": (kinds,), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
 
     def load(self, kind, seed):
         return (comfyui_env.tiny_flux(kind, seed=seed),)
@@ -38,8 +37,12 @@ class TinyFluxConditioning:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"text": ("STRING", {"multiline": True, "default": ""}),
-                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+        return {
+            "required": {
+                "text": ("STRING", {"multiline": True, "default": ""}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+            }
+        }
 
     def encode(self, text, seed):
         return (comfyui_env.conditioning(text, seed),)
@@ -56,15 +59,22 @@ class TinyFluxClipLoader:
     @classmethod
     def INPUT_TYPES(cls):
         kinds = [k for k in comfyui_env.ALL_KINDS if comfyui_env.kind_supported(k)]
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})},
-                "optional": {"kind": (kinds, {"default": "dev"})}}
+        return {
+            "required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})},
+            "optional": {"kind": (kinds, {"default": "dev"})},
+        }
 
     def load(self, seed, kind="dev"):
         return (comfyui_env.tiny_clip(kind, seed=seed),)
 
 
-NODE_CLASS_MAPPINGS = {"TinyFluxLoader": TinyFluxLoader, "TinyFluxConditioning": TinyFluxConditioning,
-                       "TinyFluxClipLoader": TinyFluxClipLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"TinyFluxLoader": "Tiny FLUX Loader (test)",
-                              "TinyFluxConditioning": "Tiny FLUX Conditioning (test)",
-                              "TinyFluxClipLoader": "Tiny FLUX CLIP Loader (test)"}
+NODE_CLASS_MAPPINGS = {
+    "TinyFluxLoader": TinyFluxLoader,
+    "TinyFluxConditioning": TinyFluxConditioning,
+    "TinyFluxClipLoader": TinyFluxClipLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "TinyFluxLoader": "Tiny FLUX Loader (test)",
+    "TinyFluxConditioning": "Tiny FLUX Conditioning (test)",
+    "TinyFluxClipLoader": "Tiny FLUX CLIP Loader (test)",
+}

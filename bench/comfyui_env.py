@@ -77,8 +77,9 @@ def import_comfyui(path: str | Path | None = None) -> Path:
 def import_pack(name: str = "comfyui_saferope"):
     """Import this repository as a package, the way ComfyUI loads a custom node folder (after import_comfyui)."""
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
+        spec = importlib.util.spec_from_file_location(
+            name, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         try:
@@ -93,8 +94,15 @@ def import_pack(name: str = "comfyui_saferope"):
 # A tiny FLUX
 
 
-FAMILY_OF_KIND = {"dev": "flux", "schnell": "flux", "kontext": "flux", "flux2": "flux2", "chroma": "chroma",
-                  "chroma_radiance": "chroma_radiance", "ovis": "ovis"}
+FAMILY_OF_KIND = {
+    "dev": "flux",
+    "schnell": "flux",
+    "kontext": "flux",
+    "flux2": "flux2",
+    "chroma": "chroma",
+    "chroma_radiance": "chroma_radiance",
+    "ovis": "ovis",
+}
 ALL_KINDS = tuple(FAMILY_OF_KIND)
 NO_POOLED_KINDS = ("flux2", "chroma", "chroma_radiance", "ovis")  # their text encoders give no pooled vector
 
@@ -116,13 +124,21 @@ def _params_class(kind: str):
     import comfy.ldm.chroma_radiance.model
     import comfy.ldm.flux.model
 
-    return {"chroma": comfy.ldm.chroma.model.ChromaParams,
-            "chroma_radiance": comfy.ldm.chroma_radiance.model.ChromaRadianceParams}.get(
-        kind, comfy.ldm.flux.model.FluxParams)
+    return {
+        "chroma": comfy.ldm.chroma.model.ChromaParams,
+        "chroma_radiance": comfy.ldm.chroma_radiance.model.ChromaRadianceParams,
+    }.get(kind, comfy.ldm.flux.model.FluxParams)
 
 
-def flux_unet_config(kind: str = "dev", depth: int = 2, depth_single: int = 2, hidden: int = 64,
-                     heads: int = 4, context_dim: int = CONTEXT_DIM, pooled_dim: int = POOLED_DIM) -> dict:
+def flux_unet_config(
+    kind: str = "dev",
+    depth: int = 2,
+    depth_single: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    context_dim: int = CONTEXT_DIM,
+    pooled_dim: int = POOLED_DIM,
+) -> dict:
     """The unet_config of a small FLUX-family model: what comfy.model_detection would find, with small sizes (see
     fit_to_comfyui for the fields a given ComfyUI takes).
 
@@ -153,20 +169,44 @@ def flux_unet_config(kind: str = "dev", depth: int = 2, depth_single: int = 2, h
         "txt_ids_dims": [],
     }
     if kind == "flux2":
-        config.update(image_model="flux2", in_channels=128, out_channels=128, patch_size=1, mlp_ratio=3.0,
-                      axes_dim=[head_dim // 4] * 4, theta=2000, qkv_bias=False, global_modulation=True,
-                      mlp_silu_act=True, ops_bias=False, default_ref_method="index", ref_index_scale=10.0,
-                      txt_ids_dims=[3])
+        config.update(
+            image_model="flux2",
+            in_channels=128,
+            out_channels=128,
+            patch_size=1,
+            mlp_ratio=3.0,
+            axes_dim=[head_dim // 4] * 4,
+            theta=2000,
+            qkv_bias=False,
+            global_modulation=True,
+            mlp_silu_act=True,
+            ops_bias=False,
+            default_ref_method="index",
+            ref_index_scale=10.0,
+            txt_ids_dims=[3],
+        )
     elif kind == "ovis":
         config.update(yak_mlp=True, txt_norm=True, txt_ids_dims=[1, 2])
     elif kind in ("chroma", "chroma_radiance"):
         # the distilled-guidance approximator's input is 16 (timestep) + 16 (guidance) + 32 (block index) wide
-        config.update(image_model="chroma", in_channels=64, out_channels=64, in_dim=64, out_dim=hidden,
-                      hidden_dim=32, n_layers=1)
+        config.update(
+            image_model="chroma", in_channels=64, out_channels=64, in_dim=64, out_dim=hidden, hidden_dim=32, n_layers=1
+        )
     if kind == "chroma_radiance":
-        config.update(image_model="chroma_radiance", in_channels=3, out_channels=3, patch_size=16,
-                      nerf_hidden_size=16, nerf_mlp_ratio=2, nerf_depth=1, nerf_max_freqs=4, nerf_tile_size=0,
-                      nerf_final_head_type="linear", nerf_embedder_dtype=torch.float32, use_x0=False)
+        config.update(
+            image_model="chroma_radiance",
+            in_channels=3,
+            out_channels=3,
+            patch_size=16,
+            nerf_hidden_size=16,
+            nerf_mlp_ratio=2,
+            nerf_depth=1,
+            nerf_max_freqs=4,
+            nerf_tile_size=0,
+            nerf_final_head_type="linear",
+            nerf_embedder_dtype=torch.float32,
+            use_x0=False,
+        )
     return config
 
 
@@ -191,9 +231,17 @@ def init_weights(module: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
 
 
-def tiny_flux(kind: str = "dev", depth: int = 2, depth_single: int = 2, hidden: int = 64, heads: int = 4,
-              seed: int = 0, dtype: torch.dtype = torch.float32, context_dim: int = CONTEXT_DIM,
-              pooled_dim: int = POOLED_DIM):
+def tiny_flux(
+    kind: str = "dev",
+    depth: int = 2,
+    depth_single: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    context_dim: int = CONTEXT_DIM,
+    pooled_dim: int = POOLED_DIM,
+):
     """A random FLUX-family model as a comfy ModelPatcher on the CPU: FLUX.1 dev / schnell / Kontext (= dev
     config), FLUX.2, Chroma, Chroma Radiance or Ovis-Image (see ALL_KINDS).
 
@@ -205,8 +253,12 @@ def tiny_flux(kind: str = "dev", depth: int = 2, depth_single: int = 2, hidden: 
 
     if not kind_supported(kind):
         raise RuntimeError(f"this ComfyUI cannot build a {kind} model")
-    config_class = getattr(comfy.supported_models, {"schnell": "FluxSchnell", "flux2": "Flux2", "chroma": "Chroma",
-                                                     "chroma_radiance": "ChromaRadiance"}.get(kind, "Flux"))
+    config_class = getattr(
+        comfy.supported_models,
+        {"schnell": "FluxSchnell", "flux2": "Flux2", "chroma": "Chroma", "chroma_radiance": "ChromaRadiance"}.get(
+            kind, "Flux"
+        ),
+    )
     config = flux_unet_config(kind, depth, depth_single, hidden, heads, context_dim, pooled_dim)
     model_config = config_class(fit_to_comfyui(kind, config))
     model_config.set_inference_dtype(dtype, None)
@@ -234,11 +286,20 @@ def tiny_text_encoder_options(context_dim: int = CONTEXT_DIM, pooled_dim: int = 
     t5_heads = 4 if context_dim % 4 == 0 else 1
     clip_heads = 2 if pooled_dim % 2 == 0 else 1
     return {
-        "t5xxl_model_config": {"d_model": context_dim, "d_ff": 2 * context_dim, "num_heads": t5_heads,
-                               "d_kv": context_dim // t5_heads, "num_layers": layers},
-        "clip_l_model_config": {"hidden_size": pooled_dim, "intermediate_size": 2 * pooled_dim,
-                                "num_attention_heads": clip_heads, "num_hidden_layers": layers,
-                                "projection_dim": pooled_dim},
+        "t5xxl_model_config": {
+            "d_model": context_dim,
+            "d_ff": 2 * context_dim,
+            "num_heads": t5_heads,
+            "d_kv": context_dim // t5_heads,
+            "num_layers": layers,
+        },
+        "clip_l_model_config": {
+            "hidden_size": pooled_dim,
+            "intermediate_size": 2 * pooled_dim,
+            "num_attention_heads": clip_heads,
+            "num_hidden_layers": layers,
+            "projection_dim": pooled_dim,
+        },
         "dtype": torch.float32,
     }
 
@@ -281,10 +342,15 @@ def tiny_flux_clip(seed: int = 0, context_dim: int = CONTEXT_DIM, pooled_dim: in
     import comfy.supported_models_base
     import comfy.text_encoders.flux
 
-    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer,
-                                                    comfy.text_encoders.flux.FluxClipModel)
-    options = {**tiny_text_encoder_options(context_dim, pooled_dim, layers), "load_device": CPU,
-               "offload_device": CPU, "initial_device": CPU}
+    target = comfy.supported_models_base.ClipTarget(
+        comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.FluxClipModel
+    )
+    options = {
+        **tiny_text_encoder_options(context_dim, pooled_dim, layers),
+        "load_device": CPU,
+        "offload_device": CPU,
+        "initial_device": CPU,
+    }
     clip = comfy.sd.CLIP(target=target, model_options=options)
     init_text_encoder_weights(clip.cond_stage_model, seed)
     return clip
@@ -295,8 +361,7 @@ def _tiny_clip(tokenizer, encoder, model_config: dict, seed: int):
     import comfy.supported_models_base
 
     target = comfy.supported_models_base.ClipTarget(tokenizer, encoder)
-    options = {**model_config, "dtype": torch.float32, "load_device": CPU, "offload_device": CPU,
-               "initial_device": CPU}
+    options = {**model_config, "dtype": torch.float32, "load_device": CPU, "offload_device": CPU, "initial_device": CPU}
     clip = comfy.sd.CLIP(target=target, model_options=options)
     init_text_encoder_weights(clip.cond_stage_model, seed)
     return clip
@@ -318,9 +383,15 @@ def tiny_ovis_clip(seed: int = 0, context_dim: int = CONTEXT_DIM, layers: int = 
     tokenizer with a chat template that ships with ComfyUI."""
     import comfy.text_encoders.ovis as ovis
 
-    config = {"qwen3_2b_model_config": {"hidden_size": context_dim, "intermediate_size": 2 * context_dim,
-                                        "num_hidden_layers": layers, "num_attention_heads": 2,
-                                        "num_key_value_heads": 1}}
+    config = {
+        "qwen3_2b_model_config": {
+            "hidden_size": context_dim,
+            "intermediate_size": 2 * context_dim,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        }
+    }
     return _tiny_clip(ovis.OvisTokenizer, ovis.te(), config, seed)
 
 
@@ -354,8 +425,13 @@ def encode_text(text: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return context, pooled
 
 
-def conditioning(text: str, seed: int = 0, guidance: float | None = None, reference_latents=None,
-                 reference_latents_method: str | None = None) -> list:
+def conditioning(
+    text: str,
+    seed: int = 0,
+    guidance: float | None = None,
+    reference_latents=None,
+    reference_latents_method: str | None = None,
+) -> list:
     """A ComfyUI CONDITIONING: [[context, {"pooled_output": ..., ...}]].
 
     reference_latents are VAE-space latents (what the ReferenceLatent node adds), for Kontext.
@@ -402,10 +478,17 @@ def run_node(method, *args, **kwargs):
     return out
 
 
-
-def run_model(patcher, latent: torch.Tensor, sigma, context: torch.Tensor, pooled: torch.Tensor,
-              guidance: float | None = None, ref_latents=None, ref_latents_method: str | None = None,
-              run_sigmas: list[float] | None = None) -> torch.Tensor:
+def run_model(
+    patcher,
+    latent: torch.Tensor,
+    sigma,
+    context: torch.Tensor,
+    pooled: torch.Tensor,
+    guidance: float | None = None,
+    ref_latents=None,
+    ref_latents_method: str | None = None,
+    run_sigmas: list[float] | None = None,
+) -> torch.Tensor:
     """One denoiser call `patcher.model.apply_model` (returns the denoised x0 prediction), prepared as sampling
     prepares it: the patcher's wrappers and callbacks are merged into transformer_options by ComfyUI's
     sampler_helpers.prepare_model_patcher, the model is loaded (patches applied) by load_models_gpu, and
@@ -430,8 +513,11 @@ def run_model(patcher, latent: torch.Tensor, sigma, context: torch.Tensor, poole
     comfy.model_management.load_models_gpu([patcher])
     comfy.samplers.cast_to_load_options(model_options, device=patcher.load_device, dtype=patcher.model_dtype())
 
-    kwargs = {"c_crossattn": context, "y": pooled,
-              "guidance": torch.full((latent.shape[0],), DEFAULT_GUIDANCE if guidance is None else guidance)}
+    kwargs = {
+        "c_crossattn": context,
+        "y": pooled,
+        "guidance": torch.full((latent.shape[0],), DEFAULT_GUIDANCE if guidance is None else guidance),
+    }
     if ref_latents is not None:
         kwargs["ref_latents"] = [comfy.utils.repeat_to_batch_size(r, latent.shape[0]) for r in ref_latents]
         if ref_latents_method is not None:
@@ -440,7 +526,8 @@ def run_model(patcher, latent: torch.Tensor, sigma, context: torch.Tensor, poole
         patcher.pre_run()
         patcher.prepare_state(sigma)
         transformer_options = comfy.patcher_extension.merge_nested_dicts(
-            patcher.apply_hooks(hooks=None), model_options["transformer_options"], copy_dict1=False)
+            patcher.apply_hooks(hooks=None), model_options["transformer_options"], copy_dict1=False
+        )
         run = torch.tensor(run_sigmas) if run_sigmas is not None else torch.stack([sigma[0], torch.zeros(())])
         transformer_options.setdefault("sample_sigmas", run)
         transformer_options.update(cond_or_uncond=[0], uuids=[uuid.uuid4()], sigmas=sigma)
@@ -450,9 +537,21 @@ def run_model(patcher, latent: torch.Tensor, sigma, context: torch.Tensor, poole
         comfy.samplers.cast_to_load_options(model_options, device=patcher.offload_device)
 
 
-def sample(patcher, positive, negative=None, width: int = 64, height: int = 64, steps: int = 3, cfg: float = 1.0,
-           seed: int = 0, sampler_name: str = "euler", scheduler: str = "simple", denoise: float = 1.0,
-           latent: torch.Tensor | None = None, sigmas: list[float] | None = None) -> torch.Tensor:
+def sample(
+    patcher,
+    positive,
+    negative=None,
+    width: int = 64,
+    height: int = 64,
+    steps: int = 3,
+    cfg: float = 1.0,
+    seed: int = 0,
+    sampler_name: str = "euler",
+    scheduler: str = "simple",
+    denoise: float = 1.0,
+    latent: torch.Tensor | None = None,
+    sigmas: list[float] | None = None,
+) -> torch.Tensor:
     """End to end through comfy.sample.sample, as the KSampler node does, under torch.inference_mode like
     ComfyUI's executor. positive/negative: CONDITIONING lists or texts (see conditioning()); negative None is
     the empty text. latent: a VAE-space start latent, default an empty [1, 16, height/8, width/8].
@@ -469,8 +568,29 @@ def sample(patcher, positive, negative=None, width: int = 64, height: int = 64, 
         latent = comfy.sample.fix_empty_latent_channels(patcher, latent)
         noise = comfy.sample.prepare_noise(latent, seed)
         if sigmas is not None:
-            return comfy.sample.sample_custom(patcher, noise, cfg, comfy.samplers.sampler_object(sampler_name),
-                                              torch.tensor(sigmas), positive, negative, latent, disable_pbar=True,
-                                              seed=seed)
-        return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
-                                   denoise=denoise, disable_pbar=True, seed=seed)
+            return comfy.sample.sample_custom(
+                patcher,
+                noise,
+                cfg,
+                comfy.samplers.sampler_object(sampler_name),
+                torch.tensor(sigmas),
+                positive,
+                negative,
+                latent,
+                disable_pbar=True,
+                seed=seed,
+            )
+        return comfy.sample.sample(
+            patcher,
+            noise,
+            steps,
+            cfg,
+            sampler_name,
+            scheduler,
+            positive,
+            negative,
+            latent,
+            denoise=denoise,
+            disable_pbar=True,
+            seed=seed,
+        )
