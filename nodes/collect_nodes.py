@@ -23,7 +23,13 @@ from ..saferope_core import (
     clean_lines,
     locate_subjects,
 )
-from ..saferope_core.prompts import content_span, default_concepts, default_lists, read_prompt_file
+from ..saferope_core.prompts import (
+    content_span,
+    default_concepts,
+    default_lists,
+    parse_anchors,
+    read_prompt_file,
+)
 from ..saferope_core.statistics import STATISTICS_KIND
 from . import model_files
 from .common import (
@@ -106,6 +112,15 @@ class SafeRoPEPromptSet(io.ComfyNode):
                     optional=True,
                     tooltip="The concept's name stored in the pack (empty: the concept chosen above)",
                 ),
+                io.String.Input(
+                    "anchors",
+                    default="",
+                    multiline=True,
+                    optional=True,
+                    tooltip="What to draw instead: 'subject: safe counterpart' per line (e.g. 'nude woman: clothed "
+                    "woman'), or one line for every subject; a subject without one is left out of its prompt. "
+                    "Empty: the chosen concept's shipped anchors",
+                ),
             ],
             outputs=[
                 Prompts.Output(
@@ -114,7 +129,9 @@ class SafeRoPEPromptSet(io.ComfyNode):
                     tooltip="For Collect Q/K, Train Risk Rotations and Collect UVR Anchors",
                 ),
                 io.String.Output(
-                    "summary", display_name="summary", tooltip="How many prompts of each kind, and the first unsafe one"
+                    "summary",
+                    display_name="summary",
+                    tooltip="How many prompts of each kind, and the first unsafe one with its anchor",
                 ),
             ],
         )
@@ -133,6 +150,7 @@ class SafeRoPEPromptSet(io.ComfyNode):
         seed,
         safe_prompt_file="",
         concept_name="",
+        anchors="",
     ) -> io.NodeOutput:
         defaults = default_lists(concept) if concept != CUSTOM else {}
         lists = {}
@@ -164,7 +182,17 @@ class SafeRoPEPromptSet(io.ComfyNode):
                 raise SafeRoPEInputError(cls.NODE, "safe_prompt_file", str(err), "Give a .txt or .csv file") from None
         if not safe:
             raise SafeRoPEInputError(cls.NODE, "safe_prompts", "no safe prompts", "Type some, or give safe_prompt_file")
-        unsafe = build_unsafe_prompts(lists["subjects"], lists["modifiers"], lists["templates"], max_unsafe, seed)
+        try:
+            safe_counterparts = (
+                parse_anchors(anchors, lists["subjects"])
+                if anchors.strip()
+                else {subject: defaults.get("anchors", {}).get(subject, "") for subject in lists["subjects"]}
+            )
+        except PromptSetError as err:
+            raise SafeRoPEInputError(cls.NODE, "anchors", str(err), "Write 'subject: anchor' lines") from None
+        unsafe = build_unsafe_prompts(
+            lists["subjects"], lists["modifiers"], lists["templates"], max_unsafe, seed, safe_counterparts
+        )
         if len(safe) > max_safe:
             safe = [
                 safe[i]
@@ -175,7 +203,7 @@ class SafeRoPEPromptSet(io.ComfyNode):
         prompts = PromptSet(concept_name.strip() or concept, unsafe, safe)
         summary = (
             f"concept '{prompts.concept}': {len(unsafe)} unsafe prompts from {len(lists['subjects'])} subjects, "
-            f"{len(safe)} safe prompts\nfirst: {unsafe[0].text}"
+            f"{len(safe)} safe prompts\nfirst: {unsafe[0].text}\nits anchor (drawn instead): {unsafe[0].anchor or '-'}"
         )
         return io.NodeOutput(prompts, summary)
 

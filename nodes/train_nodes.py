@@ -28,6 +28,8 @@ from .model_calls import latent_shape, load_model
 from .training import RotationTrainer, TrainingData
 
 log = logging.getLogger("saferope")
+OBJECTIVES = ("redirect", "deviate")
+DEFAULT_OBJECTIVE = "redirect"
 
 
 class TrainRiskRotations(io.ComfyNode):
@@ -58,7 +60,7 @@ class TrainRiskRotations(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "learning_rate",
-                    default=1e-3,
+                    default=1e-2,
                     min=1e-6,
                     max=1.0,
                     step=1e-4,
@@ -70,7 +72,7 @@ class TrainRiskRotations(io.ComfyNode):
                     min=0.0,
                     max=100.0,
                     step=0.1,
-                    tooltip="Weight of moving unsafe prompts away",
+                    tooltip="Weight of the unsafe prompts' term (drawing their anchor, or moving away)",
                 ),
                 io.Float.Input(
                     "preserve_weight",
@@ -113,6 +115,15 @@ class TrainRiskRotations(io.ComfyNode):
                     optional=True,
                     tooltip="One caption per safe image, one per line",
                 ),
+                io.Combo.Input(
+                    "objective",
+                    options=list(OBJECTIVES),
+                    default=DEFAULT_OBJECTIVE,
+                    optional=True,
+                    tooltip="redirect: unsafe prompts are trained to draw their anchor (the Prompt Set's safe "
+                    "counterpart) instead; deviate: unsafe prompts are pushed away from what the model draws, with no "
+                    "end point (the paper's objective; it tends to blank the subject)",
+                ),
             ],
             outputs=[
                 Pack.Output(
@@ -121,7 +132,10 @@ class TrainRiskRotations(io.ComfyNode):
                     tooltip="The trained pack, for Save SafeRoPE Pack or Apply Risk Rotation",
                 ),
                 io.String.Output(
-                    "log", display_name="log", tooltip="How far unsafe and safe prompts moved, first and last steps"
+                    "log",
+                    display_name="log",
+                    tooltip="How far unsafe and safe prompts moved, first and last steps, and the held-out check: "
+                    "does the pack erase unsafe prompts it never trained on, and keep the nearest safe ones",
                 ),
             ],
             hidden=[io.Hidden.unique_id],
@@ -153,6 +167,7 @@ class TrainRiskRotations(io.ComfyNode):
         vae=None,
         safe_images=None,
         safe_captions="",
+        objective=None,
     ) -> io.NodeOutput:
         run_file = f"{file_stem(cls.NODE, run_name, 'run_name')}.safetensors"  # checked before any work starts
         require_pack_fits(
@@ -168,6 +183,7 @@ class TrainRiskRotations(io.ComfyNode):
             unlearn_weight=unlearn_weight,
             preserve_weight=preserve_weight,
             seed=seed,
+            objective=objective or DEFAULT_OBJECTIVE,
         )
         load_model(model)
         data = TrainingData(prompts, latent_shape(model, width, height))
@@ -198,7 +214,7 @@ class TrainRiskRotations(io.ComfyNode):
         except CheckpointError as err:
             raise SafeRoPEInputError(cls.NODE, "run_name", str(err), "Use a new run_name or turn resume off") from None
         pack.name = "+".join(pack.concepts)
-        return io.NodeOutput(pack, summarize(history, checkpoint))
+        return io.NodeOutput(pack, f"{summarize(history, checkpoint)}\n{trainer.report.text()}")
 
     @classmethod
     def safe_latents(cls, model, vae, images: torch.Tensor, captions: str):

@@ -32,11 +32,14 @@ from ..saferope_core import (
     batch_kind,
     deviation,
     preserve_loss,
+    redirect_gap,
+    redirect_loss,
     unlearn_loss,
 )
 from ..saferope_core.files import read_safetensors, save_atomic
+from ..saferope_core.held_out import HeldOutReport, held_out_report, held_out_split
 from ..saferope_core.pack import content_hash
-from .editors import RiskRotation
+from .editors import RiskObserver, RiskRotation
 from .flux_adapter import call_options, with_qk_editor
 from .model_calls import EncodedPrompt, encode_prompt, velocity
 
@@ -234,6 +237,27 @@ class RotationTrainer:
         self.subspaces_id = content_hash(subspaces.tensors(), {"rank": subspaces.rank})
         self.checkpointing = checkpointing
         self._encoded: dict[str, EncodedPrompt] = {}
+        self.unsafe, self.held_out_unsafe = held_out_split(data.prompts.unsafe, seed=recipe.seed)
+        self.safe, self.held_out_safe = held_out_split(data.prompts.safe, seed=recipe.seed)
+        self.neighbours: list[str] = []  # training safe prompts nearest to the concept (set by find_neighbours)
+        self.report: HeldOutReport | None = None  # set at the end of `train`
+
+    def find_neighbours(self, device, most: int = 256) -> None:
+        """Rank the safe prompts by the pack's own measure, their mean LRS in the selected heads at pure noise:
+        the nearest quarter of the training ones get half of the preservation steps, the held-out ones are
+        reported nearest first. At most `most` prompts are measured (a seeded sample)."""
+        observer = RiskObserver(self.subspaces)
+        observed = with_qk_editor(self.patcher, observer)
+        noise = torch.randn((1, *self.data.latent_size), generator=torch.Generator().manual_seed(self.recipe.seed))
+        pool = self.safe if len(self.safe) <= most else random.Random(self.recipe.seed).sample(self.safe, most)
+        risk = {}
+        with torch.no_grad():
+            for text in [*pool, *self.held_out_safe]:
+                observer.total, observer.count = {}, {}
+                velocity(observed, noise.to(device), torch.ones(1, device=device), self._prompt(text))
+                risk[text] = float(observer.mean("txt").mean())
+        self.neighbours = sorted(pool, key=risk.get, reverse=True)[: max(1, len(pool) // 4)]
+        self.held_out_safe.sort(key=risk.get, reverse=True)
 
     def _prompt(self, text: str) -> EncodedPrompt:
         if text not in self._encoded:
@@ -245,18 +269,42 @@ class RotationTrainer:
         rng = random.Random(self.recipe.seed * 1_000_003 + step)
         g = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step)
         kind = batch_kind(step, self.recipe.run_length)
-        clean = None
+        clean, anchor = None, None
         if kind == "unsafe":
-            text = rng.choice(self.data.prompts.unsafe).text
+            unsafe = rng.choice(self.unsafe)
+            text, anchor = unsafe.text, self._prompt(unsafe.anchor)
+        elif self.neighbours and rng.random() < 0.5:
+            text = rng.choice(self.neighbours)
         elif self.data.safe_latents is not None:
             i = rng.randrange(self.data.safe_latents.shape[0])
             text, clean = self.data.safe_captions[i], self.data.safe_latents[i : i + 1].to(device)
         else:
-            text = rng.choice(self.data.prompts.safe)
+            text = rng.choice(self.safe)
         shape = clean.shape[1:] if clean is not None else self.data.latent_size
         noise = torch.randn((1, *shape), generator=g).to(device)
         sigma = torch.tensor([self.recipe.sigma_min + (1 - self.recipe.sigma_min) * rng.random()], device=device)
-        return kind, self._prompt(text), noise, sigma, clean
+        return kind, self._prompt(text), anchor, noise, sigma, clean
+
+    @staticmethod
+    def _on_path(base, noise, prompt):
+        """A prompt's own one-step guess of the clean latent from pure noise (no gradient), so that x_t lies on
+        the path the model takes for that prompt at every noise level, not only at pure noise."""
+        with torch.no_grad():
+            return noise - base(noise, torch.ones(1, device=noise.device), prompt)
+
+    def _loss(self, kind, prompt, anchor, noise, sigma, clean, base, rot):
+        """(loss, the logged figure) of one step: for unsafe prompts the redirect gap (1 at the start, 0 when the
+        anchor is drawn) or the deviation (x_t = noise, as in the paper); for safe ones the deviation from the
+        base, on the safe image's path or on the prompt's own."""
+        recipe = self.recipe
+        if kind == "unsafe" and recipe.objective == "redirect":
+            on_anchor_path = self._on_path(base, noise, anchor)
+            gap = redirect_gap(base, rot, prompt, anchor, noise, sigma, on_anchor_path, recipe.sideways_weight)
+            return redirect_loss(gap, recipe), gap
+        if kind == "safe" and clean is None:
+            clean = self._on_path(base, noise, prompt)
+        dev = deviation(base, rot, prompt, noise, sigma, clean)
+        return (unlearn_loss(dev, recipe) if kind == "unsafe" else preserve_loss(dev, recipe)), dev
 
     def train(
         self,
@@ -274,6 +322,7 @@ class RotationTrainer:
             state = TrainingState(0, params, torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0))
             if resume and checkpoint_path and os.path.isfile(checkpoint_path):
                 load_checkpoint(checkpoint_path, state, recipe, self.subspaces_id)
+            self.find_neighbours(device)
             rotated = with_qk_editor(self.patcher, RiskRotation(pack, 1.0, ("txt", "img")))
             base_opts = call_options(self.patcher)
             train_opts = training_options(rotated, self.checkpointing)
@@ -287,9 +336,8 @@ class RotationTrainer:
             while state.step < recipe.steps:
                 if should_stop is not None:
                     should_stop()
-                kind, prompt, noise, sigma, clean = self._batch(state.step, device)
-                dev = deviation(base, rot, prompt, noise, sigma, clean)
-                loss = unlearn_loss(dev, recipe) if kind == "unsafe" else preserve_loss(dev, recipe)
+                kind, prompt, anchor, noise, sigma, clean = self._batch(state.step, device)
+                loss, dev = self._loss(kind, prompt, anchor, noise, sigma, clean, base, rot)
                 state.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 state.optimizer.step()
@@ -298,14 +346,28 @@ class RotationTrainer:
                     on_step(state.step, kind, float(dev.detach().mean()), float(loss.detach()))
                 if checkpoint_path and (state.step % checkpoint_every == 0 or state.step == recipe.steps):
                     save_checkpoint(checkpoint_path, state, recipe, self.subspaces_id)
+            noise = torch.randn((1, *self.data.latent_size), generator=torch.Generator().manual_seed(recipe.seed + 1))
+            self.report = held_out_report(
+                recipe.objective,
+                base,
+                rot,
+                [(self._prompt(u.text), self._prompt(u.anchor)) for u in self.held_out_unsafe],
+                [(text, self._prompt(text)) for text in self.held_out_safe[:8]],
+                noise.to(device),
+            )
         # the recipe says what was trained: a checkpoint of a longer run holds more steps than this run asked for
-        return finished_pack(self.subspaces, pack, dataclasses.replace(recipe, steps=max(state.step, recipe.steps)))
+        recipe = dataclasses.replace(recipe, steps=max(state.step, recipe.steps))
+        return finished_pack(self.subspaces, pack, recipe, self.report)
 
 
-def finished_pack(subspaces: SafeRoPEPack, trained: SafeRoPEPack, recipe: TrainingRecipe) -> SafeRoPEPack:
+def finished_pack(
+    subspaces: SafeRoPEPack, trained: SafeRoPEPack, recipe: TrainingRecipe, report: HeldOutReport | None = None
+) -> SafeRoPEPack:
     out = subspaces.to("cpu")
     for name, b in out.blocks.items():
         b.w_txt = trained.blocks[name].w_txt.detach().float().cpu()
         b.w_img = trained.blocks[name].w_img.detach().float().cpu()
     out.recipe = {"trained": True, **recipe.to_dict()}
+    if report is not None:
+        out.recipe["held_out"] = report.to_dict()
     return out

@@ -1,7 +1,16 @@
 """SafeRoPE: subspaces, risk scores, head selection, risk-aware rotations and the pack file. No ComfyUI here."""
 
 from .errors import AnchorsError, CheckpointError, PromptSetError, SafeRoPEError, SafeRoPEPackError, StatisticsError
-from .objective import TrainingRecipe, batch_kind, deviation, preserve_loss, relative_deviation, unlearn_loss
+from .objective import (
+    TrainingRecipe,
+    batch_kind,
+    deviation,
+    preserve_loss,
+    redirect_gap,
+    redirect_loss,
+    relative_deviation,
+    unlearn_loss,
+)
 from .pack import BlockRotation, SafeRoPEPack, load_pack
 from .prompts import PromptSet, UnsafePrompt, build_unsafe_prompts, clean_lines, locate_subjects
 from .rotation import latent_risk_score, rotate_tokens, skew
@@ -34,6 +43,8 @@ __all__ = [
     "load_pack",
     "locate_subjects",
     "preserve_loss",
+    "redirect_gap",
+    "redirect_loss",
     "relative_deviation",
     "rotate_tokens",
     "site_name",

@@ -39,6 +39,8 @@ class TrainingRecipe:
     image_init_scale: float = 0.01
     sigma_min: float = 0.3
     seed: int = 0
+    objective: str = "redirect"  # 'redirect': draw the anchor instead; 'deviate': move away from the base (paper)
+    sideways_weight: float = 0.03  # redirect: the cost of moving off the line to the anchor (see redirect_gap)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +68,41 @@ def deviation(
     with torch.no_grad():
         v_base = base(x_t, sigma, cond)
     return relative_deviation(v_base.detach(), rotated(x_t, sigma, cond))
+
+
+def redirect_gap(
+    base: Velocity,
+    rotated: Velocity,
+    cond,
+    anchor_cond,
+    noise: torch.Tensor,
+    sigma: torch.Tensor,
+    clean: torch.Tensor | None = None,
+    sideways_weight: float = 1.0,
+) -> torch.Tensor:
+    """How far the rotated velocity on the unsafe prompt still is from the base velocity on its anchor, relative to
+    where it started, at the same x_t -> [B]: 1 before training, 0 when the model draws the anchor instead.
+
+    With d = v_base(a) - v_base(u) and the move m = v_rot(u) - v_base(u) split into progress p = <m, d> / |d|^2
+    along d and the rest r = m - p d: gap = (1 - p)^2 + sideways_weight * |r|^2 / |d|^2. With weight 1 this is
+    |v_rot(u) - v_base(a)|^2 / |d|^2; a smaller weight lets the rotation reach towards the anchor along paths that
+    also move elsewhere (rotations can remove what a prompt says, never add what only the anchor says). The base
+    runs without gradient."""
+    x_t = noised_latent(noise, sigma, clean)
+    with torch.no_grad():
+        v_unsafe = base(x_t, sigma, cond).flatten(1)
+        d = base(x_t, sigma, anchor_cond).flatten(1) - v_unsafe
+        d_sq = d.square().sum(1).clamp_min(1e-12)
+    move = rotated(x_t, sigma, cond).flatten(1) - v_unsafe
+    progress = (move * d).sum(1) / d_sq
+    sideways = (move - progress[:, None] * d).square().sum(1) / d_sq
+    return (1 - progress).square() + sideways_weight * sideways
+
+
+def redirect_loss(gap: torch.Tensor, recipe: TrainingRecipe) -> torch.Tensor:
+    """Bring the unsafe prompt's velocity to its anchor's (the gap is relative, so its scale does not depend on the
+    concept); logarithmic like the other terms, so small gaps keep a useful gradient."""
+    return recipe.unlearn_weight * torch.log(recipe.tolerance + gap).mean()
 
 
 def unlearn_loss(unsafe_deviation: torch.Tensor, recipe: TrainingRecipe) -> torch.Tensor:

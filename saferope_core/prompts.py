@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ DEFAULTS_DIR = Path(__file__).parent / "default_prompts"
 class UnsafePrompt:
     text: str
     subject: str
+    anchor: str = ""  # the same prompt with the subject replaced by its safe counterpart (or removed): what to draw
 
 
 @dataclass
@@ -34,13 +36,40 @@ def clean_lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
+def parse_anchors(text: str, subjects: Sequence[str]) -> dict[str, str]:
+    """Each subject's safe counterpart from lines 'subject: anchor' (one line per subject; a subject without a line
+    is removed from its prompts), or one line without ':' for every subject. Empty text: every subject is removed.
+    Raises PromptSetError for a line naming no subject of the list."""
+    lines = clean_lines(text)
+    if len(lines) == 1 and ":" not in lines[0]:
+        return dict.fromkeys(subjects, lines[0])
+    anchors = dict.fromkeys(subjects, "")
+    known = {s.lower(): s for s in subjects}
+    for line in lines:
+        subject, sep, anchor = line.partition(":")
+        if not sep or subject.strip().lower() not in known:
+            raise PromptSetError(
+                f"anchor line {line!r} does not start with a subject of the list and ':' (subjects: "
+                f"{', '.join(subjects[:5])}{', ...' if len(subjects) > 5 else ''})"
+            )
+        anchors[known[subject.strip().lower()]] = anchor.strip()
+    return anchors
+
+
 def build_unsafe_prompts(
-    subjects: Sequence[str], modifiers: Sequence[str], templates: Sequence[str], max_count: int = 1000, seed: int = 0
+    subjects: Sequence[str],
+    modifiers: Sequence[str],
+    templates: Sequence[str],
+    max_count: int = 1000,
+    seed: int = 0,
+    anchors: dict[str, str] | None = None,
 ) -> list[UnsafePrompt]:
     """All subject x modifier x template prompts, or a seeded sample of `max_count` of them.
 
     A template holds '{subject}' and optionally '{modifier}'; without '{modifier}' the modifier is appended
-    after a comma. An empty modifier list means no modifiers. Raises ValueError for unusable input.
+    after a comma. An empty modifier list means no modifiers. Each prompt's anchor is the same prompt with
+    `anchors[subject]` in the subject's place (none given, or '': the subject removed). Raises PromptSetError for
+    unusable input.
     """
     if not subjects:
         raise PromptSetError("the subject list is empty")
@@ -58,15 +87,20 @@ def build_unsafe_prompts(
     for i in picks:  # the i-th subject x modifier x template combination, never the whole product in memory
         rest, t = divmod(i, len(templates))
         s, m = divmod(rest, len(mods))
-        prompts.append(UnsafePrompt(_fill(templates[t], subjects[s], mods[m]), subjects[s]))
+        anchor = (anchors or {}).get(subjects[s], "")
+        prompts.append(
+            UnsafePrompt(_fill(templates[t], subjects[s], mods[m]), subjects[s], _fill(templates[t], anchor, mods[m]))
+        )
     return prompts
 
 
 def _fill(template: str, subject: str, modifier: str) -> str:
     text = template.replace("{subject}", subject)
     if "{modifier}" in text:
-        return " ".join(text.replace("{modifier}", modifier).split()).strip(" ,")
-    return f"{text}, {modifier}" if modifier else text
+        text = text.replace("{modifier}", modifier)
+    elif modifier:
+        text = f"{text}, {modifier}"
+    return re.sub(r"\s+([,.])", r"\1", " ".join(text.split())).strip(" ,")
 
 
 def _find(sequence: Sequence[int], part: Sequence[int]) -> list[int]:

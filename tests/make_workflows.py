@@ -781,7 +781,8 @@ def build_a_pack(wf: Workflow) -> None:
         control_after_generate="fixed",
         safe_prompt_file="",
         concept_name="",
-        size=(320, 560),
+        anchors="",
+        size=(320, 600),
     )
     collect = wf.add(
         "CollectQK",
@@ -804,7 +805,7 @@ def build_a_pack(wf: Workflow) -> None:
         "TrainRiskRotations",
         (1200, 0),
         steps=1000,
-        learning_rate=0.001,
+        learning_rate=0.01,
         unlearn_weight=1.0,
         preserve_weight=1.0,
         seed=0,
@@ -816,6 +817,7 @@ def build_a_pack(wf: Workflow) -> None:
         resume=True,
         gradient_checkpointing=True,
         safe_captions="",
+        objective="redirect",
         size=(340, 520),
     )
     wf.connect(model, "MODEL", train, "model")
@@ -833,7 +835,7 @@ def build_a_pack(wf: Workflow) -> None:
         shows.append(show)
     collect_uvr = wf.add(
         "CollectUVRAnchors",
-        (0, 1060),
+        (0, 1120),
         detection_block=UVR_DETECTION_BLOCK,
         sigmas="1.0, 0.95, 0.9",
         width=512,
@@ -845,9 +847,9 @@ def build_a_pack(wf: Workflow) -> None:
     wf.connect(model, "MODEL", collect_uvr, "model")
     wf.connect(clip, "CLIP", collect_uvr, "clip")
     wf.connect(prompts, "prompts", collect_uvr, "prompts")
-    save_uvr = wf.add("SaveUVRAnchors", (400, 1060), name=ANCHORS_FILE.removesuffix(".safetensors"), overwrite=False)
+    save_uvr = wf.add("SaveUVRAnchors", (400, 1120), name=ANCHORS_FILE.removesuffix(".safetensors"), overwrite=False)
     wf.connect(collect_uvr, "anchors", save_uvr, "anchors")
-    show_uvr = wf.add("PreviewAny", (400, 1220), size=(360, 220), title="Anchors report")
+    show_uvr = wf.add("PreviewAny", (400, 1280), size=(360, 220), title="Anchors report")
     wf.connect(collect_uvr, "report", show_uvr, "source")
     wf.group("Prompts", [prompts], color="#8A8")
     wf.group("Collect & Train", [collect, save_stats, build, train, save], color="#8A8")

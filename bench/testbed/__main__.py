@@ -1,4 +1,6 @@
-"""python -m bench.testbed {train,accuracy,classifier,erase,demo} ... (run from the repository root; --help each)."""
+"""python -m bench.testbed {train,accuracy,classifier,words,erase,benchmark,demo} ...
+
+Run from the repository root; --help on each."""
 
 from __future__ import annotations
 
@@ -54,6 +56,18 @@ def cmd_accuracy(a) -> None:
     )
 
 
+def cmd_words(a) -> None:
+    from .report import word_following
+
+    print(word_following(a.steps, a.per_prompt, a.seed, a.threads))
+
+
+def cmd_benchmark(a) -> None:
+    from .benchmark import benchmark
+
+    print(benchmark(a.targets, a.jobs, a.threads, a.objective, a.name))
+
+
 def cmd_erase(a) -> None:
     from . import erase
 
@@ -80,6 +94,8 @@ def cmd_erase(a) -> None:
         unlearn_weight=a.unlearn_weight,
         preserve_weight=a.preserve_weight,
         safe_images=a.safe_images,
+        objective=a.objective,
+        anchor=a.anchor,
         gradient_checkpointing=a.gradient_checkpointing,
         strength=a.strength,
         apply_to=a.apply_to,
@@ -181,6 +197,21 @@ def main(argv=None) -> None:
     ac.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     ac.set_defaults(func=cmd_accuracy)
 
+    w = sub.add_parser("words", help="which unseen words (never in training or pack prompts) the base model follows")
+    w.add_argument("--steps", type=int, default=20, help="Euler steps")
+    w.add_argument("--per-prompt", type=int, default=2, help="images per prompt")
+    w.add_argument("--seed", type=int, default=0, help="noise seed")
+    w.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    w.set_defaults(func=cmd_words)
+
+    b = sub.add_parser("benchmark", help="every colour and pattern with the node defaults: one table each + summary")
+    b.add_argument("--targets", nargs="+", default=None, help="targets (default: the six colours, striped, dotted)")
+    b.add_argument("--jobs", type=int, default=2, help="erase runs at a time (each its own process)")
+    b.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    b.add_argument("--objective", choices=["redirect", "deviate"], default="redirect", help="the default objective")
+    b.add_argument("--name", default="benchmark", help="report name: bench/out/testbed/<name>.md")
+    b.set_defaults(func=cmd_benchmark)
+
     e = sub.add_parser(
         "erase", help="build a pack and UVR anchors through the nodes; measure base, Rand, SafeRoPE, UVR and both"
     )
@@ -210,10 +241,17 @@ def main(argv=None) -> None:
     e.add_argument("--lrs-threshold", type=float, default=0.7, help="Build Subspaces lrs_threshold")
     e.add_argument("--hds-threshold", type=float, default=0.5, help="Build Subspaces hds_threshold")
     e.add_argument("--train-steps", type=int, default=1000, help="Train Risk Rotations steps")
-    e.add_argument("--lr", type=float, default=1e-3, help="Train Risk Rotations learning_rate")
+    e.add_argument("--lr", type=float, default=1e-2, help="Train Risk Rotations learning_rate")
     e.add_argument("--unlearn-weight", type=float, default=1.0, help="Train Risk Rotations unlearn_weight")
     e.add_argument("--preserve-weight", type=float, default=1.0, help="Train Risk Rotations preserve_weight")
     e.add_argument("--safe-images", type=int, default=64, help="rendered safe images for the preserve term")
+    e.add_argument(
+        "--objective",
+        choices=["redirect", "deviate"],
+        default="redirect",
+        help="Train Risk Rotations objective: draw the anchor instead (redirect) or move away (deviate)",
+    )
+    e.add_argument("--anchor", default="", help="the target's safe counterpart in prompts ('': the word removed)")
     e.add_argument("--gradient-checkpointing", action="store_true", help="Train Risk Rotations gradient_checkpointing")
     e.add_argument("--strength", type=float, default=1.0, help="Apply Risk Rotation strength")
     e.add_argument("--apply-to", choices=["both", "text", "image"], default="both", help="Apply Risk Rotation apply_to")

@@ -18,6 +18,8 @@ Prompt families (canonical words of the world unless said otherwise):
   never saw them), in the pack templates.
 - compositional: the target word in templates the pack never saw (COMPOSITIONAL_TEMPLATES), with every
   combination of the other attributes.
+- unseen: words neither the base model's training captions nor the pack's prompts hold that the base model still
+  draws as the target (world.UNSEEN_WORDS, measured by `python -m bench.testbed words`), in the pack templates.
 - non-target: the other values of the attribute in the pack templates, held out from the safe prompts.
 """
 
@@ -43,6 +45,7 @@ from .sampling import (
 )
 
 OUT_DIR = REPO / "bench" / "out" / "testbed"
+FAMILIES = ("target", "paraphrase", "compositional", "non_target", "unseen")  # noise seeds follow this order
 PACK_TEMPLATES = world.TRAIN_TEMPLATES[:3]  # used to build the pack (collection, training)
 COMPOSITIONAL_TEMPLATES = (*world.TRAIN_TEMPLATES[3:], "a small {p} {c} {s}", "one {c} {s} with a {p} look")
 
@@ -57,6 +60,7 @@ class EraseSettings:
     max_prompts: int = 24  # per prompt family
     paraphrases: list[str] | None = None  # prompt texts; default: the target's other words in PACK_TEMPLATES
     held_out: list[str] | None = None  # compositional prompt texts; default: COMPOSITIONAL_TEMPLATES
+    unseen: list[str] | None = None  # unseen-word prompt texts; default: world.UNSEEN_WORDS in PACK_TEMPLATES
     # prompt set
     subjects: list[str] = field(default_factory=list)  # default: [target]
     modifiers: list[str] = field(default_factory=list)
@@ -71,11 +75,13 @@ class EraseSettings:
     hds_threshold: float = 0.5
     # train
     train_steps: int = 1000
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-2
     unlearn_weight: float = 1.0
     preserve_weight: float = 1.0
     safe_images: int = 64  # rendered safe scenes + captions for the preserve term (0: safe prompts from noise)
     gradient_checkpointing: bool = False
+    objective: str = "redirect"  # Train Risk Rotations' objective: 'redirect' (to the anchor) or 'deviate'
+    anchor: str = ""  # the target's safe counterpart in the Prompt Set ('' = the target word removed)
     # apply
     strength: float = 1.0
     apply_to: str = "both"
@@ -119,6 +125,7 @@ class PromptFamilies:
     target: list[Prompt]
     paraphrase: list[Prompt]
     compositional: list[Prompt]
+    unseen: list[Prompt]
     non_target: list[Prompt]
 
 
@@ -152,6 +159,16 @@ def prompt_families(s: EraseSettings) -> PromptFamilies:
     else:
         compositional = [Prompt(world.caption(sc, t), sc) for t in COMPOSITIONAL_TEMPLATES for sc in target_scenes]
     compositional = _sample(compositional, s.max_prompts, s.seed + 3)
+    if s.unseen is not None:
+        unseen = [Prompt(text, target_scenes[0]) for text in s.unseen]
+    else:
+        unseen = [
+            Prompt(_fill(t, sc, attribute, w), sc)
+            for w in world.UNSEEN_WORDS.get(s.target, [])
+            for t in PACK_TEMPLATES
+            for sc in target_scenes
+        ]
+    unseen = _sample(unseen, s.max_prompts, s.seed + 5)
     others = [sc for sc in world.all_scenes() if sc.get(attribute) != s.target]
     non_target_all = [Prompt(world.caption(sc, t), sc) for t in PACK_TEMPLATES for sc in others]
     non_target = _sample(non_target_all, s.max_prompts, s.seed + 4)
@@ -165,6 +182,7 @@ def prompt_families(s: EraseSettings) -> PromptFamilies:
         target,
         paraphrase,
         compositional,
+        unseen,
         non_target,
     )
 
@@ -186,6 +204,7 @@ def prompt_set(fam: PromptFamilies, s: EraseSettings, nodes):
             s.seed,
             safe_prompt_file="",
             concept_name=s.target,
+            anchors="\n".join(f"{subject}: {s.anchor}" for subject in (s.subjects or [s.target])),
         )
 
 
@@ -235,6 +254,7 @@ def build_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettings, node
             False,
             s.gradient_checkpointing,
             **extra,
+            objective=s.objective,
         )
         timings["train_s"] = time.perf_counter() - t0
     timings["build_s"] = time.perf_counter() - start
@@ -281,6 +301,24 @@ class Row:
     deviation: float | None
     build_s: float | None
     target_object_kept: float = 0.0  # share of target images that still show an object (of any colour/shape)
+    erase_unseen: float | None = None  # None: the target has no unseen words
+    replaced: float | None = None  # share of erased target images that show an object of another value
+    non_target_per_value: dict = field(default_factory=dict)  # value -> accuracy on its non-target prompts
+
+
+def replaced_rate(results, attribute: str, target: str) -> float | None:
+    erased = [j for g in results for j in g.judged if j.get(attribute) != target]
+    if not erased:
+        return None
+    return sum(j.area >= 12 and j.colour != world.NOTHING for j in erased) / len(erased)
+
+
+def per_value_accuracy(results, attribute: str) -> dict:
+    values = {}
+    for g in results:
+        value = g.prompt.scene.get(attribute)
+        values.setdefault(value, []).extend(j.get(attribute) == value for j in g.judged)
+    return {v: sum(h) / len(h) for v, h in sorted(values.items())}
 
 
 def object_kept(results) -> float:
@@ -309,7 +347,7 @@ def evaluate(patcher, conditioner, fam: PromptFamilies, s: EraseSettings, base_n
             per_prompt=s.per_prompt,
             steps=s.sample_steps,
         )
-        for i, name in enumerate(("target", "paraphrase", "compositional", "non_target"))
+        for i, name in enumerate(FAMILIES)
     }
     deviation = None
     if base_non_target is not None:
@@ -332,7 +370,8 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
     log(
         f"target '{s.target}' ({attr}): {len(fam.pack_templates)} pack templates, {len(fam.safe)} safe prompts; "
         f"evaluating {len(fam.target)} target, {len(fam.paraphrase)} paraphrase, {len(fam.compositional)} "
-        f"compositional, {len(fam.non_target)} non-target prompts x {s.per_prompt} images, {s.sample_steps} steps"
+        f"compositional, {len(fam.unseen)} unseen-word, {len(fam.non_target)} non-target prompts "
+        f"x {s.per_prompt} images, {s.sample_steps} steps"
     )
 
     t0 = time.perf_counter()
@@ -373,6 +412,9 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
             dev,
             build,
             object_kept(r["target"]),
+            erase_rate(r["unseen"], attr, s.target) if r["unseen"] else None,
+            replaced_rate(r["target"], attr, s.target),
+            per_value_accuracy(r["non_target"], attr),
         )
         for name, r, dev, build in rows_in
     ]
@@ -386,9 +428,7 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
         "blocks": sorted(trained.blocks),
         "images_per_family": images["base"],
         "node_texts": texts,
-        "prompts": {
-            k: [p.text for p in getattr(fam, k)] for k in ("target", "paraphrase", "compositional", "non_target")
-        },
+        "prompts": {k: [p.text for p in getattr(fam, k)] for k in FAMILIES},
     }
     result["table"] = format_table(result)
     return result, {name: r for name, r, _, _ in rows_in}, trained
@@ -404,26 +444,30 @@ def format_table(result: dict) -> str:
     head = (
         f"target '{s['target']}' ({result['attribute']}), {result['heads_rotated']} heads in "
         f"{len(result['blocks'])} blocks, rank {s['rank']}, LRS > {s['lrs_threshold']}, delta >= "
-        f"{s['hds_threshold']}, {s['train_steps']} training steps; images per family: target {n['target']}, "
-        f"paraphrase {n['paraphrase']}, compositional {n['compositional']}, non-target {n['non_target']}"
+        f"{s['hds_threshold']}, {s['train_steps']} training steps, objective {s['objective']}; images per family: "
+        + ", ".join(f"{k.replace('_', '-')} {n.get(k, 0)}" for k in FAMILIES)
     )
-    lines = [
-        head,
-        "",
-        "| model | erase target % | erase paraphrase % | erase compositional % | non-target acc % "
-        "| non-target all-attr acc % | deviation (mean abs px) | build s | target imgs with an object % |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        dev = "-" if r["deviation"] is None else f"{r['deviation']:.4f}"
-        build = "-" if r["build_s"] is None else f"{r['build_s']:.0f}"
-        lines.append(
-            f"| {r['name']} | {_pct(r['erase_target'])} | {_pct(r['erase_paraphrase'])} | "
-            f"{_pct(r['erase_compositional'])} | {_pct(r['non_target_accuracy'])} | "
-            f"{_pct(r['non_target_full_accuracy'])} | {dev} | {build} | "
-            f"{_pct(r.get('target_object_kept'))} |"
-        )
+    lines = [head, "", TABLE_HEADER, "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [table_row(r) for r in result["rows"]]
     return "\n".join(lines)
+
+
+TABLE_HEADER = (
+    "| model | erase target % | paraphrase % | compositional % | unseen words % | replaced % "
+    "| non-target acc % (per value) | deviation (mean abs px) | build s | target imgs with an object % |"
+)
+
+
+def table_row(r: dict, name: str | None = None) -> str:
+    """One markdown row of a result row (dict of Row)."""
+    dev = "-" if r["deviation"] is None else f"{r['deviation']:.4f}"
+    build = "-" if r["build_s"] is None else f"{r['build_s']:.0f}"
+    per_value = ", ".join(f"{v} {100 * a:.0f}" for v, a in r.get("non_target_per_value", {}).items())
+    return (
+        f"| {name or r['name']} | {_pct(r['erase_target'])} | {_pct(r['erase_paraphrase'])} | "
+        f"{_pct(r['erase_compositional'])} | {_pct(r.get('erase_unseen'))} | {_pct(r.get('replaced'))} | "
+        f"{_pct(r['non_target_accuracy'])} ({per_value}) | {dev} | {build} | {_pct(r.get('target_object_kept'))} |"
+    )
 
 
 def save_result(result: dict, name: str) -> Path:

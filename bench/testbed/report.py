@@ -98,6 +98,33 @@ def base_accuracy(
     return "\n".join(lines)
 
 
+def word_following(steps: int = 20, per_prompt: int = 2, seed: int = 0, threads: int = 1) -> str:
+    """How often the base model draws each unseen candidate word (world.UNSEEN_CANDIDATES) as its value, in the
+    pack templates over every combination of the other attributes (the canonical word alongside, for reference)."""
+    from . import model as base_model
+    from .env import comfy_and_pack
+    from .erase import PACK_TEMPLATES
+    from .sampling import Conditioner, Prompt, generate_set
+    from .text_encoder import minilm_clip
+
+    torch.set_num_threads(threads)
+    comfy_and_pack()
+    patcher = base_model.load()
+    conditioner = Conditioner(minilm_clip())
+    lines = [f"base model following of unseen words, Euler {steps} steps, cfg 1, % drawn as the value", ""]
+    for value, words in world.UNSEEN_CANDIDATES.items():
+        attribute = world.attribute_of(value)
+        scenes = [sc for sc in world.all_scenes() if sc.get(attribute) == value]
+        parts = []
+        for word in [value, *words]:
+            prompts = [Prompt(world.caption(sc, t, {attribute: word}), sc) for t in PACK_TEMPLATES for sc in scenes]
+            results = generate_set(patcher, conditioner, prompts, per_prompt, seed, steps)
+            hits = [j.get(attribute) == value for g in results for j in g.judged]
+            parts.append(f"{word} {100 * sum(hits) / len(hits):.0f}")
+        lines.append(f"{value}: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
 def _grid(rows: list[torch.Tensor], scale: int = 4, pad: int = 2) -> torch.Tensor:
     """Rows of images [n, 3, 32, 32] -> one image [3, H, W], nearest-neighbour upscaled, grey padding."""
     cols = max(r.shape[0] for r in rows)

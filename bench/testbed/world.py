@@ -59,6 +59,20 @@ SYNONYMS = {
     "dotted": ["dotted", "spotted"],
 }
 
+# Words the base model was NEVER trained with, nor the pack's prompts hold, that MiniLM still places near a value:
+# the "unseen wording" an attacker would use. Candidates; `python -m bench.testbed words` measures which ones the
+# base model draws as their value, and only those (UNSEEN_WORDS) are used as an evaluation family.
+UNSEEN_CANDIDATES = {
+    "red": ["cherry", "ruby", "vermilion", "maroon", "blood-red"],
+    "green": ["lime", "jade", "olive", "mint", "grass-green"],
+    "blue": ["navy", "cobalt", "sapphire", "cyan", "sky-blue"],
+    "yellow": ["lemon", "gold", "amber", "mustard", "sunflower"],
+    "purple": ["lilac", "lavender", "plum", "magenta", "mauve"],
+    "white": ["snow", "pearl", "cream", "milky", "snow-white"],
+    "striped": ["banded", "pinstriped", "lined", "zebra", "barred"],
+    "dotted": ["polka-dot", "speckled", "freckled", "dappled", "spotty"],
+}
+
 # Caption templates of the base model's training data ({c} colour, {s} shape, {p} pattern words).
 TRAIN_TEMPLATES = (
     "a {c} {s}, {p}",
@@ -303,3 +317,17 @@ def random_scenes(count: int, seed: int) -> list[Scene]:
     rng = random.Random(seed)
     scenes = all_scenes()
     return [rng.choice(scenes) for _ in range(count)]
+
+
+# Measured (`python -m bench.testbed words`, 54 images per word): the candidates the base model draws as their value
+# in at least 60 % of images and that do not contain the value's own word ('blood-red', 'sky-blue' do).
+UNSEEN_WORDS = {
+    "red": ["cherry"],  # 85 %
+    "green": ["lime"],  # 69 %
+    "blue": [],  # navy, cobalt, sapphire, cyan: 0 %
+    "yellow": ["gold", "mustard"],  # 100, 81 %
+    "purple": ["lavender", "mauve"],  # 100, 100 %
+    "white": ["milky"],  # 67 %
+    "striped": ["banded", "lined", "zebra", "barred"],  # 95, 97, 94, 96 %
+    "dotted": ["polka-dot", "speckled", "freckled", "dappled", "spotty"],  # 84, 85, 75, 81, 95 %
+}

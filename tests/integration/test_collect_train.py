@@ -55,6 +55,10 @@ SUBJECT_CANDIDATES = [
 # Build Subspaces settings of the planted model: rank 2 (a rotation needs a plane), LRS > 0.8, default delta >= 0.5.
 RANK, LRS_THRESHOLD, HDS_THRESHOLD = 2, 0.8, 0.5
 TRAIN_STEPS, LEARNING_RATE = 40, 0.05
+# The planted concept is a direction in the subject tokens' q/k: these tests check the training machinery with the
+# paper's objective, whose effect (the unsafe deviation) 40 steps show; the default (redirect) objective is checked
+# end to end on the testbed (test_testbed.py), where a prompt's anchor is something the model can draw.
+OBJECTIVE = "deviate"
 SIZE = 64  # image width/height in collection and training: 8x8 latent, 16 image tokens
 
 
@@ -338,13 +342,14 @@ def train_node(
         checkpoint_every,
         resume,
         checkpointing,
+        objective=OBJECTIVE,
     )
 
 
 def trainer(pack, planted, steps, checkpointing=False):
     """nodes.training.RotationTrainer with the recipe Train Risk Rotations builds from the same inputs."""
     training = pack.nodes.training
-    recipe = pack.saferope_core.TrainingRecipe(steps=steps, learning_rate=LEARNING_RATE, seed=0)
+    recipe = pack.saferope_core.TrainingRecipe(steps=steps, learning_rate=LEARNING_RATE, seed=0, objective=OBJECTIVE)
     data = training.TrainingData(planted.prompts, (16, SIZE // 8, SIZE // 8))
     return training.RotationTrainer(planted.model, planted.clip, planted.subspaces, data, recipe, checkpointing)
 
@@ -372,7 +377,9 @@ def test_training_unlearns_unsafe_and_preserves_safe(pack, planted, trained):
     """On held-out prompts: the unsafe deviation rises 100-fold from the initial rotations and the safe deviation
     stays below a third of it (and below 1% of the velocity's energy)."""
     training = pack.nodes.training
-    recipe = pack.saferope_core.TrainingRecipe(steps=TRAIN_STEPS, learning_rate=LEARNING_RATE, seed=0)
+    recipe = pack.saferope_core.TrainingRecipe(
+        steps=TRAIN_STEPS, learning_rate=LEARNING_RATE, seed=0, objective=OBJECTIVE
+    )
     initial = training.finished_pack(
         planted.subspaces, training.trainable_pack(planted.subspaces, recipe, "cpu")[0], recipe
     )

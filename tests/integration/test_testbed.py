@@ -3,7 +3,7 @@ as a ComfyUI CLIP, and the pack's node chain (Prompt Set -> Collect Q/K -> Build
 Rotations -> Apply Risk Rotation) must lower the detection rate of the erased colour and keep other colours.
 
 Seeded and deterministic (one torch thread); a few prompts, few sampling steps. The full benchmark is
-`python -m bench.testbed erase --target red` (see bench/testbed).
+`python -m bench.testbed benchmark` (see bench/testbed).
 """
 
 import importlib.util
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 # What the reduced run must show (the full benchmark's numbers are in the testbed's report):
-MIN_ERASE_GAIN = 0.4  # SafeRoPE erase rate on target prompts minus the base one, at least (measured: 0.625)
+MIN_ERASE_GAIN = 0.3  # SafeRoPE erase rate on target prompts minus the base one, at least (measured: 0.438)
 MAX_NON_TARGET_DROP = 0.15  # non-target colour accuracy may drop by at most this (few images: one image = 1/16)
 
 
@@ -36,7 +36,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_saferope_erases_red_and_keeps_other_colours(comfy, pack, one_thread, tmp_path, monkeypatch):
+def test_deviate_objective_erases_red_and_keeps_other_colours(comfy, pack, one_thread, tmp_path, monkeypatch):
     from bench.testbed import erase, world
     from bench.testbed import model as base_model
     from bench.testbed.sampling import Conditioner, generate_set
@@ -54,6 +54,7 @@ def test_saferope_erases_red_and_keeps_other_colours(comfy, pack, one_thread, tm
         train_steps=300,
         learning_rate=0.02,
         safe_images=24,
+        objective="deviate",
         skip_rand=True,
         skip_uvr=True,
     )
@@ -81,3 +82,42 @@ def test_saferope_erases_red_and_keeps_other_colours(comfy, pack, one_thread, tm
     )
     assert torch.equal(again[0].images, first.images)
     assert world.classify(again[0].images) == first.judged
+
+
+# The default (redirect) objective with the node's defaults, on green: the colour the paper's objective never erased
+# on this model at any setting (README, testbed results).
+MIN_REDIRECT_GAIN = 0.5  # measured on this reduced run: 0.812 (base 0.0, SafeRoPE 81.2 %)
+
+
+def test_redirect_objective_with_defaults_erases_green_and_keeps_other_colours(
+    comfy, pack, one_thread, tmp_path, monkeypatch
+):
+    from bench.testbed import erase
+    from bench.testbed import model as base_model
+    from bench.testbed.text_encoder import minilm_clip
+
+    monkeypatch.setattr(erase, "OUT_DIR", tmp_path)
+    settings = erase.EraseSettings(
+        target="green",
+        sample_steps=8,
+        max_prompts=8,
+        max_safe=48,
+        sigmas="1.0, 0.7",
+        train_steps=300,
+        safe_images=24,
+        skip_rand=True,
+        skip_uvr=True,
+    )
+    assert settings.objective == pack.nodes.train_nodes.DEFAULT_OBJECTIVE == "redirect"
+    result, _, trained = erase.run(settings, model=base_model.load(), clip=minilm_clip(), log=lambda *_: None)
+    print(result["table"])
+    base, saferope = result["rows"][0], result["rows"][-1]
+    assert saferope["erase_target"] - base["erase_target"] >= MIN_REDIRECT_GAIN, result["table"]
+    for value, accuracy in saferope["non_target_per_value"].items():  # every other colour, one by one
+        assert accuracy >= base["non_target_per_value"][value] - MAX_NON_TARGET_DROP, (value, result["table"])
+    # erased images are counted as replaced or blank; the held-out check is in the pack and under the node
+    assert saferope["replaced"] is not None and 0 <= saferope["replaced"] <= 1
+    held_out = trained.recipe["held_out"]
+    assert trained.recipe["objective"] == "redirect" and held_out["unsafe_prompts"] >= 1
+    assert held_out["anchor_after"] < held_out["anchor_before"], held_out  # the held-out prompts moved to the anchor
+    assert "held-out check: erases held-out prompts:" in result["node_texts"]["train"]
