@@ -117,6 +117,10 @@ class RiskObserver(Editor):
     def mean(self, tokens: str) -> torch.Tensor | None:
         return self.total[tokens] / self.count[tokens] if tokens in self.total else None
 
+    def reset(self) -> None:
+        """Forget what was observed, before the next call."""
+        self.total, self.count = {}, {}
+
 
 class AttentionOutputCollector(Editor):
     """Attention editor that records per-head outputs of image tokens at one block; never edits."""

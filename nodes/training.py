@@ -253,9 +253,10 @@ class RotationTrainer:
         risk = {}
         with torch.no_grad():
             for text in [*pool, *self.held_out_safe]:
-                observer.total, observer.count = {}, {}
+                observer.reset()
                 velocity(observed, noise.to(device), torch.ones(1, device=device), self._prompt(text))
-                risk[text] = float(observer.mean("txt").mean())
+                text_risk = observer.mean("txt")
+                risk[text] = float(text_risk.mean()) if text_risk is not None else 0.0
         self.neighbours = sorted(pool, key=risk.get, reverse=True)[: max(1, len(pool) // 4)]
         self.held_out_safe.sort(key=risk.get, reverse=True)
 

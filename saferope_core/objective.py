@@ -12,6 +12,10 @@ the angle, so a plain D has vanishing gradients at the small angles training sta
 unlearn term: once an unsafe prompt deviates enough, only the preserve term acts. For D_safe << tol the preserve
 term is D_safe / tol: deviations below `tol` count as "unchanged" (the paper's lower level as a penalty). Batches
 alternate between unsafe and safe in runs (`batch_kind`), as in the authors' schedule.
+
+The default objective ('redirect', `redirect_gap`) replaces the unlearn step: instead of pushing the unsafe
+velocity away with no end point, it brings it to the base velocity on the prompt's anchor (the same prompt with
+the subject replaced or removed), so the pack is trained to draw the safe version.
 """
 
 from __future__ import annotations

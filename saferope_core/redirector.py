@@ -1,0 +1,142 @@
+"""Prompt redirection (SafeRedir, arXiv 2601.08623) for a FLUX-family text conditioning; no ComfyUI here.
+
+A `PromptRedirector` has two parts that work on the text conditioning [B, L, width] the transformer receives:
+- a detector: does this sample become unsafe? It fuses the prompt (its tokens), the current latent (per-channel
+  mean and spread) and the noise level: latent and noise level form a query that attends over the prompt's tokens,
+  and an MLP turns the result into a logit (the paper's ablation: text alone misses adversarial paraphrases);
+- a redirector: per token a direction (low rank, like a LoRA adapter), a scale in [0, 1] and a soft mask in [0, 1];
+  the redirected conditioning is context + mask * scale * direction, so tokens with mask 0 stay exactly as they are.
+
+Widths come from the model (T5 4096 for FLUX.1 and Chroma, Qwen/Mistral widths for FLUX.2 and Ovis), never fixed.
+Files are safetensors (the module's parameters) with versioned metadata and a content hash, validated on load.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import SafeRoPEError
+from .files import read_safetensors, save_atomic
+from .pack import content_hash
+from .shape import FAMILIES
+
+REDIRECTOR_KIND = "saferope.prompt_redirector"
+REDIRECTOR_VERSION = 1
+SIGMA_FEATURES = 16  # sinusoidal features of the noise level
+
+
+class RedirectorError(SafeRoPEError):
+    """A prompt redirector file is unreadable, damaged or made for another model."""
+
+
+@dataclass(frozen=True)
+class RedirectorConfig:
+    family: str  # the model family it was trained on (shape.FAMILIES)
+    width: int  # conditioning width (the text encoder's hidden size as the model receives it)
+    latent_channels: int  # channels of the model's latent
+    hidden: int = 256
+    rank: int = 16  # rank of the direction generator
+
+    def check(self) -> None:
+        """Raises ValueError for a config no model can use."""
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}")
+        for name in ("width", "latent_channels", "hidden", "rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65536:
+                raise ValueError(f"{name} must be a whole number from 1 to 65536, not {value!r}")
+        if self.hidden % 4:
+            raise ValueError(f"hidden must be a multiple of 4 (attention heads), not {self.hidden}")
+
+
+def sigma_features(sigma: torch.Tensor) -> torch.Tensor:
+    """[B] noise levels in [0, 1] -> [B, SIGMA_FEATURES] sines and cosines at geometric frequencies."""
+    freqs = torch.exp(torch.linspace(0, math.log(1000), SIGMA_FEATURES // 2, device=sigma.device))
+    angles = sigma.float().reshape(-1, 1) * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def latent_features(latent: torch.Tensor) -> torch.Tensor:
+    """[B, C, ...] latent -> [B, 2C]: per-channel mean and standard deviation (any spatial size)."""
+    flat = latent.float().flatten(2)
+    return torch.cat([flat.mean(-1), flat.std(-1, unbiased=False)], dim=-1)
+
+
+class PromptRedirector(nn.Module):
+    def __init__(self, config: RedirectorConfig):
+        super().__init__()
+        config.check()
+        self.config = config
+        w, h = config.width, config.hidden
+        self.text_in = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, h))
+        self.state_in = nn.Sequential(nn.Linear(2 * config.latent_channels + SIGMA_FEATURES, h), nn.SiLU())
+        self.fuse = nn.MultiheadAttention(h, 4, batch_first=True)
+        self.classify = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 1))
+        self.token_in = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, h), nn.SiLU())
+        self.direction = nn.Sequential(nn.Linear(h, config.rank, bias=False), nn.Linear(config.rank, w, bias=False))
+        self.scale = nn.Linear(h, 1)
+        self.mask = nn.Linear(h, 1)
+
+    def unsafe_logit(
+        self, context: torch.Tensor, latent: torch.Tensor, sigma: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Detector logit per sample [B] (> 0: unsafe) from the conditioning [B, L, width], the latent [B, C, ...]
+        and the noise level [B]; `valid` [B, L] (True: a token of the prompt) hides padding from the fusion."""
+        tokens = self.text_in(context.float())
+        state = self.state_in(torch.cat([latent_features(latent), sigma_features(sigma)], dim=-1))[:, None]
+        padding = None if valid is None else ~valid.bool()
+        fused, _ = self.fuse(state, tokens, tokens, key_padding_mask=padding, need_weights=False)
+        return self.classify(fused[:, 0] + state[:, 0])[:, 0]
+
+    def token_edit(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(direction [B, L, width], scale [B, L, 1], mask [B, L, 1]) per token."""
+        features = self.token_in(context.float())
+        return self.direction(features), torch.sigmoid(self.scale(features)), torch.sigmoid(self.mask(features))
+
+    def redirect(self, context: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """The redirected conditioning context + strength * mask * scale * direction, in context's dtype."""
+        direction, scale, mask = self.token_edit(context)
+        return (context.float() + strength * mask * scale * direction).to(context.dtype)
+
+    # --- files ------------------------------------------------------------------------------------------------
+
+    def save(self, path, concept: str, recipe: dict) -> None:
+        tensors = {name: t.detach().float().cpu() for name, t in self.state_dict().items()}
+        meta = {
+            "kind": REDIRECTOR_KIND,
+            "format_version": REDIRECTOR_VERSION,
+            "config": asdict(self.config),
+            "concept": concept,
+            "recipe": recipe,
+        }
+        meta["content_hash"] = content_hash(tensors, meta)
+        save_atomic(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path) -> tuple[PromptRedirector, dict]:
+        """(redirector, metadata) of a saved file; RedirectorError saying what is wrong."""
+        name = Path(path).name
+        tensors, meta = read_safetensors(path, RedirectorError)
+        if meta.get("kind") != REDIRECTOR_KIND or meta.get("format_version") != REDIRECTOR_VERSION:
+            raise RedirectorError(f"{name} is not a prompt redirector file of version {REDIRECTOR_VERSION}")
+        if meta.get("content_hash") != content_hash(tensors, meta):
+            raise RedirectorError(f"{name} was changed after it was written (content hash differs)")
+        try:
+            config = RedirectorConfig(**meta.get("config", {}))
+            model = cls(config)
+        except (TypeError, ValueError) as err:
+            raise RedirectorError(f"{name}: unusable config ({err})") from None
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        if expected != found:
+            wrong = sorted(set(expected.items()) ^ set(found.items()))[:2]
+            raise RedirectorError(f"{name}: tensors do not match its config (e.g. {wrong})")
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            raise RedirectorError(f"{name}: tensors contain NaN or Inf")
+        model.load_state_dict({k: v.float() for k, v in tensors.items()})
+        return model.eval(), meta
