@@ -140,3 +140,29 @@ class PromptRedirector(nn.Module):
             raise RedirectorError(f"{name}: tensors contain NaN or Inf")
         model.load_state_dict({k: v.float() for k, v in tensors.items()})
         return model.eval(), meta
+
+
+class Redirection:
+    """Per-sample decisions of one sampling run: a sample the detector flags is redirected, and stays redirected
+    for `cooldown` more model calls whatever the detector then says (the paper's fix for images flickering between
+    the unsafe and the safe version). Samples are keyed by the caller (batch index and CFG branch)."""
+
+    def __init__(self, redirector: PromptRedirector, strength: float = 1.0, threshold: float = 0.0, cooldown: int = 3):
+        self.redirector, self.strength, self.threshold, self.cooldown = redirector, strength, threshold, cooldown
+        self.left: dict[object, int] = {}  # sample key -> model calls it stays redirected without detection
+
+    @torch.no_grad()
+    def __call__(
+        self, keys: list, context: torch.Tensor, latent: torch.Tensor, sigma: torch.Tensor, valid=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditioning, flagged [B] bool) for one model call; `context` itself (no copy) when nothing is flagged,
+        so an unflagged call is bit-identical to the unpatched model."""
+        held = torch.tensor([self.left.get(k, 0) > 0 for k in keys], device=context.device)
+        logits = self.redirector.unsafe_logit(context, latent, sigma.expand(len(keys)), valid)
+        flagged = held | (logits > self.threshold)
+        for k, was_held, now in zip(keys, held.tolist(), flagged.tolist(), strict=True):
+            self.left[k] = self.left.get(k, 0) - 1 if was_held else (self.cooldown if now else 0)
+        if not bool(flagged.any()):
+            return context, flagged
+        redirected = self.redirector.redirect(context, self.strength)
+        return torch.where(flagged[:, None, None], redirected, context), flagged

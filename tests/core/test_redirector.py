@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from saferope_core.files import METADATA_KEY
 from saferope_core.pack import content_hash
-from saferope_core.redirector import PromptRedirector, RedirectorConfig, RedirectorError
+from saferope_core.redirector import PromptRedirector, Redirection, RedirectorConfig, RedirectorError
 
 CONFIG = RedirectorConfig("flux", width=48, latent_channels=16, hidden=32, rank=4)
 
@@ -116,3 +116,32 @@ def test_damaged_or_foreign_files_are_refused(model, tmp_path, tensors, meta, re
     rewrite(path, tensors, meta, rehash)
     with pytest.raises(RedirectorError, match=words):
         PromptRedirector.load(path)
+
+
+def test_redirection_is_identity_when_nothing_is_flagged(model):
+    context, latent, sigma = inputs()
+    out, flagged = Redirection(model, threshold=1e9)(["a", "b"], context, latent, sigma)
+    assert out is context and not flagged.any()
+
+
+def test_redirection_decides_per_sample(model):
+    context, latent, sigma = inputs()
+    with torch.no_grad():
+        logits = model.unsafe_logit(context, latent, sigma)
+    threshold = float(logits.mean())  # exactly one of the two samples is above it
+    out, flagged = Redirection(model, threshold=threshold)(["a", "b"], context, latent, sigma)
+    unsafe, safe = int(logits.argmax()), int(logits.argmin())
+    assert flagged.tolist() == [i == unsafe for i in range(2)]
+    assert torch.equal(out[safe], context[safe])  # the other sample: bit-identical
+    with torch.no_grad():
+        assert torch.equal(out[unsafe], model.redirect(context)[unsafe])
+
+
+def test_redirected_samples_stay_redirected_for_the_cooldown(model):
+    context, latent, sigma = inputs(batch=1)
+    redirection = Redirection(model, threshold=-1e9, cooldown=2)
+    assert redirection(["a"], context, latent, sigma)[1].item()  # flagged
+    redirection.threshold = 1e9  # the detector now says "safe" every time
+    held = [redirection(["a"], context, latent, sigma)[1].item() for _ in range(3)]
+    assert held == [True, True, False]  # two more calls redirected, then the detector decides again
+    assert not redirection(["b"], context, latent, sigma)[1].item()  # another sample has its own count
