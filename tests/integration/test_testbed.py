@@ -7,6 +7,7 @@ Seeded and deterministic (one torch thread); a few prompts, few sampling steps. 
 """
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -121,3 +122,44 @@ def test_redirect_objective_with_defaults_erases_green_and_keeps_other_colours(
     assert trained.recipe["objective"] == "redirect" and held_out["unsafe_prompts"] >= 1
     assert held_out["anchor_after"] < held_out["anchor_before"], held_out  # the held-out prompts moved to the anchor
     assert "held-out check: erases held-out prompts:" in result["node_texts"]["train"]
+
+
+def test_benchmark_report_merges_both_objectives_per_target(tmp_path, monkeypatch):
+    """`python -m bench.testbed benchmark` writes one table per target from its two runs (default objective with
+    every row, the other objective's SafeRoPE row), in a fixed row order, and a summary whose worst drop is the
+    largest per-value fall against the base."""
+    from bench.testbed import benchmark
+
+    monkeypatch.setattr(benchmark, "OUT_DIR", tmp_path)
+
+    def row(name, erase, per_value):
+        return {
+            "name": name,
+            "erase_target": erase,
+            "erase_paraphrase": erase,
+            "erase_compositional": erase,
+            "erase_unseen": None,
+            "replaced": 0.0,
+            "non_target_accuracy": sum(per_value.values()) / len(per_value),
+            "non_target_per_value": per_value,
+            "deviation": None if name == "base" else 0.01,
+            "build_s": None,
+            "target_object_kept": 1 - erase,
+        }
+
+    full = {"blue": 1.0, "green": 1.0}
+    runs = {
+        "redirect": [row("base", 0.0, full), row("Rand", 0.0, full), row("SafeRoPE", 0.6, {"blue": 0.9, "green": 1.0})],
+        "deviate": [row("base", 0.0, full), row("SafeRoPE", 0.3, {"blue": 1.0, "green": 0.7})],
+    }
+    for objective, rows in runs.items():
+        (tmp_path / f"bench_red_{objective}.json").write_text(json.dumps({"rows": rows}))
+    text = benchmark.report(["red"], "redirect", {"bench_red_redirect": 60.0, "bench_red_deviate": 30.0})
+    summary = [line for line in text.splitlines() if line.startswith("| red |")]
+    assert summary == [
+        "| red | SafeRoPE (redirect) | 60.0 | 60.0 | 60.0 | - | 0.0 | 10.0 |",
+        "| red | SafeRoPE (deviate) | 30.0 | 30.0 | 30.0 | - | 0.0 | 30.0 |",
+    ]
+    table = text[text.index("**red** (1.5 min)") :]
+    names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "%" not in line]
+    assert names == ["base", "Rand", "SafeRoPE (redirect)", "SafeRoPE (deviate)"]
