@@ -17,6 +17,7 @@ from .collect_nodes import (
     SaveSafeRoPEPack,
     SaveStatistics,
 )
+from .redirect_nodes import LoadPromptRedirector, RedirectUnsafePrompts, SavePromptRedirector, TrainPromptRedirector
 from .rotation_nodes import ApplyRiskRotation, LoadSafeRoPEPack
 from .safety_report import SafetyReport
 from .train_nodes import TrainRiskRotations
@@ -40,6 +41,10 @@ NODES: list[type[io.ComfyNode]] = [
     RestrictUnsafeFlow,
     SaveUVRAnchors,
     LoadUVRAnchors,
+    TrainPromptRedirector,
+    SavePromptRedirector,
+    LoadPromptRedirector,
+    RedirectUnsafePrompts,
 ]
 
 

@@ -12,6 +12,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..saferope_core import PromptSet, QKStatistics, SafeRoPEPack, SafeRoPEPackError
+from ..saferope_core.redirector import PromptRedirector
 from ..saferope_core.uvr import UVRAnchors
 from .errors import SafeRoPEInputError
 from .flux_adapter import NotFluxError, model_shape
@@ -21,6 +22,7 @@ Pack = io.Custom("SAFEROPE_PACK")  # a pack, or the untrained subspaces Build Su
 Statistics = io.Custom("SAFEROPE_STATS")  # q/k statistics collected by Collect Q/K
 Prompts = io.Custom("SAFEROPE_PROMPTS")  # a prompt set: unsafe prompts with subjects, safe prompts
 Anchors = io.Custom("UVR_ANCHORS")  # UVR anchors collected by Collect UVR Anchors
+Redirector = io.Custom("SAFEROPE_REDIRECTOR")  # a prompt redirector (detector + token-wise redirection)
 
 MAX_SEED = 2**31 - 1
 MAX_NAME = 120  # characters of a file name the nodes write
@@ -68,6 +70,10 @@ SOCKETS = {
     "SAFEROPE_STATS": (lambda v: isinstance(v, QKStatistics), "statistics (Collect Q/K or Load Statistics)"),
     "SAFEROPE_PROMPTS": (lambda v: isinstance(v, PromptSet), "a prompt set (SafeRoPE Prompt Set)"),
     "UVR_ANCHORS": (lambda v: isinstance(v, UVRAnchors), "UVR anchors (Collect or Load UVR Anchors)"),
+    "SAFEROPE_REDIRECTOR": (
+        lambda v: isinstance(v, PromptRedirector),
+        "a prompt redirector (Train or Load Prompt Redirector)",
+    ),
 }
 
 

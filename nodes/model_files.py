@@ -16,7 +16,8 @@ FOLDER = "saferope"  # packs (trained, or untrained subspaces)
 STATS_FOLDER = "saferope_statistics"  # collected q/k statistics
 TRAINING_FOLDER = "saferope_training"  # resumable training checkpoints
 ANCHORS_FOLDER = "saferope_anchors"  # UVR anchors
-FOLDERS = (FOLDER, STATS_FOLDER, TRAINING_FOLDER, ANCHORS_FOLDER)
+REDIRECTOR_FOLDER = "saferope_redirectors"  # prompt redirectors
+FOLDERS = (FOLDER, STATS_FOLDER, TRAINING_FOLDER, ANCHORS_FOLDER, REDIRECTOR_FOLDER)
 EXTENSIONS = {".safetensors"}
 
 

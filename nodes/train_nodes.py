@@ -42,8 +42,10 @@ class TrainRiskRotations(io.ComfyNode):
             display_name=cls.NODE,
             category="SafeRoPE/Collect & Train",
             description="Trains the rotations of an untrained pack (from Build Subspaces) on this model: unsafe "
-            "prompts are pushed away from what the model would draw, safe prompts (and optional safe "
-            "images with captions) are kept unchanged; only the rotations learn, the model is frozen. "
+            "prompts are trained to draw their anchor (the Prompt Set's safe counterpart) instead, or with the "
+            "'deviate' objective pushed away from what the model would draw; safe prompts (and optional safe "
+            "images with captions) are kept unchanged; only the rotations learn, the model is frozen. Ends "
+            "with a check on held-out prompts. "
             "Writes a checkpoint to models/saferope_training every checkpoint_every steps; with resume "
             "on, a stopped run continues where it stopped.",
             inputs=[

@@ -212,6 +212,24 @@ def load_checkpoint(path, state: TrainingState, recipe: TrainingRecipe, subspace
     state.step = int(meta["step"])
 
 
+def run_steps(state: TrainingState, recipe, step, checkpoint: tuple, on_step=None, should_stop=None) -> None:
+    """Optimise until `recipe.steps`: `step(index)` gives (loss, the figure to log, kind); `checkpoint` is (path or
+    None, every how many steps, the run's id), also written at the last step; `should_stop` raises to cancel."""
+    path, every, run_id = checkpoint
+    while state.step < recipe.steps:
+        if should_stop is not None:
+            should_stop()
+        loss, figure, kind = step(state.step)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        state.step += 1
+        if on_step is not None:
+            on_step(state.step, kind, figure, float(loss.detach()))
+        if path and (state.step % every == 0 or state.step == recipe.steps):
+            save_checkpoint(path, state, recipe, run_id)
+
+
 @dataclass
 class TrainingData:
     prompts: PromptSet
@@ -334,19 +352,13 @@ class RotationTrainer:
             def rot(x, s, p):
                 return velocity(rotated, x, s, p, options=train_opts)
 
-            while state.step < recipe.steps:
-                if should_stop is not None:
-                    should_stop()
-                kind, prompt, anchor, noise, sigma, clean = self._batch(state.step, device)
+            def step(index):
+                kind, prompt, anchor, noise, sigma, clean = self._batch(index, device)
                 loss, dev = self._loss(kind, prompt, anchor, noise, sigma, clean, base, rot)
-                state.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                state.optimizer.step()
-                state.step += 1
-                if on_step is not None:
-                    on_step(state.step, kind, float(dev.detach().mean()), float(loss.detach()))
-                if checkpoint_path and (state.step % checkpoint_every == 0 or state.step == recipe.steps):
-                    save_checkpoint(checkpoint_path, state, recipe, self.subspaces_id)
+                return loss, float(dev.detach().mean()), kind
+
+            checkpoint = (checkpoint_path, checkpoint_every, self.subspaces_id)
+            run_steps(state, recipe, step, checkpoint, on_step, should_stop)
             noise = torch.randn((1, *self.data.latent_size), generator=torch.Generator().manual_seed(recipe.seed + 1))
             self.report = held_out_report(
                 recipe.objective,

