@@ -108,6 +108,9 @@ def cmd_erase(a) -> None:
         uvr_threshold=a.uvr_threshold,
         uvr_sigma_start=a.uvr_sigma_start,
         skip_uvr=a.skip_uvr,
+        redirector_steps=a.redirector_steps,
+        redirector_lr=a.redirector_lr,
+        skip_redirector=a.skip_redirector,
     )
     start = time.perf_counter()
     result, _, trained = erase.run(s, model=_load_model(a.model))
@@ -269,6 +272,9 @@ def main(argv=None) -> None:
     e.add_argument("--uvr-threshold", type=float, default=-1.0, help="-1: the anchors' calibrated threshold")
     e.add_argument("--uvr-sigma-start", type=float, default=0.85, help="Restrict Unsafe Flow sigma_start")
     e.add_argument("--skip-uvr", action="store_true", help="skip the UVR rows")
+    e.add_argument("--redirector-steps", type=int, default=400, help="Train Prompt Redirector steps")
+    e.add_argument("--redirector-lr", type=float, default=1e-3, help="Train Prompt Redirector learning_rate")
+    e.add_argument("--skip-redirector", action="store_true", help="skip the prompt redirector rows")
     e.add_argument("--save-pack", action="store_true", help="also write the trained pack to bench/out/testbed")
     e.add_argument("--name", default="", help="result file name (default erase_<target>)")
     e.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")

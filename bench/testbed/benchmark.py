@@ -2,7 +2,8 @@
 
 For each target (the six colours and the patterns striped and dotted) it runs the erase benchmark twice with the
 nodes' defaults, each in its own process (one torch thread, `--jobs` at a time): once with the default objective
-(rows base, Rand, SafeRoPE, UVR, SafeRoPE + UVR) and once with the other objective (its SafeRoPE row only). It then
+(rows base, Rand, SafeRoPE, UVR, SafeRoPE + UVR, and the prompt
+redirector alone, with SafeRoPE, and with both) and once with the other objective (its SafeRoPE row only). It then
 writes one table per target and a summary over targets to bench/out/testbed/<name>.md (results JSON beside it).
 """
 
@@ -28,7 +29,7 @@ def _runs(targets, default: str) -> list[tuple[str, str, list[str]]]:
         runs.append((target, f"bench_{target}_{default}", ["--target", target, "--objective", default]))
         for other in OBJECTIVES:
             if other != default:
-                args = ["--target", target, "--objective", other, "--skip-rand", "--skip-uvr"]
+                args = ["--target", target, "--objective", other, "--skip-rand", "--skip-uvr", "--skip-redirector"]
                 runs.append((target, f"bench_{target}_{other}", args))
     return runs
 

@@ -95,6 +95,10 @@ class EraseSettings:
     uvr_threshold: float = -1.0  # -1: the anchors' calibrated threshold
     uvr_sigma_start: float = 0.85
     skip_uvr: bool = False
+    # prompt redirection (Train Prompt Redirector -> Redirect Unsafe Prompts); the rows: alone, + SafeRoPE, all three
+    redirector_steps: int = 400
+    redirector_lr: float = 1e-3
+    skip_redirector: bool = False
 
 
 def _other_attributes(attribute: str) -> list[str]:
@@ -274,6 +278,31 @@ def build_uvr(model, clip, prompts, s: EraseSettings, nodes, log=print):
     return anchors, time.perf_counter() - t0, report
 
 
+def build_redirector(model, clip, prompts, s: EraseSettings, nodes, log=print):
+    """Train Prompt Redirector on the same Prompt Set (anchors: the target word removed): (redirector, seconds)."""
+    import folder_paths
+
+    training_dir = OUT_DIR / "training"
+    folder_paths.add_model_folder_path(nodes.model_files.TRAINING_FOLDER, str(training_dir), is_default=True)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        redirector, report = nodes.redirect_nodes.TrainPromptRedirector.execute(
+            model,
+            clip,
+            prompts,
+            s.redirector_steps,
+            s.redirector_lr,
+            s.seed,
+            world.COMFY_SIZE,
+            world.COMFY_SIZE,
+            f"testbed_redirector_{s.target}_{s.seed}",
+            max(s.redirector_steps, 1),
+            False,
+        )
+    log(report)
+    return redirector, time.perf_counter() - t0, report
+
+
 def random_pack(trained, seed: int):
     """The Rand baseline: same blocks, heads and bases; W random with ||W - W^T|| equal to the trained one's, per
     head and token type."""
@@ -399,6 +428,22 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
             with torch.inference_mode():
                 (restricted,) = restrict(guarded, anchors, s.uvr_strength, s.uvr_threshold, s.uvr_sigma_start, -1)
             res, dev = evaluate(restricted, conditioner, fam, s, base_res["non_target"])
+            rows_in.append((name, res, dev, extra_s + seconds))
+    if not s.skip_redirector:  # the redirector is trained on the base model and guards every stack
+        redirector, seconds, texts["redirector"] = build_redirector(model, clip, prompts, s, nodes, log)
+        redirect = nodes.redirect_nodes.RedirectUnsafePrompts.execute
+        stacks = [("Redirector", model, 0.0), ("Redirector + SafeRoPE", safe_model, timings["build_s"])]
+        if not s.skip_uvr:
+            anchors, uvr_s, _ = build_uvr(safe_model, clip, prompts, s, nodes, log)
+            with torch.inference_mode():
+                (all_three,) = nodes.uvr_nodes.RestrictUnsafeFlow.execute(
+                    safe_model, anchors, s.uvr_strength, s.uvr_threshold, s.uvr_sigma_start, -1
+                )
+            stacks.append(("Redirector + SafeRoPE + UVR", all_three, timings["build_s"] + uvr_s))
+        for name, guarded, extra_s in stacks:
+            with torch.inference_mode():
+                (redirected,) = redirect(guarded, redirector, 1.0, 0.0, 3)
+            res, dev = evaluate(redirected, conditioner, fam, s, base_res["non_target"])
             rows_in.append((name, res, dev, extra_s + seconds))
 
     rows = [

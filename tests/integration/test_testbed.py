@@ -58,6 +58,7 @@ def test_deviate_objective_erases_red_and_keeps_other_colours(comfy, pack, one_t
         objective="deviate",
         skip_rand=True,
         skip_uvr=True,
+        skip_redirector=True,
     )
     result, images, trained = erase.run(settings, model=base_model.load(), clip=minilm_clip(), log=lambda *_: None)
     print(result["table"])
@@ -108,6 +109,7 @@ def test_redirect_objective_with_defaults_erases_green_and_keeps_other_colours(
         safe_images=24,
         skip_rand=True,
         skip_uvr=True,
+        skip_redirector=True,
     )
     assert settings.objective == pack.nodes.train_nodes.DEFAULT_OBJECTIVE == "redirect"
     result, _, trained = erase.run(settings, model=base_model.load(), clip=minilm_clip(), log=lambda *_: None)
