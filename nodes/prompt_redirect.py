@@ -125,6 +125,7 @@ class RedirectorTrainer:
         )
         self.config = config
         self._encoded: dict[str, EncodedPrompt] = {}
+        self.steps_done = 0
         self.run_id = content_hash({}, {"config": asdict(config), "unsafe": [p.text for p in prompts.unsafe]})
 
     def _prompt(self, text: str) -> EncodedPrompt:
@@ -159,6 +160,7 @@ class RedirectorTrainer:
                 return self._step(index, device, redirector, base, redirected)
 
             run_steps(state, recipe, step, (checkpoint_path, checkpoint_every, self.run_id), on_step, should_stop)
+        self.steps_done = state.step  # a resumed checkpoint of a longer run holds more steps than this run asked
         return redirector.cpu().eval()
 
     def _step(self, step, device, redirector, base, redirected):

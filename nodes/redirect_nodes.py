@@ -134,7 +134,7 @@ class TrainPromptRedirector(io.ComfyNode):
             raise SafeRoPEInputError(cls.NODE, "run_name", str(err), "Use a new run_name or turn resume off") from None
         redirector.meta = {
             "concept": prompts.concept,
-            "recipe": {**recipe.to_dict(), "steps": max(steps, len(history))},
+            "recipe": {**recipe.to_dict(), "steps": max(steps, trainer.steps_done)},
         }
         return io.NodeOutput(redirector, summarize(history, checkpoint))
 
