@@ -42,9 +42,8 @@ WRAPPER_KEY = "saferope_prompt_redirect"
 
 
 class RedirectWrapper:
-    """APPLY_MODEL wrapper: redirect the conditioning of the samples the detector flags."""
-
-    keeps_run_state = True
+    """APPLY_MODEL wrapper: redirect the conditioning of the samples the detector flags. Its per-run state (the
+    cool-down counts) comes from `new_run_state` through the OUTER_SAMPLE RunStateWrapper, keyed by id(self)."""
 
     def __init__(self, redirector: PromptRedirector, strength: float, threshold: float, cooldown: int):
         self.redirector, self.strength, self.threshold, self.cooldown = redirector, strength, threshold, cooldown
