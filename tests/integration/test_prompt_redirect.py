@@ -202,3 +202,33 @@ def test_training_resumes_to_the_same_redirector(pack, tiny, tmp_path):
     with pytest.raises(n.errors.SafeRoPEInputError) as err:
         train(4, "split", prompt_set=other)
     assert err.value.input_name == "run_name"
+
+
+def test_cooldown_lives_within_one_sampling_run(pack, tiny, monkeypatch):
+    """Through a real sampler (5 Euler steps, cfg 1): a sample flagged at the last step of one run would stay
+    redirected for `cooldown` more calls, but the next run starts with a fresh state; within a run, a flag at the
+    first step holds for the cool-down."""
+    from bench.testbed import sampling
+
+    model, clip = tiny["model"], tiny["clip"]
+    redirector = redirector_for(pack, model)
+    script, redirected = [], []
+    original = redirector.redirect
+    monkeypatch.setattr(
+        redirector, "unsafe_logit", lambda context, *a, **k: torch.full((context.shape[0],), script.pop(0))
+    )
+    monkeypatch.setattr(redirector, "redirect", lambda context, *a: redirected.append(1) or original(context, *a))
+    guarded = apply(pack, model, redirector, threshold=0.0, cooldown=2)
+    positive = pack.nodes.model_calls.encode_prompt(clip, "a red car").conditioning
+    negative = pack.nodes.model_calls.encode_prompt(clip, "").conditioning
+
+    def run(logits):
+        script[:] = logits
+        redirected.clear()
+        sampling.generate(guarded, positive, negative, 1, 0, 5)
+        assert script == [], "one detector call per step"
+        return len(redirected)
+
+    assert run([10.0, -10.0, -10.0, -10.0, -10.0]) == 3  # flagged at step 1, held for 2 more
+    assert run([-10.0, -10.0, -10.0, -10.0, 10.0]) == 1  # flagged at the last step
+    assert run([-10.0] * 5) == 0  # a new run: nothing carried over
