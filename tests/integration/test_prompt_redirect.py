@@ -87,18 +87,38 @@ def test_samples_are_decided_one_by_one(pack, tiny):
     assert not torch.equal(out[flagged], plain[flagged])
 
 
-def test_stacks_with_rotation_and_uvr_in_any_order(pack, tiny):
+def every_patch_anchors(pack, model):
+    """UVR anchors for the tiny model whose threshold flags every patch (so the restriction shows)."""
+    core = pack.saferope_core
+    shape = pack.nodes.flux_adapter.model_shape(model)
+    directions = torch.nn.functional.normalize(torch.randn(shape.heads, 2, shape.head_dim), dim=-1)
+    zeros = torch.zeros(shape.heads, shape.head_dim)
+    return core.uvr.UVRAnchors(shape, "single.0", directions, zeros, -0.99, 0.85, ["x"])
+
+
+@pytest.mark.parametrize("other", ["rotation", "uvr"])
+def test_stacks_with_rotation_and_uvr_in_any_order(pack, tiny, other):
     model, clip = tiny["model"], tiny["clip"]
     n = pack.nodes
     redirector = redirector_for(pack, model)
-    rotation = random_rotation(pack, model)
-    rotated = run_node(n.ApplyRiskRotation.execute, model, rotation, 1.0, "both")[0]
+    if other == "rotation":
+        rotation = random_rotation(pack, model)
+
+        def patch(m):
+            return run_node(n.ApplyRiskRotation.execute, m, rotation, 1.0, "both")[0]
+    else:
+        anchors = every_patch_anchors(pack, model)
+
+        def patch(m):
+            return run_node(n.RestrictUnsafeFlow.execute, m, anchors, 1.0, -0.99, 0.5, -1)[0]
+
     texts = ["a photo of a cat"]
-    first = denoised(pack, apply(pack, rotated, redirector, threshold=-20.0), clip, texts)
+    first = denoised(pack, apply(pack, patch(model), redirector, threshold=-20.0), clip, texts)
     redirected = apply(pack, model, redirector, threshold=-20.0)
-    second = denoised(pack, run_node(n.ApplyRiskRotation.execute, redirected, rotation, 1.0, "both")[0], clip, texts)
+    second = denoised(pack, patch(redirected), clip, texts)
     assert torch.equal(first, second)
-    assert not torch.equal(first, denoised(pack, rotated, clip, texts))
+    assert not torch.equal(denoised(pack, patch(model), clip, texts), denoised(pack, model, clip, texts))  # it acts
+    assert not torch.equal(first, denoised(pack, patch(model), clip, texts))
     assert not torch.equal(first, denoised(pack, redirected, clip, texts))
 
 
