@@ -23,7 +23,7 @@ import comfy.patcher_extension
 import torch
 import torch.nn.functional as F
 
-from ..saferope_core import PromptSet, redirect_gap
+from ..saferope_core import PromptSet, noised_latent, one_step_clean, redirect_gap
 from ..saferope_core.pack import content_hash
 from ..saferope_core.redirector import PromptRedirector, Redirection, RedirectorConfig
 from .flux_adapter import RUN_STATES, RunStateWrapper, call_options, flux_model, model_family
@@ -160,7 +160,7 @@ class RedirectorTrainer:
 
             run_steps(state, recipe, step, (checkpoint_path, checkpoint_every, self.run_id), on_step, should_stop)
         self.steps_done = state.step  # a resumed checkpoint of a longer run holds more steps than this run asked
-        return redirector.cpu().eval()
+        return redirector.cpu().train(False)
 
     def _step(self, step, device, redirector, base, redirected):
         """(loss, logged figure, kind) of one step; unsafe and safe steps alternate."""
@@ -169,13 +169,9 @@ class RedirectorTrainer:
         g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
         noise = torch.randn((1, *self.latent_size), generator=g).to(device)
         sigma = torch.tensor([recipe.sigma_min + (1 - recipe.sigma_min) * rng.random()], device=device)
-        one = torch.ones(1, device=device)
 
         def on_path(prompt):
-            with torch.no_grad():
-                clean = noise - base(noise, one, prompt)
-            s = sigma.reshape(-1, *([1] * (noise.ndim - 1)))
-            return (1 - s) * clean + s * noise
+            return noised_latent(noise, sigma, one_step_clean(base, noise, prompt))
 
         def detect(prompt, x, label):
             logit = redirector.unsafe_logit(prompt.context.to(device), x, sigma)

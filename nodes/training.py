@@ -31,6 +31,7 @@ from ..saferope_core import (
     TrainingRecipe,
     batch_kind,
     deviation,
+    one_step_clean,
     preserve_loss,
     redirect_gap,
     redirect_loss,
@@ -304,24 +305,17 @@ class RotationTrainer:
         sigma = torch.tensor([self.recipe.sigma_min + (1 - self.recipe.sigma_min) * rng.random()], device=device)
         return kind, self._prompt(text), anchor, noise, sigma, clean
 
-    @staticmethod
-    def _on_path(base, noise, prompt):
-        """A prompt's own one-step guess of the clean latent from pure noise (no gradient), so that x_t lies on
-        the path the model takes for that prompt at every noise level, not only at pure noise."""
-        with torch.no_grad():
-            return noise - base(noise, torch.ones(1, device=noise.device), prompt)
-
     def _loss(self, kind, prompt, anchor, noise, sigma, clean, base, rot):
         """(loss, the logged figure) of one step: for unsafe prompts the redirect gap (1 at the start, 0 when the
         anchor is drawn) or the deviation (x_t = noise, as in the paper); for safe ones the deviation from the
         base, on the safe image's path or on the prompt's own."""
         recipe = self.recipe
         if kind == "unsafe" and recipe.objective == "redirect":
-            on_anchor_path = self._on_path(base, noise, anchor)
+            on_anchor_path = one_step_clean(base, noise, anchor)
             gap = redirect_gap(base, rot, prompt, anchor, noise, sigma, on_anchor_path, recipe.sideways_weight)
             return redirect_loss(gap, recipe), gap
         if kind == "safe" and clean is None:
-            clean = self._on_path(base, noise, prompt)
+            clean = one_step_clean(base, noise, prompt)  # the prompt's own path
         dev = deviation(base, rot, prompt, noise, sigma, clean)
         return (unlearn_loss(dev, recipe) if kind == "unsafe" else preserve_loss(dev, recipe)), dev
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .objective import Velocity, noised_latent, relative_deviation
+from .objective import Velocity, noised_latent, one_step_clean, relative_deviation
 
 REPORT_SIGMAS = (1.0, 0.7, 0.4)
 # Verdict thresholds, measured on the offline testbed (bench/testbed): an erased prompt draws something else once
@@ -84,7 +84,7 @@ def held_out_report(
     latent from pure noise, noised again to each of REPORT_SIGMAS."""
 
     def points(cond):
-        clean = noise - base(noise, torch.ones(1, device=noise.device), cond)
+        clean = one_step_clean(base, noise, cond)
         for s in REPORT_SIGMAS:
             sigma = torch.full((1,), s, device=noise.device)
             yield noised_latent(noise, sigma, clean), sigma

@@ -64,6 +64,13 @@ def noised_latent(noise: torch.Tensor, sigma: torch.Tensor, clean: torch.Tensor 
     return (1 - s) * clean + s * noise
 
 
+def one_step_clean(base: Velocity, noise: torch.Tensor, cond) -> torch.Tensor:
+    """A prompt's own one-step guess of the clean latent from pure noise (no gradient): noised again with
+    `noised_latent`, it gives points on the path the model takes for that prompt at every noise level."""
+    with torch.no_grad():
+        return noise - base(noise, torch.ones(noise.shape[0], device=noise.device), cond)
+
+
 def deviation(
     base: Velocity, rotated: Velocity, cond, noise: torch.Tensor, sigma: torch.Tensor, clean: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -139,7 +139,7 @@ class PromptRedirector(nn.Module):
         if not all(torch.isfinite(t).all() for t in tensors.values()):
             raise RedirectorError(f"{name}: tensors contain NaN or Inf")
         model.load_state_dict({k: v.float() for k, v in tensors.items()})
-        return model.eval(), meta
+        return model.train(False), meta
 
 
 class Redirection:
