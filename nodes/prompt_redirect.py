@@ -8,9 +8,10 @@ and the trainer of a redirector on a frozen model.
   the start of a sampling run to its end (an OUTER_SAMPLE wrapper, like UVR's state), so no run sees another's.
 - `RedirectorTrainer` (Train Prompt Redirector): the model stays frozen and is never copied; only the redirector
   learns. Unsafe steps: the model's velocity with the redirected conditioning of an unsafe prompt is brought to the
-  base velocity on its anchor (same latent, same noise level, along the anchor's path), and the detector learns
-  "unsafe" for it and "safe" for its anchor. Safe steps: the redirector leaves the safe prompt's conditioning as it is,
-  and the detector learns "safe". Checkpoints and resume as Train Risk Rotations.
+  base velocity on its anchor (same latent, same noise level, along the anchor's path). The detector learns what
+  makes a sample unsafe: the unsafe prompt on either path, or any prompt on the unsafe prompt's own path (the image
+  is becoming the concept), and "safe" for the anchor on its own path. Safe steps: the redirector leaves the safe
+  prompt's conditioning as it is, and the detector learns "safe". Checkpoints and resume as Train Risk Rotations.
 """
 
 from __future__ import annotations
@@ -183,7 +184,9 @@ class RedirectorTrainer:
             x = on_path(anchor)
             gap = redirect_gap(base, redirected, prompt, anchor, x, sigma)  # x is already on the path
             loss = torch.log(1e-3 + gap).mean()
-            loss = loss + recipe.detect_weight * (detect(prompt, x, 1.0) + detect(anchor, x, 0.0))
+            x_unsafe = on_path(prompt)  # where the unsafe prompt's own sampling goes
+            unsafe_cases = detect(prompt, x, 1.0) + detect(prompt, x_unsafe, 1.0) + detect(anchor, x_unsafe, 1.0)
+            loss = loss + recipe.detect_weight * (unsafe_cases + detect(anchor, x, 0.0))
             return loss, float(gap.detach().mean()), "unsafe"
         prompt = self._prompt(rng.choice(self.prompts.safe))
         x = on_path(prompt)

@@ -3,7 +3,8 @@
 A `PromptRedirector` has two parts that work on the text conditioning [B, L, width] the transformer receives:
 - a detector: does this sample become unsafe? It fuses the prompt (its tokens), the current latent (per-channel
   mean and spread) and the noise level: latent and noise level form a query that attends over the prompt's tokens,
-  and an MLP turns the result into a logit (the paper's ablation: text alone misses adversarial paraphrases);
+  and an MLP turns the result into a logit (the paper's ablation: text alone misses adversarial paraphrases;
+  `detector="text"` is that ablation: latent and noise level are ignored);
 - a redirector: per token a direction (low rank, like a LoRA adapter), a scale in [0, 1] and a soft mask in [0, 1];
   the redirected conditioning is context + mask * scale * direction, so tokens with mask 0 stay exactly as they are.
 
@@ -28,6 +29,7 @@ from .shape import FAMILIES
 REDIRECTOR_KIND = "saferope.prompt_redirector"
 REDIRECTOR_VERSION = 1
 SIGMA_FEATURES = 16  # sinusoidal features of the noise level
+DETECTORS = ("fused", "text")
 
 
 class RedirectorError(SafeRoPEError):
@@ -41,6 +43,7 @@ class RedirectorConfig:
     latent_channels: int  # channels of the model's latent
     hidden: int = 256
     rank: int = 16  # rank of the direction generator
+    detector: str = "fused"  # "fused": prompt + latent + noise level; "text": the prompt alone (the ablation)
 
     def check(self) -> None:
         """Raises ValueError for a config no model can use."""
@@ -50,6 +53,8 @@ class RedirectorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65536:
                 raise ValueError(f"{name} must be a whole number from 1 to 65536, not {value!r}")
+        if self.detector not in DETECTORS:
+            raise ValueError(f"detector must be one of {', '.join(DETECTORS)}, not {self.detector!r}")
         if self.hidden % 4:
             raise ValueError(f"hidden must be a multiple of 4 (attention heads), not {self.hidden}")
 
@@ -88,7 +93,10 @@ class PromptRedirector(nn.Module):
         """Detector logit per sample [B] (> 0: unsafe) from the conditioning [B, L, width], the latent [B, C, ...]
         and the noise level [B]; `valid` [B, L] (True: a token of the prompt) hides padding from the fusion."""
         tokens = self.text_in(context.float())
-        state = self.state_in(torch.cat([latent_features(latent), sigma_features(sigma)], dim=-1))[:, None]
+        features = torch.cat([latent_features(latent), sigma_features(sigma)], dim=-1)
+        if self.config.detector == "text":  # the prompt alone decides: a constant query
+            features = torch.zeros_like(features)
+        state = self.state_in(features)[:, None]
         padding = None if valid is None else ~valid.bool()
         fused, _ = self.fuse(state, tokens, tokens, key_padding_mask=padding, need_weights=False)
         return self.classify(fused[:, 0] + state[:, 0])[:, 0]

@@ -220,6 +220,8 @@ FAMILY = {
 }
 PACK_FOLDER = "saferope"  # the models folder of packs (nodes/model_files.py FOLDER)
 ANCHORS_FOLDER = "saferope_anchors"  # the models folder Save UVR Anchors writes to and Load UVR Anchors lists
+REDIRECTOR_FOLDER = "saferope_redirectors"  # the models folder of Save / Load Prompt Redirector
+MADE_FOLDERS = (PACK_FOLDER, ANCHORS_FOLDER, REDIRECTOR_FOLDER)  # files made with build_a_pack, not downloaded
 # Which widget of a loader names a file, and the models folder it lives in (LoadImage: ComfyUI/input).
 FILE_WIDGETS = {
     ("UNETLoader", "unet_name"): "diffusion_models",
@@ -229,10 +231,12 @@ FILE_WIDGETS = {
     ("VAELoader", "vae_name"): "vae",
     ("LoadSafeRoPEPack", "pack_name"): PACK_FOLDER,
     ("LoadUVRAnchors", "name"): ANCHORS_FOLDER,
+    ("LoadPromptRedirector", "name"): REDIRECTOR_FOLDER,
     ("LoadImage", "image"): "input",
 }
 PACK_FILE = "nudity.safetensors"  # what build_a_pack.json saves and the FLUX.1 workflows load
 ANCHORS_FILE = "nudity_uvr_anchors.safetensors"  # the UVR anchors build_a_pack.json saves, likewise
+REDIRECTOR_FILE = "nudity_redirector.safetensors"  # the prompt redirector build_a_pack.json saves, likewise
 FLUX2_PACK_FILE = "flux2_nudity.safetensors"  # build_a_pack run on FLUX.2, saved under this name
 FLUX2_ANCHORS_FILE = "flux2_nudity_uvr_anchors.safetensors"  # likewise for its UVR anchors
 CHROMA_PACK_FILE = "chroma_nudity.safetensors"  # build_a_pack run on Chroma, saved under this name
@@ -561,6 +565,20 @@ block the anchors were collected at: single block {block} of 38, as in the paper
 flagged patches in the other blocks, so the concept cannot be assembled there. `threshold` -1 = the anchors'
 calibrated threshold; `strength` 0 turns it off. Later steps, and images with nothing flagged, run untouched.
 """
+REDIRECT_NOTE = """
+## Redirect Unsafe Prompts (SafeRedir): draws the safe version
+
+**Load Prompt Redirector** reads `ComfyUI/models/{redirector_folder}/{redirector}`. Train it once with the
+**build_a_pack** workflow's *Prompt redirector* group (Train Prompt Redirector -> Save Prompt Redirector, on the same
+Prompt Set: the anchors say what is drawn instead).
+
+**Redirect Unsafe Prompts** returns a patched copy of the model. At every step, per image, its detector reads the
+prompt, the latent and the noise level; for a flagged image only the unsafe words' conditioning is moved towards
+the anchor, so the image shows the safe version instead of a blank. Images with nothing flagged run exactly as
+without it. `strength` 1 = as trained (0 turns it off); `threshold` 0 = detector probability 0.5 (lower catches
+more); a flagged image stays redirected for `cooldown` steps. It stacks with Apply Risk Rotation and Restrict Unsafe
+Flow in any order: add a SafeRoPE pack in front of it to catch paraphrases too.
+"""
 KONTEXT_UVR_NOTE = """
 ## UVR on Kontext: also what comes from the reference image
 
@@ -638,10 +656,23 @@ def load_and_restrict_flow(wf: Workflow, model: Node, x: int, y: int, anchors_fi
     return restrict
 
 
-def text_to_image(wf: Workflow, unet: str, steps: int, guidance: float | None, uvr: bool = False) -> None:
-    """FLUX text to image guarded by a SafeRoPE pack, or (uvr) by Restrict Unsafe Flow alone."""
+def load_and_redirect(wf: Workflow, model: Node, x: int, y: int, redirector_file: str = REDIRECTOR_FILE) -> Node:
+    redirector = wf.add("LoadPromptRedirector", (x, y), name=redirector_file)
+    redirect = wf.add("RedirectUnsafePrompts", (x, y + 120), strength=1.0, threshold=0.0, cooldown=3)
+    wf.connect(model, "MODEL", redirect, "model")
+    wf.connect(redirector, "SAFEROPE_REDIRECTOR", redirect, "redirector")
+    wf.group("Prompt redirection", [redirector, redirect], color="#8A8")
+    return redirect
+
+
+GUARDS = {"pack": load_and_apply_pack, "uvr": load_and_restrict_flow, "redirector": load_and_redirect}
+
+
+def text_to_image(wf: Workflow, unet: str, steps: int, guidance: float | None, guard: str = "pack") -> None:
+    """FLUX text to image guarded by one of the pack's guards: a SafeRoPE pack, Restrict Unsafe Flow (uvr) or
+    Redirect Unsafe Prompts (redirector)."""
     model, clip, vae = load_models(wf, unet)
-    patched = load_and_restrict_flow(wf, model, 400, 0) if uvr else load_and_apply_pack(wf, model, 400, 0)
+    patched = GUARDS[guard](wf, model, 400, 0)
     text = wf.add("CLIPTextEncode", (800, 0), text=FLUX_T2I_PROMPT, size=(360, 180))
     wf.connect(clip, "CLIP", text, "clip")
     positive = text
@@ -679,22 +710,23 @@ def text_to_image(wf: Workflow, unet: str, steps: int, guidance: float | None, u
         if guidance is None
         else "FLUX.1 [dev] uses guidance (FluxGuidance 3.5) with cfg 1: the negative prompt is zeroed.\n"
     )
-    if uvr:
-        wf.note(
-            (800, 620),
-            (760, 330),
+    title, text = {
+        "pack": ("SafeRoPE pack", PACK_NOTE.format(pack=PACK_FILE)),
+        "uvr": (
             "Restrict Unsafe Flow (UVR)",
             UVR_NOTE.format(
                 anchors=ANCHORS_FILE,
                 anchors_folder=ANCHORS_FOLDER,
                 sigma_start=UVR_SIGMA_START,
                 block=UVR_DETECTION_BLOCK,
-            )
-            + "\n"
-            + extra,
-        )
-    else:
-        wf.note((800, 620), (760, 330), "SafeRoPE pack", PACK_NOTE.format(pack=PACK_FILE) + "\n" + extra)
+            ),
+        ),
+        "redirector": (
+            "Redirect Unsafe Prompts",
+            REDIRECT_NOTE.format(redirector=REDIRECTOR_FILE, redirector_folder=REDIRECTOR_FOLDER),
+        ),
+    }[guard]
+    wf.note((800, 620), (760, 330), title, text + "\n" + extra)
 
 
 def kontext_edit(wf: Workflow) -> None:
@@ -851,12 +883,35 @@ def build_a_pack(wf: Workflow) -> None:
     wf.connect(collect_uvr, "anchors", save_uvr, "anchors")
     show_uvr = wf.add("PreviewAny", (400, 1280), size=(360, 220), title="Anchors report")
     wf.connect(collect_uvr, "report", show_uvr, "source")
+    train_redirector = wf.add(
+        "TrainPromptRedirector",
+        (800, 1120),
+        steps=400,
+        learning_rate=0.001,
+        seed=0,
+        control_after_generate="fixed",
+        width=512,
+        height=512,
+        run_name=REDIRECTOR_FILE.removesuffix(".safetensors"),
+        checkpoint_every=100,
+        resume=True,
+    )
+    wf.connect(model, "MODEL", train_redirector, "model")
+    wf.connect(clip, "CLIP", train_redirector, "clip")
+    wf.connect(prompts, "prompts", train_redirector, "prompts")
+    save_redirector = wf.add(
+        "SavePromptRedirector", (1200, 1120), name=REDIRECTOR_FILE.removesuffix(".safetensors"), overwrite=False
+    )
+    wf.connect(train_redirector, "SAFEROPE_REDIRECTOR", save_redirector, "redirector")
+    show_redirector = wf.add("PreviewAny", (1200, 1280), size=(360, 220), title="Redirector training log")
+    wf.connect(train_redirector, "log", show_redirector, "source")
     wf.group("Prompts", [prompts], color="#8A8")
     wf.group("Collect & Train", [collect, save_stats, build, train, save], color="#8A8")
     wf.group("UVR anchors (no training)", [collect_uvr, save_uvr, show_uvr], color="#8A8")
+    wf.group("Prompt redirector (SafeRedir)", [train_redirector, save_redirector, show_redirector], color="#8A8")
     wf.note(
         (-820, 0),
-        (760, 700),
+        (760, 820),
         "How to build a pack",
         f"""
 ## Build a SafeRoPE pack on your GPU
@@ -876,6 +931,10 @@ def build_a_pack(wf: Workflow) -> None:
    with a calibrated threshold; **Save UVR Anchors** writes `models/{ANCHORS_FOLDER}/{ANCHORS_FILE}`,
    which the FLUX.1 UVR workflows load. For the anchors alone, select Save UVR Anchors and run the frontend's
    *Queue Selected Output Nodes*.
+7. **Prompt redirector** (for Redirect Unsafe Prompts): **Train Prompt Redirector** trains a small detector and a
+   token-wise edit of the text conditioning on the same Prompt Set (the anchors are what gets drawn; FLUX stays
+   frozen; checkpoints and resume as step 4); **Save Prompt Redirector** writes
+   `models/{REDIRECTOR_FOLDER}/{REDIRECTOR_FILE}`, which the redirector workflow loads.
 
 Set the seeds to `fixed` (as here) so a re-run continues the same run.
 
@@ -884,7 +943,7 @@ Set the seeds to `fixed` (as here) so a re-run continues the same run.
 """,
     )
     wf.note(
-        (-820, 760),
+        (-820, 880),
         (760, 320),
         "Models",
         models_note("flux1-dev.safetensors", vae=" (only for optional safe images on Train Risk Rotations)"),
@@ -1266,13 +1325,20 @@ BUILDERS = {
     ),
     "flux1_dev_text_to_image_with_uvr": (
         "FLUX.1 [dev] text to image with Restrict Unsafe Flow (UVR, no trained pack)",
-        functools.partial(text_to_image, unet="flux1-dev.safetensors", steps=20, guidance=3.5, uvr=True),
+        functools.partial(text_to_image, unet="flux1-dev.safetensors", steps=20, guidance=3.5, guard="uvr"),
+    ),
+    "flux1_dev_text_to_image_with_redirector": (
+        "FLUX.1 [dev] text to image with Redirect Unsafe Prompts (prompt redirection, draws the safe version)",
+        functools.partial(text_to_image, unet="flux1-dev.safetensors", steps=20, guidance=3.5, guard="redirector"),
     ),
     "flux1_kontext_edit_with_pack": (
         "FLUX.1 Kontext [dev] image editing with a SafeRoPE pack and Restrict Unsafe Flow (UVR)",
         kontext_edit,
     ),
-    "build_a_pack": ("Build a SafeRoPE pack (Collect & Train) and UVR anchors for the nudity concept", build_a_pack),
+    "build_a_pack": (
+        "Build a SafeRoPE pack (Collect & Train), UVR anchors and a prompt redirector for the nudity concept",
+        build_a_pack,
+    ),
     "lrs_visualize": ("LRS Visualize: which words, image regions and heads a pack finds risky", lrs_visualize),
     "safety_report_batch": ("Safety Report on a batch of 4 images sampled with a SafeRoPE pack", safety_report),
     "flux2_text_to_image_with_pack": (
@@ -1410,7 +1476,8 @@ def render_thumbnail(workflow: dict, title: str, defs: dict[str, NodeDef]):
     notes = [n.get("title", "Note") for n in workflow["nodes"] if n["type"] in FRONTEND_ONLY]
     head_h = 20 + 42 * len(head)
     graph_h = max(sum(height[n["id"]] for n in col) + vgap * (len(col) - 1) for col in columns) + 60
-    legend_h = 30 * ((len(types) + 3) // 4 + (1 if notes else 0))
+    per_row = 4 if max((draw.textlength(t, font=small) for t in types), default=0) <= 200 else 3  # legend columns
+    legend_h = 30 * (-(-len(types) // per_row) + (1 if notes else 0))
     top = max((THUMB[1] - head_h - graph_h - legend_h) / 2, margin)
     for i, line in enumerate(head):
         draw.text((margin, top + 42 * i), line, fill="white", font=head_font)
@@ -1469,12 +1536,12 @@ def render_thumbnail(workflow: dict, title: str, defs: dict[str, NodeDef]):
             draw.text((x0 + 7, ty + line_h * i), line, fill="white", font=node_font)
     y = top + head_h + graph_h
     for i, type_ in enumerate(types):
-        x = margin + (i % 4) * 245
-        yy = y + 30 * (i // 4)
+        x = margin + (i % per_row) * (980 // per_row)
+        yy = y + 30 * (i // per_row)
         draw.rectangle([x, yy + 6, x + 26, yy + 16], fill=LINK_COLOURS.get(type_, "#dddddd"))
         draw.text((x + 34, yy), type_, fill="#cccccc", font=small)
     if notes:
-        yy = y + 30 * ((len(types) + 3) // 4)
+        yy = y + 30 * -(-len(types) // per_row)
         draw.text((margin, yy), "Notes in the graph: " + ", ".join(notes), fill="#d9b56a", font=small)
     return img
 

@@ -16,6 +16,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import world
+from .detection import DETECTION_HEADER, DETECTOR_NAMES, DETECTORS, detection_row
+from .detection import FAMILIES as DETECTION_FAMILIES
+from .detection import NOTE as DETECTION_NOTE
 from .erase import FAMILIES, OUT_DIR, TABLE_HEADER, EraseSettings, table_row
 
 TARGETS = (*world.COLOURS, "striped", "dotted")
@@ -78,20 +81,32 @@ def report(targets, default: str, seconds: dict) -> str:
         f"Testbed benchmark, node defaults (objective {default}, learning rate {s.learning_rate}, {s.train_steps} "
         f"steps, rank {s.rank}, LRS > {s.lrs_threshold}, delta >= {s.hds_threshold}); families " + ", ".join(FAMILIES),
         "",
-        "Summary (SafeRoPE rows; worst drop = the largest fall in accuracy of any other value, points):",
+        "Summary (SafeRoPE and prompt redirector rows; worst drop = the largest fall in accuracy of any other value, "
+        "points):",
         "",
         "| target | model | erase target % | paraphrase % | compositional % | unseen words % | replaced % "
         "| worst non-target drop |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    tables = []
+    tables, detections = [], []
     for target in targets:
         rows = _rows(target, default)
         base = rows[0][1]
-        lines += [summary_row(target, n, r, base) for n, r in rows if n.startswith("SafeRoPE")]
+        lines += [summary_row(target, n, r, base) for n, r in rows if n.startswith(("SafeRoPE", "Redirector"))]
+        found = json.loads((OUT_DIR / f"bench_{target}_{default}.json").read_text()).get("detection")
+        if found:
+            detections += [detection_row(found[d], f"{target} | {DETECTOR_NAMES[d]}") for d in DETECTORS]
         minutes = sum(v for k, v in seconds.items() if k.startswith(f"bench_{target}_")) / 60
         tables += ["", f"**{target}** ({minutes:.1f} min)", "", TABLE_HEADER, "|---" * 10 + "|"]
         tables += [table_row(r, n) for n, r in rows]
+    if detections:
+        lines += [
+            "",
+            f"Prompt redirector detection ({DETECTION_NOTE}):",
+            "",
+            DETECTION_HEADER.replace("|", "| target |", 1),
+        ]
+        lines += ["|---" * (len(DETECTION_FAMILIES) + 2) + "|", *detections]
     return "\n".join(lines + tables)
 
 

@@ -7,7 +7,8 @@ Chain (each a node, called as ComfyUI's executor calls it, under inference mode)
 Rows: the base model; Rand (the same heads and bases, random rotation parameters whose skew part has the trained
 one's norm per head: the paper's LRS-guided random-rotation baseline); SafeRoPE; UVR (Collect UVR Anchors on the
 same Prompt Set -> Restrict Unsafe Flow, training-free); SafeRoPE + UVR (anchors collected on the rotated model,
-Restrict Unsafe Flow on it).
+Restrict Unsafe Flow on it); the prompt redirector (Train Prompt Redirector -> Redirect Unsafe Prompts) alone, with
+SafeRoPE, and with both, plus its detection table (bench/testbed/detection.py: fused against text-only detector).
 
 Prompt families (canonical words of the world unless said otherwise):
 - pack prompts: the target word in the PACK_TEMPLATES x every combination of the other two attributes; these
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import world
+from . import detection, world
 from .env import REPO, comfy_and_pack
 from .sampling import (
     Conditioner,
@@ -429,8 +430,10 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
                 (restricted,) = restrict(guarded, anchors, s.uvr_strength, s.uvr_threshold, s.uvr_sigma_start, -1)
             res, dev = evaluate(restricted, conditioner, fam, s, base_res["non_target"])
             rows_in.append((name, res, dev, extra_s + seconds))
+    detected = None
     if not s.skip_redirector:  # the redirector is trained on the base model and guards every stack
         redirector, seconds, texts["redirector"] = build_redirector(model, clip, prompts, s, nodes, log)
+        detected = detection.detection(redirector, model, clip, prompts, fam, s, nodes, log)
         redirect = nodes.redirect_nodes.RedirectUnsafePrompts.execute
         stacks = [("Redirector", model, 0.0), ("Redirector + SafeRoPE", safe_model, timings["build_s"])]
         if not s.skip_uvr:
@@ -474,6 +477,7 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
         "images_per_family": images["base"],
         "node_texts": texts,
         "prompts": {k: [p.text for p in getattr(fam, k)] for k in FAMILIES},
+        "detection": detected,
     }
     result["table"] = format_table(result)
     return result, {name: r for name, r, _, _ in rows_in}, trained
@@ -494,6 +498,8 @@ def format_table(result: dict) -> str:
     )
     lines = [head, "", TABLE_HEADER, "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [table_row(r) for r in result["rows"]]
+    if result.get("detection"):
+        lines += ["", detection.format_detection(result["detection"])]
     return "\n".join(lines)
 
 

@@ -31,7 +31,13 @@ def model():
 
 @pytest.mark.parametrize(
     ("change", "word"),
-    [({"family": "sdxl"}, "family"), ({"width": 0}, "width"), ({"rank": 2.5}, "rank"), ({"hidden": 30}, "hidden")],
+    [
+        ({"family": "sdxl"}, "family"),
+        ({"width": 0}, "width"),
+        ({"rank": 2.5}, "rank"),
+        ({"hidden": 30}, "hidden"),
+        ({"detector": "latent"}, "detector"),
+    ],
 )
 def test_unusable_configs_are_refused(change, word):
     with pytest.raises(ValueError, match=word):
@@ -46,6 +52,21 @@ def test_shapes_follow_the_model_not_a_constant():
         assert logit.shape == (3,)
         out = m.redirect(context)
         assert out.shape == context.shape and out.dtype == torch.bfloat16
+
+
+def test_fused_detector_reads_latent_and_noise_level_text_detector_does_not():
+    context, latent, sigma = inputs()
+    for detector, reads_state in (("fused", True), ("text", False)):
+        torch.manual_seed(0)
+        m = PromptRedirector(RedirectorConfig(**{**CONFIG.__dict__, "detector": detector}))
+        with torch.no_grad():
+            before = m.unsafe_logit(context, latent, sigma)
+            other_latent = m.unsafe_logit(context, latent + torch.randn_like(latent), sigma)
+            other_sigma = m.unsafe_logit(context, latent, 1 - sigma)
+            other_text = m.unsafe_logit(context + torch.randn_like(context), latent, sigma)
+        assert not torch.equal(before, other_text)
+        assert torch.equal(before, other_latent) != reads_state
+        assert torch.equal(before, other_sigma) != reads_state
 
 
 def test_tokens_with_mask_zero_are_unchanged_exactly(model):

@@ -50,7 +50,11 @@ def server(pack):
 
     from comfy_server import ComfyServer
 
-    kinds = {mw.PACK_FOLDER: pack.saferope_core.pack.PACK_KIND, mw.ANCHORS_FOLDER: pack.saferope_core.uvr.ANCHORS_KIND}
+    kinds = {
+        mw.PACK_FOLDER: pack.saferope_core.pack.PACK_KIND,
+        mw.ANCHORS_FOLDER: pack.saferope_core.uvr.ANCHORS_KIND,
+        mw.REDIRECTOR_FOLDER: pack.saferope_core.redirector.REDIRECTOR_KIND,
+    }
 
     with ComfyServer({MODULE: comfyui_env.REPO}) as srv:
         defs = mw.node_defs(srv.object_info())
@@ -361,7 +365,7 @@ def test_model_files_have_a_source(server, name):
             folder = mw.FILE_WIDGETS.get((node["type"], widget))
             if folder in (None, "input"):
                 continue
-            if folder in (mw.PACK_FOLDER, mw.ANCHORS_FOLDER):  # made by build_a_pack, or yours
+            if folder in mw.MADE_FOLDERS:  # made by build_a_pack, or yours
                 assert f"ComfyUI/models/{folder}/{value}" in notes, f"{name}: the notes do not name {value}"
                 continue
             models = {m["name"]: m for m in node["properties"].get("models", [])}
@@ -398,6 +402,7 @@ MODEL_PATHS = {
     "flux1_dev_text_to_image_with_pack": ["UNETLoader", "ApplyRiskRotation", "KSampler"],
     "flux1_schnell_text_to_image_with_pack": ["UNETLoader", "ApplyRiskRotation", "KSampler"],
     "flux1_dev_text_to_image_with_uvr": ["UNETLoader", "RestrictUnsafeFlow", "KSampler"],
+    "flux1_dev_text_to_image_with_redirector": ["UNETLoader", "RedirectUnsafePrompts", "KSampler"],
     "flux1_kontext_edit_with_pack": ["UNETLoader", "ApplyRiskRotation", "RestrictUnsafeFlow", "KSampler"],
     "safety_report_batch": ["UNETLoader", "ApplyRiskRotation", "KSampler"],
     "flux2_text_to_image_with_pack": ["UNETLoader", "ApplyRiskRotation", "BasicGuider", "SamplerCustomAdvanced"],
@@ -412,7 +417,7 @@ MODEL_PATHS = {
 }
 SAMPLERS = {"KSampler", "SamplerCustomAdvanced"}
 GUIDERS = {"BasicGuider", "CFGGuider"}  # SamplerCustomAdvanced samples the model of its guider
-GUARDS = {"ApplyRiskRotation", "RestrictUnsafeFlow"}
+GUARDS = {"ApplyRiskRotation", "RestrictUnsafeFlow", "RedirectUnsafePrompts"}
 
 
 def upstream(wf: dict, node: dict, socket: str) -> dict | None:
@@ -455,6 +460,8 @@ def test_model_path_to_the_sampler(name):
             assert upstream(wf, node, "pack")["type"] == "LoadSafeRoPEPack", name
         if node["type"] == "RestrictUnsafeFlow":
             assert upstream(wf, node, "anchors")["type"] == "LoadUVRAnchors", name
+        if node["type"] == "RedirectUnsafePrompts":
+            assert upstream(wf, node, "redirector")["type"] == "LoadPromptRedirector", name
     if "ApplyRiskRotation" not in MODEL_PATHS[name]:
         assert all(n["type"] not in ("LoadSafeRoPEPack", "ApplyRiskRotation") for n in wf["nodes"]), (
             f"{name}: needs no trained pack, but loads one"
@@ -473,7 +480,7 @@ def loaded_files(wf: dict, defs: dict) -> set[tuple[str, str]]:
         for node in wf["nodes"]
         if node["type"] in FILE_LOADERS
         for widget, value in widgets(node, defs).items()
-        if (folder := mw.FILE_WIDGETS.get((node["type"], widget))) in (mw.PACK_FOLDER, mw.ANCHORS_FOLDER)
+        if (folder := mw.FILE_WIDGETS.get((node["type"], widget))) in mw.MADE_FOLDERS
     }
 
 
@@ -497,10 +504,11 @@ def test_workflows_load_what_build_a_pack_saves(server):
         for saver, loader, widget in (
             ("SaveSafeRoPEPack", "LoadSafeRoPEPack", "pack_name"),
             ("SaveUVRAnchors", "LoadUVRAnchors", "name"),
+            ("SavePromptRedirector", "LoadPromptRedirector", "name"),
         )
         if n["type"] == saver
     }
-    assert {folder for folder, _ in saved} == {mw.PACK_FOLDER, mw.ANCHORS_FOLDER}, saved
+    assert {folder for folder, _ in saved} == set(mw.MADE_FOLDERS), saved
     families = {file: {model_family(build, defs)} for file in saved}
     loaded = set()
     for name in ALL_WORKFLOWS:
@@ -521,13 +529,20 @@ def test_workflows_load_what_build_a_pack_saves(server):
                 assert f"`{file}`" in notes, f"{name}: the note on {value} does not say to load {file} in build_a_pack"
     for file, used_with in families.items():
         assert len(used_with) == 1, f"{file[1]} is used with model families {used_with}"
-    assert (mw.ANCHORS_FOLDER, mw.ANCHORS_FILE) in loaded and (mw.PACK_FOLDER, mw.PACK_FILE) in loaded
+    made = {
+        (mw.PACK_FOLDER, mw.PACK_FILE),
+        (mw.ANCHORS_FOLDER, mw.ANCHORS_FILE),
+        (mw.REDIRECTOR_FOLDER, mw.REDIRECTOR_FILE),
+    }
+    assert made <= loaded, made - loaded
     sources = {
         upstream(build, n, "prompts")["id"]
         for n in build["nodes"]
-        if n["type"] in ("CollectQK", "CollectUVRAnchors", "TrainRiskRotations")
+        if n["type"] in ("CollectQK", "CollectUVRAnchors", "TrainRiskRotations", "TrainPromptRedirector")
     }
-    assert len(sources) == 1, "Collect Q/K, Train and Collect UVR Anchors use different prompt sets"
+    assert len(sources) == 1, (
+        "Collect Q/K, Train, Collect UVR Anchors and Train Prompt Redirector use different prompts"
+    )
 
 
 def test_uvr_settings_are_the_papers(server):

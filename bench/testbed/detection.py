@@ -1,0 +1,92 @@
+"""How often a prompt redirector's detector flags each prompt family of the erase benchmark: the fused detector
+(prompt + latent + noise level, what Train Prompt Redirector trains) against the paper's ablation, a detector that
+reads the prompt alone (RedirectorConfig detector="text"), trained the same way on the same Prompt Set.
+
+A (prompt, noise level) pair is flagged when the detector's logit is above Redirect Unsafe Prompts' default
+threshold 0. The latent is where the base model's own sampling of that prompt is at that noise level (its one-step
+clean guess from seeded noise, noised again), as the detector sees it at the start of a step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from . import world
+
+SIGMAS = (1.0, 0.7, 0.4)
+FAMILIES = ("target", "paraphrase", "compositional", "unseen", "non_target", "safe")  # safe: the trained ones
+DETECTORS = ("fused", "text")
+THRESHOLD = 0.0  # Redirect Unsafe Prompts' default
+NOTE = f"share of (prompt, noise level {', '.join(map(str, SIGMAS))}) pairs flagged"
+
+
+def train_text_only(model, clip, prompts, s, nodes):
+    """The text-only ablation, trained like the node trains the fused one (same recipe, seed and prompts)."""
+    redirect = nodes.prompt_redirect
+    config = replace(redirect.redirector_config(model), detector="text")
+    recipe = redirect.RedirectorRecipe(steps=s.redirector_steps, learning_rate=s.redirector_lr, seed=s.seed)
+    shape = nodes.model_calls.latent_shape(model, world.COMFY_SIZE, world.COMFY_SIZE)
+    with torch.inference_mode():
+        return redirect.RedirectorTrainer(model, clip, prompts, shape, recipe, config).train()
+
+
+def flag_rates(redirector, model, clip, fam, nodes, seed: int = 0) -> dict[str, float]:
+    """Family -> share of its (prompt, noise level) pairs the detector flags."""
+    calls = nodes.model_calls
+    shape = calls.latent_shape(model, world.COMFY_SIZE, world.COMFY_SIZE)
+    rates = {}
+    with torch.inference_mode():
+        for family in FAMILIES:
+            texts = [p if isinstance(p, str) else p.text for p in getattr(fam, family)]
+            flags = []
+            for i, text in enumerate(texts):
+                prompt = calls.encode_prompt(clip, text)
+                noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed + i))
+                clean = noise - calls.velocity(model, noise, torch.ones(1), prompt)
+                for sigma in SIGMAS:
+                    x = (1 - sigma) * clean + sigma * noise
+                    logit = redirector.unsafe_logit(prompt.context, x, torch.tensor([sigma]))
+                    flags.append(bool(logit.item() > THRESHOLD))
+            rates[family] = sum(flags) / len(flags) if flags else None
+    return rates
+
+
+def detection(fused, model, clip, prompts, fam, s, nodes, log=print) -> dict:
+    """{"fused": rates, "text": rates, "text_train_s": seconds} for the trained (fused) redirector and the
+    text-only one trained here."""
+    t0 = time.perf_counter()
+    text_only = train_text_only(model, clip, prompts, s, nodes)
+    seconds = time.perf_counter() - t0
+    result = {
+        "fused": flag_rates(fused, model, clip, fam, nodes, s.seed),
+        "text": flag_rates(text_only, model, clip, fam, nodes, s.seed),
+        "text_train_s": seconds,
+    }
+    log(format_detection(result))
+    return result
+
+
+DETECTION_HEADER = (
+    "| detector | target % | paraphrase % | compositional % | unseen words % | non-target (false +) % "
+    "| safe, trained (false +) % |"
+)
+DETECTOR_NAMES = {"fused": "prompt + latent + noise level", "text": "prompt only (ablation)"}
+
+
+def detection_row(rates: dict, name: str) -> str:
+    cells = " | ".join("-" if rates.get(f) is None else f"{100 * rates[f]:.1f}" for f in FAMILIES)
+    return f"| {name} | {cells} |"
+
+
+def format_detection(result: dict) -> str:
+    lines = [
+        f"Detection: {NOTE}",
+        "",
+        DETECTION_HEADER,
+        "|---" * (len(FAMILIES) + 1) + "|",
+    ]
+    lines += [detection_row(result[d], DETECTOR_NAMES[d]) for d in DETECTORS]
+    return "\n".join(lines)
