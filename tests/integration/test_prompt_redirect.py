@@ -144,10 +144,11 @@ def test_bad_strength_is_refused(pack, tiny, bad):
 @pytest.mark.skipif(bool(MISSING), reason=f"testbed needs {', '.join(MISSING)}")
 def test_testbed_redirector_erases_red_by_replacing_it(comfy, pack, tmp_path, monkeypatch):
     """Reduced testbed run through the nodes: Prompt Set (anchors: the word removed) -> Train Prompt Redirector ->
-    Save -> Load -> Redirect Unsafe Prompts -> sampling; red is erased, and erased images still show an object."""
+    Save -> Load -> Redirect Unsafe Prompts -> sampling; red is erased, and erased images still show an object. The
+    testbed's detection table (bench/testbed/detection.py) on it: red prompts flagged, other colours not."""
     import folder_paths
 
-    from bench.testbed import erase, sampling
+    from bench.testbed import detection, erase, sampling
     from bench.testbed import model as base_model
     from bench.testbed.text_encoder import minilm_clip
 
@@ -186,6 +187,10 @@ def test_testbed_redirector_erases_red_by_replacing_it(comfy, pack, tmp_path, mo
         assert rows["redirected"][1] >= MIN_REPLACED, rows
         assert rows["redirected"][2] >= rows["base"][2] - 0.15, rows
         assert path.endswith("red_test.safetensors")
+        flagged = detection.flag_rates(loaded, model, clip, fam, n)
+        print(flagged)
+        assert flagged["target"] >= 0.9 and flagged["compositional"] >= 0.9, flagged
+        assert flagged["non_target"] <= 0.1 and flagged["safe"] <= 0.1, flagged
     finally:
         torch.set_num_threads(before)
 
