@@ -367,6 +367,41 @@ def test_restrict_unsafe_flow(pack, kind):
     )
 
 
+def test_prompt_redirector(pack, kind, folders):
+    """Train / Save / Load Prompt Redirector and Redirect Unsafe Prompts on the family's own text encoder: the
+    redirector's widths are the model's (its text input layer, its latent channels), everything flagged changes the
+    velocity, nothing flagged is bit-identical, the input model is left as it was, and a KSampler run through the
+    patched model gives finite latents."""
+    n = pack.nodes
+    model, clip = model_of(kind), clip_of(kind)
+    prompts, _ = run_node(
+        n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman", "\n".join(SAFE), 2, 2, 0
+    )
+    trained, log = run_node(
+        n.TrainPromptRedirector.execute, model, clip, prompts, 2, 1e-3, 0, SIZE, SIZE, f"family_{kind}", 2, False
+    )
+    assert log.startswith("2 steps"), log
+    inner = model.model.diffusion_model
+    config = trained.config
+    assert config.family == comfyui_env.FAMILY_OF_KIND[kind]
+    assert (config.width, config.latent_channels) == (
+        inner.txt_in.in_features,
+        model.model.latent_format.latent_channels,
+    )
+    run_node(n.SavePromptRedirector.execute, trained, f"family_{kind}", True)
+    (loaded,) = run_node(n.LoadPromptRedirector.execute, f"family_{kind}.safetensors")
+    x = noise(pack, model)
+    before = velocity(pack, model, clip, UNSAFE[0], x)
+    (always,) = run_node(n.RedirectUnsafePrompts.execute, model, loaded, 1.0, -20.0, 0)
+    (never,) = run_node(n.RedirectUnsafePrompts.execute, model, loaded, 1.0, 20.0, 0)
+    assert relative_change(velocity(pack, always, clip, UNSAFE[0], x), before) > 0
+    assert torch.equal(velocity(pack, never, clip, UNSAFE[0], x), before)
+    assert torch.equal(velocity(pack, model, clip, UNSAFE[0], x), before)
+    prompt = n.model_calls.encode_prompt(clip, UNSAFE[0])
+    out = comfyui_env.sample(always, prompt.conditioning, prompt.conditioning, steps=2, cfg=1.0, latent=x * 0)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
 def test_lrs_visualize_shows_the_prompts_words(pack, kind):
     """LRS Visualize: three panels; its words are the prompt's own (never a chat template's), each scored."""
     model, clip = model_of(kind), clip_of(kind)
