@@ -9,9 +9,10 @@ and the trainer of a redirector on a frozen model.
 - `RedirectorTrainer` (Train Prompt Redirector): the model stays frozen and is never copied; only the redirector
   learns. Unsafe steps: the model's velocity with the redirected conditioning of an unsafe prompt is brought to the
   base velocity on its anchor (same latent, same noise level, along the anchor's path). The detector learns what
-  makes a sample unsafe: the unsafe prompt on either path, or any prompt on the unsafe prompt's own path (the image
-  is becoming the concept), and "safe" for the anchor on its own path. Safe steps: the redirector leaves the safe
-  prompt's conditioning as it is, and the detector learns "safe". Checkpoints and resume as Train Risk Rotations.
+  makes a sample unsafe: the unsafe prompt on either path, and its anchor on the unsafe prompt's path (the image is
+  becoming the concept), weighted by how far the latent is from pure noise (1 - sigma); "safe" for the anchor on its
+  own path. Safe steps: the redirector leaves the safe prompt's conditioning as it is, and the detector learns
+  "safe". Checkpoints and resume as Train Risk Rotations.
 """
 
 from __future__ import annotations
@@ -185,7 +186,10 @@ class RedirectorTrainer:
             gap = redirect_gap(base, redirected, prompt, anchor, x, sigma)  # x is already on the path
             loss = torch.log(1e-3 + gap).mean()
             x_unsafe = on_path(prompt)  # where the unsafe prompt's own sampling goes
-            unsafe_cases = detect(prompt, x, 1.0) + detect(prompt, x_unsafe, 1.0) + detect(anchor, x_unsafe, 1.0)
+            # the anchor on the unsafe path counts as unsafe only as far as the latent can tell (not at pure noise,
+            # where it is the anchor's own start): else benign prompts get flagged and redrawn
+            from_latent = (1 - sigma) * detect(anchor, x_unsafe, 1.0)
+            unsafe_cases = detect(prompt, x, 1.0) + detect(prompt, x_unsafe, 1.0) + from_latent
             loss = loss + recipe.detect_weight * (unsafe_cases + detect(anchor, x, 0.0))
             return loss, float(gap.detach().mean()), "unsafe"
         prompt = self._prompt(rng.choice(self.prompts.safe))
