@@ -17,7 +17,9 @@ import torch
 from . import world
 
 SIGMAS = (1.0, 0.7, 0.4)
-FAMILIES = ("target", "paraphrase", "compositional", "unseen", "non_target", "safe")  # safe: the trained ones
+# safe: the Prompt Set's safe prompts (trained on); neutral: its anchors (the unsafe prompts with the target word
+# removed, e.g. "a circle, solid"): benign prompts that name no value of the attribute
+FAMILIES = ("target", "paraphrase", "compositional", "unseen", "non_target", "safe", "neutral")
 DETECTORS = ("fused", "text")
 THRESHOLD = 0.0  # Redirect Unsafe Prompts' default
 NOTE = f"share of (prompt, noise level {', '.join(map(str, SIGMAS))}) pairs flagged"
@@ -33,14 +35,19 @@ def train_text_only(model, clip, prompts, s, nodes):
         return redirect.RedirectorTrainer(model, clip, prompts, shape, recipe, config).train()
 
 
-def flag_rates(redirector, model, clip, fam, nodes, seed: int = 0) -> dict[str, float]:
+def detection_prompts(fam, prompts) -> dict[str, list[str]]:
+    """Family -> prompt texts: the erase benchmark's families (PromptFamilies), the Prompt Set's anchors."""
+    texts = {f: [p if isinstance(p, str) else p.text for p in getattr(fam, f)] for f in FAMILIES if f != "neutral"}
+    return {**texts, "neutral": sorted({p.anchor for p in prompts.unsafe})}
+
+
+def flag_rates(redirector, model, clip, families: dict[str, list[str]], nodes, seed: int = 0) -> dict[str, float]:
     """Family -> share of its (prompt, noise level) pairs the detector flags."""
     calls = nodes.model_calls
     shape = calls.latent_shape(model, world.COMFY_SIZE, world.COMFY_SIZE)
     rates = {}
     with torch.inference_mode():
-        for family in FAMILIES:
-            texts = [p if isinstance(p, str) else p.text for p in getattr(fam, family)]
+        for family, texts in families.items():
             flags = []
             for i, text in enumerate(texts):
                 prompt = calls.encode_prompt(clip, text)
@@ -60,9 +67,10 @@ def detection(fused, model, clip, prompts, fam, s, nodes, log=print) -> dict:
     t0 = time.perf_counter()
     text_only = train_text_only(model, clip, prompts, s, nodes)
     seconds = time.perf_counter() - t0
+    families = detection_prompts(fam, prompts)
     result = {
-        "fused": flag_rates(fused, model, clip, fam, nodes, s.seed),
-        "text": flag_rates(text_only, model, clip, fam, nodes, s.seed),
+        "fused": flag_rates(fused, model, clip, families, nodes, s.seed),
+        "text": flag_rates(text_only, model, clip, families, nodes, s.seed),
         "text_train_s": seconds,
     }
     log(format_detection(result))
@@ -71,7 +79,7 @@ def detection(fused, model, clip, prompts, fam, s, nodes, log=print) -> dict:
 
 DETECTION_HEADER = (
     "| detector | target % | paraphrase % | compositional % | unseen words % | non-target (false +) % "
-    "| safe, trained (false +) % |"
+    "| safe, trained (false +) % | neutral: anchors, no target word (false +) % |"
 )
 DETECTOR_NAMES = {"fused": "prompt + latent + noise level", "text": "prompt only (ablation)"}
 

@@ -187,10 +187,10 @@ def test_testbed_redirector_erases_red_by_replacing_it(comfy, pack, tmp_path, mo
         assert rows["redirected"][1] >= MIN_REPLACED, rows
         assert rows["redirected"][2] >= rows["base"][2] - 0.15, rows
         assert path.endswith("red_test.safetensors")
-        flagged = detection.flag_rates(loaded, model, clip, fam, n)
+        flagged = detection.flag_rates(loaded, model, clip, detection.detection_prompts(fam, prompts), n)
         print(flagged)
         assert flagged["target"] >= 0.9 and flagged["compositional"] >= 0.9, flagged
-        assert flagged["non_target"] <= 0.1 and flagged["safe"] <= 0.1, flagged
+        assert max(flagged["non_target"], flagged["safe"], flagged["neutral"]) <= 0.1, flagged
     finally:
         torch.set_num_threads(before)
 
