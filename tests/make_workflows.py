@@ -665,14 +665,14 @@ def load_and_redirect(wf: Workflow, model: Node, x: int, y: int, redirector_file
     return redirect
 
 
-GUARDS = {"pack": load_and_apply_pack, "uvr": load_and_restrict_flow, "redirector": load_and_redirect}
+ADD_GUARD = {"pack": load_and_apply_pack, "uvr": load_and_restrict_flow, "redirector": load_and_redirect}
 
 
 def text_to_image(wf: Workflow, unet: str, steps: int, guidance: float | None, guard: str = "pack") -> None:
     """FLUX text to image guarded by one of the pack's guards: a SafeRoPE pack, Restrict Unsafe Flow (uvr) or
     Redirect Unsafe Prompts (redirector)."""
     model, clip, vae = load_models(wf, unet)
-    patched = GUARDS[guard](wf, model, 400, 0)
+    patched = ADD_GUARD[guard](wf, model, 400, 0)
     text = wf.add("CLIPTextEncode", (800, 0), text=FLUX_T2I_PROMPT, size=(360, 180))
     wf.connect(clip, "CLIP", text, "clip")
     positive = text
@@ -710,7 +710,7 @@ def text_to_image(wf: Workflow, unet: str, steps: int, guidance: float | None, g
         if guidance is None
         else "FLUX.1 [dev] uses guidance (FluxGuidance 3.5) with cfg 1: the negative prompt is zeroed.\n"
     )
-    title, text = {
+    title, guard_note = {
         "pack": ("SafeRoPE pack", PACK_NOTE.format(pack=PACK_FILE)),
         "uvr": (
             "Restrict Unsafe Flow (UVR)",
@@ -726,7 +726,7 @@ def text_to_image(wf: Workflow, unet: str, steps: int, guidance: float | None, g
             REDIRECT_NOTE.format(redirector=REDIRECTOR_FILE, redirector_folder=REDIRECTOR_FOLDER),
         ),
     }[guard]
-    wf.note((800, 620), (760, 330), title, text + "\n" + extra)
+    wf.note((800, 620), (760, 330), title, guard_note + "\n" + extra)
 
 
 def kontext_edit(wf: Workflow) -> None:
