@@ -15,10 +15,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import world
-from .detection import DETECTION_HEADER, DETECTOR_NAMES, DETECTORS, detection_row
-from .detection import FAMILIES as DETECTION_FAMILIES
-from .detection import NOTE as DETECTION_NOTE
+from . import detection, world
 from .erase import FAMILIES, OUT_DIR, TABLE_HEADER, EraseSettings, table_row
 
 TARGETS = (*world.COLOURS, "striped", "dotted")
@@ -95,18 +92,15 @@ def report(targets, default: str, seconds: dict) -> str:
         lines += [summary_row(target, n, r, base) for n, r in rows if n.startswith(("SafeRoPE", "Redirector"))]
         found = json.loads((OUT_DIR / f"bench_{target}_{default}.json").read_text()).get("detection")
         if found:
-            detections += [detection_row(found[d], f"{target} | {DETECTOR_NAMES[d]}") for d in DETECTORS]
+            names = detection.DETECTOR_NAMES
+            detections += [detection.detection_row(found[d], f"{target} | {names[d]}") for d in detection.DETECTORS]
         minutes = sum(v for k, v in seconds.items() if k.startswith(f"bench_{target}_")) / 60
         tables += ["", f"**{target}** ({minutes:.1f} min)", "", TABLE_HEADER, "|---" * 10 + "|"]
         tables += [table_row(r, n) for n, r in rows]
     if detections:
-        lines += [
-            "",
-            f"Prompt redirector detection ({DETECTION_NOTE}):",
-            "",
-            DETECTION_HEADER.replace("|", "| target |", 1),
-        ]
-        lines += ["|---" * (len(DETECTION_FAMILIES) + 2) + "|", *detections]
+        header = detection.DETECTION_HEADER.replace("|", "| target |", 1)
+        lines += ["", f"Prompt redirector detection ({detection.NOTE}):", "", header]
+        lines += ["|---" * (len(detection.FAMILIES) + 2) + "|", *detections]
     return "\n".join(lines + tables)
 
 
