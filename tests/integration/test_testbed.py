@@ -128,8 +128,8 @@ def test_redirect_objective_with_defaults_erases_green_and_keeps_other_colours(
 
 def test_benchmark_report_merges_both_objectives_per_target(tmp_path, monkeypatch):
     """`python -m bench.testbed benchmark` writes one table per target from its two runs (default objective with
-    every row, the other objective's SafeRoPE row), in a fixed row order, and a summary whose worst drop is the
-    largest per-value fall against the base."""
+    every row, the other objective's SafeRoPE row), in a fixed row order, a summary of the SafeRoPE and redirector
+    rows whose worst drop is the largest per-value fall against the base, and the redirector's detection table."""
     from bench.testbed import benchmark
 
     monkeypatch.setattr(benchmark, "OUT_DIR", tmp_path)
@@ -151,17 +151,28 @@ def test_benchmark_report_merges_both_objectives_per_target(tmp_path, monkeypatc
 
     full = {"blue": 1.0, "green": 1.0}
     runs = {
-        "redirect": [row("base", 0.0, full), row("Rand", 0.0, full), row("SafeRoPE", 0.6, {"blue": 0.9, "green": 1.0})],
+        "redirect": [
+            row("base", 0.0, full),
+            row("Rand", 0.0, full),
+            row("SafeRoPE", 0.6, {"blue": 0.9, "green": 1.0}),
+            row("Redirector", 1.0, full),
+        ],
         "deviate": [row("base", 0.0, full), row("SafeRoPE", 0.3, {"blue": 1.0, "green": 0.7})],
     }
+    rates = {"target": 1.0, "paraphrase": 0.25, "compositional": 1.0, "unseen": None, "non_target": 0.0, "safe": 0.0}
+    detected = {"fused": {**rates, "neutral": 0.0}, "text": {**rates, "paraphrase": 0.5, "neutral": 0.125}}
     for objective, rows in runs.items():
-        (tmp_path / f"bench_red_{objective}.json").write_text(json.dumps({"rows": rows}))
+        result = {"rows": rows, **({"detection": detected} if objective == "redirect" else {})}
+        (tmp_path / f"bench_red_{objective}.json").write_text(json.dumps(result))
     text = benchmark.report(["red"], "redirect", {"bench_red_redirect": 60.0, "bench_red_deviate": 30.0})
     summary = [line for line in text.splitlines() if line.startswith("| red |")]
     assert summary == [
         "| red | SafeRoPE (redirect) | 60.0 | 60.0 | 60.0 | - | 0.0 | 10.0 |",
         "| red | SafeRoPE (deviate) | 30.0 | 30.0 | 30.0 | - | 0.0 | 30.0 |",
+        "| red | Redirector | 100.0 | 100.0 | 100.0 | - | 0.0 | 0.0 |",
+        "| red | prompt + latent + noise level | 100.0 | 25.0 | 100.0 | - | 0.0 | 0.0 | 0.0 |",
+        "| red | prompt only (ablation) | 100.0 | 50.0 | 100.0 | - | 0.0 | 0.0 | 12.5 |",
     ]
     table = text[text.index("**red** (1.5 min)") :]
     names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "%" not in line]
-    assert names == ["base", "Rand", "SafeRoPE (redirect)", "SafeRoPE (deviate)"]
+    assert names == ["base", "Rand", "SafeRoPE (redirect)", "SafeRoPE (deviate)", "Redirector"]
