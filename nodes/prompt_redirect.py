@@ -116,15 +116,11 @@ class _AlwaysRedirect:
 
 
 class RedirectorTrainer:
-    def __init__(self, patcher, clip, prompts: PromptSet, latent_size, recipe: RedirectorRecipe, config):
-        self.patcher, self.clip, self.prompts, self.latent_size, self.recipe = (
-            patcher,
-            clip,
-            prompts,
-            latent_size,
-            recipe,
-        )
-        self.config = config
+    def __init__(
+        self, patcher, clip, prompts: PromptSet, latent_size, recipe: RedirectorRecipe, config, checkpointing=False
+    ):
+        self.patcher, self.clip, self.prompts, self.latent_size = patcher, clip, prompts, latent_size
+        self.recipe, self.config, self.checkpointing = recipe, config, checkpointing
         self._encoded: dict[str, EncodedPrompt] = {}
         self.steps_done = 0
         self.run_id = content_hash({}, {"config": asdict(config), "unsafe": [p.text for p in prompts.unsafe]})
@@ -149,7 +145,7 @@ class RedirectorTrainer:
             patched.add_wrapper_with_key(
                 comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _AlwaysRedirect(redirector)
             )
-            base_opts, train_opts = call_options(self.patcher), training_options(patched, False)
+            base_opts, train_opts = call_options(self.patcher), training_options(patched, self.checkpointing)
 
             def base(x, s, p):
                 return velocity(self.patcher, x, s, p, options=base_opts)

@@ -73,6 +73,11 @@ class TrainPromptRedirector(io.ComfyNode):
                     "checkpoint_every", default=100, min=1, max=100000, tooltip="Write the checkpoint this often"
                 ),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from run_name's checkpoint if there is one"),
+                io.Boolean.Input(
+                    "gradient_checkpointing",
+                    default=True,
+                    tooltip="Recompute blocks in backward: far less memory, a little slower, same result",
+                ),
             ],
             outputs=[
                 Redirector.Output(tooltip="For Save Prompt Redirector or Redirect Unsafe Prompts"),
@@ -100,6 +105,7 @@ class TrainPromptRedirector(io.ComfyNode):
         run_name,
         checkpoint_every,
         resume,
+        gradient_checkpointing,
     ) -> io.NodeOutput:
         run_file = f"{file_stem(cls.NODE, run_name, 'run_name')}.safetensors"
         if not prompts.unsafe or not prompts.safe:
@@ -108,7 +114,8 @@ class TrainPromptRedirector(io.ComfyNode):
         config = redirector_config(model)
         load_model(model)
         recipe = RedirectorRecipe(steps=steps, learning_rate=learning_rate, seed=seed)
-        trainer = RedirectorTrainer(model, clip, prompts, latent_shape(model, width, height), recipe, config)
+        shape = latent_shape(model, width, height)
+        trainer = RedirectorTrainer(model, clip, prompts, shape, recipe, config, gradient_checkpointing)
         checkpoint = os.path.join(model_files.output_dir(TRAINING_FOLDER), run_file)
         progress = comfy.utils.ProgressBar(steps)
         history = []

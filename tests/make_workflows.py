@@ -895,6 +895,7 @@ def build_a_pack(wf: Workflow) -> None:
         run_name=REDIRECTOR_FILE.removesuffix(".safetensors"),
         checkpoint_every=100,
         resume=True,
+        gradient_checkpointing=True,
     )
     wf.connect(model, "MODEL", train_redirector, "model")
     wf.connect(clip, "CLIP", train_redirector, "clip")

@@ -299,6 +299,7 @@ def build_redirector(model, clip, prompts, s: EraseSettings, nodes, log=print):
             f"testbed_redirector_{s.target}_{s.seed}",
             max(s.redirector_steps, 1),
             False,
+            s.gradient_checkpointing,
         )
     log(report)
     return redirector, time.perf_counter() - t0, report

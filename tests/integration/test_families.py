@@ -378,7 +378,7 @@ def test_prompt_redirector(pack, kind, folders):
         n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman", "\n".join(SAFE), 2, 2, 0
     )
     trained, log = run_node(
-        n.TrainPromptRedirector.execute, model, clip, prompts, 2, 1e-3, 0, SIZE, SIZE, f"family_{kind}", 2, False
+        n.TrainPromptRedirector.execute, model, clip, prompts, 2, 1e-3, 0, SIZE, SIZE, f"family_{kind}", 2, False, True
     )
     assert log.startswith("2 steps"), log
     inner = model.model.diffusion_model

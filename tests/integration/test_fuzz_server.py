@@ -812,6 +812,7 @@ def specs() -> list[Spec]:
                 "run_name": lambda: unique("fuzz_redirector_run"),
                 "checkpoint_every": 1,
                 "resume": False,
+                "gradient_checkpointing": True,
             },
             lambda: preview(log=["F", 1]),
             texts("show_log"),

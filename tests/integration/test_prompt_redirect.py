@@ -163,7 +163,19 @@ def test_testbed_redirector_erases_red_by_replacing_it(comfy, pack, tmp_path, mo
         fam = erase.prompt_families(settings)
         prompts, _ = erase.prompt_set(fam, settings, n)
         redirector, log = run_node(
-            n.TrainPromptRedirector.execute, model, clip, prompts, 300, 1e-3, 0, 256, 256, "redirector_test", 100, False
+            n.TrainPromptRedirector.execute,
+            model,
+            clip,
+            prompts,
+            300,
+            1e-3,
+            0,
+            256,
+            256,
+            "redirector_test",
+            100,
+            False,
+            False,
         )
         print(log)
         (path,) = run_node(n.SavePromptRedirector.execute, redirector, "red_test", False)["result"]
@@ -212,7 +224,7 @@ def test_training_resumes_to_the_same_redirector(pack, tiny, tmp_path):
 
     def train(steps, run_name, resume=True, prompt_set=prompts):
         (redirector, _) = run_node(
-            n.TrainPromptRedirector.execute, model, clip, prompt_set, steps, 1e-3, 0, 64, 64, run_name, 2, resume
+            n.TrainPromptRedirector.execute, model, clip, prompt_set, steps, 1e-3, 0, 64, 64, run_name, 2, resume, False
         )
         return redirector.state_dict()
 
@@ -227,6 +239,34 @@ def test_training_resumes_to_the_same_redirector(pack, tiny, tmp_path):
     with pytest.raises(n.errors.SafeRoPEInputError) as err:
         train(4, "split", prompt_set=other)
     assert err.value.input_name == "run_name"
+
+
+def test_gradient_checkpointing_gives_the_same_redirector(pack, tiny, tmp_path, monkeypatch):
+    """Training with and without gradient checkpointing ends with bit-identical redirector weights, and only the
+    run asked to checkpoints its blocks."""
+    import folder_paths
+
+    n = pack.nodes
+    folder_paths.add_model_folder_path(n.model_files.TRAINING_FOLDER, str(tmp_path), is_default=True)
+    prompts, _ = run_node(
+        n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman", "a cat\na dog", 2, 2, 0
+    )
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def train(checkpointing):
+        model, clip = tiny["model"], tiny["clip"]
+        run = f"checkpointing_{checkpointing}"
+        node = n.TrainPromptRedirector.execute
+        (redirector, _) = run_node(node, model, clip, prompts, 4, 1e-3, 0, 64, 64, run, 100, False, checkpointing)
+        return redirector.state_dict()
+
+    plain = train(False)
+    assert not calls
+    checkpointed = train(True)
+    assert calls, "no block was checkpointed"
+    assert all(torch.equal(plain[k], checkpointed[k]) for k in plain)
 
 
 def test_cooldown_lives_within_one_sampling_run(pack, tiny, monkeypatch):
