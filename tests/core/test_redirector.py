@@ -120,6 +120,17 @@ def rewrite(path, tensors=None, meta_change=None, rehash=True):
     save_file(data, str(path), metadata={METADATA_KEY: json.dumps(meta)})
 
 
+def test_a_file_from_before_the_detector_field_loads_as_fused(model, tmp_path):
+    path = tmp_path / "r.safetensors"
+    model.save(path, "nudity", {})
+    rewrite(path, meta_change={"config": {k: v for k, v in CONFIG.__dict__.items() if k != "detector"}})
+    loaded, _ = PromptRedirector.load(path)
+    assert loaded.config.detector == "fused"
+    context, latent, sigma = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded.unsafe_logit(context, latent, sigma), model.unsafe_logit(context, latent, sigma))
+
+
 @pytest.mark.parametrize(
     ("tensors", "meta", "rehash", "words"),
     [
