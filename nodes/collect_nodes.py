@@ -57,7 +57,6 @@ from .model_files import STATS_FOLDER
 
 CATEGORY = "SafeRoPE/Collect & Train"
 CUSTOM = "custom"
-NO_FILE = "none"  # the first choice of a file list: a clear error instead of an empty list
 
 
 class SafeRoPEPromptSet(io.ComfyNode):
@@ -489,7 +488,7 @@ class LoadStatistics(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "name",
-                    options=[NO_FILE, *model_files.files_of_kind(STATISTICS_KIND, STATS_FOLDER)],
+                    options=[model_files.NO_FILE, *model_files.files_of_kind(STATISTICS_KIND, STATS_FOLDER)],
                     tooltip="A statistics file in ComfyUI/models/saferope_statistics",
                 )
             ],
@@ -499,7 +498,7 @@ class LoadStatistics(io.ComfyNode):
     @classmethod
     @checked
     def execute(cls, name) -> io.NodeOutput:
-        if name == NO_FILE:
+        if name == model_files.NO_FILE:
             raise SafeRoPEInputError(
                 cls.NODE,
                 "name",

@@ -19,6 +19,7 @@ ANCHORS_FOLDER = "saferope_anchors"  # UVR anchors
 REDIRECTOR_FOLDER = "saferope_redirectors"  # prompt redirectors
 FOLDERS = (FOLDER, STATS_FOLDER, TRAINING_FOLDER, ANCHORS_FOLDER, REDIRECTOR_FOLDER)
 EXTENSIONS = {".safetensors"}
+NO_FILE = "none"  # the first choice of every loader's file list: a clear error instead of an empty list
 
 
 def register_folders() -> None:

@@ -40,7 +40,6 @@ from .prompt_redirect import (
 )
 
 log = logging.getLogger("saferope")
-NO_FILE = "none"
 
 
 class TrainPromptRedirector(io.ComfyNode):
@@ -204,7 +203,7 @@ class LoadPromptRedirector(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "name",
-                    options=[NO_FILE, *model_files.files_of_kind(REDIRECTOR_KIND, REDIRECTOR_FOLDER)],
+                    options=[model_files.NO_FILE, *model_files.files_of_kind(REDIRECTOR_KIND, REDIRECTOR_FOLDER)],
                     tooltip=f"A redirector file in ComfyUI/models/{REDIRECTOR_FOLDER}",
                 )
             ],
@@ -214,7 +213,7 @@ class LoadPromptRedirector(io.ComfyNode):
     @classmethod
     @checked
     def execute(cls, name) -> io.NodeOutput:
-        if name == NO_FILE:
+        if name == model_files.NO_FILE:
             raise SafeRoPEInputError(
                 cls.NODE,
                 "name",

@@ -13,7 +13,6 @@ from .editors import RiskRotation
 from .errors import SafeRoPEInputError
 from .flux_adapter import with_qk_editor
 
-NO_FILE = "none"
 TOKEN_CHOICES = {"both": ("txt", "img"), "text": ("txt",), "image": ("img",)}
 
 
@@ -32,7 +31,7 @@ class LoadSafeRoPEPack(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "pack_name",
-                    options=[NO_FILE, *model_files.pack_files()],
+                    options=[model_files.NO_FILE, *model_files.pack_files()],
                     tooltip="A pack file in ComfyUI/models/saferope (build one with the Collect & Train "
                     "nodes, or download one)",
                 ),
@@ -91,7 +90,7 @@ class LoadSafeRoPEPack(io.ComfyNode):
                     str(err),
                     "Check the repo id and file name (packs are .safetensors), or load a pack from models/saferope",
                 ) from None
-        if pack_name == NO_FILE:
+        if pack_name == model_files.NO_FILE:
             raise SafeRoPEInputError(
                 node,
                 "pack_name",

@@ -46,7 +46,6 @@ from .model_files import ANCHORS_FOLDER, STATS_FOLDER
 
 CATEGORY = "SafeRoPE/UVR"
 ANCHOR_FOLDERS = (ANCHORS_FOLDER, STATS_FOLDER)  # anchors saved before they had their own folder still load
-NO_FILE = "none"  # the first choice of the file list: a clear error instead of an empty list
 CALIBRATED = -1.0  # Restrict Unsafe Flow's threshold value that means "the anchors' calibrated threshold"
 
 
@@ -270,7 +269,7 @@ class LoadUVRAnchors(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "name",
-                    options=[NO_FILE, *model_files.files_of_kind(ANCHORS_KIND, *ANCHOR_FOLDERS)],
+                    options=[model_files.NO_FILE, *model_files.files_of_kind(ANCHORS_KIND, *ANCHOR_FOLDERS)],
                     tooltip="An anchors file in ComfyUI/models/saferope_anchors",
                 )
             ],
@@ -280,7 +279,7 @@ class LoadUVRAnchors(io.ComfyNode):
     @classmethod
     @checked
     def execute(cls, name) -> io.NodeOutput:
-        if name == NO_FILE:
+        if name == model_files.NO_FILE:
             raise SafeRoPEInputError(
                 cls.NODE,
                 "name",
