@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import os
 import sys
 import uuid
@@ -102,9 +103,19 @@ FAMILY_OF_KIND = {
     "chroma": "chroma",
     "chroma_radiance": "chroma_radiance",
     "ovis": "ovis",
+    "flux2_klein_4b": "flux2",
+    "flux2_klein_9b": "flux2",
 }
 ALL_KINDS = tuple(FAMILY_OF_KIND)
-NO_POOLED_KINDS = ("flux2", "chroma", "chroma_radiance", "ovis")  # their text encoders give no pooled vector
+NO_POOLED_KINDS = ("flux2", "chroma", "chroma_radiance", "ovis", "flux2_klein_4b", "flux2_klein_9b")
+# FLUX.2 klein keeps its real block and head counts (4B: 5 + 20 blocks, 24 heads; 9B: 8 + 24, 32) with heads of 8
+# instead of 128; the other kinds default to 2 + 2 blocks of 4 heads of 16.
+KIND_SHAPES = {
+    "flux2_klein_4b": {"depth": 5, "depth_single": 20, "hidden": 192, "heads": 24},
+    "flux2_klein_9b": {"depth": 8, "depth_single": 24, "hidden": 256, "heads": 32},
+}
+DEFAULT_SHAPE = {"depth": 2, "depth_single": 2, "hidden": 64, "heads": 4}
+KLEIN_QWEN_WIDTH = 16  # the tiny Qwen3's width; klein's context is three of its layers side by side
 
 
 def kind_supported(kind: str) -> bool:
@@ -116,7 +127,28 @@ def kind_supported(kind: str) -> bool:
         return hasattr(comfy.supported_models, "Flux2")
     if kind == "ovis":
         return "yak_mlp" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    if kind.startswith("flux2_klein"):
+        import comfy.text_encoders.flux
+
+        return hasattr(comfy.text_encoders.flux, "KleinTokenizer")
     return kind in FAMILY_OF_KIND
+
+
+def default_shape(kind: str) -> dict:
+    """depth, depth_single, hidden and heads of the tiny model of `kind` when none are given."""
+    return KIND_SHAPES.get(kind, DEFAULT_SHAPE)
+
+
+def context_width(kind: str) -> int:
+    """Width of a text token of `kind`'s tiny text encoder (tiny_clip), which its tiny model takes."""
+    return 3 * KLEIN_QWEN_WIDTH if kind.startswith("flux2_klein") else CONTEXT_DIM
+
+
+def text_encoder_of(kind: str) -> str:
+    """Which tiny text encoder `kind` takes: kinds with the same one share it."""
+    if kind.startswith("flux2_klein"):
+        return kind
+    return {"chroma": "t5", "chroma_radiance": "t5", "flux2": "ovis", "ovis": "ovis"}.get(kind, "flux")
 
 
 def _params_class(kind: str):
@@ -132,11 +164,11 @@ def _params_class(kind: str):
 
 def flux_unet_config(
     kind: str = "dev",
-    depth: int = 2,
-    depth_single: int = 2,
-    hidden: int = 64,
-    heads: int = 4,
-    context_dim: int = CONTEXT_DIM,
+    depth: int | None = None,
+    depth_single: int | None = None,
+    hidden: int | None = None,
+    heads: int | None = None,
+    context_dim: int | None = None,
     pooled_dim: int = POOLED_DIM,
 ) -> dict:
     """The unet_config of a small FLUX-family model: what comfy.model_detection would find, with small sizes (see
@@ -148,6 +180,10 @@ def flux_unet_config(
     """
     if kind not in FAMILY_OF_KIND:
         raise ValueError(f"kind must be one of {ALL_KINDS}, got {kind!r}")
+    given = {"depth": depth, "depth_single": depth_single, "hidden": hidden, "heads": heads}
+    shape = {k: default_shape(kind)[k] if v is None else v for k, v in given.items()}
+    depth, depth_single, hidden, heads = shape["depth"], shape["depth_single"], shape["hidden"], shape["heads"]
+    context_dim = context_width(kind) if context_dim is None else context_dim
     head_dim = hidden // heads
     axis = head_dim * 7 // 32 * 2  # even, 56 for head_dim 128
     config = {
@@ -165,10 +201,10 @@ def flux_unet_config(
         "axes_dim": [head_dim - 2 * axis, axis, axis],
         "theta": 10000,
         "qkv_bias": True,
-        "guidance_embed": kind not in ("schnell", "ovis"),
+        "guidance_embed": kind not in ("schnell", "ovis", "flux2_klein_4b", "flux2_klein_9b"),
         "txt_ids_dims": [],
     }
-    if kind == "flux2":
+    if FAMILY_OF_KIND[kind] == "flux2":
         config.update(
             image_model="flux2",
             in_channels=128,
@@ -206,6 +242,7 @@ def flux_unet_config(
             nerf_final_head_type="linear",
             nerf_embedder_dtype=torch.float32,
             use_x0=False,
+            use_sequential_txt_ids=False,
         )
     return config
 
@@ -217,29 +254,37 @@ def fit_to_comfyui(kind: str, config: dict) -> dict:
     return {k: v for k, v in config.items() if k in accepted}
 
 
+def is_norm(module: torch.nn.Module) -> bool:
+    """A normalisation layer (LayerNorm, RMSNorm: ComfyUI's own, torch's from ComfyUI 0.33, QKNorm's parts, ...)."""
+    return "norm" in type(module).__name__.lower()
+
+
 def init_weights(module: torch.nn.Module, seed: int = 0) -> None:
-    """Deterministic weights (ComfyUI leaves them torch.empty): norm scales 1, weights N(0, 1/fan_in), biases
-    N(0, 0.02^2), so activations and attention logits are of order one. Keeps the ambient grad/inference mode."""
+    """Deterministic weights (ComfyUI leaves them torch.empty): every normalisation's weight 1 and bias 0, as in a
+    trained model, whatever ComfyUI calls the parameter (QKNorm's `scale` up to 0.8, torch RMSNorm's `weight` from
+    0.33); other weights N(0, 1/fan_in), biases N(0, 0.02^2), so activations and attention logits are of order
+    one. Keeps the ambient grad/inference mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith(".scale"):
-                p.fill_(1.0)
-            elif p.ndim == 1:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+        for sub in module.modules():
+            for name, p in sub.named_parameters(recurse=False):
+                if is_norm(sub):
+                    p.fill_(0.0 if name == "bias" else 1.0)
+                elif p.ndim == 1:
+                    p.copy_(0.02 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
 
 
 def tiny_flux(
     kind: str = "dev",
-    depth: int = 2,
-    depth_single: int = 2,
-    hidden: int = 64,
-    heads: int = 4,
+    depth: int | None = None,
+    depth_single: int | None = None,
+    hidden: int | None = None,
+    heads: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-    context_dim: int = CONTEXT_DIM,
+    context_dim: int | None = None,
     pooled_dim: int = POOLED_DIM,
 ):
     """A random FLUX-family model as a comfy ModelPatcher on the CPU: FLUX.1 dev / schnell / Kontext (= dev
@@ -253,12 +298,8 @@ def tiny_flux(
 
     if not kind_supported(kind):
         raise RuntimeError(f"this ComfyUI cannot build a {kind} model")
-    config_class = getattr(
-        comfy.supported_models,
-        {"schnell": "FluxSchnell", "flux2": "Flux2", "chroma": "Chroma", "chroma_radiance": "ChromaRadiance"}.get(
-            kind, "Flux"
-        ),
-    )
+    classes = {"schnell": "FluxSchnell", "flux2": "Flux2", "chroma": "Chroma", "chroma_radiance": "ChromaRadiance"}
+    config_class = getattr(comfy.supported_models, classes.get(kind, classes.get(FAMILY_OF_KIND[kind], "Flux")))
     config = flux_unet_config(kind, depth, depth_single, hidden, heads, context_dim, pooled_dim)
     model_config = config_class(fit_to_comfyui(kind, config))
     model_config.set_inference_dtype(dtype, None)
@@ -269,7 +310,7 @@ def tiny_flux(
 
 def latent_channels(kind: str) -> int:
     """Channels of a kind's latent (its model space): FLUX.1 / Chroma / Ovis 16, FLUX.2 128, Radiance 3 (pixels)."""
-    return {"flux2": 128, "chroma_radiance": 3}.get(kind, 16)
+    return {"flux2": 128, "chroma_radiance": 3}.get(FAMILY_OF_KIND[kind], 16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -395,8 +436,29 @@ def tiny_ovis_clip(seed: int = 0, context_dim: int = CONTEXT_DIM, layers: int = 
     return _tiny_clip(ovis.OvisTokenizer, ovis.te(), config, seed)
 
 
+def tiny_klein_clip(model_type: str = "qwen3_4b", seed: int = 0, width: int = KLEIN_QWEN_WIDTH):
+    """FLUX.2 klein's text encoder (ComfyUI >= 0.33: comfy.text_encoders.flux.klein_te, Qwen3 4B or 8B whose layers
+    9, 18 and 27 side by side are the context) with klein's own tokenizer and chat template (KleinTokenizer, on the
+    Qwen tokenizer that ships with ComfyUI) and a tiny random Qwen3 of 28 layers: the context is 3 x `width` wide."""
+    import comfy.text_encoders.flux as flux
+
+    tokenizer = {"qwen3_4b": flux.KleinTokenizer, "qwen3_8b": flux.KleinTokenizer8B}[model_type]
+    config = {
+        f"{model_type}_model_config": {
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        }
+    }
+    return _tiny_clip(tokenizer, flux.klein_te(model_type=model_type), config, seed)
+
+
 def tiny_clip(kind: str, seed: int = 0, context_dim: int = CONTEXT_DIM):
     """The tiny text encoder whose conditioning the tiny model of `kind` takes."""
+    if kind.startswith("flux2_klein"):
+        return tiny_klein_clip({"flux2_klein_4b": "qwen3_4b", "flux2_klein_9b": "qwen3_8b"}[kind], seed)
     if kind in ("chroma", "chroma_radiance"):
         return tiny_t5_clip(seed, context_dim)
     if kind in ("flux2", "ovis"):
@@ -524,7 +586,10 @@ def run_model(
             kwargs["ref_latents_method"] = ref_latents_method
     try:
         patcher.pre_run()
-        patcher.prepare_state(sigma)
+        if "model_options" in inspect.signature(patcher.prepare_state).parameters:  # ComfyUI >= 0.33
+            patcher.prepare_state(sigma, model_options)
+        else:
+            patcher.prepare_state(sigma)
         transformer_options = comfy.patcher_extension.merge_nested_dicts(
             patcher.apply_hooks(hooks=None), model_options["transformer_options"], copy_dict1=False
         )

@@ -27,6 +27,12 @@ class Editor:
     needs_attention = False  # True: the adapter routes every attention call through edit_attention
     keeps_run_state = False  # True: each sampling run gets new_run_state() as `call.run_state`, dropped at its end
 
+    @property
+    def edits_qk(self) -> bool:
+        """Whether this editor looks at q/k at all (it overrides edit_qk): editors of attention alone need no q/k
+        patch."""
+        return type(self).edit_qk is not Editor.edit_qk
+
     def new_run_state(self):
         """A fresh state for one sampling run (editors with keeps_run_state); model calls outside a sampler get
         `call.run_state` None."""

@@ -1,17 +1,22 @@
 """The FLUX adapter: the only place that touches ComfyUI's model internals.
 
 One mechanism serves every feature (rotation, visualisation, collection, training, UVR): a DIFFUSION_MODEL
-wrapper, registered on a ModelPatcher clone, that for the duration of one model call installs forward hooks on
-the QKNorm modules of every block. A hook sees q/k after the RMSNorm and before RoPE, per stream in double blocks
-and for the joint sequence in single blocks, splits them by the call's token layout into text and image tokens,
-and hands each part to an editor (nodes/editors.py: `Editor.edit_qk`). An editor with `needs_attention` also sees
+wrapper, registered on a ModelPatcher clone, that gives each model call a `ModelCall` (token layout, sigma, the
+editor's sampling-run state) and lets an editor (nodes/editors.py: `Editor.edit_qk`) see and replace every block's
+q/k after the QK norm and before RoPE, split into text and image tokens. How q/k are reached depends on what the
+running ComfyUI offers (`qk_mechanism`):
+- "attn1_patch" (ComfyUI >= 0.33, whose FLUX blocks call the pre-attention patch): ComfyUI's own extension point,
+  set on the clone with `ModelPatcher.set_model_attn1_patch`; the wrapper hands the patch its call through the
+  transformer_options it passes down.
+- "hooks" (older ComfyUI): for the duration of one model call, forward hooks on the QKNorm modules of every
+  block, removed in `finally`.
+Both give the same q/k to the editor, so the same velocity (tested). An editor with `needs_attention` also sees
 each block's attention (`Editor.edit_attention`): the wrapper then puts an `optimized_attention_override` into the
-transformer_options it passes down (chaining any override already there), and records the call's RoPE position ids
-(`call.img_ids`) with a `post_input` patch; the running block is `call.block`.
+transformer_options it passes down (chaining any override already there), and records the call's RoPE position
+ids (`call.img_ids`) with a `post_input` patch; the running block is `call.block`.
 
-Hooks are removed in `finally`; nothing is renamed, no weight or shared dict is touched, and wrappers of several
-nodes nest (each installs its own hooks, run in the order the nodes were chained). No ComfyUI forward code is
-copied: the stock forward runs, the hooks only see and replace QKNorm's output.
+Nothing is renamed, no weight or shared dict is touched, and the wrappers of several nodes nest (each edits in the
+order the nodes were chained). No ComfyUI forward code is copied: the stock forward runs.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ..saferope_core import ModelShape
 from ..saferope_core.shape import FAMILIES
 
 WRAPPER_KEY = "saferope"
+CALLS = "saferope_calls"  # transformer_options key: id(editor) -> its ModelCall, read by that editor's attn1 patch
 RUN_STATES = "saferope_run_states"  # transformer_options key: id(editor) -> that editor's state of this sampling run
 
 
@@ -144,20 +150,65 @@ def qk_sites(model) -> list[tuple[torch.nn.Module, str, str]]:
     return sites
 
 
+def _edit_joint(editor, call: ModelCall, block: str, q: torch.Tensor, k: torch.Tensor, txt: int):
+    """Edit q/k of a joint sequence [text | image ...] as its text and image parts; the same objects when nothing
+    was edited (no copy)."""
+    parts = (q[:, :, :txt], k[:, :, :txt], q[:, :, txt:], k[:, :, txt:])
+    edited = (*editor.edit_qk(call, block, "txt", *parts[:2]), *editor.edit_qk(call, block, "img", *parts[2:]))
+    if all(new is old for new, old in zip(edited, parts, strict=True)):
+        return q, k
+    return torch.cat(edited[0::2], dim=2), torch.cat(edited[1::2], dim=2)
+
+
 def _make_hook(editor, call: ModelCall, block: str, stream: str) -> Callable:
     def hook(_module, _args, output):
         call.block = block
         q, k = output
         if stream != "joint":
             return editor.edit_qk(call, block, stream, q, k)
-        n = call.layout.txt
-        parts = (q[:, :, :n], k[:, :, :n], q[:, :, n:], k[:, :, n:])
-        edited = (*editor.edit_qk(call, block, "txt", *parts[:2]), *editor.edit_qk(call, block, "img", *parts[2:]))
-        if all(new is old for new, old in zip(edited, parts, strict=True)):
-            return None  # nothing edited: keep the output, no copy
-        return torch.cat(edited[0::2], dim=2), torch.cat(edited[1::2], dim=2)
+        edited = _edit_joint(editor, call, block, q, k, call.layout.txt)
+        return None if edited[0] is q and edited[1] is k else edited
 
     return hook
+
+
+class QKEditPatch:
+    """attn1_patch (ComfyUI's pre-attention patch of FLUX's double and single blocks): routes the block's q/k,
+    after the QK norm and before RoPE, through `editor`, with the ModelCall the wrapper put into the options."""
+
+    def __init__(self, editor):
+        self.editor = editor
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, q, k, v, pe=None, attn_mask=None, extra_options=None, **kwargs):
+        options = extra_options or {}
+        call = options.get(CALLS, {}).get(id(self.editor))
+        if call is None:  # a call that did not pass through this editor's wrapper
+            return {}
+        block = f"{options['block_type']}.{options['block_index']}"
+        call.block = block
+        txt = options["img_slice"][0] if "img_slice" in options else call.layout.txt
+        q, k = _edit_joint(self.editor, call, block, q, k, txt)
+        return {"q": q, "k": k}
+
+
+@functools.cache
+def flux_blocks_call_attn1_patch() -> bool:
+    """Whether this ComfyUI's FLUX double and single blocks run `patches["attn1_patch"]` on q/k (ComfyUI >= 0.33),
+    read from the blocks themselves rather than a version number."""
+    import comfy.ldm.flux.layers as layers
+
+    return all(
+        "attn1_patch" in inspect.getsource(block.forward)
+        for block in (layers.DoubleStreamBlock, layers.SingleStreamBlock)
+    )
+
+
+def qk_mechanism() -> str:
+    """How this ComfyUI's q/k are reached: "attn1_patch" where FLUX's blocks offer it, else "hooks"."""
+    return "attn1_patch" if flux_blocks_call_attn1_patch() else "hooks"
 
 
 @functools.cache
@@ -168,13 +219,15 @@ def _forward_signature(model_class) -> inspect.Signature:
 
 
 class QKEditWrapper:
-    """DIFFUSION_MODEL wrapper that routes every block's q/k through `editor` during one model call.
+    """DIFFUSION_MODEL wrapper that routes every block's q/k through `editor` during one model call, by the
+    mechanism given ("attn1_patch": the clone's QKEditPatch finds the call in the options; "hooks": QK-norm hooks
+    for the duration of the call).
 
     Holds no per-call state, so ModelPatcher.clone()'s deep copies may share it (__deepcopy__ returns self).
     """
 
-    def __init__(self, editor):
-        self.editor = editor
+    def __init__(self, editor, mechanism: str):
+        self.editor, self.mechanism = editor, mechanism
 
     def __deepcopy__(self, memo):
         return self
@@ -189,11 +242,15 @@ class QKEditWrapper:
         call = ModelCall(layout, inputs["timestep"], options)
         call.run_state = getattr(options.get(RUN_STATES), "by_editor", {}).get(id(self.editor))
         if self.editor.needs_attention:
-            inputs["transformer_options"] = _with_attention_editor(options, self.editor, call)
-        handles = [
-            m.register_forward_hook(_make_hook(self.editor, call, block, stream))
-            for m, block, stream in qk_sites(model)
-        ]
+            inputs["transformer_options"] = options = _with_attention_editor(options, self.editor, call)
+        handles = []
+        if self.mechanism == "attn1_patch":
+            inputs["transformer_options"] = {**options, CALLS: {**options.get(CALLS, {}), id(self.editor): call}}
+        else:
+            handles = [
+                m.register_forward_hook(_make_hook(self.editor, call, block, stream))
+                for m, block, stream in qk_sites(model)
+            ]
         try:
             return executor(*bound.args[1:], **bound.kwargs)
         finally:
@@ -268,12 +325,20 @@ class RunStateWrapper:
             guider.model_options = original
 
 
-def with_qk_editor(patcher, editor):
+def with_qk_editor(patcher, editor, mechanism: str | None = None):
     """A clone of `patcher` whose model calls route q/k through `editor` (stacks with earlier editors); an editor
-    that keeps a state per sampling run gets it for every run."""
+    that keeps a state per sampling run gets it for every run. `mechanism`: "attn1_patch" or "hooks" (default: what
+    this ComfyUI offers, `qk_mechanism()`)."""
     flux_model(patcher)
+    mechanism = mechanism or qk_mechanism()
+    if mechanism == "attn1_patch" and not flux_blocks_call_attn1_patch():
+        raise ValueError("this ComfyUI's FLUX blocks do not run attn1_patch; use the 'hooks' mechanism")
     clone = patcher.clone()
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, QKEditWrapper(editor))
+    clone.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, QKEditWrapper(editor, mechanism)
+    )
+    if mechanism == "attn1_patch" and editor.edits_qk:
+        clone.set_model_attn1_patch(QKEditPatch(editor))
     if editor.keeps_run_state:
         clone.add_wrapper_with_key(
             comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, RunStateWrapper(editor)

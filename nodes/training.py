@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass
 
 import comfy.ldm.flux.math
+import comfy.model_management
 import torch
 import torch.utils.checkpoint
 
@@ -90,8 +91,19 @@ class _RopeWithBackward(torch.autograd.Function):
 
 @contextlib.contextmanager
 def differentiable_rope():
-    """Give FLUX's attention a RoPE with a backward for the duration (same op forward, so same outputs); the
-    original is put back in `finally`, after an error or an interrupt too."""
+    """FLUX's attention gets a RoPE with a backward for the duration, put back in `finally` (after an error or an
+    interrupt too). Where ComfyUI has its training switch (`comfy.model_management.in_training`, ComfyUI >= 0.33:
+    plain-torch RoPE with autograd), that switch is turned on; else ComfyUI's `apply_rope` (comfy-kitchen's op on
+    0.8, which has no backward) is wrapped in an autograd function whose forward is the same op (same outputs)."""
+    management = comfy.model_management
+    if hasattr(management, "in_training"):
+        previous = management.in_training
+        management.in_training = True
+        try:
+            yield
+        finally:
+            management.in_training = previous
+        return
     module = comfy.ldm.flux.math
     original = module.apply_rope
 

@@ -1,13 +1,18 @@
 """Run every test tier: the core tier once, then the ComfyUI and browser tiers against each ComfyUI version.
 
-    python tests/run_all.py [-- extra pytest arguments]
+    python tests/run_all.py [--only VERSION ...] [-- extra pytest arguments]
+
+Works from any Python 3.10+ with pip (system, venv, conda, ComfyUI portable's embedded Python): it installs what it
+needs itself. Each ComfyUI version gets its own virtual environment, isolated from the Python that started it, with
+the torch family that version needs (torch_family), its own requirements (frontend package, comfy-kitchen, ...) and
+the tests' requirements (tests/requirements.txt); environments are cached in $SAFEROPE_VENVS (default
+~/.cache/saferope-tests) and rebuilt when what they should hold changes. The browser tier also needs a Chromium
+(Debian: apt-get install -y chromium; or $SAFEROPE_CHROMIUM).
 
 ComfyUI versions: $COMFYUI_PATH alone when it is set (a developer's own checkout, used in place), else every
-unmodified source tree in shared/comfyui/ beside this repository (0.3.64 and 0.8.0). Each tree is copied to a
-temporary folder (the shared trees are read-only) and gets a virtual environment that sees this Python's packages
-(torch stays the project's pinned pair) plus that version's own requirements (its frontend package, comfy-kitchen,
-...), cached in $SAFEROPE_VENVS (default ~/.cache/saferope-tests). With a tree present the ComfyUI tier may not
-skip anything: a skip there fails the run. Prints a summary line per tier and exits non-zero if any tier failed.
+unmodified source tree in shared/comfyui/ beside this repository. Each tree is copied to a temporary folder (the
+shared trees are read-only). With a ComfyUI present the ComfyUI and browser tiers may not skip anything: a skip
+fails the run. Prints a summary line per tier and exits non-zero if any tier failed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -23,12 +29,23 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TORCH_FAMILY = re.compile(r"^\s*(torch|torchvision|torchaudio)\s*$")
+TEST_REQUIREMENTS = REPO / "tests" / "requirements.txt"
+TORCH_FAMILY = re.compile(r"^\s*(torch|torchvision|torchaudio)\s*([<>=!~;#].*)?$")
 EXTRA_REQUIREMENTS = ["comfyui-frontend-package", "av", "requests"]  # what ComfyUI's server needs beyond its list
+# (first ComfyUI version, torch family): ComfyUI 0.33 imports torchaudio at start, and no torchaudio exists for
+# torch 2.14; older versions run on the 2.14.1 pair (a CPU-capable pair that imports together).
+TORCH_FAMILIES = [
+    ((0, 33), ["torch==2.11.0", "torchvision==0.26.0", "torchaudio==2.11.0"]),
+    ((0, 0), ["torch==2.14.1", "torchvision==0.29.1"]),
+]
 
 
 def shared_dir() -> Path | None:
     return next((p for p in (REPO.parent / "shared", Path("/work/shared")) if p.is_dir()), None)
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
 
 
 def comfyui_trees() -> list[Path]:
@@ -38,10 +55,8 @@ def comfyui_trees() -> list[Path]:
     shared = shared_dir()
     if shared is None:
         return []
-    return sorted(
-        (p for p in (shared / "comfyui").glob("*") if (p / "comfy" / "model_patcher.py").is_file()),
-        key=lambda p: tuple(int(x) for x in re.findall(r"\d+", p.name)),
-    )
+    trees = (p for p in (shared / "comfyui").glob("*") if (p / "comfy" / "model_patcher.py").is_file())
+    return sorted(trees, key=lambda p: version_key(p.name))
 
 
 def version_of(tree: Path) -> str:
@@ -50,29 +65,79 @@ def version_of(tree: Path) -> str:
     return found.group(1) if found else tree.name
 
 
-def environment_for(tree: Path, version: str) -> Path:
-    """A venv over this Python's packages with the tree's own requirements (torch family excluded); cached."""
-    lines = [ln for ln in (tree / "requirements.txt").read_text().splitlines() if not TORCH_FAMILY.match(ln)]
-    wanted = "\n".join(lines + EXTRA_REQUIREMENTS)
-    root = Path(os.environ.get("SAFEROPE_VENVS", Path.home() / ".cache" / "saferope-tests"))
-    venv = root / f"venv-{version}"
-    marker = venv / "saferope-requirements.sha256"
-    digest = hashlib.sha256(f"{sys.executable}\n{wanted}".encode()).hexdigest()
-    python = venv / "bin" / "python"
-    if python.is_file() and marker.is_file() and marker.read_text() == digest:
-        return python
+def torch_family(version: str) -> list[str]:
+    return next(pins for first, pins in TORCH_FAMILIES if version_key(version) >= first)
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def make_venv(venv: Path) -> None:
+    """An empty virtual environment with pip, from the base of this Python. The standard `venv` module where it
+    works; else (embedded Pythons, Debian without python3-venv) virtualenv, installed into the cache with --target,
+    which works where pip may not install into the Python itself."""
+    made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
+    if made.returncode == 0 and venv_python(venv).is_file():
+        return
     shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    requirements = venv / "requirements.txt"
-    requirements.write_text(wanted + "\n")
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(requirements)], check=True
+    tool = venv.parent / "virtualenv-tool"
+    if not (tool / "virtualenv").is_dir():
+        print(f"`{sys.executable} -m venv` failed ({made.stderr.strip()[-200:]}); using virtualenv instead", flush=True)
+        pip_install(Path(sys.executable), ["--target", str(tool), "virtualenv==20.35.4"])
+    run_virtualenv = (
+        f"import sys; sys.path.insert(0, {str(tool)!r}); import virtualenv; virtualenv.cli_run(sys.argv[1:])"
     )
+    subprocess.run([sys.executable, "-c", run_virtualenv, str(venv)], check=True)
+
+
+def pip_install(python: Path, args: list[str]) -> None:
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args], check=True)
+
+
+def environment(name: str, requirements: list[str]) -> Path:
+    """The cached virtual environment `name` holding exactly `requirements` (rebuilt when they change); its python."""
+    root = Path(os.environ.get("SAFEROPE_VENVS", Path.home() / ".cache" / "saferope-tests"))
+    venv = root / f"venv-{name}"
+    wanted = "\n".join(requirements) + "\n"
+    digest = hashlib.sha256(f"{platform.python_version()}\n{wanted}".encode()).hexdigest()
+    marker = venv / "saferope-requirements.sha256"
+    python = venv_python(venv)
+    if marker.is_file() and marker.read_text() == digest and subprocess.run([str(python), "-c", ""]).returncode == 0:
+        return python
+    print(
+        f"setting up the test environment {venv} (first time: downloads torch and ComfyUI's requirements)", flush=True
+    )
+    shutil.rmtree(venv, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    make_venv(venv)
+    listed = venv / "saferope-requirements.txt"
+    listed.write_text(wanted)
+    pip_install(python, ["-r", str(listed)])
     marker.write_text(digest)
     return python
 
 
-def run_pytest(python: str | Path, paths: list[str], env: dict, extra: list[str]) -> tuple[int, str]:
+def requirement_lines(path: Path) -> list[str]:
+    """The requirements a file lists, with the files it includes (-r) read in."""
+    lines = []
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            lines += requirement_lines(path.parent / line[3:].strip())
+        elif line:
+            lines.append(line)
+    return lines
+
+
+def tree_requirements(tree: Path, version: str) -> list[str]:
+    """What the tests of `tree` need: its torch family, its own requirements but torch, the server's extras and
+    the tests' own requirements."""
+    own = [ln for ln in requirement_lines(tree / "requirements.txt") if not TORCH_FAMILY.match(ln)]
+    return [*torch_family(version), *own, *EXTRA_REQUIREMENTS, *requirement_lines(TEST_REQUIREMENTS)]
+
+
+def run_pytest(python: Path, paths: list[str], env: dict, extra: list[str]) -> tuple[int, str]:
     """Run pytest; returns (exit code, its final summary line)."""
     cmd = [str(python), "-m", "pytest", *paths, "-p", "no:cacheprovider", *extra]
     process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -84,37 +149,46 @@ def run_pytest(python: str | Path, paths: list[str], env: dict, extra: list[str]
     return process.wait(), last.strip("= ")
 
 
+def checkout_of(tree: Path, tmp: str) -> Path:
+    """The checkout the tests use: $COMFYUI_PATH in place, else a writable copy of the read-only shared tree."""
+    if os.environ.get("COMFYUI_PATH"):
+        return tree
+    checkout = Path(tmp) / "ComfyUI"
+    shutil.copytree(tree, checkout, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in checkout.rglob("*"):
+        path.chmod(path.stat().st_mode | 0o200)
+    return checkout
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python tests/run_all.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--only", nargs="+", metavar="VERSION", help="test only these ComfyUI versions (e.g. 0.33.0)")
     parser.add_argument(
-        "pytest_args",
-        nargs=argparse.REMAINDER,
-        help="after --: arguments passed to every pytest run (e.g. -- -x -k families)",
+        "pytest_args", nargs=argparse.REMAINDER, help="after --: arguments passed to every pytest run (e.g. -- -x)"
     )
-    extra = parser.parse_args(argv).pytest_args
-    extra = extra[1:] if extra[:1] == ["--"] else extra
+    args = parser.parse_args(argv)
+    extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    trees = [(tree, version_of(tree)) for tree in comfyui_trees()]
+    if args.only:
+        trees = [(tree, version) for tree, version in trees if version in args.only or tree.name in args.only]
+    env = {k: v for k, v in os.environ.items() if k not in ("COMFYUI_PATH", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
     results = []
-    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
-    code, summary = run_pytest(sys.executable, ["tests/core"], {**env, "COMFYUI_PATH": ""}, extra)
+    pythons = {version: environment(version, tree_requirements(tree, version)) for tree, version in trees}
+    core_python = (
+        pythons[trees[-1][1]]
+        if trees
+        else environment("core", [*TORCH_FAMILIES[-1][1], *requirement_lines(TEST_REQUIREMENTS)])
+    )
+    code, summary = run_pytest(core_python, ["tests/core"], {**env, "COMFYUI_PATH": ""}, extra)
     results.append(("core", code, summary))
-    trees = comfyui_trees()
     if not trees:
         print("ComfyUI and browser tiers did not run: no ComfyUI tree in shared/comfyui and no $COMFYUI_PATH")
-    for tree in trees:
-        version = version_of(tree)
+    for tree, version in trees:
         with tempfile.TemporaryDirectory(prefix=f"comfyui-{version}-") as tmp:
-            if os.environ.get("COMFYUI_PATH"):
-                checkout = tree
-            else:
-                checkout = Path(tmp) / "ComfyUI"
-                shutil.copytree(tree, checkout, ignore=shutil.ignore_patterns("__pycache__"))
-                for path in checkout.rglob("*"):  # read-only sources stay writable in the copy
-                    path.chmod(path.stat().st_mode | 0o200)
-            python = environment_for(checkout, version)
-            tier_env = {**env, "COMFYUI_PATH": str(checkout), "SAFEROPE_FORBID_SKIPS": "1"}
-            code, summary = run_pytest(python, ["tests/integration", "tests/browser"], tier_env, extra)
+            tier_env = {**env, "COMFYUI_PATH": str(checkout_of(tree, tmp)), "SAFEROPE_FORBID_SKIPS": "1"}
+            code, summary = run_pytest(pythons[version], ["tests/integration", "tests/browser"], tier_env, extra)
             results.append((f"ComfyUI {version} (ComfyUI + browser tiers)", code, summary))
     print("\n" + "\n".join(f"{'ok  ' if code == 0 else 'FAIL'} {name}: {summary}" for name, code, summary in results))
     return 0 if all(code == 0 for _, code, _ in results) else 1

@@ -112,19 +112,33 @@ def load(path: Path = MODEL_FILE, check_sha: bool = True):
         config = json.loads(f.metadata()["config"])
         state = {k: f.get_tensor(k).float() for k in f.keys()}
     patcher = build(config)
+    state = with_norm_names_of(state, patcher.model.diffusion_model.state_dict().keys())
     missing, unexpected = patcher.model.diffusion_model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path.name} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return patcher
 
 
+def with_norm_names_of(state: dict, names) -> dict:
+    """`state` with its norm parameters named as this ComfyUI names them: FLUX's QK norms hold `scale` up to
+    ComfyUI 0.8 and are torch RMSNorm modules holding `weight` from 0.33 (same values)."""
+    names = set(names)
+    renamed = {}
+    for key, value in state.items():
+        stem, _, last = key.rpartition(".")
+        other = f"{stem}.{ {'scale': 'weight', 'weight': 'scale'}.get(last, last) }"
+        renamed[other if key not in names and other in names else key] = value
+    return renamed
+
+
 def init_weights(module: torch.nn.Module, seed: int = 0) -> None:
-    """Training init (ComfyUI leaves weights torch.empty): norm scales 1, linear weights N(0, 1/fan_in) scaled
-    down on residual outputs, biases 0, modulation and final projection zero (adaLN-zero, as DiT)."""
+    """Training init (ComfyUI leaves weights torch.empty): norm weights 1 (whatever ComfyUI calls them), linear
+    weights N(0, 1/fan_in), biases 0, modulation and final projection zero (adaLN-zero, as DiT)."""
     g = torch.Generator().manual_seed(seed)
+    norms = {id(p) for m in module.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(False)}
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if name.endswith(".scale"):
+            if id(p) in norms:
                 p.fill_(1.0)
             elif p.ndim == 1:
                 p.zero_()

@@ -1,6 +1,7 @@
 """Every node on every FLUX-family model the ComfyUI under test loads: FLUX.1 dev / schnell / Kontext, Chroma, Chroma
-Radiance and (ComfyUI >= 0.8.0) FLUX.2 and Ovis-Image, as tiny random models built from ComfyUI's own classes, with
-tiny text encoders from ComfyUI's own classes and real tokenizers (comfyui_env.tiny_clip).
+Radiance, (ComfyUI >= 0.8.0) FLUX.2 and Ovis-Image and (>= 0.33) FLUX.2 klein 4B and 9B, as tiny random models built
+from ComfyUI's own classes, with tiny text encoders from ComfyUI's own classes and real tokenizers
+(comfyui_env.tiny_clip; klein: its own KleinTokenizer and chat template).
 
 The parametrisation is the kinds this ComfyUI can build, so nothing is skipped: FLUX.2 and Ovis-Image are simply not
 parameters on 0.3.64 (test_this_comfyui_builds_what_it_should says which kinds each version must build).
@@ -59,7 +60,7 @@ def model_of(kind: str, **shape):
 
 
 def clip_of(kind: str):
-    key = ("clip", comfyui_env.FAMILY_OF_KIND[kind] if kind not in ("dev", "schnell", "kontext") else "flux")
+    key = ("clip", comfyui_env.text_encoder_of(kind))
     if key not in _MODELS:
         with torch.inference_mode():
             _MODELS[key] = comfyui_env.tiny_clip(kind)
@@ -109,12 +110,15 @@ def relative_change(a, b) -> float:
 
 
 def test_this_comfyui_builds_what_it_should(comfy):
-    """0.8.0 builds every kind; 0.3.64 everything but FLUX.2 and Ovis-Image (which arrived in 0.8.0)."""
+    """0.33.0 builds every kind; 0.8.0 everything but FLUX.2 klein (KleinTokenizer arrived later); 0.3.64 also not
+    FLUX.2 and Ovis-Image (which arrived in 0.8.0)."""
     import comfyui_version
 
     kinds = supported_kinds()
     major_minor = tuple(int(x) for x in comfyui_version.__version__.split(".")[:2])
     expected = list(comfyui_env.ALL_KINDS)
+    if major_minor < (0, 33):
+        expected = [k for k in expected if not k.startswith("flux2_klein")]
     if major_minor < (0, 8):
         expected = [k for k in expected if k not in ("flux2", "ovis")]
     assert kinds == expected
@@ -122,12 +126,13 @@ def test_this_comfyui_builds_what_it_should(comfy):
 
 def test_family_and_shape_are_read_from_the_model(pack, kind):
     shape = pack.nodes.flux_adapter.model_shape(model_of(kind))
+    built = comfyui_env.default_shape(kind)
     assert (shape.family, shape.double_blocks, shape.single_blocks, shape.heads, shape.head_dim) == (
         comfyui_env.FAMILY_OF_KIND[kind],
-        2,
-        2,
-        4,
-        16,
+        built["depth"],
+        built["depth_single"],
+        built["heads"],
+        built["hidden"] // built["heads"],
     )
     other = pack.nodes.flux_adapter.model_shape(model_of(kind, **OTHER_SHAPE))
     assert (other.family, other.double_blocks, other.single_blocks, other.heads, other.head_dim) == (
@@ -218,9 +223,10 @@ def test_subject_positions_land_on_the_subject_in_the_models_context(pack, kind)
     prompt = calls.encode_prompt(clip, UNSAFE[1])
     positions = core.prompts.subject_token_positions(UNSAFE[1], "nude", lambda t: calls.context_token_ids(clip, t))
     assert positions
-    tokens = calls.context_token_ids(clip, "nude")
-    assert [prompt.token_ids[p] for p in positions] == [
-        t for t in tokens[slice(*core.prompts.content_span(tokens, calls.context_token_ids(clip, "")))]
+    empty = calls.context_token_ids(clip, "")
+    alone = [calls.context_token_ids(clip, text) for text in ("nude", " nude")]  # BPE marks a word's start
+    assert [prompt.token_ids[p] for p in positions] in [
+        ids[slice(*core.prompts.content_span(ids, empty))] for ids in alone
     ]
     context = calls.model_inputs(model, prompt, noise(pack, model))["c_crossattn"]
     placed = prompt.context_positions(positions, context)
@@ -253,24 +259,25 @@ def test_apply_risk_rotation(pack, kind):
 
 def test_apply_risk_rotation_on_another_shape(pack, kind):
     """Shapes are read, never assumed: a 1+3-block, 6-head model takes a pack of its own shape and refuses one of
-    the 2+2-block, 4-head shape, naming the dimension."""
+    the kind's usual shape, naming the dimension."""
     model, clip = model_of(kind, **OTHER_SHAPE), clip_of(kind)
     x = noise(pack, model)
     (patched,) = run_node(pack.nodes.ApplyRiskRotation.execute, model, planted_pack(pack, model), 1.0, "both")
     assert relative_change(velocity(pack, patched, clip, UNSAFE[0], x), velocity(pack, model, clip, UNSAFE[0], x)) > 0
-    with pytest.raises(pack.nodes.errors.SafeRoPEInputError, match="double_blocks: 2 here, 1 in the model"):
+    depth = comfyui_env.default_shape(kind)["depth"]
+    with pytest.raises(pack.nodes.errors.SafeRoPEInputError, match=f"double_blocks: {depth} here, 1 in the model"):
         run_node(pack.nodes.ApplyRiskRotation.execute, model, planted_pack(pack, model_of(kind)), 1.0, "both")
 
 
-@pytest.mark.parametrize("editing", [k for k in ("kontext", "flux2") if k in supported_kinds()])
+@pytest.mark.parametrize("editing", [k for k in ("kontext", "flux2", "flux2_klein_4b") if k in supported_kinds()])
 def test_reference_image_editing(pack, editing):
-    """Kontext and FLUX.2 editing: reference latents become extra tokens after the image; the rotation and
+    """Kontext, FLUX.2 and FLUX.2 klein editing: reference latents become extra tokens after the image; the rotation and
     Restrict Unsafe Flow see the reference tokens in the call's layout and change the output."""
     model = model_of(editing)
     shape = pack.nodes.model_calls.latent_shape(model, SIZE, SIZE)
     x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(1))
     refs = [torch.randn((1, *shape), generator=torch.Generator().manual_seed(2))]
-    context = torch.randn(1, 12, comfyui_env.CONTEXT_DIM, generator=torch.Generator().manual_seed(3))
+    context = torch.randn(1, 12, comfyui_env.context_width(editing), generator=torch.Generator().manual_seed(3))
     pooled = torch.randn(1, comfyui_env.POOLED_DIM) if editing == "kontext" else None
 
     class LayoutRecorder:
@@ -293,9 +300,7 @@ def test_collect_build_train_save_load(pack, kind, folders):
     """The whole Collect & Train chain through the nodes, on the family's own text encoder: subjects are found
     in every prompt, heads are selected, training moves the rotations, the model is left as it was, and ComfyUI's
     RoPE is the one it had before."""
-    import comfy.ldm.flux.math
-
-    rope = comfy.ldm.flux.math.apply_rope
+    rope = rope_in_use()
     n = pack.nodes
     model, clip = model_of(kind), clip_of(kind)
     x = noise(pack, model)
@@ -336,7 +341,7 @@ def test_collect_build_train_save_load(pack, kind, folders):
     assert log.startswith("4 steps")
     assert trained.recipe["trained"] is True and trained.shape.family == comfyui_env.FAMILY_OF_KIND[kind]
     assert any(b.w_txt.abs().sum() > 0 for b in trained.blocks.values())
-    assert comfy.ldm.flux.math.apply_rope is rope
+    assert rope_in_use() == rope
     assert torch.equal(velocity(pack, model, clip, UNSAFE[0], x), before)
     path = run_node(n.SaveSafeRoPEPack.execute, trained, f"family_{kind}", True)["result"][0]
     loaded = pack.saferope_core.load_pack(path)
@@ -444,48 +449,59 @@ def test_attention_editors_know_the_running_block(pack, kind):
 # Training's RoPE
 
 
+def rope_in_use():
+    """What decides FLUX's RoPE: the module's apply_rope and ComfyUI's training switch (None before ComfyUI 0.33)."""
+    import comfy.ldm.flux.math as flux_math
+    import comfy.model_management
+
+    return flux_math.apply_rope, getattr(comfy.model_management, "in_training", None)
+
+
 def test_training_rope_has_an_exact_backward(pack, comfy):
-    """Inside differentiable_rope(), ComfyUI's apply_rope (comfy-kitchen's op on 0.8.0, which has no backward and
-    takes no float64) gives the same outputs as outside and its gradient is exact: RoPE is linear in q and k, so for
-    any direction d, <grad, d> must equal the change of the loss along d. It is put back afterwards, also after an
-    error."""
+    """Inside differentiable_rope(), FLUX's apply_rope gives the same outputs as outside and its gradient is exact
+    (ComfyUI >= 0.33: its own training switch turns on the plain-torch RoPE; 0.8.0: comfy-kitchen's op, which has no
+    backward, is wrapped; 0.3.64: plain torch already): RoPE is linear in q and k, so for any direction d, <grad, d>
+    must equal the change of the loss along d. Everything is put back afterwards, also after an error."""
     import comfy.ldm.flux.layers
     import comfy.ldm.flux.math as flux_math
+    import comfy.model_management
 
-    original = flux_math.apply_rope
+    before = rope_in_use()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 8, (1, 6, 3), generator=g).float()
     pe = comfy.ldm.flux.layers.EmbedND(dim=16, theta=10000, axes_dim=[4, 6, 6])(ids)  # [1, 1, 6, 8, 2, 2]
     q, k, wq, wk, dq, dk = (torch.randn(1, 2, 6, 16, generator=g) for _ in range(6))
-    plain = original(q, k, pe)
+    plain = flux_math.apply_rope(q, k, pe)
 
     def loss(a, b):
         ra, rb = flux_math.apply_rope(a, b, pe)
         return (wq * ra).sum() + (wk * rb).sum()
 
     with pack.nodes.training.differentiable_rope():
-        assert flux_math.apply_rope is not original
-        assert all(torch.equal(a, b) for a, b in zip(plain, flux_math.apply_rope(q, k, pe), strict=True))
+        assert rope_in_use() != before
+        if hasattr(comfy.model_management, "in_training"):  # ComfyUI's own switch, the module left as it is
+            assert rope_in_use() == (before[0], True)
+        for a, b in zip(plain, flux_math.apply_rope(q, k, pe), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         a, b = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
         loss(a, b).backward()
         along = loss(q + dq, k + dk) - loss(q, k)
         torch.testing.assert_close((a.grad * dq).sum() + (b.grad * dk).sum(), along, rtol=1e-4, atol=1e-4)
         assert a.grad.abs().sum() > 0 and not torch.allclose(a.grad, wq)  # a rotation, not the identity
-    assert flux_math.apply_rope is original
+    assert rope_in_use() == before
     with pytest.raises(RuntimeError, match="inside"), pack.nodes.training.differentiable_rope():
         raise RuntimeError("an error inside the training run")
-    assert flux_math.apply_rope is original
+    assert rope_in_use() == before
 
 
 def test_cancelled_training_leaves_comfyuis_rope(pack, folders):
-    """A training run cancelled from the UI (ComfyUI's interrupt flag) raises ComfyUI's interrupt and leaves
-    apply_rope as it found it; while it trains, the RoPE in use is the differentiable one."""
-    import comfy.ldm.flux.math as flux_math
+    """A training run cancelled from the UI (ComfyUI's interrupt flag) raises ComfyUI's interrupt and leaves FLUX's
+    RoPE as it found it; while it trains, the RoPE in use is the differentiable one."""
     import comfy.model_management
 
     n = pack.nodes
     model, clip = model_of("dev"), clip_of("dev")
-    original = flux_math.apply_rope
+    before = rope_in_use()
     prompts, _ = run_node(
         n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman", "\n".join(SAFE), 2, 2, 0
     )
@@ -495,9 +511,9 @@ def test_cancelled_training_leaves_comfyuis_rope(pack, folders):
     data = n.training.TrainingData(prompts, n.model_calls.latent_shape(model, SIZE, SIZE))
     in_use = []
     trainer = n.training.RotationTrainer(model, clip, subspaces, data, recipe)
-    trainer.train(on_step=lambda *_: in_use.append(flux_math.apply_rope))
-    assert len(in_use) == 3 and all(f is not original for f in in_use)
-    assert flux_math.apply_rope is original
+    trainer.train(on_step=lambda *_: in_use.append(rope_in_use()))
+    assert len(in_use) == 3 and all(state != before for state in in_use)
+    assert rope_in_use() == before
     comfy.model_management.interrupt_current_processing(True)
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
@@ -521,4 +537,4 @@ def test_cancelled_training_leaves_comfyuis_rope(pack, folders):
             )
     finally:
         comfy.model_management.interrupt_current_processing(False)
-    assert flux_math.apply_rope is original
+    assert rope_in_use() == before
