@@ -496,6 +496,11 @@ class LoadStatistics(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, name):
+        """Reload when the file changes, not only when the name does."""
+        return model_files.fingerprint_in(name, STATS_FOLDER)
+
+    @classmethod
     @checked
     def execute(cls, name) -> io.NodeOutput:
         if name == model_files.NO_FILE:

@@ -54,6 +54,25 @@ def resolve_in(name: str, *folders: str) -> str:
     return folder_paths.get_full_path_or_raise(folders[-1], name)
 
 
+def fingerprint(path: str | None) -> str:
+    """For a loader's `fingerprint_inputs`: the file's modification time, size and inode, which change whenever it
+    is saved again (saves replace the file), so ComfyUI reloads it under every cache mode. Empty when there is no
+    such file: the loader then runs and says why."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        st = None
+    return f"{st.st_mtime_ns}:{st.st_size}:{st.st_ino}" if st else ""
+
+
+def fingerprint_in(name: str, *folders: str) -> str:
+    """fingerprint() of `name` in the first of `folders` that has it (as resolve_in finds it)."""
+    try:
+        return fingerprint(resolve_in(name, *folders))
+    except FileNotFoundError:
+        return ""
+
+
 def pack_files() -> list[str]:
     return folder_paths.get_filename_list(FOLDER)
 

@@ -211,6 +211,11 @@ class LoadPromptRedirector(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, name):
+        """Reload when the file changes, not only when the name does."""
+        return model_files.fingerprint_in(name, REDIRECTOR_FOLDER)
+
+    @classmethod
     @checked
     def execute(cls, name) -> io.NodeOutput:
         if name == model_files.NO_FILE:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from comfy_api.v0_0_2 import io
 
 from ..saferope_core import SafeRoPEPackError, load_pack
@@ -62,10 +60,9 @@ class LoadSafeRoPEPack(io.ComfyNode):
     def fingerprint_inputs(cls, pack_name, hf_repo_id="", hf_filename=""):
         """Reload when the file changes, not only when the name does."""
         try:
-            st = os.stat(cls.path(pack_name, hf_repo_id, hf_filename, download=False))
-            return f"{st.st_mtime_ns}:{st.st_size}"
-        except (OSError, SafeRoPEInputError):
-            return f"{pack_name}|{hf_repo_id}|{hf_filename}"
+            return model_files.fingerprint(cls.path(pack_name, hf_repo_id, hf_filename, download=False))
+        except (SafeRoPEInputError, FileNotFoundError):  # execute says why
+            return ""
 
     @classmethod
     def path(cls, pack_name, hf_repo_id, hf_filename, download=True) -> str:

@@ -277,6 +277,11 @@ class LoadUVRAnchors(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, name):
+        """Reload when the file changes, not only when the name does."""
+        return model_files.fingerprint_in(name, *ANCHOR_FOLDERS)
+
+    @classmethod
     @checked
     def execute(cls, name) -> io.NodeOutput:
         if name == model_files.NO_FILE:

@@ -31,9 +31,15 @@ def _free_port() -> int:
 class ComfyServer:
     """Context manager around `python main.py --cpu ...`; see the module docstring."""
 
-    def __init__(self, extra_custom_nodes=(), comfyui: str | Path | None = None, startup_timeout: float = 90.0):
+    def __init__(
+        self,
+        extra_custom_nodes=(),
+        comfyui: str | Path | None = None,
+        startup_timeout: float = 90.0,
+        extra_args=(),
+    ):
         """extra_custom_nodes: folders, linked under their own names, or {name: folder} (the name is the one
-        ComfyUI shows, e.g. in /extensions/<name>/)."""
+        ComfyUI shows, e.g. in /extensions/<name>/). extra_args: more main.py arguments, e.g. ["--cache-lru", "20"]."""
         items = (
             extra_custom_nodes.items()
             if isinstance(extra_custom_nodes, dict)
@@ -46,6 +52,7 @@ class ComfyServer:
         if not (self.comfyui / "main.py").is_file():
             raise RuntimeError(f"no ComfyUI main.py in {self.comfyui!s} (set COMFYUI_PATH)")
         self.startup_timeout = startup_timeout
+        self.extra_args = [str(arg) for arg in extra_args]
         self.process = None
 
     # -- life cycle ---------------------------------------------------------------------------------------------
@@ -85,6 +92,7 @@ class ComfyServer:
             "--disable-auto-launch",
             "--disable-all-custom-nodes",
         ]
+        cmd += self.extra_args
         if self.custom_nodes:
             cmd += ["--whitelist-custom-nodes", *self.custom_nodes]
         self.log_path = self.base / "server.log"
