@@ -196,8 +196,8 @@ def content_hash(tensors: dict[str, torch.Tensor], metadata: dict) -> str:
     meta = {k: v for k, v in metadata.items() if k != "content_hash"}
     digest.update(json.dumps(meta, sort_keys=True).encode())
     for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        t = tensors[name].contiguous().reshape(-1)  # flat: a [H, D, 1] basis may keep a stride that view refuses
+        digest.update(f"{name}|{t.dtype}|{tuple(tensors[name].shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 

@@ -477,3 +477,20 @@ def test_hash_covers_dtype(parts, tmp_path):
         ),
     }
     _refused(_write(tmp_path / "h.safetensors", tensors, meta, sign=False), "hash")
+
+
+def test_rank_one_pack_saves_and_loads(shape, tmp_path):
+    """Rank 1 (Build Subspaces allows it): a [heads, head_dim, 1] basis can carry a stride of its last dimension that
+    torch calls contiguous and a byte view refuses; saving (content hash) and loading must still work."""
+    from saferope_core import BlockRotation, SafeRoPEPack
+
+    g = torch.Generator().manual_seed(0)
+    h, d = shape.heads, shape.head_dim
+    basis = torch.nn.functional.normalize(torch.randn(h, 1, d, generator=g), dim=-1).transpose(1, 2)
+    assert basis.is_contiguous() and basis.stride(-1) != 1
+    w = torch.zeros(h, 1, 1)
+    rotation = BlockRotation(basis, basis.clone(), torch.ones(h, dtype=torch.bool), w, w.clone())
+    pack = SafeRoPEPack(shape, ["c"], 1, {"double.0": rotation}, name="rank1")
+    pack.save(tmp_path / "rank1.safetensors")
+    loaded = load_pack(tmp_path / "rank1.safetensors")
+    assert torch.equal(loaded.blocks["double.0"].basis_q, basis)
