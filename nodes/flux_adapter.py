@@ -282,7 +282,8 @@ def _with_attention_editor(options: dict, editor, call: ModelCall) -> dict:
                 return previous(func, q2, k2, v2, heads, *args, **kw)
             return func(q2, k2, v2, heads, *args, **kw)
 
-        return editor.edit_attention(call, _running_block(call, kwargs), q, k, v, heads, attend)
+        call.block = _running_block(call, kwargs)
+        return editor.edit_attention(call, call.block, q, k, v, heads, attend)
 
     def record_ids(data):
         call.img_ids = data["img_ids"]

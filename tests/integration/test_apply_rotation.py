@@ -1,10 +1,10 @@
 """Load SafeRoPE Pack and Apply Risk Rotation against a real ComfyUI, in process, on tiny FLUX models (CPU).
 
-The q/k checks are independent of the adapter's own token split: `QKRecorder` is a DIFFUSION_MODEL wrapper of
-the test that hooks the QKNorm modules directly and records their whole output. A recorder added before Apply
-(outermost wrapper, so its hooks run first) sees the q/k entering the rotation, one added after Apply sees what
-reaches attention, in the same model call; the expected values come from `saferope_core.rotate_tokens` applied
-by hand, with the text/image split taken from the call's context length.
+The q/k checks are independent of the adapter's own token split: `QKRecorder` is a recorder of the test that
+reaches q/k the way ComfyUI offers (an attn1_patch of its own on ComfyUI >= 0.33, else forward hooks on the QKNorm
+modules) and records them whole. A recorder added before Apply sees the q/k entering the rotation, one added after
+Apply sees what reaches attention, in the same model call; the expected values come from
+`saferope_core.rotate_tokens` applied by hand, with the text/image split taken from the call's context length.
 """
 
 import pytest
@@ -60,17 +60,33 @@ def apply(pack, model, rotation_pack, strength=1.0, apply_to="both"):
 
 
 class QKRecorder:
-    """DIFFUSION_MODEL wrapper recording, per model call, every QKNorm output as it leaves the hooks run before
-    ours: {(block, stream): (q, k)} with stream 'txt'/'img' (double blocks) or 'joint' (single blocks)."""
+    """Records, per model call, every block's q/k as they leave the editors added before it: {(block, stream): (q,
+    k)} with stream 'txt'/'img' (double blocks) or 'joint' (single blocks). A DIFFUSION_MODEL wrapper starts each
+    call's record; q/k come from an attn1_patch where FLUX's blocks run one (ComfyUI >= 0.33: patches run in the
+    order they were added), else from QKNorm hooks (hooks of outer wrappers run first)."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, mechanism: str):
+        self.mechanism, self.calls = mechanism, []
 
     def __deepcopy__(self, memo):
         return self
 
+    def patch(self, q, k, v, pe=None, attn_mask=None, extra_options=None, **kwargs):
+        block = f"{extra_options['block_type']}.{extra_options['block_index']}"
+        record = self.calls[-1]["qk"]
+        if extra_options["block_type"] == "single":
+            record[block, "joint"] = (q.clone(), k.clone())
+        else:
+            n = extra_options["img_slice"][0]
+            record[block, "txt"] = (q[:, :, :n].clone(), k[:, :, :n].clone())
+            record[block, "img"] = (q[:, :, n:].clone(), k[:, :, n:].clone())
+        return {}
+
     def __call__(self, executor, x, timestep, context, *args, **kwargs):
         model, record = executor.class_obj, {}
+        self.calls.append({"txt": context.shape[1], "qk": record})
+        if self.mechanism == "attn1_patch":
+            return executor(x, timestep, context, *args, **kwargs)
         sites = [(b.txt_attn.norm, f"double.{i}", "txt") for i, b in enumerate(model.double_blocks)]
         sites += [(b.img_attn.norm, f"double.{i}", "img") for i, b in enumerate(model.double_blocks)]
         sites += [(b.norm, f"single.{i}", "joint") for i, b in enumerate(model.single_blocks)]
@@ -79,7 +95,6 @@ class QKRecorder:
             return lambda _m, _a, out: record.__setitem__(key, (out[0].clone(), out[1].clone()))
 
         handles = [m.register_forward_hook(hook((block, stream))) for m, block, stream in sites]
-        self.calls.append({"txt": context.shape[1], "qk": record})
         try:
             return executor(x, timestep, context, *args, **kwargs)
         finally:
@@ -92,12 +107,18 @@ def with_wrapper(patcher, key, wrapper):
 
     clone = patcher.clone()
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, key, wrapper)
+    if getattr(wrapper, "mechanism", None) == "attn1_patch":
+        clone.set_model_attn1_patch(wrapper.patch)
     return clone
+
+
+def recorder(pack) -> QKRecorder:
+    return QKRecorder(pack.nodes.flux_adapter.qk_mechanism())
 
 
 def instrumented(pack, base, *applies):
     """base -> recorder 'pre' -> Apply Risk Rotation for each (pack, strength, apply_to) -> recorder 'post'."""
-    pre, post = QKRecorder(), QKRecorder()
+    pre, post = recorder(pack), recorder(pack)
     model = with_wrapper(base, "test-pre", pre)
     for rotation_pack, strength, apply_to in applies:
         model = apply(pack, model, rotation_pack, strength, apply_to)
@@ -206,7 +227,7 @@ def test_rotation_reaches_attention(pack, base, apply_to):
     latent, context, pooled = inputs()
     out = run(model, latent, context, pooled)
     changed = check_rotations(pack, pre, post, applies)
-    unpatched = QKRecorder()
+    unpatched = recorder(pack)
     base_out = run(with_wrapper(base, "test-base", unpatched), latent, context, pooled)
     for stream in ("txt", "img"):  # the first block's q/k before the rotation are the base model's own
         assert torch.equal(pre.calls[0]["qk"]["double.0", stream][0], unpatched.calls[0]["qk"]["double.0", stream][0])
@@ -382,7 +403,54 @@ def test_two_apply_nodes_stack_in_order(pack, base):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 6. Errors a user reads
+# 6. ComfyUI's own pre-attention patch and the QK-norm hooks
+
+
+def test_attn1_patch_and_hooks_give_the_same_velocity(pack, base):
+    """Where FLUX's blocks run attn1_patch (ComfyUI >= 0.33) Apply Risk Rotation uses it, registers no hook, and
+    gives the same velocity as the QK-norm hooks, for one pack and for two stacked (in order), on text and image
+    tokens; where they do not (older ComfyUI), the hooks are used and the patch is refused."""
+    import comfyui_version
+
+    adapter = pack.nodes.flux_adapter
+    newer = tuple(int(x) for x in comfyui_version.__version__.split(".")[:2]) >= (0, 33)
+    assert adapter.flux_blocks_call_attn1_patch() is newer
+    assert adapter.qk_mechanism() == ("attn1_patch" if newer else "hooks")
+    a = planted(pack, base, seed=12, concept="a")
+    b = planted(pack, base, seed=13, concept="b", heads={"double.1": [1, 1, 0, 0], "single.0": [1, 0, 0, 1]})
+    latent, context, pooled = inputs()
+    base_out = run(base, latent, context, pooled)
+
+    def through(mechanism, *packs):
+        model = base
+        for p in packs:
+            model = adapter.with_qk_editor(model, pack.nodes.editors.RiskRotation(p, 1.0, ("txt", "img")), mechanism)
+        return run(model, latent, context, pooled)
+
+    if not newer:
+        with pytest.raises(ValueError, match="attn1_patch"):
+            through("attn1_patch", a)
+        assert (through(None, a) - base_out).abs().max() > 1e-4
+        return
+
+    class NoHooks:
+        def edit_qk(self, call, block, tokens, q, k):
+            assert not any(m._forward_hooks for m in base.model.diffusion_model.modules())
+            return q, k
+
+    patched = apply(pack, base, a)
+    patches = patched.model_options["transformer_options"]["patches"]["attn1_patch"]
+    assert [type(p).__name__ for p in patches] == ["QKEditPatch"]
+    run(adapter.with_qk_editor(patched, comfyui_env.editor(NoHooks)()), latent, context, pooled)
+    for packs in ((a,), (a, b), (b, a)):
+        hooked, patched_out = through("hooks", *packs), through("attn1_patch", *packs)
+        torch.testing.assert_close(patched_out, hooked, rtol=1e-5, atol=1e-6)
+        assert (hooked - base_out).abs().max() > 1e-4
+    assert (through("attn1_patch", a, b) - through("attn1_patch", b, a)).abs().max() > 1e-5  # order is kept
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. Errors a user reads
 
 
 @pytest.mark.parametrize("field, value", [("heads", 8), ("double_blocks", 3), ("head_dim", 8)])
