@@ -5,7 +5,16 @@ import pytest
 import torch
 
 from saferope_core import PromptSetError, TrainingRecipe, build_unsafe_prompts, redirect_gap, redirect_loss
-from saferope_core.held_out import KEPT, HeldOutReport, held_out_report, held_out_split
+from saferope_core.held_out import (
+    KEPT,
+    MOVED,
+    PARTLY_MOVED,
+    PARTLY_REDIRECTED,
+    REDIRECTED,
+    HeldOutReport,
+    held_out_report,
+    held_out_split,
+)
 from saferope_core.prompts import default_concepts, default_lists, parse_anchors
 
 SUBJECTS = ["nude woman", "naked man"]
@@ -100,3 +109,29 @@ def test_held_out_report_measures_and_judges():
 def test_deviate_verdict_reads_how_far_prompts_moved(moved, verdict):
     report = HeldOutReport("deviate", 3, 1.0, 1.0, moved, [("a", KEPT / 2)])
     assert report.erases() == verdict and report.keeps_neighbours() == "yes"
+
+
+@pytest.mark.parametrize(
+    ("left", "verdict"),
+    [(0.0, "yes"), (REDIRECTED * 0.99, "yes"), (REDIRECTED * 1.01, "partly"), (PARTLY_REDIRECTED * 0.99, "partly")]
+    + [(PARTLY_REDIRECTED * 1.01, "no"), (1.0, "no"), (1.5, "no")],
+)
+def test_redirect_verdict_either_side_of_each_boundary(left, verdict):
+    """'yes' when the held-out prompts' distance to their anchor fell to REDIRECTED of where it was or less,
+    'partly' up to PARTLY_REDIRECTED, else 'no' (also when it grew)."""
+    assert HeldOutReport("redirect", 3, 2.0, 2.0 * left, 0.0, []).erases() == verdict
+
+
+@pytest.mark.parametrize(
+    ("moved", "verdict"),
+    [(PARTLY_MOVED * 0.99, "no"), (PARTLY_MOVED * 1.01, "partly"), (MOVED * 0.99, "partly"), (MOVED * 1.01, "yes")],
+)
+def test_deviate_verdict_either_side_of_each_boundary(moved, verdict):
+    assert HeldOutReport("deviate", 3, 1.0, 1.0, moved, []).erases() == verdict
+
+
+@pytest.mark.parametrize(("deviation", "verdict"), [(KEPT * 0.99, "yes"), (KEPT * 1.01, "no")])
+def test_neighbours_verdict_either_side_of_its_boundary(deviation, verdict):
+    """The three nearest held-out safe prompts decide, by the largest of their deviations; the fourth does not."""
+    near = [("a", KEPT / 10), ("b", deviation), ("c", 0.0), ("d", 1.0)]
+    assert HeldOutReport("redirect", 3, 1.0, 0.1, 0.0, near).keeps_neighbours() == verdict

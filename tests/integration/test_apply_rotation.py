@@ -449,6 +449,44 @@ def test_attn1_patch_and_hooks_give_the_same_velocity(pack, base):
     assert (through("attn1_patch", a, b) - through("attn1_patch", b, a)).abs().max() > 1e-5  # order is kept
 
 
+def test_attention_override_takes_tensor_containers(pack):
+    """ComfyUI 0.33 may hand attention its q/k/v in single-use AttentionTensorContainers. The pack's attention
+    override (Restrict Unsafe Flow, Collect UVR Anchors), chained over an override of another node that has a
+    container_function, gets plain tensors, and gives what the same edit gives on plain tensors."""
+    import comfy.ldm.modules.attention as attention
+    import comfyui_version
+
+    if not hasattr(attention, "AttentionTensorContainer"):  # older ComfyUI: no containers to take
+        assert tuple(int(x) for x in comfyui_version.__version__.split(".")[:2]) < (0, 33)
+        return
+    adapter = pack.nodes.flux_adapter
+    seen = []
+
+    class HalveValues:
+        needs_attention = True
+
+        def edit_attention(self, call, block, q, k, v, heads, attend):
+            seen.append(("editor", type(q), type(v)))
+            return attend(q, k, 0.5 * v)
+
+    def other_override(func, q, k, v, heads, *args, **kwargs):
+        seen.append(("other", type(q), type(v)))
+        return func(q, k, v, heads, *args, **kwargs)
+
+    other_override.container_function = lambda *args, **kwargs: pytest.fail("containers reached the chained one")
+    layout = adapter.TokenLayout(1, 2, 3, (1, 3))
+    call = adapter.ModelCall(layout, torch.ones(1))
+    options = adapter._with_attention_editor(
+        {"optimized_attention_override": other_override}, comfyui_env.editor(HalveValues)(), call
+    )
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    plain = attention.optimized_attention(q, k, 0.5 * v, 2, skip_reshape=True)
+    boxed = [attention.AttentionTensorContainer(t.clone()) for t in (q, k, v)]
+    got = attention.optimized_attention(*boxed, 2, skip_reshape=True, transformer_options=options)
+    torch.testing.assert_close(got, plain)
+    assert seen == [("editor", torch.Tensor, torch.Tensor), ("other", torch.Tensor, torch.Tensor)]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 7. Errors a user reads
 

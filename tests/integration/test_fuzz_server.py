@@ -9,8 +9,11 @@ left out. Every such graph must be
 - refused by ComfyUI's validation (HTTP 400; not because the pack's own validate_inputs raised), or
 - fail with the pack's own error on the node, naming the input: "<display name>, input '<name>': ...", or
 - succeed with a sane output: finite latents and images, no NaN or Inf in the text a node writes, files saved
-  where they belong and readable, and a patched model that really is patched (its latent differs from the
-  unpatched model's) where a patch was asked for.
+  where they belong and readable, and for the guard nodes (Apply Risk Rotation, Restrict Unsafe Flow, Redirect
+  Unsafe Prompts) a guard that still works: every value they accept must give a patched model whose latent differs
+  from the unpatched model's, unless it is a documented off switch (strength below 0.01; Restrict Unsafe Flow's
+  threshold 1). The fixtures flag everything at every threshold, so a value that silently switches a guard off
+  (a NaN threshold) is caught.
 
 No file may be created outside the server's base folder: the repository and the ComfyUI tree are listed before
 and after, and every path a traversal or absolute payload could name is probed. Files outside the base folder
@@ -365,18 +368,25 @@ def check_load_pack(ctx, entry, inputs):
     return latent_problems(ctx, entry, patched=True) + text_problems(ctx, entry, ["show_info"], inputs)
 
 
+def number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def guard_must_work(inputs: dict, **off) -> bool:
+    """The criterion of guard nodes: every value they accept leaves the guard working (the sampled latent differs
+    from the unpatched model's; the fixtures flag everything at every threshold the nodes take), except a
+    documented off switch (`off`: input -> predicate on its value): strength below 0.01 turns every guard off."""
+    off = {"strength": lambda v: number(v) and v < 0.01, **off}
+    return not any(switched(inputs.get(name)) for name, switched in off.items())
+
+
 def check_apply(ctx, entry, inputs):
-    strength = inputs.get("strength")
-    return latent_problems(ctx, entry, patched=isinstance(strength, float) and strength >= 0.01)
+    return latent_problems(ctx, entry, patched=guard_must_work(inputs))
 
 
 def check_restrict(ctx, entry, inputs):
-    strength, threshold = inputs.get("strength"), inputs.get("threshold")
-    sigma_start, block = inputs.get("sigma_start"), inputs.get("detection_block")
-    numbers = all(isinstance(v, (int, float)) for v in (strength, threshold, sigma_start, block))
-    cut = ANCHORS_THRESHOLD if threshold == -1 else threshold
-    patched = numbers and strength >= 0.01 and cut <= -0.5 and sigma_start <= 0.99 and block in (-1, 0)
-    return latent_problems(ctx, entry, patched)
+    # threshold 1, the largest score a patch can have, flags nothing: Restrict Unsafe Flow's other off switch
+    return latent_problems(ctx, entry, patched=guard_must_work(inputs, threshold=lambda v: number(v) and v >= 1))
 
 
 def check_load_anchors(ctx, entry, inputs):
@@ -384,9 +394,7 @@ def check_load_anchors(ctx, entry, inputs):
 
 
 def check_redirect(ctx, entry, inputs):
-    strength, threshold = inputs.get("strength"), inputs.get("threshold")
-    numbers = all(isinstance(v, (int, float)) for v in (strength, threshold))
-    return latent_problems(ctx, entry, patched=numbers and strength >= 0.01 and threshold <= -10)
+    return latent_problems(ctx, entry, patched=guard_must_work(inputs))
 
 
 def texts(*node_ids):
@@ -918,21 +926,25 @@ def write_pack(core, path: Path, shape, seed: int = 0, rank: int = 3):
 
 
 def write_anchors(core, path: Path, shape, threshold=ANCHORS_THRESHOLD):
+    """Anchors that flag every patch at every threshold below 1: the safe mean lies far opposite the first anchor
+    of each head, so every output, seen from it, points along that anchor (score ~1)."""
     g = torch.Generator().manual_seed(1)
     anchors = torch.nn.functional.normalize(torch.randn(shape.heads, 2, shape.head_dim, generator=g), dim=-1)
-    core.uvr.UVRAnchors(
-        shape, "single.0", anchors, torch.zeros(shape.heads, shape.head_dim), threshold, 0.85, ["fuzzed"]
-    ).save(path)
+    safe_mean = -1e4 * anchors[:, 0]
+    core.uvr.UVRAnchors(shape, "single.0", anchors, safe_mean, threshold, 0.85, ["fuzzed"]).save(path)
 
 
 def write_redirector(pack, path: Path, family: str) -> None:
-    """A seeded redirector for the tiny dev model's conditioning (or one claiming another family)."""
+    """A seeded redirector for the tiny dev model's conditioning (or one claiming another family) whose detector
+    says 30 for everything: every sample is flagged at every threshold the node takes (at most 20)."""
     core = pack.saferope_core.redirector
     config = pack.nodes.prompt_redirect.redirector_config(comfyui_env.tiny_flux("dev"))
     torch.manual_seed(0)
-    core.PromptRedirector(core.RedirectorConfig(family, config.width, config.latent_channels, 32, 4)).save(
-        path, "fuzzed", {}
-    )
+    redirector = core.PromptRedirector(core.RedirectorConfig(family, config.width, config.latent_channels, 32, 4))
+    with torch.no_grad():
+        redirector.classify[-1].weight.zero_()
+        redirector.classify[-1].bias.fill_(30.0)
+    redirector.save(path, "fuzzed", {})
 
 
 def write_with_metadata(path: Path, metadata) -> None:

@@ -208,6 +208,22 @@ def test_prompt_files_come_from_the_input_folder_only(pack, input_dir, name):
     assert "safe prompts" not in message and "root:" not in message
 
 
+@pytest.mark.parametrize("how", ["traversal", "link"])
+def test_a_prompt_file_beside_the_input_folder_is_never_read(pack, input_dir, how):
+    """A file that exists just outside ComfyUI's input folder, named through '..' or reached through a link inside
+    the folder, is refused, and none of its lines reaches the prompt set or the message."""
+    outside = input_dir.parent / "outside.txt"
+    outside.write_text("an outside line that must not be read\n")
+    name = "../outside.txt"
+    if how == "link":
+        (input_dir / "inside.txt").symlink_to(outside)
+        name = "inside.txt"
+    message = refused(
+        pack, "safe_prompt_file", pack.nodes.SafeRoPEPromptSet.execute, "nudity", "", "", "", "", 4, 4, 0, name
+    )
+    assert "outside line" not in message and "outside ComfyUI's input folder" in message
+
+
 def test_prompt_file_in_the_input_folder_is_read_and_capped(pack, input_dir):
     (input_dir / "captions.txt").write_text("a red car\na blue boat\n# a comment\na tree\n")
     prompts, summary = run_node(

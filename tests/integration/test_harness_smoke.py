@@ -140,3 +140,39 @@ def test_server_runs_a_graph(comfy):
         saved = entry["outputs"]["6"]["latents"][0]
         latent = load_file(server.output_dir / saved["subfolder"] / saved["filename"])["latent_tensor"]
     assert latent.shape == (1, 16, 8, 8) and torch.isfinite(latent).all() and latent.abs().mean() > 1e-3
+
+
+def test_a_skip_fails_where_a_comfyui_is_present(tmp_path):
+    """tests/conftest.py: with a ComfyUI present, a skipped test of the ComfyUI tier fails under plain `python -m
+    pytest` too (no environment variable needed); a skipped core test stays a skip."""
+    import os
+    import subprocess
+
+    (tmp_path / "force_skip.py").write_text(
+        "import pytest\n\n\ndef pytest_collection_modifyitems(items):\n"
+        "    for item in items:\n        item.add_marker(pytest.mark.skip(reason='forced by the test'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+
+    def run(test):
+        cmd = [sys.executable, "-m", "pytest", test, "-p", "force_skip", "-p", "no:cacheprovider", "-q"]
+        return subprocess.run(cmd, cwd=comfyui_env.REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    tier = run("tests/integration/test_families.py::test_this_comfyui_builds_what_it_should")
+    assert tier.returncode == 1 and "skipped although a ComfyUI is present" in tier.stdout, tier.stdout[-2000:]
+    core = run("tests/core/test_pack.py::test_valid_file_loads")
+    assert core.returncode == 0 and "1 skipped" in core.stdout, core.stdout[-2000:]
+
+
+def test_tiny_models_have_the_norm_weights_of_a_trained_model():
+    """ComfyUI creates weights empty (0.33's torch RMSNorm QK norms start random, std ~0.016, which shrinks q/k to
+    near zero): every normalisation layer of every tiny model has weight 1 and bias 0, as a trained FLUX has."""
+    kinds = [k for k in comfyui_env.ALL_KINDS if comfyui_env.kind_supported(k)]
+    for kind in kinds:
+        model = comfyui_env.tiny_flux(kind, seed=1).model.diffusion_model
+        norms = [(name, m) for name, m in model.named_modules() if comfyui_env.is_norm(m)]
+        assert any(name.endswith("query_norm") for name, _ in norms), kind  # the QK norms are among them
+        for name, module in norms:
+            for pname, p in module.named_parameters(recurse=False):
+                want = 0.0 if pname == "bias" else 1.0
+                assert torch.all(p == want), f"{kind}: {name}.{pname} is not {want}"

@@ -112,3 +112,26 @@ def test_loaders_reload_files_saved_again_under_every_cache_mode(pack):
         stale[mode] = sorted(loader for loader, text in after.items() if second[loader] not in text)
     stale = {mode: loaders for mode, loaders in stale.items() if loaders}
     assert not stale, f"loaders that showed the old file after it was saved again (per cache mode): {stale}"
+
+
+def test_every_loaders_fingerprint_follows_its_file(pack, folders):
+    """In process, without a server: each loader's fingerprint_inputs (what ComfyUI's caches key on besides the
+    inputs) changes when its file is saved again under the same name, and stays while the file does."""
+    n = pack.nodes
+    loaders = {
+        "pack": (n.rotation_nodes.LoadSafeRoPEPack, {"pack_name": NAME}),
+        "statistics": (n.collect_nodes.LoadStatistics, {"name": NAME}),
+        "anchors": (n.uvr_nodes.LoadUVRAnchors, {"name": NAME}),
+        "redirector": (n.redirect_nodes.LoadPromptRedirector, {"name": NAME}),
+    }
+    models = next(iter(folders.values())).parent
+
+    def fingerprints():
+        return {key: node.fingerprint_inputs(**inputs) for key, (node, inputs) in loaders.items()}
+
+    save_files(pack, models, "a")
+    first = fingerprints()
+    assert all(first.values()) and fingerprints() == first
+    save_files(pack, models, "b")
+    second = fingerprints()
+    assert all(second[key] != first[key] for key in loaders), (first, second)

@@ -155,12 +155,14 @@ def test_mask_carries_to_the_next_startup_step_of_the_same_run_only(pack, uvr, m
     after = blocks[blocks.index(anchors.block) + 1 :]
     every = [b for b in blocks if b != anchors.block]
     runs = []
-    for _ in range(2):
+    for sigmas in ([0.95, 0.9, 0.5, 0.0], [0.95, 0.9, 0.5, 0.0], [0.88, 0.5, 0.0]):
         editor.restricted = []
-        comfyui_env.sample(patched, "a red fox", width=128, height=128, sigmas=[0.95, 0.9, 0.5, 0.0])
+        comfyui_env.sample(patched, "a red fox", width=128, height=128, sigmas=sigmas)
         runs.append(editor.restricted)
     expected = [(0.95, b) for b in after] + [(0.9, b) for b in every]  # nothing at 0.5: not a start-up step
     assert runs[0] == expected and runs[1] == expected
+    # a run that starts below where the run before detected last (denoise < 1) must not find that mask
+    assert runs[2] == [(0.88, b) for b in after]
     assert not [v for v in vars(editor).values() if torch.is_tensor(v)]
 
     editor.restricted = []

@@ -1,0 +1,178 @@
+"""The named mutations of the mutation gate (tests/mutation_gate.py): each breaks one central behaviour the README
+claims, and names the tests that claim to cover it. The gate applies each to a copy of the repository and fails
+when those tests still pass. Every behaviour a change adds gets its mutation here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str  # the behaviour it breaks, in words
+    file: str  # relative to the repository
+    original: str  # text that occurs exactly once in `file`
+    mutant: str  # what replaces it
+    tests: tuple[str, ...]  # pytest node ids or files that must fail; core tests (tests/core) run without ComfyUI
+
+
+CORE, ITG = "tests/core", "tests/integration"
+
+MUTATIONS = [
+    # -- the method (saferope_core)
+    Mutation(
+        "rotation-direction",
+        "the rotation turns the other way (exp(-tA) instead of exp(tA))",
+        "saferope_core/rotation.py",
+        'dc = torch.einsum("hsr,bhlr->bhls", vec, _phase_minus_one(phi) * z)',
+        'dc = torch.einsum("hsr,bhlr->bhls", vec, _phase_minus_one(-phi) * z)',
+        (f"{CORE}/test_rotation.py::test_rotate_tokens_matches_matrix_exp_per_token",),
+    ),
+    Mutation(
+        "risk-gate-comparison",
+        "the hard gate rotates the low-risk tokens instead of the high-risk ones",
+        "saferope_core/rotation.py",
+        "t = t * (lrs > gate)",
+        "t = t * (lrs < gate)",
+        (f"{CORE}/test_rotation.py::test_hard_gate_leaves_low_risk_tokens_untouched",),
+    ),
+    Mutation(
+        "head-selection",
+        "the heads below the delta threshold are selected instead of those at or above it",
+        "saferope_core/subspaces.py",
+        "return Subspaces(bases, delta, delta >= hds_threshold,",
+        "return Subspaces(bases, delta, delta < hds_threshold,",
+        (f"{CORE}/test_subspaces.py::test_head_selection_finds_the_planted_heads",),
+    ),
+    Mutation(
+        "pack-hash-check",
+        "a pack whose content hash does not match loads anyway",
+        "saferope_core/pack.py",
+        'if content_hash(tensors, meta) != meta["content_hash"]:',
+        "if False:",
+        (f"{CORE}/test_pack.py::test_single_bit_flips",),
+    ),
+    Mutation(
+        "family-refusal",
+        "a pack of another model family is accepted when the block and head counts agree",
+        "saferope_core/shape.py",
+        "if self.family != other.family:",
+        "if False:",
+        (f"{CORE}/test_pack.py::test_check_model_names_both_families",),
+    ),
+    Mutation(
+        "held-out-verdict",
+        "the held-out check says 'erases: yes' whenever the anchor distance fell at all",
+        "saferope_core/held_out.py",
+        'return "yes" if left <= REDIRECTED else',
+        'return "yes" if left < 1 else',
+        (f"{CORE}/test_redirect.py",),
+    ),
+    Mutation(
+        "redirect-whole-batch",
+        "one flagged sample redirects the whole batch",
+        "saferope_core/redirector.py",
+        "return torch.where(flagged[:, None, None], redirected, context), flagged",
+        "return redirected, flagged",
+        (f"{CORE}/test_redirector.py::test_redirection_decides_per_sample",),
+    ),
+    Mutation(
+        "redirector-cooldown",
+        "a flagged sample is not held redirected for the cool-down",
+        "saferope_core/redirector.py",
+        "self.left[k] = self.left.get(k, 0) - 1 if was_held else (self.cooldown if now else 0)",
+        "self.left[k] = self.left.get(k, 0) - 1 if was_held else 0",
+        (f"{CORE}/test_redirector.py::test_redirected_samples_stay_redirected_for_the_cooldown",),
+    ),
+    # -- the ComfyUI side (nodes/)
+    Mutation(
+        "rotate-q-only",
+        "Apply Risk Rotation rotates the queries and leaves the keys",
+        "nodes/editors.py",
+        'pack.rotate(k, block, "k", tokens, self.strength)',
+        "k",
+        (f"{ITG}/test_apply_rotation.py::test_rotation_reaches_attention",),
+    ),
+    Mutation(
+        "attn1-patch-ignored",
+        "on a ComfyUI with attn1_patch, the patch edits nothing",
+        "nodes/flux_adapter.py",
+        'return {"q": q, "k": k}',
+        "return {}",
+        (f"{ITG}/test_apply_rotation.py::test_attn1_patch_and_hooks_give_the_same_velocity",),
+    ),
+    Mutation(
+        "training-switch",
+        "training does not turn on ComfyUI's in_training switch (no RoPE gradient on 0.33)",
+        "nodes/training.py",
+        "management.in_training = True",
+        "management.in_training = previous",
+        (f"{ITG}/test_families.py::test_training_rope_has_an_exact_backward",),
+    ),
+    Mutation(
+        "uvr-run-state",
+        "Restrict Unsafe Flow's masks carry from one sampling run into the next",
+        "nodes/editors.py",
+        "return {}  # samples key -> (sigma, core, ring) of their latest detection in this run",
+        'return self.__dict__.setdefault("_every_run", {})',
+        (f"{ITG}/test_uvr.py::test_mask_carries_to_the_next_startup_step_of_the_same_run_only",),
+    ),
+    Mutation(
+        "non-finite-inputs",
+        "a NaN or infinite number reaches a node (a NaN threshold silently switches Redirect Unsafe Prompts off)",
+        "nodes/common.py",
+        "            or not math.isfinite(value)\n",
+        "",
+        (f"{ITG}/test_fuzz_server.py::test_fuzz_node[RedirectUnsafePrompts]",),
+    ),
+    Mutation(
+        "path-confinement",
+        "a prompt file outside ComfyUI's input folder is read",
+        "nodes/common.py",
+        "if not path.startswith(root + os.sep):",
+        "if False:",
+        (f"{ITG}/test_hardening.py::test_a_prompt_file_beside_the_input_folder_is_never_read",),
+    ),
+    Mutation(
+        "loader-fingerprint",
+        "a loader keeps its cached result when its file is saved again under the same name",
+        "nodes/model_files.py",
+        'return f"{st.st_mtime_ns}:{st.st_size}:{st.st_ino}" if st else ""',
+        'return ""',
+        (f"{ITG}/test_loader_cache.py::test_every_loaders_fingerprint_follows_its_file",),
+    ),
+    Mutation(
+        "safety-report-blur",
+        "Safety Report's blur action leaves the flagged region as it was",
+        "nodes/safety_report.py",
+        'image = blur_regions(image, [d["box"] for d in hits])',
+        "image = image",
+        (f"{ITG}/test_visual_nodes.py::test_safety_report_blur_changes_only_the_flagged_box",),
+    ),
+    Mutation(
+        "safety-report-black-out",
+        "Safety Report's black-out action leaves the flagged image as it was",
+        "nodes/safety_report.py",
+        "image = torch.zeros_like(image)",
+        "image = image",
+        (f"{ITG}/test_visual_nodes.py::test_safety_report_black_out_zeroes_the_flagged_image",),
+    ),
+    # -- the tests' own harness
+    Mutation(
+        "skips-allowed",
+        "a skipped ComfyUI-tier test passes where a ComfyUI is present",
+        "tests/conftest.py",
+        "if COMFYUI is not None and report.skipped",
+        "if False and report.skipped",
+        (f"{ITG}/test_harness_smoke.py::test_a_skip_fails_where_a_comfyui_is_present",),
+    ),
+    Mutation(
+        "random-norm-weights",
+        "the tiny test models keep ComfyUI's uninitialised normalisation weights",
+        "bench/comfyui_env.py",
+        'p.fill_(0.0 if name == "bias" else 1.0)',
+        "p.copy_(0.02 * torch.randn(p.shape, generator=g))",
+        (f"{ITG}/test_harness_smoke.py::test_tiny_models_have_the_norm_weights_of_a_trained_model",),
+    ),
+]
