@@ -1,6 +1,6 @@
 """Run every test tier: the core tier once, then the ComfyUI and browser tiers against each ComfyUI version.
 
-    python tests/run_all.py [--only VERSION ...] [-- extra pytest arguments]
+    python tests/run_all.py [--only VERSION ...] [--no-gate] [-- extra pytest arguments]
 
 Works from any Python 3.10+ with pip (system, venv, conda, ComfyUI portable's embedded Python): it installs what it
 needs itself. Each ComfyUI version gets its own virtual environment, isolated from the Python that started it, with
@@ -12,7 +12,9 @@ the tests' requirements (tests/requirements.txt); environments are cached in $SA
 ComfyUI versions: $COMFYUI_PATH alone when it is set (a developer's own checkout, used in place), else every
 unmodified source tree in shared/comfyui/ beside this repository. Each tree is copied to a temporary folder (the
 shared trees are read-only). With a ComfyUI present the ComfyUI and browser tiers may not skip anything: a skip
-fails the run. Prints a summary line per tier and exits non-zero if any tier failed.
+fails the run. Then the mutation gate (tests/mutation_gate.py) runs with the newest version's environment: each
+named mutation of a central behaviour must make its tests fail. Prints a summary line per tier and exits non-zero
+if any tier failed.
 """
 
 from __future__ import annotations
@@ -149,6 +151,18 @@ def run_pytest(python: Path, paths: list[str], env: dict, extra: list[str]) -> t
     return process.wait(), last.strip("= ")
 
 
+def run_gate(python: Path, checkout: Path, env: dict) -> tuple[str, int, str]:
+    """The mutation gate (tests/mutation_gate.py) with a ComfyUI version's environment: (name, code, summary)."""
+    cmd = [str(python), "tests/mutation_gate.py", "--python", str(python), "--comfyui", str(checkout)]
+    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = ""
+    for line in process.stdout:
+        sys.stdout.write(line)
+        if line.startswith("mutation gate:"):
+            last = line.strip().removeprefix("mutation gate: ")
+    return "mutation gate", process.wait(), last
+
+
 def checkout_of(tree: Path, tmp: str) -> Path:
     """The checkout the tests use: $COMFYUI_PATH in place, else a writable copy of the read-only shared tree."""
     if os.environ.get("COMFYUI_PATH"):
@@ -165,6 +179,7 @@ def main(argv: list[str]) -> int:
         prog="python tests/run_all.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--only", nargs="+", metavar="VERSION", help="test only these ComfyUI versions (e.g. 0.33.0)")
+    parser.add_argument("--no-gate", action="store_true", help="leave out the mutation gate (tests/mutation_gate.py)")
     parser.add_argument(
         "pytest_args", nargs=argparse.REMAINDER, help="after --: arguments passed to every pytest run (e.g. -- -x)"
     )
@@ -192,9 +207,11 @@ def main(argv: list[str]) -> int:
         tiers = ["tests/integration", "tests/browser"] if browser else ["tests/integration"]
         name = f"ComfyUI {version} ({'ComfyUI + browser tiers' if browser else 'ComfyUI tier'})"
         with tempfile.TemporaryDirectory(prefix=f"comfyui-{version}-") as tmp:
-            tier_env = {**env, "COMFYUI_PATH": str(checkout_of(tree, tmp))}
-            code, summary = run_pytest(pythons[version], tiers, tier_env, extra)
+            checkout = checkout_of(tree, tmp)
+            code, summary = run_pytest(pythons[version], tiers, {**env, "COMFYUI_PATH": str(checkout)}, extra)
             results.append((name, code, summary))
+            if version == trees[-1][1] and not args.no_gate:
+                results.append(run_gate(pythons[version], checkout, env))
     print("\n" + "\n".join(f"{'ok  ' if code == 0 else 'FAIL'} {name}: {summary}" for name, code, summary in results))
     return 0 if all(code == 0 for _, code, _ in results) else 1
 
