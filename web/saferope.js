@@ -10,18 +10,24 @@ function riskColour(v) {
   return `rgb(255, ${Math.round(255 * (1 - 0.6 * x))}, ${Math.round(255 * (1 - x))})`;
 }
 
-function panel(node, name) {
-  // One DOM widget per node, created on first use.
+function panel(node, name, kind) {
+  // One DOM widget per node, created on first use: a scroll box (class saferope-panel and `kind`) holding the
+  // content element, which is returned.
   if (node.__saferopePanel) return node.__saferopePanel;
-  const el = document.createElement("div");
-  el.className = "saferope-panel";
-  el.style.cssText = "font: 12px sans-serif; color: #111; background: #f4f4f4; padding: 4px 6px; " +
-    "border-radius: 4px; overflow: auto; max-height: 180px; line-height: 1.8;";
-  const widget = node.addDOMWidget(name, "saferope", el, { serialize: false });
-  // The element gets the widget's height less its margin on both sides (10 px each in frontend 1.35).
-  widget.computeSize = (width) => [width, Math.min(el.scrollHeight, 180) + 2 * (widget.margin ?? 6) + 2];
-  node.__saferopePanel = el;
-  return el;
+  const box = document.createElement("div");
+  box.className = `saferope-panel ${kind}`;
+  box.style.cssText = "font: 12px sans-serif; color: #111; background: #f4f4f4; padding: 4px 6px; " +
+    "border-radius: 4px; overflow: auto; box-sizing: border-box; line-height: 1.8;";
+  const content = box.appendChild(document.createElement("div"));
+  const widget = node.addDOMWidget(name, "saferope", box, { serialize: false });
+  // The content's own height (scrolls beyond 180 px) and the widget's margin on both sides (10 px each in frontend
+  // 1.35), which the element does not get.
+  widget.computeSize = (width) => [width, Math.min(content.offsetHeight + 8, 180) + 2 * (widget.margin ?? 6) + 2];
+  // Text wraps at its final width only once the frontend has laid the panel out, which can be frames after it was
+  // filled (frontend 1.4x): grow the node whenever the content's size changes.
+  new ResizeObserver(() => fit(node)).observe(content);
+  node.__saferopePanel = content;
+  return content;
 }
 
 function fit(node) {
@@ -34,7 +40,7 @@ function fit(node) {
 }
 
 function showWords(node, words) {
-  const el = panel(node, "saferope_words");
+  const el = panel(node, "saferope_words", "saferope-words");
   el.replaceChildren();
   for (const { word, risk } of words) {
     const span = document.createElement("span");
@@ -49,8 +55,7 @@ function showWords(node, words) {
 }
 
 function showInfo(node, lines) {
-  const el = panel(node, "saferope_info");
-  el.className = "saferope-panel saferope-info";
+  const el = panel(node, "saferope_info", "saferope-info");
   el.textContent = lines.join("\n");
   el.style.whiteSpace = "pre-wrap";
   fit(node);

@@ -40,8 +40,13 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 # Settings of the fresh ComfyUI user: no first-run template browser, no missing-models dialog (it would fetch
-# the download URLs' sizes from the internet).
-SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False}
+# the download URLs' sizes from the internet), and workflow validation on (frontend 1.4x turned it off by default
+# and then repairs a broken link table silently; test_broken_workflow_is_reported needs its toast).
+SETTINGS = {
+    "Comfy.TutorialCompleted": True,
+    "Comfy.Workflow.ShowMissingModelsWarning": False,
+    "Comfy.Validation.Workflows": True,
+}
 
 
 def find_chromium() -> str | None:

@@ -12,6 +12,7 @@ import json
 import re
 import time
 import urllib.request
+from decimal import ROUND_HALF_UP, Decimal
 
 import make_workflows as mw
 import pytest
@@ -38,14 +39,27 @@ CAPTURE = """() => {
     },
   });
 }"""
+# `dialogs`: what the frontend shows about missing node types. Up to frontend 1.3x a dialog; from 1.4x an error
+# overlay ("N errors found", missing models included) whose "View details" opens the side panel's errors tab, with
+# a missing-node group naming the types; LOAD opens it, reads it and closes the panel again.
 LOAD = """async ([workflow, name]) => {
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const texts = (selector) => Array.from(document.querySelectorAll(selector)).map((d) => d.innerText);
   window.__missingNodeTypes = null;
   document.querySelectorAll(".p-toast-message").forEach((t) => { t.dataset.seen = "1"; });
   await app.loadGraphData(workflow, true, true, name);
-  await new Promise((r) => setTimeout(r, 300));
+  await sleep(300);
+  const dialogs = texts(".comfy-missing-nodes");
+  const details = document.querySelector('[data-testid="error-overlay-see-errors"]');
+  if (details) {
+    details.click();  // the errors tab then shows one group per kind of error, the overlay's at least
+    for (let i = 0; i < 50 && !document.querySelector('[data-testid^="error-group-"]'); i++) await sleep(100);
+    dialogs.push(...texts('[data-testid="error-group-missing-node"]'));
+    document.querySelector('button[aria-label="Toggle properties panel"]')?.click();
+  }
   return {
     missing: window.__missingNodeTypes,
-    dialogs: Array.from(document.querySelectorAll(".comfy-missing-nodes")).map((d) => d.innerText),
+    dialogs,
     toasts: Array.from(document.querySelectorAll(".p-toast-message:not([data-seen])")).map((t) => t.innerText),
     nodes: app.graph.nodes.map((n) => ({id: n.id, type: n.type, pos: [...n.pos], size: [...n.size],
                                         registered: n.type in LiteGraph.registered_node_types})),
@@ -155,6 +169,11 @@ def run_from_page(page, server, timeout: float = 120) -> dict:
     raise TimeoutError(f"no result in {timeout} s\n{server.log_tail()}")
 
 
+def to_fixed3(x: float) -> str:
+    """JavaScript's Number(x).toFixed(3), which titles the word spans: the float's exact value, halves away from 0."""
+    return str(Decimal(x).quantize(Decimal("0.001"), rounding=ROUND_HALF_UP))
+
+
 def tiny_clip_loader(server) -> str:
     """The test-only CLIP loader of tests/tiny_flux_nodes (a tiny real FLUX text encoder)."""
     found = [
@@ -207,18 +226,21 @@ def test_workflow_loads(frontend, server, name, out_dir):
 
 def test_broken_workflow_is_reported(frontend):
     """The checks above can fail: a link table that disagrees with a node's input is reported by the frontend's
-    workflow validation (a toast)."""
+    workflow validation (a toast; conftest.py turns the validation on, which frontend 1.4x has off by default)."""
     page, _ = frontend
     workflow = json.loads((mw.OUT / "lrs_visualize.json").read_text(encoding="utf-8"))
     link = workflow["links"][0]
     link[4] = link[4] + 1  # points at the wrong input of the target node
     loaded = page.evaluate(LOAD, [workflow, "broken links"])
-    assert loaded["missing"] == [] and any("Workflow" in text for text in loaded["toasts"]), loaded["toasts"]
+    named = f"target({link[3]}).inputs[{link[4]}]"  # how the validation's log names the input
+    assert loaded["missing"] == [], loaded["missing"]
+    assert any(text.startswith("Workflow Validation") and named in text for text in loaded["toasts"]), loaded["toasts"]
 
 
 def test_missing_node_is_detected(frontend, browser):
-    """The checks above can fail: an unknown node type is reported by the hook and the frontend's dialog.
-    (The dialog looks the type up in the Comfy registry; the browser aborts those requests.)"""
+    """The checks above can fail: an unknown node type is reported by the hook and by the frontend (its dialog, or
+    from 1.4x its errors panel; see LOAD). (It looks the type up in the Comfy registry; the browser aborts those
+    requests.)"""
     page, _ = frontend
     workflow = json.loads((mw.OUT / "lrs_visualize.json").read_text(encoding="utf-8"))
     workflow["nodes"][0]["type"] = "NoSuchSafeRoPENode"
@@ -246,7 +268,7 @@ def test_lrs_visualize_highlights_words(frontend, server, out_dir):
     assert [s["word"] for s in spans] == PROMPT.split() == [w["word"] for w in returned]
     for span, word in zip(spans, returned, strict=True):
         assert re.fullmatch(r"LRS \d\.\d{3}", span["title"]) and float(span["risk"]) == word["risk"]
-        assert abs(float(span["title"][4:]) - word["risk"]) <= 5e-4
+        assert span["title"] == f"LRS {to_fixed3(word['risk'])}", (span["title"], word["risk"])
         r, g, b = (int(v) for v in re.findall(r"\d+", span["bg"])[:3])
         x = min(max(word["risk"], 0), 1)
         assert r == 255 and abs(g - 255 * (1 - 0.6 * x)) <= 1 and abs(b - 255 * (1 - x)) <= 1, span
@@ -257,7 +279,7 @@ def test_lrs_visualize_highlights_words(frontend, server, out_dir):
     assert not errors
 
 
-def test_pack_info_panel_shows_all_its_text(frontend, server):
+def test_pack_info_panel_shows_all_its_text(frontend, server, out_dir):
     """Load SafeRoPE Pack's info panel (drawn by the extension after a run) shows the whole description. A copy
     of the pack under a new name, so that the server runs the loader instead of reusing a cached result."""
     import shutil
@@ -283,11 +305,14 @@ def test_pack_info_panel_shows_all_its_text(frontend, server):
     )
     run_from_page(page, server)
     page.wait_for_selector(".saferope-info", timeout=30_000)
-    page.wait_for_timeout(300)
     panel = page.evaluate(
-        "() => { const e = document.querySelector('.saferope-info'); "
-        "return {text: e.textContent, scroll: e.scrollHeight, client: e.clientHeight}; }"
+        """async () => {
+      const e = document.querySelector(".saferope-info");  // the node grows a few frames after the text arrives
+      for (let i = 0; i < 50 && e.scrollHeight > e.clientHeight + 1; i++) await new Promise((r) => setTimeout(r, 100));
+      return {text: e.textContent, scroll: e.scrollHeight, client: e.clientHeight};
+    }"""
     )
+    page.screenshot(path=str(out_dir / "pack_info_panel.png"))
     assert "for FLUX.1 (dev, schnell, Kontext), 2+2 blocks, 4 heads x 16" in panel["text"]
     assert panel["scroll"] <= panel["client"] + 1, panel
 
