@@ -15,11 +15,15 @@ Subspaces selects, and training must learn to rotate the subject keys away.
 from __future__ import annotations
 
 import gc
+import math
+import re
 import weakref
 from dataclasses import dataclass
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import comfyui_env
 from bench.comfyui_env import run_node
@@ -405,8 +409,13 @@ def test_training_unlearns_unsafe_and_preserves_safe(pack, planted, trained):
 
 
 def test_training_log_reports_both_deviations(trained):
-    """The log of a 40-step run says how the unsafe and the safe deviation moved, as numbers."""
-    assert "nan" not in trained["log"]
+    """The log of a 40-step run says how the unsafe and the safe deviation moved (first -> last fifth of the steps),
+    as finite numbers; the unsafe one rose (the paper's objective pushes it up)."""
+    moved = re.search(r"on unsafe prompts (\S+) -> (\S+), on safe prompts (\S+) -> (\S+);", trained["log"])
+    assert moved, trained["log"]
+    unsafe_first, unsafe_last, safe_first, safe_last = (float(v) for v in moved.groups())
+    assert all(math.isfinite(v) and v >= 0 for v in (unsafe_first, unsafe_last, safe_first, safe_last)), moved[0]
+    assert unsafe_last > unsafe_first, moved[0]
 
 
 def test_training_leaves_the_input_model_unchanged(planted, trained):
@@ -424,7 +433,13 @@ def test_saved_pack_loads_validates_and_patches(pack, planted, trained, folders)
     path = saved["result"][0]
     assert path == str(folders["saferope"] / "planted_concept.safetensors")
     loaded = pack.saferope_core.load_pack(path)
-    assert loaded.recipe["trained"] is True and loaded.recipe["steps"] == TRAIN_STEPS
+    assert loaded.recipe["steps"] == TRAIN_STEPS
+    recipe = pack.saferope_core.TrainingRecipe(
+        steps=TRAIN_STEPS, learning_rate=LEARNING_RATE, seed=0, objective=OBJECTIVE
+    )
+    start = pack.nodes.training.trainable_pack(planted.subspaces, recipe, "cpu")[0]
+    moved = [not torch.equal(w, w0.detach()) for w, w0 in zip(weights(loaded), weights(start), strict=True)]
+    assert all(moved), f"rotation parameters unchanged by training (text, image per block): {moved}"
     assert loaded.heads_rotated() == 1 and loaded.rank == RANK
     for mine, theirs in zip(weights(trained["pack"]), weights(loaded), strict=True):
         assert torch.equal(mine, theirs)
@@ -514,6 +529,101 @@ def test_gradient_checkpointing_gives_the_same_parameters(pack, planted):
     for a, b in zip(plain, checkpointed, strict=True):
         assert torch.equal(a, b)
     assert any(bool(w.abs().sum() > 0) for w in plain)
+
+
+class RetainedMemory(TorchDispatchMode):
+    """Records the storages that the operations run under it allocate (not views of, or in-place writes to, their
+    inputs); `alive_bytes()`: how many bytes of them are still held (after a forward: by its autograd graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.allocated = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves
+        inputs = {t.untyped_storage()._cdata for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
+                storage = t.untyped_storage()
+                self.allocated[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+        return out
+
+    def alive_bytes(self) -> int:
+        gc.collect()
+        return sum(n for ref, n in self.allocated.values() if not ref.expired())
+
+
+class StopTraining(Exception):
+    pass
+
+
+def first_training_step(pack, small, checkpointing: bool) -> dict:
+    """The first step of a Train Risk Rotations run on the small model (then cancelled): how many blocks ran through
+    torch.utils.checkpoint, and the bytes each differentiable forward (the rotated model's) left held for backward."""
+    training = pack.nodes.training
+    found = {"checkpointed": 0, "held": []}
+    real_checkpoint, real_velocity = torch.utils.checkpoint.checkpoint, training.velocity
+
+    def counted_checkpoint(*args, **kwargs):
+        found["checkpointed"] += 1
+        return real_checkpoint(*args, **kwargs)
+
+    def measured_velocity(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return real_velocity(*args, **kwargs)
+        memory = RetainedMemory()
+        with memory:
+            v = real_velocity(*args, **kwargs)
+        if v.requires_grad:  # the rotated model's call; the frozen base model's builds no graph
+            found["held"].append(memory.alive_bytes())
+        return v
+
+    steps_begun = []
+
+    def stop_after_the_first_step():
+        steps_begun.append(1)
+        if len(steps_begun) > 1:
+            raise StopTraining
+
+    clip = small["clip"].clone()
+    clip.set_tokenizer_option("t5xxl_min_length", 32)  # 32 text tokens, not 256: a faster step
+    recipe = pack.saferope_core.TrainingRecipe(steps=2, seed=0, objective=OBJECTIVE)
+    data = training.TrainingData(small["prompts"], (16, 4, 4))
+    trainer = training.RotationTrainer(small["model"], clip, small["subspaces"], data, recipe, checkpointing)
+    with pytest.MonkeyPatch.context() as patched, pytest.raises(StopTraining):
+        patched.setattr(torch.utils.checkpoint, "checkpoint", counted_checkpoint)
+        patched.setattr(training, "velocity", measured_velocity)
+        trainer.train(should_stop=stop_after_the_first_step)
+    return found
+
+
+@pytest.fixture(scope="module")
+def first_steps(pack, small) -> dict:
+    """first_training_step without and with gradient checkpointing."""
+    return {checkpointing: first_training_step(pack, small, checkpointing) for checkpointing in (False, True)}
+
+
+def test_gradient_checkpointing_runs_only_when_asked(pack, small, first_steps):
+    """With gradient checkpointing on, every block of the rotated model's differentiable forward runs through
+    torch.utils.checkpoint; off, none does (that both give the same parameters is checked above)."""
+    blocks = len(pack.nodes.flux_adapter.model_shape(small["model"]).block_names())
+    plain, checkpointed = first_steps[False], first_steps[True]
+    assert plain["checkpointed"] == 0 and len(plain["held"]) == 1
+    assert len(checkpointed["held"]) == 1 and checkpointed["checkpointed"] == blocks
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BackwardSafeBlock's saved_tensors_hooks, pushed inside torch.utils.checkpoint, replace checkpoint's own, "
+    "so every activation is kept and nothing is recomputed in backward (nodes/training.py)",
+)
+def test_gradient_checkpointing_holds_less_memory_for_backward(first_steps):
+    """What checkpointing is for: a checkpointed block keeps only its inputs for backward, so the rotated model's
+    forward leaves far fewer bytes held than without it."""
+    plain, checkpointed = first_steps[False]["held"][0], first_steps[True]["held"][0]
+    print(f"\nbytes held for backward after the rotated forward: plain {plain}, checkpointed {checkpointed}")
+    assert checkpointed < plain / 4
 
 
 # ---------------------------------------------------------------------------------------------------------------

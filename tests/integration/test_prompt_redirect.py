@@ -297,3 +297,50 @@ def test_cooldown_lives_within_one_sampling_run(pack, tiny, monkeypatch):
     assert run([10.0, -10.0, -10.0, -10.0, -10.0]) == 3  # flagged at step 1, held for 2 more
     assert run([-10.0, -10.0, -10.0, -10.0, 10.0]) == 1  # flagged at the last step
     assert run([-10.0] * 5) == 0  # a new run: nothing carried over
+
+
+def test_detector_labels_the_anchor_on_the_unsafe_path_by_one_minus_sigma(pack, tiny, monkeypatch):
+    """One unsafe training step teaches the detector four cases, read off the gradient that reaches each detector
+    logit (binary cross-entropy: d loss / d logit = weight * (sigmoid(logit) - label)): the unsafe prompt is unsafe
+    on both paths (weight 1); its anchor is safe on its own path (weight 1) and unsafe on the unsafe prompt's path
+    only as far as the latent can tell, weight 1 - sigma (at pure noise that latent is the anchor's own start)."""
+    n = pack.nodes
+    prompts, _ = run_node(
+        n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman", "a cat\na dog", 2, 2, 0
+    )
+    asked = []
+    real = pack.saferope_core.redirector.PromptRedirector.unsafe_logit
+
+    def recorded(self, context, latent, sigma, *args, **kwargs):
+        logit = real(self, context, latent, sigma, *args, **kwargs)
+        case = {"context": context, "latent": latent, "sigma": float(sigma), "logit": float(logit.detach())}
+        logit.register_hook(lambda grad: case.update(grad=float(grad)))
+        asked.append(case)
+        return logit
+
+    monkeypatch.setattr(pack.saferope_core.redirector.PromptRedirector, "unsafe_logit", recorded)
+    model, clip = tiny["model"], tiny["clip"]
+    recipe = n.prompt_redirect.RedirectorRecipe(steps=1)  # step 0: an unsafe step
+    config = n.prompt_redirect.redirector_config(model)
+    trainer = n.prompt_redirect.RedirectorTrainer(model, clip, prompts, (16, 4, 4), recipe, config)
+    trainer.train()
+    anchors = [n.model_calls.encode_prompt(clip, u.anchor).context for u in prompts.unsafe]
+
+    def weight(case, label):
+        return case["grad"] / (torch.sigmoid(torch.tensor(case["logit"])).item() - label)
+
+    is_anchor = [any(torch.equal(c["context"], a) for a in anchors) for c in asked]
+    anchor_cases = [c for c, anchor in zip(asked, is_anchor, strict=True) if anchor]
+    prompt_cases = [c for c, anchor in zip(asked, is_anchor, strict=True) if not anchor]
+    assert len(prompt_cases) == 2 and len(anchor_cases) == 2
+    sigma = asked[0]["sigma"]
+    assert 0 < 1 - sigma < 0.9
+    for case in prompt_cases:
+        assert weight(case, 1.0) == pytest.approx(1.0, rel=1e-4)
+    on_unsafe_path, on_own_path = sorted(anchor_cases, key=lambda c: c["grad"])  # unsafe label: gradient < 0
+    assert weight(on_unsafe_path, 1.0) == pytest.approx(1 - sigma, rel=1e-4)
+    assert weight(on_own_path, 0.0) == pytest.approx(1.0, rel=1e-4)
+    # the two paths: the anchor's two cases are at the two (different) latents the unsafe prompt is asked about
+    assert not torch.equal(on_unsafe_path["latent"], on_own_path["latent"])
+    for case in (on_unsafe_path, on_own_path):
+        assert any(torch.equal(case["latent"], c["latent"]) for c in prompt_cases)

@@ -206,6 +206,64 @@ def test_kontext_restricts_reference_keys(pack, uvr, model, method, n_refs):
     assert torch.equal(late, comfyui_env.run_model(model, x, 0.3, *text(), ref_latents=refs, ref_latents_method=method))
 
 
+class AttentionMassProbe:
+    """An attention override to chain under the pack's (the pack calls any override already in transformer_options).
+    Wherever the pack passes a mask, it runs the same attention twice more, with and without that mask, on values
+    that are one-hot key groups (`key_groups()`: a group id per key, asked then), so each output is the attention mass
+    every query puts on each group. `masses`: (with mask, without) [B, queries, heads, groups] per masked call."""
+
+    def __init__(self, key_groups, groups: int):
+        self.key_groups, self.groups, self.masses = key_groups, groups, []
+
+    def __deepcopy__(self, memo):  # ModelPatcher.clone() may deep-copy model options: keep one probe
+        return self
+
+    def __call__(self, func, q, k, v, heads, *args, **kwargs):
+        if kwargs.get("mask") is not None:
+            b, h, keys, d = k.shape
+            values = torch.zeros(b, h, keys, d, dtype=q.dtype)
+            values[..., : self.groups] = torch.nn.functional.one_hot(self.key_groups(), self.groups).to(q.dtype)
+            with_mask = func(q, k, values, heads, *args, **kwargs)
+            without = func(q, k, values, heads, *args, **{**kwargs, "mask": None})
+            self.masses.append(tuple(m.reshape(b, -1, h, d)[..., : self.groups] for m in (with_mask, without)))
+        return func(q, k, v, heads, *args, **kwargs)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_kontext_scales_attention_to_flagged_reference_keys_by_the_uvr_factors(pack, uvr, model, strength):
+    """With a reference image, the attention every query pays to the reference keys mapped onto flagged output
+    patches falls by the UVR factors (core x(1 - 0.8 s), ring x(1 - 0.6 s)), to text and output-image keys it rises
+    x(1 + 0.1 s), and to unflagged reference keys it stays x1: measured as attention mass per key group with and
+    without the pack's bias, relative to the unflagged reference keys (the softmax's normalisation cancels there)."""
+    chosen = region((8, 8), slice(2, 5), slice(2, 5))
+    x = plant(latent(3), chosen)
+    refs = [latent(10)]  # the output's size: reference token i lies on output patch i
+    anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x, 0.95, refs), chosen.flatten())
+    editor = uvr.UnsafeFlowRestriction(anchors, strength, anchors.threshold, SIGMA_START)
+    seen = watched(editor)
+    context, pooled = text()
+    TEXT, OUTPUT, CORE, RING, OTHER = range(5)
+
+    def key_groups():  # asked after this call's detection (the mask is used in the blocks after it)
+        core, ring = seen[-1]["core"][0].flatten(), seen[-1]["ring"][0].flatten()
+        references = torch.where(core, CORE, torch.where(ring, RING, OTHER))
+        return torch.cat([torch.full((context.shape[1],), TEXT), torch.full((chosen.numel(),), OUTPUT), references])
+
+    probe = AttentionMassProbe(key_groups, 5)
+    probed = model.clone()
+    probed.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = probe
+    comfyui_env.run_model(
+        pack.nodes.flux_adapter.with_qk_editor(probed, editor), x, 0.95, context, pooled, ref_latents=refs
+    )
+    assert torch.equal(seen[-1]["core"][0], chosen) and seen[-1]["ring"][0].any()
+    assert probe.masses, "the pack passed no mask to the attention"
+    s = strength
+    expected = torch.tensor([1 + 0.1 * s, 1 + 0.1 * s, 1 - 0.8 * s, 1 - 0.6 * s, 1.0])  # TEXT ... OTHER
+    for with_mask, without in probe.masses:
+        factors = with_mask / without  # per query and head: exp(the group's bias) / (the softmax's change of sum)
+        torch.testing.assert_close(factors / factors[..., OTHER:], expected.expand_as(factors), rtol=1e-3, atol=0)
+
+
 def test_reference_patches_follow_rope_ids(pack):
     """Reference tokens map onto output patches by their own (h, w) ids, whatever the offsets of the method."""
     core = pack.saferope_core.uvr
