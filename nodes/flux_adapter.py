@@ -21,6 +21,7 @@ order the nodes were chained). No ComfyUI forward code is copied: the stock forw
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from ..saferope_core.shape import FAMILIES
 
 WRAPPER_KEY = "saferope"
 CALLS = "saferope_calls"  # transformer_options key: id(editor) -> its ModelCall, read by that editor's attn1 patch
+HOOKED = "saferope_hooked"  # transformer_options key: the (editor, ModelCall) pairs whose QK-norm hooks are on
 RUN_STATES = "saferope_run_states"  # transformer_options key: id(editor) -> that editor's state of this sampling run
 
 
@@ -211,6 +213,24 @@ def qk_mechanism() -> str:
     return "attn1_patch" if flux_blocks_call_attn1_patch() else "hooks"
 
 
+@contextlib.contextmanager
+def rehooked(options: dict, model, block: str):
+    """The QK-norm hooks of the editors a model call had (`options[HOOKED]`, ComfyUI < 0.33), on `block` of `model`
+    again for the duration: gradient checkpointing runs a block once more in backward, after the call's hooks are
+    gone. Nothing where q/k edits are ComfyUI's attn1_patch (it travels in the options)."""
+    handles = [
+        m.register_forward_hook(_make_hook(editor, call, name, stream))
+        for editor, call in options.get(HOOKED, ())
+        for m, name, stream in qk_sites(model)
+        if name == block
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @functools.cache
 def _forward_signature(model_class) -> inspect.Signature:
     """The signature of a transformer's _forward: FLUX (x, timestep, context, y, guidance, ref_latents, ...) and
@@ -247,6 +267,7 @@ class QKEditWrapper:
         if self.mechanism == "attn1_patch":
             inputs["transformer_options"] = {**options, CALLS: {**options.get(CALLS, {}), id(self.editor): call}}
         else:
+            inputs["transformer_options"] = {**options, HOOKED: (*options.get(HOOKED, ()), (self.editor, call))}
             handles = [
                 m.register_forward_hook(_make_hook(self.editor, call, block, stream))
                 for m, block, stream in qk_sites(model)

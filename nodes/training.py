@@ -42,34 +42,77 @@ from ..saferope_core.files import read_safetensors, save_atomic
 from ..saferope_core.held_out import HeldOutReport, held_out_report, held_out_split
 from ..saferope_core.pack import content_hash
 from .editors import RiskObserver, RiskRotation
-from .flux_adapter import call_options, with_qk_editor
+from .flux_adapter import call_options, rehooked, with_qk_editor
 from .model_calls import EncodedPrompt, encode_prompt, velocity
 
 CHECKPOINT_KIND = "saferope.training_checkpoint"
 
 
 class BackwardSafeBlock:
-    """dit block-replace patch that makes a stock block differentiable despite its in-place residual updates."""
+    """dit block-replace patch that makes a stock block differentiable despite its in-place residual updates, and
+    optionally recomputes it in backward (gradient checkpointing) instead of keeping its activations.
 
-    def __init__(self, inner=None, checkpoint: bool = False):
-        self.inner, self.checkpoint = inner, checkpoint
+    In-place updates (`txt += ...`, `x += ...`) overwrite tensors a layer norm saved for backward: a
+    saved_tensors_hook clones, when they are saved, only the tensors that share storage with the block's inputs.
+    Checkpointing is torch's reentrant kind: the forward runs without a graph, the block's inputs (copies) are kept,
+    and backward runs the block again with gradients, so only those inputs stay in memory. Running again needs the
+    block as it was: ComfyUI's block call (`original_block`) reads its block and options late, so their values are
+    kept from the forward; where q/k edits are QK-norm hooks (ComfyUI < 0.33), which live only during the model
+    call, the editors' hooks are put on this block again for the recompute (flux_adapter.rehooked).
+    """
+
+    def __init__(self, inner=None, checkpoint: bool = False, name: str = "", model=None):
+        self.inner, self.checkpoint, self.name, self.model = inner, checkpoint, name, model
+
+    def _run(self, block_args, extra):
+        storages = {t.untyped_storage().data_ptr() for k in ("img", "txt") if torch.is_tensor(t := block_args.get(k))}
+
+        def pack(t):
+            return t.clone() if t.untyped_storage().data_ptr() in storages else t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return self.inner(block_args, extra) if self.inner else extra["original_block"](block_args)
 
     def __call__(self, args, extra):
-        def run(block_args):
-            storages = {
-                t.untyped_storage().data_ptr() for k in ("img", "txt") if torch.is_tensor(t := block_args.get(k))
-            }
+        if not (self.checkpoint and torch.is_grad_enabled()):
+            return self._run(args, extra)
+        options = dict(args.get("transformer_options") or {})  # ComfyUI changes block_index in place later
+        kept = {**args, "transformer_options": options}
+        streams = [k for k in ("img", "txt") if torch.is_tensor(args.get(k))]
+        closure = _closure_values(extra["original_block"])
 
-            def pack(t):
-                return t.clone() if t.untyped_storage().data_ptr() in storages else t
+        def run(_needs_grad, *inputs):  # first without gradients, then again in backward, with them
+            block_args = {**kept, **{k: t.clone() for k, t in zip(streams, inputs, strict=True)}}
+            again = torch.is_grad_enabled()
+            with (
+                _closure_as(extra["original_block"], closure),
+                rehooked(options if again else {}, self.model, self.name),
+            ):
+                out = self._run(block_args, extra)
+            return tuple(out[k] for k in streams)
 
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = self.inner(block_args, extra) if self.inner else extra["original_block"](block_args)
-            return out
+        needs_grad = torch.ones((), requires_grad=True)  # a backward also where no input needs one (first block)
+        inputs = [args[k].clone() for k in streams]  # the forward updates its inputs in place
+        outputs = torch.utils.checkpoint.checkpoint(run, needs_grad, *inputs, use_reentrant=True)
+        return dict(zip(streams, outputs, strict=True))
 
-        if self.checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(run, args, use_reentrant=False)
-        return run(args)
+
+def _closure_values(fn) -> list:
+    return [cell.cell_contents for cell in fn.__closure__ or ()]
+
+
+@contextlib.contextmanager
+def _closure_as(fn, values: list):
+    """`fn`'s closure variables set to `values` for the duration (then back to what they are now)."""
+    cells = fn.__closure__ or ()
+    now = _closure_values(fn)
+    for cell, value in zip(cells, values, strict=True):
+        cell.cell_contents = value
+    try:
+        yield
+    finally:
+        for cell, value in zip(cells, now, strict=True):
+            cell.cell_contents = value
 
 
 class _RopeWithBackward(torch.autograd.Function):
@@ -124,7 +167,8 @@ def training_options(patcher, checkpointing: bool) -> dict:
     replace = options.setdefault("patches_replace", {}).setdefault("dit", {})
     for kind, blocks in (("double_block", model.double_blocks), ("single_block", model.single_blocks)):
         for i in range(len(blocks)):
-            replace[(kind, i)] = BackwardSafeBlock(replace.get((kind, i)), checkpointing)
+            name = f"{kind.removesuffix('_block')}.{i}"
+            replace[(kind, i)] = BackwardSafeBlock(replace.get((kind, i)), checkpointing, name, model)
     return options
 
 

@@ -613,11 +613,6 @@ def test_gradient_checkpointing_runs_only_when_asked(pack, small, first_steps):
     assert len(checkpointed["held"]) == 1 and checkpointed["checkpointed"] == blocks
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BackwardSafeBlock's saved_tensors_hooks, pushed inside torch.utils.checkpoint, replace checkpoint's own, "
-    "so every activation is kept and nothing is recomputed in backward (nodes/training.py)",
-)
 def test_gradient_checkpointing_holds_less_memory_for_backward(first_steps):
     """What checkpointing is for: a checkpointed block keeps only its inputs for backward, so the rotated model's
     forward leaves far fewer bytes held than without it."""
