@@ -19,6 +19,7 @@ from .collect_nodes import (
 )
 from .redirect_nodes import LoadPromptRedirector, RedirectUnsafePrompts, SavePromptRedirector, TrainPromptRedirector
 from .rotation_nodes import ApplyRiskRotation, LoadSafeRoPEPack
+from .safety_pack_nodes import ApplySafetyPack, LoadSafetyPack, SaveSafetyPack
 from .safety_report import SafetyReport
 from .train_nodes import TrainRiskRotations
 from .uvr_nodes import CollectUVRAnchors, LoadUVRAnchors, RestrictUnsafeFlow, SaveUVRAnchors
@@ -45,6 +46,9 @@ NODES: list[type[io.ComfyNode]] = [
     SavePromptRedirector,
     LoadPromptRedirector,
     RedirectUnsafePrompts,
+    SaveSafetyPack,
+    LoadSafetyPack,
+    ApplySafetyPack,
 ]
 
 

@@ -13,6 +13,7 @@ from comfy_api.v0_0_2 import io
 
 from ..saferope_core import PromptSet, QKStatistics, SafeRoPEPack, SafeRoPEPackError
 from ..saferope_core.redirector import PromptRedirector
+from ..saferope_core.safety_pack import SafetyPack
 from ..saferope_core.uvr import UVRAnchors
 from .errors import SafeRoPEInputError
 from .flux_adapter import NotFluxError, model_shape
@@ -23,6 +24,7 @@ Statistics = io.Custom("SAFEROPE_STATS")  # q/k statistics collected by Collect 
 Prompts = io.Custom("SAFEROPE_PROMPTS")  # a prompt set: unsafe prompts with subjects, safe prompts
 Anchors = io.Custom("UVR_ANCHORS")  # UVR anchors collected by Collect UVR Anchors
 Redirector = io.Custom("SAFEROPE_REDIRECTOR")  # a prompt redirector (detector + token-wise redirection)
+SafetyPackType = io.Custom("SAFEROPE_SAFETY_PACK")  # every guard of one concept in one file
 
 MAX_SEED = 2**31 - 1
 MAX_NAME = 120  # characters of a file name the nodes write
@@ -70,6 +72,7 @@ SOCKETS = {
     "SAFEROPE_STATS": (lambda v: isinstance(v, QKStatistics), "statistics (Collect Q/K or Load Statistics)"),
     "SAFEROPE_PROMPTS": (lambda v: isinstance(v, PromptSet), "a prompt set (SafeRoPE Prompt Set)"),
     "UVR_ANCHORS": (lambda v: isinstance(v, UVRAnchors), "UVR anchors (Collect or Load UVR Anchors)"),
+    "SAFEROPE_SAFETY_PACK": (lambda v: isinstance(v, SafetyPack), "a safety pack (Load Safety Pack)"),
     "SAFEROPE_REDIRECTOR": (
         lambda v: isinstance(v, PromptRedirector),
         "a prompt redirector (Train or Load Prompt Redirector)",

@@ -274,11 +274,18 @@ class RedirectUnsafePrompts(io.ComfyNode):
     @classmethod
     @checked
     def execute(cls, model, redirector: PromptRedirector, strength, threshold, cooldown) -> io.NodeOutput:
-        require_flux(cls.NODE, model)
-        problem = refuse_other_model(redirector.config, model)
-        if problem:
-            raise SafeRoPEInputError(
-                cls.NODE, "redirector", f"the redirector does not fit this model: {problem}", "Train one on this model"
-            )
-        wrapper = RedirectWrapper(redirector, float(strength), float(threshold), int(cooldown))
-        return io.NodeOutput(with_redirection(model, wrapper))
+        return io.NodeOutput(
+            redirected(cls.NODE, "redirector", model, redirector, float(strength), float(threshold), int(cooldown))
+        )
+
+
+def redirected(node: str, input_name: str, model, redirector, strength: float, threshold: float, cooldown: int):
+    """A clone of `model` whose flagged samples the redirector redirects (after checking it fits the model; errors
+    name node and input)."""
+    require_flux(node, model)
+    problem = refuse_other_model(redirector.config, model)
+    if problem:
+        raise SafeRoPEInputError(
+            node, input_name, f"the redirector does not fit this model: {problem}", "Train one on this model"
+        )
+    return with_redirection(model, RedirectWrapper(redirector, strength, threshold, cooldown))

@@ -147,5 +147,10 @@ class ApplyRiskRotation(io.ComfyNode):
     @classmethod
     @checked
     def execute(cls, model, pack, strength, apply_to) -> io.NodeOutput:
-        require_pack_fits(cls.NODE, "pack", pack, model, "Use a pack built for this model")
-        return io.NodeOutput(with_qk_editor(model, RiskRotation(pack, float(strength), TOKEN_CHOICES[apply_to])))
+        return io.NodeOutput(rotated(cls.NODE, "pack", model, pack, float(strength), TOKEN_CHOICES[apply_to]))
+
+
+def rotated(node: str, input_name: str, model, pack, strength: float, tokens: tuple[str, ...]):
+    """A clone of `model` whose q/k the pack rotates (after checking the pack fits it; errors name node and input)."""
+    require_pack_fits(node, input_name, pack, model, "Use a pack built for this model")
+    return with_qk_editor(model, RiskRotation(pack, strength, tokens))

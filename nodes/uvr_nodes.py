@@ -203,25 +203,34 @@ class RestrictUnsafeFlow(io.ComfyNode):
     @classmethod
     @checked
     def execute(cls, model, anchors: UVRAnchors, strength, threshold, sigma_start, detection_block) -> io.NodeOutput:
-        shape = require_flux(cls.NODE, model)
-        problem = anchors.shape.mismatch(shape)
-        if problem:
-            raise SafeRoPEInputError(
-                cls.NODE,
-                "anchors",
-                f"anchors were collected on another model ({problem})",
-                "Collect UVR Anchors on this model",
-            )
-        if detection_block >= 0 and f"single.{detection_block}" != anchors.block:
-            raise SafeRoPEInputError(
-                cls.NODE,
-                "detection_block",
-                f"the anchors belong to {anchors.block}",
-                "Leave -1, or collect anchors at that block",
-            )
-        cut = anchors.threshold if threshold == CALIBRATED else threshold
-        editor = UnsafeFlowRestriction(anchors, float(strength), float(cut), float(sigma_start))
-        return io.NodeOutput(with_qk_editor(model, editor))
+        cut = anchors.threshold if threshold == CALIBRATED else float(threshold)
+        return io.NodeOutput(
+            restricted(cls.NODE, "anchors", model, anchors, float(strength), cut, float(sigma_start), detection_block)
+        )
+
+
+def restricted(
+    node: str, input_name: str, model, anchors, strength: float, threshold: float, sigma_start: float, block=-1
+):
+    """A clone of `model` whose unsafe flow UVR restricts (after checking the anchors fit it; errors name node and
+    input). `block`: the detection block, -1 for the anchors' own."""
+    shape = require_flux(node, model)
+    problem = anchors.shape.mismatch(shape)
+    if problem:
+        raise SafeRoPEInputError(
+            node,
+            input_name,
+            f"anchors were collected on another model ({problem})",
+            "Collect UVR Anchors on this model",
+        )
+    if block >= 0 and f"single.{block}" != anchors.block:
+        raise SafeRoPEInputError(
+            node,
+            "detection_block",
+            f"the anchors belong to {anchors.block}",
+            "Leave -1, or collect anchors at that block",
+        )
+    return with_qk_editor(model, UnsafeFlowRestriction(anchors, strength, threshold, sigma_start))
 
 
 class SaveUVRAnchors(io.ComfyNode):

@@ -206,10 +206,10 @@ def load_pack(path) -> SafeRoPEPack:
     """Read and fully validate a pack file. Raises SafeRoPEPackError with what is wrong."""
     path = Path(path)
     tensors, meta = read_safetensors(path, SafeRoPEPackError)
-    return _pack_from_parts(tensors, meta, path.name)
+    return pack_from_parts(tensors, meta, path.name)
 
 
-def _pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
+def pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
     def fail(msg: str):
         raise SafeRoPEPackError(f"{name}: {msg}")
 

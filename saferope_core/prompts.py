@@ -7,7 +7,7 @@ import json
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import PromptSetError
@@ -29,6 +29,7 @@ class PromptSet:
     concept: str
     unsafe: list[UnsafePrompt]
     safe: list[str]
+    mined: list[str] = field(default_factory=list)  # subjects found by Mine Wordings, not typed by the user
 
 
 def clean_lines(text: str) -> list[str]:

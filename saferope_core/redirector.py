@@ -113,8 +113,11 @@ class PromptRedirector(nn.Module):
 
     # --- files ------------------------------------------------------------------------------------------------
 
-    def save(self, path, concept: str, recipe: dict) -> None:
-        tensors = {name: t.detach().float().cpu() for name, t in self.state_dict().items()}
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().float().cpu() for name, t in self.state_dict().items()}
+
+    def metadata(self, concept: str, recipe: dict) -> dict:
+        """The file's metadata, with the content hash of this redirector's tensors."""
         meta = {
             "kind": REDIRECTOR_KIND,
             "format_version": REDIRECTOR_VERSION,
@@ -122,14 +125,21 @@ class PromptRedirector(nn.Module):
             "concept": concept,
             "recipe": recipe,
         }
-        meta["content_hash"] = content_hash(tensors, meta)
-        save_atomic(path, tensors, meta)
+        meta["content_hash"] = content_hash(self.tensors(), meta)
+        return meta
+
+    def save(self, path, concept: str, recipe: dict) -> None:
+        save_atomic(path, self.tensors(), self.metadata(concept, recipe))
 
     @classmethod
     def load(cls, path) -> tuple[PromptRedirector, dict]:
         """(redirector, metadata) of a saved file; RedirectorError saying what is wrong."""
-        name = Path(path).name
         tensors, meta = read_safetensors(path, RedirectorError)
+        return cls.from_parts(tensors, meta, Path(path).name)
+
+    @classmethod
+    def from_parts(cls, tensors: dict, meta: dict, name: str) -> tuple[PromptRedirector, dict]:
+        """(redirector, metadata) from a file's tensors and metadata, validated; RedirectorError naming `name`."""
         if meta.get("kind") != REDIRECTOR_KIND or meta.get("format_version") != REDIRECTOR_VERSION:
             raise RedirectorError(f"{name} is not a prompt redirector file of version {REDIRECTOR_VERSION}")
         if meta.get("content_hash") != content_hash(tensors, meta):

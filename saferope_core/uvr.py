@@ -35,8 +35,11 @@ class UVRAnchors:
     sigma_start: float  # the start-up range the anchors were collected in (sigma >= sigma_start)
     concepts: list[str]
 
-    def save(self, path) -> None:
-        meta = {
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"anchors": self.anchors, "safe_mean": self.safe_mean}
+
+    def metadata(self) -> dict:
+        return {
             "kind": ANCHORS_KIND,
             "format_version": ANCHORS_VERSION,
             "model": self.shape.to_dict(),
@@ -45,13 +48,19 @@ class UVRAnchors:
             "sigma_start": self.sigma_start,
             "concepts": self.concepts,
         }
-        save_atomic(path, {"anchors": self.anchors, "safe_mean": self.safe_mean}, meta)
+
+    def save(self, path) -> None:
+        save_atomic(path, self.tensors(), self.metadata())
 
     @classmethod
     def load(cls, path) -> UVRAnchors:
         """Load saved anchors; raises AnchorsError saying what is wrong."""
         tensors, meta = read_safetensors(path, AnchorsError)
-        name = Path(path).name
+        return cls.from_parts(tensors, meta, Path(path).name)
+
+    @classmethod
+    def from_parts(cls, tensors: dict, meta: dict, name: str) -> UVRAnchors:
+        """Anchors from a file's tensors and metadata, validated; AnchorsError naming `name` and the problem."""
         if meta.get("kind") != ANCHORS_KIND or meta.get("format_version") != ANCHORS_VERSION:
             raise AnchorsError(f"{name} is not a UVR anchors file of version {ANCHORS_VERSION}")
         try:

@@ -70,6 +70,14 @@ MUTATIONS = [
         (f"{CORE}/test_redirect.py",),
     ),
     Mutation(
+        "safety-pack-hash-check",
+        "a safety pack changed after it was written loads anyway",
+        "saferope_core/safety_pack.py",
+        'if not isinstance(meta.get("content_hash"), str) or content_hash(tensors, meta) != meta["content_hash"]:',
+        "if False:",
+        (f"{CORE}/test_safety_pack.py::test_a_changed_file_is_refused",),
+    ),
+    Mutation(
         "redirect-whole-batch",
         "one flagged sample redirects the whole batch",
         "saferope_core/redirector.py",
@@ -109,6 +117,14 @@ MUTATIONS = [
         "management.in_training = True",
         "management.in_training = previous",
         (f"{ITG}/test_families.py::test_training_rope_has_an_exact_backward",),
+    ),
+    Mutation(
+        "safety-pack-switch",
+        "Apply Safety Pack rotates although its rotate switch is off",
+        "nodes/safety_pack_nodes.py",
+        "if rotate and safety_pack.rotation is not None:",
+        "if safety_pack.rotation is not None:",
+        (f"{ITG}/test_safety_pack.py::test_one_node_applies_every_guard_as_the_separate_nodes_do",),
     ),
     Mutation(
         "uvr-run-state",

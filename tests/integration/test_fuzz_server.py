@@ -58,6 +58,7 @@ HUB_REPO, HUB_FILE = "saferope-fuzz/packs", "tiny/fuzz.safetensors"  # pre-place
 ANCHORS_THRESHOLD = -0.9  # the anchors' calibrated threshold: every patch is flagged, so the restriction shows
 PROMPT_FILE = "fuzz_prompts.txt"
 REDIRECTOR_FILE = "fuzz_redirector.safetensors"
+SAFETY_FILE = "fuzz_safety_pack.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,6 +216,7 @@ def upstream() -> dict:
         "pack": {"class_type": "LoadSafeRoPEPack", "inputs": {"pack_name": PACK_FILE}},
         "anchors": {"class_type": "LoadUVRAnchors", "inputs": {"name": ANCHORS_FILE}},
         "redirector": {"class_type": "LoadPromptRedirector", "inputs": {"name": REDIRECTOR_FILE}},
+        "safety": {"class_type": "LoadSafetyPack", "inputs": {"name": SAFETY_FILE}},
         "stats": {"class_type": "LoadStatistics", "inputs": {"name": STATS_FILE}},
         # Chroma Radiance works in pixel space: ComfyUI's pixel_space VAE is its VAE, so safe images can be encoded
         "r_model": {"class_type": "TinyFluxLoader", "inputs": {"kind": "chroma_radiance", "seed": 0}},
@@ -395,6 +397,11 @@ def check_load_anchors(ctx, entry, inputs):
 
 def check_redirect(ctx, entry, inputs):
     return latent_problems(ctx, entry, patched=guard_must_work(inputs))
+
+
+def check_apply_safety_pack(ctx, entry, inputs):
+    every_guard_off = all(inputs.get(guard) is False for guard in ("redirect", "rotate", "restrict"))
+    return latent_problems(ctx, entry, patched=not every_guard_off and guard_must_work(inputs))
 
 
 def texts(*node_ids):
@@ -882,6 +889,69 @@ def specs() -> list[Spec]:
             },
             also={"model": [("F", "redirector")]},
         ),
+        Spec(
+            "SaveSafetyPack",
+            {
+                "prompts": ["prompts", 0],
+                "name": lambda: unique("fuzz_saved_safety_pack"),
+                "overwrite": False,
+                "pack": ["pack", 0],
+                "anchors": ["anchors", 0],
+                "redirector": ["redirector", 0],
+            },
+            lambda: {},
+            check_saved("saferope", "load_safety_pack"),
+            strings={"name": "name"},
+            around={"overwrite": {"name": "fuzz_overwritten_safety_pack"}},
+            also={"overwrite": [("F", "name")], "pack": [("F", "pack")]},
+            extra={
+                "name": [("existing name", SAFETY_FILE.removesuffix(".safetensors")), ("dot file", ".hidden")],
+                "pack": [("a pack of another model", ["r_pack", 0])],
+            },
+        ),
+        Spec(
+            "LoadSafetyPack",
+            {"name": SAFETY_FILE},
+            lambda: {
+                "apply": {
+                    "class_type": "ApplySafetyPack",
+                    "inputs": {
+                        "model": ["model", 0],
+                        "safety_pack": ["F", 0],
+                        "strength": 1.0,
+                        "redirect": True,
+                        "rotate": True,
+                        "restrict": True,
+                    },
+                },
+                **sampled(["apply", 0], unique("fuzz/latent")),
+                **preview(info=["F", 1]),
+            },
+            check_load_anchors,
+            extra={
+                "name": [
+                    ("'none'", "none"),
+                    ("a rotation pack, not a safety pack", PACK_FILE),
+                    ("sibling folder", f"../saferope_anchors/{ANCHORS_FILE}"),
+                ]
+            },
+            also={"name": [("apply", "safety_pack")]},
+        ),
+        Spec(
+            "ApplySafetyPack",
+            {
+                "model": ["model", 0],
+                "safety_pack": ["safety", 0],
+                "strength": 1.0,
+                "redirect": True,
+                "rotate": True,
+                "restrict": True,
+            },
+            sample_f,
+            check_apply_safety_pack,
+            extra={"strength": [("0", 0.0)], "model": [("another model", ["r_model", 0])]},
+            also={"model": [("F", "safety_pack")]},
+        ),
     ]
 
 
@@ -898,6 +968,7 @@ class Context:
     load_statistics: Callable
     load_anchors: Callable
     load_redirector: Callable
+    load_safety_pack: Callable
     base_latent: torch.Tensor | None = None
     file_values: list = field(default_factory=list)  # (label, value): things outside ComfyUI's folders
     before: dict = field(default_factory=dict)  # outside_state() before the first fuzzed graph
@@ -971,6 +1042,14 @@ def write_fixtures(pack, server, outside: Path) -> None:
     (folders["saferope"] / "corrupt.safetensors").write_bytes(b"\x00\x01 not a safetensors file \xff" * 8)
     write_anchors(core, folders["saferope_anchors"] / ANCHORS_FILE, dev)
     write_redirector(pack, folders["saferope_redirectors"] / REDIRECTOR_FILE, "flux")
+    redirector, _ = core.redirector.PromptRedirector.load(folders["saferope_redirectors"] / REDIRECTOR_FILE)
+    core.safety_pack.SafetyPack(
+        dev,
+        "fuzzed",
+        core.load_pack(folders["saferope"] / PACK_FILE),
+        core.uvr.UVRAnchors.load(folders["saferope_anchors"] / ANCHORS_FILE),
+        redirector,
+    ).save(folders["saferope"] / SAFETY_FILE)
     write_redirector(pack, folders["saferope_redirectors"] / "flux2_redirector.safetensors", "flux2")
     write_anchors(
         core,
@@ -1113,6 +1192,7 @@ def ctx(pack):
                     pack.saferope_core.QKStatistics.load,
                     pack.saferope_core.uvr.UVRAnchors.load,
                     pack.saferope_core.redirector.PromptRedirector.load,
+                    pack.saferope_core.safety_pack.load_safety_pack,
                 )
                 write_fixtures(pack, server, outside)
                 c.file_values = outside_values(server, outside)

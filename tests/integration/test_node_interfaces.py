@@ -9,14 +9,19 @@ import json
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # run as a script: the repository holds bench.comfyui_env
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if __name__ == "__main__":  # run as a script: the repository holds bench.comfyui_env, tests/ comfy_server
+    sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
 from bench import comfyui_env  # noqa: E402
 
 COMMITTED = comfyui_env.REPO / "tests" / "data" / "node_interfaces.json"
 MODULE = "ComfyUI-SafeRoPE"
-FILE_LISTS = {("LoadSafeRoPEPack", "pack_name"), ("LoadStatistics", "name"), ("LoadUVRAnchors", "name")}
+FILE_LISTS = {
+    ("LoadSafeRoPEPack", "pack_name"),
+    ("LoadStatistics", "name"),
+    ("LoadUVRAnchors", "name"),
+    ("LoadSafetyPack", "name"),
+}
 KEPT_OPTIONS = ("default", "min", "max", "step")
 
 

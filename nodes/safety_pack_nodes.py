@@ -1,0 +1,204 @@
+"""Save Safety Pack, Load Safety Pack and Apply Safety Pack: every guard of a concept in one file, applied by one
+node."""
+
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import io
+
+from ..saferope_core.safety_pack import SAFETY_PACK_KIND, SafetyPack, SafetyPackError, load_safety_pack
+from . import model_files
+from .common import (
+    Anchors,
+    Pack,
+    Prompts,
+    Redirector,
+    SafetyPackType,
+    checked,
+    file_stem,
+    name_inputs,
+    require_flux,
+    save_node_output,
+    target_path,
+    validation,
+)
+from .errors import SafeRoPEInputError
+from .redirect_nodes import redirected
+from .rotation_nodes import rotated
+from .uvr_nodes import restricted
+
+# How Apply Safety Pack runs each guard at strength 1 (the separate nodes' defaults)
+REDIRECT_THRESHOLD, REDIRECT_COOLDOWN = 0.0, 3
+UVR_SIGMA_START = 0.85
+
+
+class SaveSafetyPack(io.ComfyNode):
+    NODE = "Save Safety Pack"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SaveSafetyPack",
+            display_name=cls.NODE,
+            category="SafeRoPE/Collect & Train",
+            description="Writes every guard built for one concept into one file in models/saferope: the trained "
+            "rotations, the UVR anchors and the prompt redirector (any of them; at least one), with the "
+            "wordings of the Prompt Set. Apply Safety Pack applies them all.",
+            inputs=[
+                Prompts.Input("prompts", tooltip="The Prompt Set the guards were built from (concept and wordings)"),
+                Pack.Input("pack", optional=True, tooltip="Trained rotations, from Train Risk Rotations"),
+                Anchors.Input("anchors", optional=True, tooltip="From Collect UVR Anchors"),
+                Redirector.Input("redirector", optional=True, tooltip="From Train Prompt Redirector"),
+                *name_inputs("nudity_safety_pack", "safety pack"),
+            ],
+            outputs=[io.String.Output("path", display_name="path", tooltip="Where the safety pack was written")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, name=None, **_):
+        return validation(cls.NODE, "name", name, lambda text: file_stem(cls.NODE, text))
+
+    @classmethod
+    @checked
+    def execute(cls, prompts, name, overwrite, pack=None, anchors=None, redirector=None) -> io.NodeOutput:
+        shape = next((part.shape for part in (pack, anchors) if part is not None), None)
+        if shape is None and redirector is None:
+            raise SafeRoPEInputError(cls.NODE, "pack", "no guard is connected", "Connect a pack, anchors or both")
+        if shape is None:
+            raise SafeRoPEInputError(
+                cls.NODE, "pack", "a redirector alone does not say the model's shape", "Connect the pack or anchors too"
+            )
+        wordings = {"named": sorted({u.subject for u in prompts.unsafe} - set(prompts.mined))}
+        if prompts.mined:
+            wordings["mined"] = list(prompts.mined)
+        try:
+            safety = SafetyPack(
+                shape,
+                prompts.concept,
+                pack,
+                anchors,
+                redirector,
+                getattr(redirector, "meta", {}),
+                wordings,
+                file_stem(cls.NODE, name),
+            )
+        except SafetyPackError as err:
+            raise SafeRoPEInputError(cls.NODE, "pack", str(err), "Build every guard on the same model") from None
+        path = target_path(cls.NODE, model_files.output_dir(), name, overwrite)
+        safety.save(path)
+        return save_node_output(path)
+
+
+class LoadSafetyPack(io.ComfyNode):
+    NODE = "Load Safety Pack"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LoadSafetyPack",
+            display_name=cls.NODE,
+            category="SafeRoPE",
+            description="Loads a safety pack (every guard of a concept in one file) from models/saferope, checked as "
+            "a whole: one content hash, one model, each guard by its own checks.",
+            inputs=[
+                io.Combo.Input(
+                    "name",
+                    options=[model_files.NO_FILE, *model_files.files_of_kind(SAFETY_PACK_KIND, model_files.FOLDER)],
+                    tooltip="A safety pack in ComfyUI/models/saferope (Save Safety Pack writes them)",
+                )
+            ],
+            outputs=[
+                SafetyPackType.Output("safety_pack", display_name="safety_pack", tooltip="For Apply Safety Pack"),
+                io.String.Output(
+                    "info", display_name="info", tooltip="Concept, guards, model, and the wordings it was built with"
+                ),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, name):
+        """Reload when the file changes, not only when the name does."""
+        return model_files.fingerprint_in(name, model_files.FOLDER)
+
+    @classmethod
+    @checked
+    def execute(cls, name) -> io.NodeOutput:
+        if name == model_files.NO_FILE:
+            raise SafeRoPEInputError(
+                cls.NODE,
+                "name",
+                "no safety pack chosen",
+                "Build one with the Collect & Train nodes -> Save Safety Pack",
+            )
+        try:
+            safety = load_safety_pack(model_files.resolve(name))
+        except SafetyPackError as err:
+            raise SafeRoPEInputError(cls.NODE, "name", str(err), "Build and save the safety pack again") from None
+        info = safety.describe()
+        return io.NodeOutput(safety, info, ui={"text": [info]})
+
+
+class ApplySafetyPack(io.ComfyNode):
+    NODE = "Apply Safety Pack"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ApplySafetyPack",
+            display_name=cls.NODE,
+            category="SafeRoPE",
+            description="Applies every guard a safety pack carries, at one strength: the prompt redirector (redraws "
+            "the concept as its safe counterpart), SafeRoPE's rotations (the concept cannot form in attention) and "
+            "UVR (restricts the flow of patches that still carry it, also from reference images). The input model "
+            "is not changed.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the pack was built for (or a patched copy)"),
+                SafetyPackType.Input("safety_pack", tooltip="From Load Safety Pack"),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=0.0,
+                    max=2.0,
+                    step=0.05,
+                    tooltip="Every guard's strength: 1 as built, 0 turns the pack off (UVR stops at 1)",
+                ),
+                io.Boolean.Input(
+                    "redirect",
+                    default=True,
+                    tooltip="Prompt redirector: flagged samples get their concept words moved to the safe meaning, so "
+                    "the safe version is drawn (when the pack has one)",
+                ),
+                io.Boolean.Input(
+                    "rotate",
+                    default=True,
+                    tooltip="SafeRoPE rotations: risky queries and keys are turned inside the concept's subspace, so "
+                    "attention cannot assemble it, on any wording (when the pack has them)",
+                ),
+                io.Boolean.Input(
+                    "restrict",
+                    default=True,
+                    tooltip="UVR: in the first steps, image patches that carry the concept have their flow "
+                    "restricted, from reference images too (when the pack has anchors)",
+                ),
+            ],
+            outputs=[io.Model.Output(tooltip="A patched copy of the model; sample with it instead of the input")],
+        )
+
+    @classmethod
+    @checked
+    def execute(cls, model, safety_pack: SafetyPack, strength, redirect, rotate, restrict) -> io.NodeOutput:
+        try:
+            safety_pack.check_model(require_flux(cls.NODE, model))
+        except SafetyPackError as err:
+            raise SafeRoPEInputError(cls.NODE, "safety_pack", str(err), "Use one built for this model") from None
+        s, name = float(strength), "safety_pack"
+        if s == 0:
+            return io.NodeOutput(model)
+        if redirect and safety_pack.redirector is not None:
+            model = redirected(cls.NODE, name, model, safety_pack.redirector, s, REDIRECT_THRESHOLD, REDIRECT_COOLDOWN)
+        if rotate and safety_pack.rotation is not None:
+            model = rotated(cls.NODE, name, model, safety_pack.rotation, s, ("txt", "img"))
+        if restrict and safety_pack.anchors is not None:
+            anchors = safety_pack.anchors
+            model = restricted(cls.NODE, name, model, anchors, min(s, 1.0), anchors.threshold, UVR_SIGMA_START)
+        return io.NodeOutput(model)
