@@ -24,6 +24,7 @@ from .safety_report import SafetyReport
 from .train_nodes import TrainRiskRotations
 from .uvr_nodes import CollectUVRAnchors, LoadUVRAnchors, RestrictUnsafeFlow, SaveUVRAnchors
 from .visualize_nodes import LRSVisualize
+from .wording_nodes import MineWordings
 
 NODES: list[type[io.ComfyNode]] = [
     LoadSafeRoPEPack,
@@ -31,6 +32,7 @@ NODES: list[type[io.ComfyNode]] = [
     LRSVisualize,
     SafetyReport,
     SafeRoPEPromptSet,
+    MineWordings,
     CollectQK,
     MergeStatistics,
     BuildSubspaces,

@@ -127,6 +127,14 @@ MUTATIONS = [
         (f"{ITG}/test_safety_pack.py::test_one_node_applies_every_guard_as_the_separate_nodes_do",),
     ),
     Mutation(
+        "mined-wordings-unchecked",
+        "Mine Wordings keeps the words the model draws nearer the anchor (any near word, e.g. other colours)",
+        "saferope_core/wordings.py",
+        "return to_concept < to_anchor",
+        "return True",
+        (f"{ITG}/test_wordings.py::test_on_the_testbed_red_yields_the_words_the_model_draws_red",),
+    ),
+    Mutation(
         "uvr-run-state",
         "Restrict Unsafe Flow's masks carry from one sampling run into the next",
         "nodes/editors.py",

