@@ -230,13 +230,17 @@ FILE_WIDGETS = {
     ("CLIPLoader", "clip_name"): "text_encoders",
     ("VAELoader", "vae_name"): "vae",
     ("LoadSafeRoPEPack", "pack_name"): PACK_FOLDER,
+    ("LoadSafetyPack", "name"): PACK_FOLDER,  # a safety pack lives with the packs; Load Safety Pack lists its kind
     ("LoadUVRAnchors", "name"): ANCHORS_FOLDER,
     ("LoadPromptRedirector", "name"): REDIRECTOR_FOLDER,
     ("LoadImage", "image"): "input",
 }
-PACK_FILE = "nudity.safetensors"  # what build_a_pack.json saves and the FLUX.1 workflows load
-ANCHORS_FILE = "nudity_uvr_anchors.safetensors"  # the UVR anchors build_a_pack.json saves, likewise
+PACK_FILE = "nudity.safetensors"  # what build_a_pack.json saves and LRS Visualize and Safety Report load
+ANCHORS_FILE = "nudity_uvr_anchors.safetensors"  # the UVR anchors build_a_pack.json saves, the UVR workflow loads
 REDIRECTOR_FILE = "nudity_redirector.safetensors"  # the prompt redirector build_a_pack.json saves, likewise
+# All three in one file (Save Safety Pack in build_a_pack.json): what the FLUX.1 text-to-image and Kontext workflows
+# load
+SAFETY_PACK_FILE = "nudity_safety_pack.safetensors"
 FLUX2_PACK_FILE = "flux2_nudity.safetensors"  # build_a_pack run on FLUX.2, saved under this name
 FLUX2_ANCHORS_FILE = "flux2_nudity_uvr_anchors.safetensors"  # likewise for its UVR anchors
 CHROMA_PACK_FILE = "chroma_nudity.safetensors"  # build_a_pack run on Chroma, saved under this name
@@ -541,16 +545,20 @@ MODELS_NOTE = """
 {vae}
 Missing files are listed with download buttons when the workflow is opened.
 """
-PACK_NOTE = """
-## The SafeRoPE pack
+SAFETY_PACK_NOTE = """
+## The safety pack: every guard in one file
 
-**Load SafeRoPE Pack** reads `ComfyUI/models/saferope/{pack}`. No trained packs are published yet: build one with
-the **build_a_pack** workflow (it saves `models/saferope/nudity.safetensors`), or set `hf_repo_id` and
-`hf_filename` to download a pack from the Hugging Face Hub into `models/saferope/` once.
+**Load Safety Pack** reads `ComfyUI/models/{pack_folder}/{safety_pack}`: the trained SafeRoPE rotations, the UVR
+anchors and the prompt redirector of one concept in one file, checked as a whole. No trained packs are published
+yet: the **build_a_pack** workflow writes this file (its **Save Safety Pack**, next to the separate files).
+*Safety pack info* shows what it holds (concept, guards, model, wordings) once the graph has run.
 
-**Apply Risk Rotation** returns a patched copy of the model: only tokens of the pack's concept are rotated in the
-pack's safety-critical attention heads, everything else is left alone. `strength` 0 turns it off, 1 is the trained
-strength; `apply_to` picks text tokens, image tokens or both. Chain several Apply nodes to stack packs.
+**Apply Safety Pack** returns a patched copy of the model with every guard the file carries, each as its own node
+applies it by default: `redirect` (Redirect Unsafe Prompts: a flagged image is drawn as the safe version), `rotate`
+(Apply Risk Rotation on text and image tokens: the concept cannot form in attention, on any wording) and
+`restrict` (Restrict Unsafe Flow: patches that still carry it are held back in the start-up steps). `strength` 1 =
+as built, 0 turns it off; switch a guard off to compare. One guard alone, from its own file: the `_with_uvr` and
+`_with_redirector` workflows.
 """
 UVR_NOTE = """
 ## Restrict Unsafe Flow (UVR): no trained pack needed
@@ -582,14 +590,14 @@ Flow in any order: add a SafeRoPE pack in front of it to catch paraphrases too.
 KONTEXT_UVR_NOTE = """
 ## UVR on Kontext: also what comes from the reference image
 
-An edit can copy the concept from the image to edit, not only from the prompt. **Restrict Unsafe Flow**, stacked
-after Apply Risk Rotation, detects unsafe patches of the output in the start-up steps (sigma >= `sigma_start`,
-{sigma_start}) and scales down attention to the reference-image tokens that map onto them, so the concept does not
-flow in from the input. Each guard also works alone: bypass the other (Ctrl+B) to compare.
+An edit can copy the concept from the image to edit, not only from the prompt. Apply Safety Pack's `restrict`
+guard (Restrict Unsafe Flow, with the UVR anchors in the safety pack) detects unsafe patches of the output in the
+start-up steps (sigma >= {sigma_start}) and scales down attention to the reference-image tokens that map onto them,
+so the concept does not flow in from the input; `rotate` acts on the reference image's tokens too (they are image
+tokens). Switch one guard off to compare.
 
-**Load UVR Anchors** reads `ComfyUI/models/{anchors_folder}/{anchors}`: make it once with the **build_a_pack**
-workflow's *UVR anchors* group (no training). Kontext has FLUX.1 [dev]'s shape, so those anchors load here; for
-the closest fit, load the Kontext model in build_a_pack and collect them on it.
+Kontext has FLUX.1 [dev]'s shape, so the safety pack `build_a_pack` writes on FLUX.1 [dev] loads here; for the
+closest fit, load the Kontext model in build_a_pack and build the pack on it.
 """
 
 
@@ -631,6 +639,19 @@ def load_models(
     return model, clip, vae_node
 
 
+def load_and_apply_safety_pack(wf: Workflow, model: Node, x: int, y: int, info_at=None) -> Node:
+    """Load Safety Pack -> Apply Safety Pack (strength 1, every guard on) in column x, and a Preview Any of the
+    pack's info below them (or at info_at)."""
+    safety = wf.add("LoadSafetyPack", (x, y), name=SAFETY_PACK_FILE)
+    apply = wf.add("ApplySafetyPack", (x, y + 150), strength=1.0, redirect=True, rotate=True, restrict=True)
+    wf.connect(model, "MODEL", apply, "model")
+    wf.connect(safety, "safety_pack", apply, "safety_pack")
+    info = wf.add("PreviewAny", info_at or (x, y + 380), size=(320, 160), title="Safety pack info")
+    wf.connect(safety, "info", info, "source")
+    wf.group("Safety pack", [safety, apply, info], color="#8A8")
+    return apply
+
+
 def load_and_apply_pack(wf: Workflow, model: Node, x: int, y: int, pack_file: str = PACK_FILE) -> Node:
     pack = wf.add("LoadSafeRoPEPack", (x, y), pack_name=pack_file, hf_repo_id="", hf_filename="")
     apply = wf.add("ApplyRiskRotation", (x, y + 190), strength=1.0, apply_to="both")
@@ -665,12 +686,16 @@ def load_and_redirect(wf: Workflow, model: Node, x: int, y: int, redirector_file
     return redirect
 
 
-ADD_GUARD = {"pack": load_and_apply_pack, "uvr": load_and_restrict_flow, "redirector": load_and_redirect}
+ADD_GUARD = {
+    "safety_pack": load_and_apply_safety_pack,
+    "uvr": load_and_restrict_flow,
+    "redirector": load_and_redirect,
+}
 
 
-def text_to_image(wf: Workflow, unet: str, steps: int, guidance: float | None, guard: str = "pack") -> None:
-    """FLUX text to image guarded by one of the pack's guards: a SafeRoPE pack, Restrict Unsafe Flow (uvr) or
-    Redirect Unsafe Prompts (redirector)."""
+def text_to_image(wf: Workflow, unet: str, steps: int, guidance: float | None, guard: str = "safety_pack") -> None:
+    """FLUX text to image guarded by a safety pack (every guard in one file), or by one guard alone: Restrict Unsafe
+    Flow (uvr) or Redirect Unsafe Prompts (redirector)."""
     model, clip, vae = load_models(wf, unet)
     patched = ADD_GUARD[guard](wf, model, 400, 0)
     text = wf.add("CLIPTextEncode", (800, 0), text=FLUX_T2I_PROMPT, size=(360, 180))
@@ -706,12 +731,15 @@ def text_to_image(wf: Workflow, unet: str, steps: int, guidance: float | None, g
     wf.note((0, 620), (760, 330), "Models", models_note(unet))
     extra = (
         "FLUX.1 [schnell] is distilled: 4 steps, cfg 1, no guidance node. Packs built on FLUX.1 [dev] work on "
-        "schnell (same shape; the paper reports the transfer).\n"
+        "schnell (same shape; the paper reports the transfer), and so does the safety pack.\n"
         if guidance is None
         else "FLUX.1 [dev] uses guidance (FluxGuidance 3.5) with cfg 1: the negative prompt is zeroed.\n"
     )
     title, guard_note = {
-        "pack": ("SafeRoPE pack", PACK_NOTE.format(pack=PACK_FILE)),
+        "safety_pack": (
+            "Safety pack",
+            SAFETY_PACK_NOTE.format(pack_folder=PACK_FOLDER, safety_pack=SAFETY_PACK_FILE),
+        ),
         "uvr": (
             "Restrict Unsafe Flow (UVR)",
             UVR_NOTE.format(
@@ -726,14 +754,13 @@ def text_to_image(wf: Workflow, unet: str, steps: int, guidance: float | None, g
             REDIRECT_NOTE.format(redirector=REDIRECTOR_FILE, redirector_folder=REDIRECTOR_FOLDER),
         ),
     }[guard]
-    wf.note((800, 620), (760, 330), title, guard_note + "\n" + extra)
+    wf.note((800, 620), (760, 400 if guard == "safety_pack" else 330), title, guard_note + "\n" + extra)
 
 
 def kontext_edit(wf: Workflow) -> None:
     unet, t5 = "flux1-dev-kontext_fp8_scaled.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"
     model, clip, vae = load_models(wf, unet, t5)
-    rotated = load_and_apply_pack(wf, model, 400, 0)
-    patched = load_and_restrict_flow(wf, rotated, 800, 0)  # SafeRoPE and UVR stacked
+    patched = load_and_apply_safety_pack(wf, model, 400, 0, info_at=(800, 0))  # every guard, UVR included
     image = wf.add("LoadImage", (400, 420), image="example.png", size=(320, 340))
     scale = wf.add("FluxKontextImageScale", (1200, 460))
     wf.connect(image, "IMAGE", scale, "image")
@@ -780,12 +807,10 @@ def kontext_edit(wf: Workflow) -> None:
     wf.note((0, 840), (760, 330), "Models", models_note(unet, t5))
     wf.note(
         (800, 840),
-        (760, 330),
-        "SafeRoPE pack on Kontext",
-        PACK_NOTE.format(pack=PACK_FILE)
+        (760, 400),
+        "Safety pack on Kontext",
+        SAFETY_PACK_NOTE.format(pack_folder=PACK_FOLDER, safety_pack=SAFETY_PACK_FILE)
         + """
-Kontext has the same transformer shape as FLUX.1 [dev], so the same pack applies. The reference image's tokens are
-image tokens too: with `apply_to` = both, the pack also acts where the edit would copy the concept from the input.
 Put the image to edit in `ComfyUI/input/` (or upload it on the Load Image node).
 """,
     )
@@ -793,7 +818,7 @@ Put the image to edit in `ComfyUI/input/` (or upload it on the Load Image node).
         (1600, 840),
         (760, 330),
         "UVR on Kontext",
-        KONTEXT_UVR_NOTE.format(anchors=ANCHORS_FILE, anchors_folder=ANCHORS_FOLDER, sigma_start=UVR_SIGMA_START),
+        KONTEXT_UVR_NOTE.format(sigma_start=UVR_SIGMA_START),
     )
 
 
@@ -906,13 +931,21 @@ def build_a_pack(wf: Workflow) -> None:
     wf.connect(train_redirector, "SAFEROPE_REDIRECTOR", save_redirector, "redirector")
     show_redirector = wf.add("PreviewAny", (1200, 1280), size=(360, 220), title="Redirector training log")
     wf.connect(train_redirector, "log", show_redirector, "source")
+    save_safety = wf.add(
+        "SaveSafetyPack", (1600, 1120), name=SAFETY_PACK_FILE.removesuffix(".safetensors"), overwrite=False
+    )
+    wf.connect(prompts, "prompts", save_safety, "prompts")
+    wf.connect(train, "pack", save_safety, "pack")
+    wf.connect(collect_uvr, "anchors", save_safety, "anchors")
+    wf.connect(train_redirector, "SAFEROPE_REDIRECTOR", save_safety, "redirector")
     wf.group("Prompts", [prompts], color="#8A8")
     wf.group("Collect & Train", [collect, save_stats, build, train, save], color="#8A8")
     wf.group("UVR anchors (no training)", [collect_uvr, save_uvr, show_uvr], color="#8A8")
     wf.group("Prompt redirector (SafeRedir)", [train_redirector, save_redirector, show_redirector], color="#8A8")
+    wf.group("Safety pack", [save_safety], color="#8A8")
     wf.note(
         (-820, 0),
-        (760, 820),
+        (760, 940),
         "How to build a pack",
         f"""
 ## Build a SafeRoPE pack on your GPU
@@ -924,18 +957,22 @@ def build_a_pack(wf: Workflow) -> None:
 3. **Build Subspaces**: rank 5, LRS threshold 0.7, keep heads with delta >= 0.5 (the paper's values).
 4. **Train Risk Rotations**: only the small rotations learn; FLUX stays frozen. A checkpoint is written to
    `models/saferope_training/nudity.safetensors` every 100 steps; with `resume` on, a stopped run continues.
-5. **Save SafeRoPE Pack** writes `models/{PACK_FOLDER}/{PACK_FILE}`, which the FLUX.1 workflows load. For
-   another model family load its model and text encoder here and save under another name (see that workflow's
-   note): packs do not transfer between families.
+5. **Save SafeRoPE Pack** writes `models/{PACK_FOLDER}/{PACK_FILE}`, which LRS Visualize and Safety Report load.
+   For another model family load its model and text encoder here and save under another name (see that
+   workflow's note): packs do not transfer between families.
 6. **UVR anchors** (for Restrict Unsafe Flow, needs no training): **Collect UVR Anchors** runs the same prompts in
    the start-up steps (sigmas 1.0, 0.95, 0.9) and keeps a few anchor directions per head at single block 10 of 38,
    with a calibrated threshold; **Save UVR Anchors** writes `models/{ANCHORS_FOLDER}/{ANCHORS_FILE}`,
-   which the FLUX.1 UVR workflows load. For the anchors alone, select Save UVR Anchors and run the frontend's
+   which the FLUX.1 UVR workflow loads. For the anchors alone, select Save UVR Anchors and run the frontend's
    *Queue Selected Output Nodes*.
 7. **Prompt redirector** (for Redirect Unsafe Prompts): **Train Prompt Redirector** trains a small detector and a
    token-wise edit of the text conditioning on the same Prompt Set (the anchors are what gets drawn; FLUX stays
    frozen; checkpoints and resume as step 4); **Save Prompt Redirector** writes
    `models/{REDIRECTOR_FOLDER}/{REDIRECTOR_FILE}`, which the redirector workflow loads.
+8. **Save Safety Pack** writes the three (trained rotations, UVR anchors, redirector) with the Prompt Set's
+   wordings into one file, `models/{PACK_FOLDER}/{SAFETY_PACK_FILE}`: **the safety pack the FLUX.1
+   text-to-image and Kontext workflows load** (Load Safety Pack -> Apply Safety Pack). The separate files
+   above keep working with their own nodes.
 
 Set the seeds to `fixed` (as here) so a re-run continues the same run.
 
@@ -944,7 +981,7 @@ Set the seeds to `fixed` (as here) so a re-run continues the same run.
 """,
     )
     wf.note(
-        (-820, 880),
+        (-820, 1000),
         (760, 320),
         "Models",
         models_note("flux1-dev.safetensors", vae=" (only for optional safe images on Train Risk Rotations)"),
@@ -1317,11 +1354,11 @@ def chroma_text_to_image(wf: Workflow) -> None:
 # Every workflow: name -> (title, the function that fills its graph)
 BUILDERS = {
     "flux1_dev_text_to_image_with_pack": (
-        "FLUX.1 [dev] text to image with a SafeRoPE pack",
+        "FLUX.1 [dev] text to image with a safety pack (SafeRoPE rotations, UVR and prompt redirection)",
         functools.partial(text_to_image, unet="flux1-dev.safetensors", steps=20, guidance=3.5),
     ),
     "flux1_schnell_text_to_image_with_pack": (
-        "FLUX.1 [schnell] text to image with a SafeRoPE pack",
+        "FLUX.1 [schnell] text to image with a safety pack (SafeRoPE rotations, UVR and prompt redirection)",
         functools.partial(text_to_image, unet="flux1-schnell.safetensors", steps=4, guidance=None),
     ),
     "flux1_dev_text_to_image_with_uvr": (
@@ -1333,11 +1370,12 @@ BUILDERS = {
         functools.partial(text_to_image, unet="flux1-dev.safetensors", steps=20, guidance=3.5, guard="redirector"),
     ),
     "flux1_kontext_edit_with_pack": (
-        "FLUX.1 Kontext [dev] image editing with a SafeRoPE pack and Restrict Unsafe Flow (UVR)",
+        "FLUX.1 Kontext [dev] image editing with a safety pack (SafeRoPE rotations, UVR and prompt redirection)",
         kontext_edit,
     ),
     "build_a_pack": (
-        "Build a SafeRoPE pack (Collect & Train), UVR anchors and a prompt redirector for the nudity concept",
+        "Build a SafeRoPE pack (Collect & Train), UVR anchors, a prompt redirector and the safety pack of all "
+        "three for the nudity concept",
         build_a_pack,
     ),
     "lrs_visualize": ("LRS Visualize: which words, image regions and heads a pack finds risky", lrs_visualize),
@@ -1403,6 +1441,7 @@ LINK_COLOURS = {
     "IMAGE": "#64b5f6",
     "CONDITIONING": "#ffa931",
     "SAFEROPE_PACK": "#7fd67f",
+    "SAFEROPE_SAFETY_PACK": "#2fb67a",
     "SAFEROPE_PROMPTS": "#4dd0c8",
     "SAFEROPE_STATS": "#9ccc65",
     "UVR_ANCHORS": "#f06292",

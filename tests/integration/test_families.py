@@ -267,11 +267,14 @@ def test_apply_risk_rotation_on_another_shape(pack, kind):
         run_node(pack.nodes.ApplyRiskRotation.execute, model, planted_pack(pack, model_of(kind)), 1.0, "both")
 
 
-@pytest.mark.parametrize("size", [k for k in comfyui_env.KLEIN_SHAPES if k in supported_kinds()])
+@pytest.mark.parametrize("size", list(comfyui_env.KLEIN_SHAPES))
 def test_flux2_klein_at_its_real_block_and_head_counts(pack, size):
     """FLUX.2 klein 4B (5 + 20 blocks, 24 heads) and 9B (8 + 24, 32): the shape is read from the model, a pack of
     that shape rotates and samples, the other size's pack is refused naming the dimension, Restrict Unsafe Flow and
-    LRS Visualize run on every block."""
+    LRS Visualize run on every block. (A ComfyUI without klein is held to that by
+    test_this_comfyui_builds_what_it_should.)"""
+    if size not in supported_kinds():
+        return
     n = pack.nodes
     real = comfyui_env.KLEIN_SHAPES[size]
     model, clip = model_of(size, **real), clip_of(size)

@@ -42,19 +42,21 @@ def get(server, path: str) -> tuple[bytes, str]:
 @pytest.fixture(scope="module")
 def server(pack):
     """One ComfyUI with the pack (as custom_nodes/ComfyUI-SafeRoPE); the files the workflows name are put where
-    the loaders look, so file combos are checked too: empty model files, packs and UVR anchors files that say
-    their kind in the pack's metadata but hold no tensors (loaders may list only files of their kind), a real
-    small input image."""
+    the loaders look, so file combos are checked too: empty model files, packs, safety packs, UVR anchors and
+    redirector files that say their kind in the pack's metadata but hold no tensors (each loader lists only files of
+    its kind; packs and safety packs share models/saferope), a real small input image."""
     from PIL import Image
     from safetensors.torch import save_file
 
     from comfy_server import ComfyServer
 
-    kinds = {
-        mw.PACK_FOLDER: pack.saferope_core.pack.PACK_KIND,
-        mw.ANCHORS_FOLDER: pack.saferope_core.uvr.ANCHORS_KIND,
-        mw.REDIRECTOR_FOLDER: pack.saferope_core.redirector.REDIRECTOR_KIND,
+    kinds = {  # the kind of the file each loader of a made file (make_workflows.MADE_FOLDERS) lists
+        ("LoadSafeRoPEPack", "pack_name"): pack.saferope_core.pack.PACK_KIND,
+        ("LoadSafetyPack", "name"): pack.saferope_core.safety_pack.SAFETY_PACK_KIND,
+        ("LoadUVRAnchors", "name"): pack.saferope_core.uvr.ANCHORS_KIND,
+        ("LoadPromptRedirector", "name"): pack.saferope_core.redirector.REDIRECTOR_KIND,
     }
+    assert set(kinds) == {key for key, folder in mw.FILE_WIDGETS.items() if folder in mw.MADE_FOLDERS}
 
     with ComfyServer({MODULE: comfyui_env.REPO}) as srv:
         defs = mw.node_defs(srv.object_info())
@@ -70,8 +72,9 @@ def server(pack):
                     path.parent.mkdir(parents=True, exist_ok=True)
                     if folder == "input":
                         Image.new("RGB", (64, 48), (90, 140, 200)).save(path)
-                    elif folder in kinds:
-                        metadata = {pack.saferope_core.files.METADATA_KEY: json.dumps({"kind": kinds[folder]})}
+                    elif folder in mw.MADE_FOLDERS:
+                        kind = kinds[(node["type"], widget)]
+                        metadata = {pack.saferope_core.files.METADATA_KEY: json.dumps({"kind": kind})}
                         save_file({}, str(path), metadata=metadata)
                     else:
                         path.write_bytes(b"")
@@ -409,20 +412,29 @@ def test_server_accepts_the_graph(server, name):
     entry = server.wait(server.post_prompt(prompt), timeout=60)
     status = entry["status"]
     errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
-    loaders = {"UNETLoader", "DualCLIPLoader", "CLIPLoader", "VAELoader", "LoadSafeRoPEPack", "LoadUVRAnchors"}
+    loaders = {
+        "UNETLoader",
+        "DualCLIPLoader",
+        "CLIPLoader",
+        "VAELoader",
+        "LoadSafeRoPEPack",
+        "LoadSafetyPack",
+        "LoadUVRAnchors",
+    }
     assert status["status_str"] == "error" and errors, f"{name}: expected a loader to fail on its placeholder"
     assert errors[0]["node_type"] in loaders, f"{name}: {errors[0]['node_type']}: {errors[0]['exception_message']}"
 
 
 # The model a workflow samples with: the loader, each node that patches the model, the guider (custom sampling),
-# the sampler. SafeRoPE and UVR are stacked on the edits (UVR also covers what comes from the reference image); the
-# UVR text-to-image example needs no trained pack.
+# the sampler. The FLUX.1 text-to-image and Kontext examples apply the safety pack (every guard, UVR included, which
+# on an edit also covers what comes from the reference image); SafeRoPE and UVR are stacked on the FLUX.2 edit; the
+# UVR and redirector text-to-image examples show one guard alone, from its own file.
 MODEL_PATHS = {
-    "flux1_dev_text_to_image_with_pack": ["UNETLoader", "ApplyRiskRotation", "KSampler"],
-    "flux1_schnell_text_to_image_with_pack": ["UNETLoader", "ApplyRiskRotation", "KSampler"],
+    "flux1_dev_text_to_image_with_pack": ["UNETLoader", "ApplySafetyPack", "KSampler"],
+    "flux1_schnell_text_to_image_with_pack": ["UNETLoader", "ApplySafetyPack", "KSampler"],
     "flux1_dev_text_to_image_with_uvr": ["UNETLoader", "RestrictUnsafeFlow", "KSampler"],
     "flux1_dev_text_to_image_with_redirector": ["UNETLoader", "RedirectUnsafePrompts", "KSampler"],
-    "flux1_kontext_edit_with_pack": ["UNETLoader", "ApplyRiskRotation", "RestrictUnsafeFlow", "KSampler"],
+    "flux1_kontext_edit_with_pack": ["UNETLoader", "ApplySafetyPack", "KSampler"],
     "safety_report_batch": ["UNETLoader", "ApplyRiskRotation", "KSampler"],
     "flux2_text_to_image_with_pack": ["UNETLoader", "ApplyRiskRotation", "BasicGuider", "SamplerCustomAdvanced"],
     "flux2_edit_with_pack_and_uvr": [
@@ -436,7 +448,14 @@ MODEL_PATHS = {
 }
 SAMPLERS = {"KSampler", "SamplerCustomAdvanced"}
 GUIDERS = {"BasicGuider", "CFGGuider"}  # SamplerCustomAdvanced samples the model of its guider
-GUARDS = {"ApplyRiskRotation", "RestrictUnsafeFlow", "RedirectUnsafePrompts"}
+# Each guard: the socket that takes what it applies, and the loader that must feed it
+GUARD_INPUTS = {
+    "ApplyRiskRotation": ("pack", "LoadSafeRoPEPack"),
+    "RestrictUnsafeFlow": ("anchors", "LoadUVRAnchors"),
+    "RedirectUnsafePrompts": ("redirector", "LoadPromptRedirector"),
+    "ApplySafetyPack": ("safety_pack", "LoadSafetyPack"),
+}
+GUARDS = set(GUARD_INPUTS)
 
 
 def upstream(wf: dict, node: dict, socket: str) -> dict | None:
@@ -457,7 +476,8 @@ def model_source(wf: dict, node: dict) -> dict | None:
 def test_model_path_to_the_sampler(name):
     """Following the sampler's model back to the loader (KSampler's `model`; SamplerCustomAdvanced's `guider`,
     then the guider's `model`) gives the expected chain of patches, with a SafeRoPE guard on it (a workflow with a
-    sampler or guider must be listed in MODEL_PATHS); the guards' own inputs are linked to their loaders."""
+    sampler or guider must be listed in MODEL_PATHS); the guards' own inputs are linked to their loaders, and a
+    guard off the path is not in the graph, nor its loader."""
     wf = load(name)
     samplers = [n for n in wf["nodes"] if n["type"] in SAMPLERS]
     if name not in MODEL_PATHS:
@@ -475,16 +495,14 @@ def test_model_path_to_the_sampler(name):
     guiders = [n for n in wf["nodes"] if n["type"] in GUIDERS]
     assert len(guiders) == (samplers[0]["type"] == "SamplerCustomAdvanced"), f"{name}: a guider the sampler skips"
     for node in wf["nodes"]:
-        if node["type"] == "ApplyRiskRotation":
-            assert upstream(wf, node, "pack")["type"] == "LoadSafeRoPEPack", name
-        if node["type"] == "RestrictUnsafeFlow":
-            assert upstream(wf, node, "anchors")["type"] == "LoadUVRAnchors", name
-        if node["type"] == "RedirectUnsafePrompts":
-            assert upstream(wf, node, "redirector")["type"] == "LoadPromptRedirector", name
-    if "ApplyRiskRotation" not in MODEL_PATHS[name]:
-        assert all(n["type"] not in ("LoadSafeRoPEPack", "ApplyRiskRotation") for n in wf["nodes"]), (
-            f"{name}: needs no trained pack, but loads one"
-        )
+        if node["type"] in GUARD_INPUTS:
+            socket, loader = GUARD_INPUTS[node["type"]]
+            assert upstream(wf, node, socket)["type"] == loader, f"{name}: {node['type']}.{socket}"
+    for guard, (_, loader) in GUARD_INPUTS.items():
+        if guard not in MODEL_PATHS[name]:
+            assert all(n["type"] not in (guard, loader) for n in wf["nodes"]), (
+                f"{name}: does not sample through {guard}, but has it or {loader}"
+            )
 
 
 def widgets(node: dict, defs: dict) -> dict:
@@ -492,10 +510,10 @@ def widgets(node: dict, defs: dict) -> dict:
     return mw.named_widgets(node, defs)
 
 
-def loaded_files(wf: dict, defs: dict) -> set[tuple[str, str]]:
-    """(folder, file) of each pack and UVR anchors file a workflow loads."""
+def loaded_files(wf: dict, defs: dict) -> set[tuple[str, str, str]]:
+    """(loader, folder, file) of each pack, safety pack, UVR anchors and redirector file a workflow loads."""
     return {
-        (folder, value)
+        (node["type"], folder, value)
         for node in wf["nodes"]
         if node["type"] in FILE_LOADERS
         for widget, value in widgets(node, defs).items()
@@ -511,32 +529,37 @@ def model_family(wf: dict, defs: dict) -> str | None:
 
 
 def test_workflows_load_what_build_a_pack_saves(server):
-    """Every pack and UVR anchors file an example loads is one build_a_pack saves (to the folder the loader
-    lists), or, for another model family, one whose note says how build_a_pack makes it: with that family's
-    diffusion model and text encoder loaded, saved under the file's name. A file is only ever used with one model
-    family (packs and anchors do not transfer between families), and build_a_pack collects the Q/K statistics and
-    the UVR anchors from the same Prompt Set."""
+    """Every pack, safety pack, UVR anchors and redirector file an example loads is one build_a_pack saves (with
+    the saver of the loader's kind, to the folder the loader lists), or, for another model family, one whose note
+    says how build_a_pack makes it: with that family's diffusion model and text encoder loaded, saved under the
+    file's name. A file is only ever used with one model family (packs and anchors do not transfer between
+    families); everything build_a_pack saves is loaded by an example; build_a_pack collects the Q/K statistics and
+    the UVR anchors and trains the redirector from the same Prompt Set, and its safety pack holds the very pack,
+    anchors and redirector it saves separately, with that Prompt Set."""
     build, defs = load("build_a_pack"), server.defs
+    savers = (
+        ("SaveSafeRoPEPack", "LoadSafeRoPEPack", "pack_name"),
+        ("SaveSafetyPack", "LoadSafetyPack", "name"),
+        ("SaveUVRAnchors", "LoadUVRAnchors", "name"),
+        ("SavePromptRedirector", "LoadPromptRedirector", "name"),
+    )
     saved = {
-        (mw.FILE_WIDGETS[(loader, widget)], widgets(n, defs)["name"] + ".safetensors")
+        (loader, mw.FILE_WIDGETS[(loader, widget)], widgets(n, defs)["name"] + ".safetensors")
         for n in build["nodes"]
-        for saver, loader, widget in (
-            ("SaveSafeRoPEPack", "LoadSafeRoPEPack", "pack_name"),
-            ("SaveUVRAnchors", "LoadUVRAnchors", "name"),
-            ("SavePromptRedirector", "LoadPromptRedirector", "name"),
-        )
+        for saver, loader, widget in savers
         if n["type"] == saver
     }
-    assert {folder for folder, _ in saved} == set(mw.MADE_FOLDERS), saved
-    families = {file: {model_family(build, defs)} for file in saved}
+    assert {loader for loader, _, _ in saved} == {loader for _, loader, _ in savers}, saved
+    assert {folder for _, folder, _ in saved} == set(mw.MADE_FOLDERS), saved
+    families = {file[1:]: {model_family(build, defs)} for file in saved}
     loaded = set()
     for name in ALL_WORKFLOWS:
         wf = load(name)
         notes = notes_text(wf)
-        for folder, value in loaded_files(wf, defs):
-            loaded.add((folder, value))
+        for loader, folder, value in loaded_files(wf, defs):
+            loaded.add((loader, folder, value))
             families.setdefault((folder, value), set()).add(model_family(wf, defs))
-            if (folder, value) in saved:
+            if (loader, folder, value) in saved:
                 continue
             unet = next(widgets(n, defs) for n in wf["nodes"] if n["type"] == "UNETLoader")["unet_name"]
             clip = next(widgets(n, defs) for n in wf["nodes"] if n["type"] in ("CLIPLoader", "DualCLIPLoader"))
@@ -549,19 +572,41 @@ def test_workflows_load_what_build_a_pack_saves(server):
     for file, used_with in families.items():
         assert len(used_with) == 1, f"{file[1]} is used with model families {used_with}"
     made = {
-        (mw.PACK_FOLDER, mw.PACK_FILE),
-        (mw.ANCHORS_FOLDER, mw.ANCHORS_FILE),
-        (mw.REDIRECTOR_FOLDER, mw.REDIRECTOR_FILE),
+        ("LoadSafeRoPEPack", mw.PACK_FOLDER, mw.PACK_FILE),
+        ("LoadSafetyPack", mw.PACK_FOLDER, mw.SAFETY_PACK_FILE),
+        ("LoadUVRAnchors", mw.ANCHORS_FOLDER, mw.ANCHORS_FILE),
+        ("LoadPromptRedirector", mw.REDIRECTOR_FOLDER, mw.REDIRECTOR_FILE),
     }
+    assert made == saved, saved
     assert made <= loaded, made - loaded
-    sources = {
-        upstream(build, n, "prompts")["id"]
-        for n in build["nodes"]
-        if n["type"] in ("CollectQK", "CollectUVRAnchors", "TrainRiskRotations", "TrainPromptRedirector")
-    }
-    assert len(sources) == 1, (
-        "Collect Q/K, Train, Collect UVR Anchors and Train Prompt Redirector use different prompts"
-    )
+    users = ("CollectQK", "CollectUVRAnchors", "TrainRiskRotations", "TrainPromptRedirector", "SaveSafetyPack")
+    sources = {upstream(build, n, "prompts")["id"] for n in build["nodes"] if n["type"] in users}
+    assert len(sources) == 1, f"{', '.join(users)} use different prompts"
+    parts = {"pack": "SaveSafeRoPEPack", "anchors": "SaveUVRAnchors", "redirector": "SavePromptRedirector"}
+    (safety,) = (n for n in build["nodes"] if n["type"] == "SaveSafetyPack")
+    for socket, saver in parts.items():
+        (separate,) = (n for n in build["nodes"] if n["type"] == saver)
+        assert upstream(build, safety, socket)["id"] == upstream(build, separate, socket)["id"], (
+            f"Save Safety Pack's {socket} is not what {saver} saves"
+        )
+
+
+def test_safety_pack_is_applied_as_built(server):
+    """Apply Safety Pack runs at its defaults (strength 1, every guard on), the values the notes describe, on the
+    safety pack build_a_pack writes."""
+    required = server.info["ApplySafetyPack"]["input"]["required"]
+    defaults = {k: spec[1]["default"] for k, spec in required.items() if k not in ("model", "safety_pack")}
+    assert defaults == {"strength": 1.0, "redirect": True, "rotate": True, "restrict": True}, defaults
+    applied = []
+    for name in ALL_WORKFLOWS:
+        wf = load(name)
+        for node in wf["nodes"]:
+            if node["type"] == "ApplySafetyPack":
+                assert widgets(node, server.defs) == defaults, name
+                loader = upstream(wf, node, "safety_pack")
+                assert widgets(loader, server.defs) == {"name": mw.SAFETY_PACK_FILE}, name
+                applied.append(name)
+    assert sorted(applied) == sorted(n for n, path in MODEL_PATHS.items() if "ApplySafetyPack" in path)
 
 
 def test_uvr_settings_are_the_papers(server):
