@@ -46,7 +46,9 @@ class MineWordings(io.ComfyNode):
                 seed_input("Seed of the noise and of the prompts chosen"),
             ],
             outputs=[
-                Prompts.Output("mined_prompts", display_name="prompts", tooltip="The Prompt Set with the mined wordings"),
+                Prompts.Output(
+                    "mined_prompts", display_name="prompts", tooltip="The Prompt Set with the mined wordings"
+                ),
                 io.String.Output("report", display_name="report", tooltip="The words kept and how near each is"),
             ],
         )
