@@ -201,14 +201,17 @@ def main(argv: list[str]) -> int:
     if not trees:
         print("ComfyUI and browser tiers did not run: no ComfyUI tree in shared/comfyui and no $COMFYUI_PATH")
     for tree, version in trees:
-        # the browser tier on the oldest and the newest version: the frontends between them change less than the
-        # ends, and each browser run costs a server and a Chromium
-        browser = version in (trees[0][1], trees[-1][1])
-        tiers = ["tests/integration", "tests/browser"] if browser else ["tests/integration"]
-        name = f"ComfyUI {version} ({'ComfyUI + browser tiers' if browser else 'ComfyUI tier'})"
+        # the browser tier and the server fuzzing (end_versions) on the oldest and the newest version: what lies
+        # between them changes less than the ends; tests whose results do not depend on the version (one_version:
+        # the offline testbed) with the newest only
+        newest, end = version == trees[-1][1], version in (trees[0][1], trees[-1][1])
+        tiers = ["tests/integration", "tests/browser"] if end else ["tests/integration"]
+        name = f"ComfyUI {version} ({'ComfyUI + browser tiers' if end else 'ComfyUI tier'})"
+        left_out = [m for m, run in (("one_version", newest), ("end_versions", end)) if not run]
+        marks = ["-m", " and ".join(f"not {m}" for m in left_out)] if left_out else []
         with tempfile.TemporaryDirectory(prefix=f"comfyui-{version}-") as tmp:
             checkout = checkout_of(tree, tmp)
-            code, summary = run_pytest(pythons[version], tiers, {**env, "COMFYUI_PATH": str(checkout)}, extra)
+            code, summary = run_pytest(pythons[version], tiers, {**env, "COMFYUI_PATH": str(checkout)}, marks + extra)
             results.append((name, code, summary))
             if version == trees[-1][1] and not args.no_gate:
                 results.append(run_gate(pythons[version], checkout, env))

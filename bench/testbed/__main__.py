@@ -111,6 +111,9 @@ def cmd_erase(a) -> None:
         redirector_steps=a.redirector_steps,
         redirector_lr=a.redirector_lr,
         skip_redirector=a.skip_redirector,
+        skip_default_pack=a.skip_default_pack,
+        skip_attack=a.skip_attack,
+        attack_budget=a.attack_budget,
     )
     start = time.perf_counter()
     result, _, trained = erase.run(s, model=_load_model(a.model))
@@ -275,6 +278,9 @@ def main(argv=None) -> None:
     e.add_argument("--redirector-steps", type=int, default=400, help="Train Prompt Redirector steps")
     e.add_argument("--redirector-lr", type=float, default=1e-3, help="Train Prompt Redirector learning_rate")
     e.add_argument("--skip-redirector", action="store_true", help="skip the prompt redirector rows")
+    e.add_argument("--skip-default-pack", action="store_true", help="skip the default pack row (Apply Safety Pack)")
+    e.add_argument("--skip-attack", action="store_true", help="skip the word-substitution attack column")
+    e.add_argument("--attack-budget", type=int, default=16, help="attack queries per attacked prompt")
     e.add_argument("--save-pack", action="store_true", help="also write the trained pack to bench/out/testbed")
     e.add_argument("--name", default="", help="result file name (default erase_<target>)")
     e.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")

@@ -30,6 +30,7 @@ def _runs(targets, default: str) -> list[tuple[str, str, list[str]]]:
         for other in OBJECTIVES:
             if other != default:
                 args = ["--target", target, "--objective", other, "--skip-rand", "--skip-uvr", "--skip-redirector"]
+                args += ["--skip-default-pack"]
                 runs.append((target, f"bench_{target}_{other}", args))
     return runs
 
@@ -68,7 +69,7 @@ def summary_row(target: str, name: str, row: dict, base: dict) -> str:
     return (
         f"| {target} | {name} | {pct(row['erase_target'])} | {pct(row['erase_paraphrase'])} | "
         f"{pct(row['erase_compositional'])} | {pct(row.get('erase_unseen'))} | {pct(row.get('replaced'))} | "
-        f"{pct(max(drops))} |"
+        f"{pct(row.get('attack'))} | {pct(max(drops))} |"
     )
 
 
@@ -82,20 +83,21 @@ def report(targets, default: str, seconds: dict) -> str:
         "points):",
         "",
         "| target | model | erase target % | paraphrase % | compositional % | unseen words % | replaced % "
-        "| worst non-target drop |",
-        "|---|---|---|---|---|---|---|---|",
+        "| attack % | worst non-target drop |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     tables, detections = [], []
     for target in targets:
         rows = _rows(target, default)
         base = rows[0][1]
-        lines += [summary_row(target, n, r, base) for n, r in rows if n.startswith(("SafeRoPE", "Redirector"))]
+        shown = ("SafeRoPE", "Redirector", "default pack")
+        lines += [summary_row(target, n, r, base) for n, r in rows if n.startswith(shown)]
         found = json.loads((OUT_DIR / f"bench_{target}_{default}.json").read_text()).get("detection")
         if found:
             names = detection.DETECTOR_NAMES
             detections += [detection.detection_row(found[d], f"{target} | {names[d]}") for d in detection.DETECTORS]
         minutes = sum(v for k, v in seconds.items() if k.startswith(f"bench_{target}_")) / 60
-        tables += ["", f"**{target}** ({minutes:.1f} min)", "", TABLE_HEADER, "|---" * 10 + "|"]
+        tables += ["", f"**{target}** ({minutes:.1f} min)", "", TABLE_HEADER, "|---" * 11 + "|"]
         tables += [table_row(r, n) for n, r in rows]
     if detections:
         header = detection.DETECTION_HEADER.replace("|", "| target |", 1)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import detection, world
+from . import attack, detection, world
 from .env import REPO, comfy_and_pack
 from .sampling import (
     Conditioner,
@@ -101,6 +101,12 @@ class EraseSettings:
     redirector_steps: int = 400
     redirector_lr: float = 1e-3
     skip_redirector: bool = False
+    # the default pack: Mine Wordings -> every guard from the mined Prompt Set -> Save / Load / Apply Safety Pack
+    skip_default_pack: bool = False
+    # the word-substitution attack (attack.py) on every row: target prompts attacked, queries per prompt
+    attack_prompts: int = 8
+    attack_budget: int = 16
+    skip_attack: bool = False
 
 
 def _other_attributes(attribute: str) -> list[str]:
@@ -316,6 +322,32 @@ def build_redirector(model, clip, prompts, s: EraseSettings, nodes, log=print):
     return redirector, time.perf_counter() - t0, report
 
 
+def build_default_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettings, nodes, log=print):
+    """The default pack, all through the nodes with their defaults: Mine Wordings on the Prompt Set, then Collect
+    Q/K -> Build Subspaces -> Train Risk Rotations, Collect UVR Anchors and Train Prompt Redirector on the mined
+    Prompt Set, Save Safety Pack -> Load Safety Pack -> Apply Safety Pack. (patched model, build seconds, report)."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path(nodes.model_files.FOLDER, str(OUT_DIR / "packs"), is_default=True)
+    t0 = time.perf_counter()
+    size = world.COMFY_SIZE
+    with torch.inference_mode():
+        mined, mine_report = nodes.wording_nodes.MineWordings.execute(
+            model, clip, prompts, 256, 32, 8, 8, size, size, s.seed
+        )
+    log(mine_report)
+    _, trained, _, _ = build_pack(model, clip, fam, mined, s, nodes, log)
+    anchors, _, _ = build_uvr(model, clip, mined, s, nodes, log)
+    redirector, _, _ = build_redirector(model, clip, mined, s, nodes, log)
+    name = f"testbed_default_pack_{s.target}_{s.seed}"
+    with torch.inference_mode():
+        nodes.safety_pack_nodes.SaveSafetyPack.execute(mined, name, True, trained, anchors, redirector)
+        safety, info = nodes.safety_pack_nodes.LoadSafetyPack.execute(f"{name}.safetensors")
+        (guarded,) = nodes.safety_pack_nodes.ApplySafetyPack.execute(model, safety, 1.0, True, True, True)
+    log(info)
+    return guarded, time.perf_counter() - t0, f"{mine_report}\n{info}"
+
+
 def random_pack(trained, seed: int):
     """The Rand baseline: same blocks, heads and bases; W random with ||W - W^T|| equal to the trained one's, per
     head and token type."""
@@ -346,6 +378,7 @@ class Row:
     erase_unseen: float | None = None  # None: the target has no unseen words
     replaced: float | None = None  # share of erased target images that show an object of another value
     non_target_per_value: dict = field(default_factory=dict)  # value -> accuracy on its non-target prompts
+    attack: float | None = None  # share of attacked target prompts the attack made the guarded model draw
 
 
 def replaced_rate(results, attribute: str, target: str) -> float | None:
@@ -424,16 +457,16 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
     subspaces, trained, timings, texts = build_pack(model, clip, fam, prompts, s, nodes, log)
     texts["prompt_set"] = prompt_report
     apply = nodes.rotation_nodes.ApplyRiskRotation.execute
-    rows_in = [("base", base_res, None, None)]
+    rows_in = [("base", base_res, None, None, model)]
     if not s.skip_rand:
         with torch.inference_mode():
             (rand_model,) = apply(model, random_pack(trained, s.rand_seed), s.strength, s.apply_to)
         rand_res, rand_dev = evaluate(rand_model, conditioner, fam, s, base_res["non_target"])
-        rows_in.append(("Rand", rand_res, rand_dev, None))
+        rows_in.append(("Rand", rand_res, rand_dev, None, rand_model))
     with torch.inference_mode():
         (safe_model,) = apply(model, trained, s.strength, s.apply_to)
     safe_res, safe_dev = evaluate(safe_model, conditioner, fam, s, base_res["non_target"])
-    rows_in.append(("SafeRoPE", safe_res, safe_dev, timings["build_s"]))
+    rows_in.append(("SafeRoPE", safe_res, safe_dev, timings["build_s"], safe_model))
     if not s.skip_uvr:  # anchors are collected on the model they guard: the rotated one for the stacked row
         restrict = nodes.uvr_nodes.RestrictUnsafeFlow.execute
         for name, guarded, extra_s in (("UVR", model, 0.0), ("SafeRoPE + UVR", safe_model, timings["build_s"])):
@@ -441,7 +474,7 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
             with torch.inference_mode():
                 (restricted,) = restrict(guarded, anchors, s.uvr_strength, s.uvr_threshold, s.uvr_sigma_start, -1)
             res, dev = evaluate(restricted, conditioner, fam, s, base_res["non_target"])
-            rows_in.append((name, res, dev, extra_s + seconds))
+            rows_in.append((name, res, dev, extra_s + seconds, restricted))
     detected = None
     if not s.skip_redirector:  # the redirector is trained on the base model and guards every stack
         redirector, seconds, texts["redirector"] = build_redirector(model, clip, prompts, s, nodes, log)
@@ -459,7 +492,20 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
             with torch.inference_mode():
                 (redirected,) = redirect(guarded, redirector, 1.0, 0.0, 3)
             res, dev = evaluate(redirected, conditioner, fam, s, base_res["non_target"])
-            rows_in.append((name, res, dev, extra_s + seconds))
+            rows_in.append((name, res, dev, extra_s + seconds, redirected))
+    if not s.skip_default_pack:
+        guarded, seconds, texts["default pack"] = build_default_pack(model, clip, fam, prompts, s, nodes, log)
+        res, dev = evaluate(guarded, conditioner, fam, s, base_res["non_target"])
+        rows_in.append(("default pack", res, dev, seconds, guarded))
+    attacked = {}
+    if not s.skip_attack:
+        targets = [p.text for p in _sample(fam.target, s.attack_prompts, s.seed + 11)]
+        for name, _, _, _, guarded in rows_in:
+            rate, found = attack.attack_success(
+                guarded, conditioner, targets, s.target, s.attack_budget, s.seed, s.sample_steps
+            )
+            attacked[name] = rate
+            log(f"attack on {name}: {100 * rate:.0f} % of {len(targets)} prompts; e.g. {found[:3]}")
 
     rows = [
         Row(
@@ -476,9 +522,11 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
             replaced_rate(r["target"], attr, s.target),
             per_value_accuracy(r["non_target"], attr),
         )
-        for name, r, dev, build in rows_in
+        for name, r, dev, build, _ in rows_in
     ]
-    images = {name: {fam_name: count_images(r[fam_name]) for fam_name in r} for name, r, _, _ in rows_in[:1]}
+    for row in rows:
+        row.attack = attacked.get(row.name)
+    images = {name: {fam_name: count_images(r[fam_name]) for fam_name in r} for name, r, _, _, _ in rows_in[:1]}
     result = {
         "settings": asdict(s),
         "attribute": attr,
@@ -492,7 +540,7 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
         "detection": detected,
     }
     result["table"] = format_table(result)
-    return result, {name: r for name, r, _, _ in rows_in}, trained
+    return result, {name: r for name, r, _, _, _ in rows_in}, trained
 
 
 def _pct(x):
@@ -508,7 +556,7 @@ def format_table(result: dict) -> str:
         f"{s['hds_threshold']}, {s['train_steps']} training steps, objective {s['objective']}; images per family: "
         + ", ".join(f"{k.replace('_', '-')} {n.get(k, 0)}" for k in FAMILIES)
     )
-    lines = [head, "", TABLE_HEADER, "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "", TABLE_HEADER, "|---" * 11 + "|"]
     lines += [table_row(r) for r in result["rows"]]
     if result.get("detection"):
         lines += ["", detection.format_detection(result["detection"])]
@@ -516,7 +564,7 @@ def format_table(result: dict) -> str:
 
 
 TABLE_HEADER = (
-    "| model | erase target % | paraphrase % | compositional % | unseen words % | replaced % "
+    "| model | erase target % | paraphrase % | compositional % | unseen words % | replaced % | attack % "
     "| non-target acc % (per value) | deviation (mean abs px) | build s | target imgs with an object % |"
 )
 
@@ -529,7 +577,8 @@ def table_row(r: dict, name: str | None = None) -> str:
     return (
         f"| {name or r['name']} | {_pct(r['erase_target'])} | {_pct(r['erase_paraphrase'])} | "
         f"{_pct(r['erase_compositional'])} | {_pct(r.get('erase_unseen'))} | {_pct(r.get('replaced'))} | "
-        f"{_pct(r['non_target_accuracy'])} ({per_value}) | {dev} | {build} | {_pct(r.get('target_object_kept'))} |"
+        f"{_pct(r.get('attack'))} | {_pct(r['non_target_accuracy'])} ({per_value}) | {dev} | {build} | "
+        f"{_pct(r.get('target_object_kept'))} |"
     )
 
 

@@ -9,6 +9,7 @@ would show the first file again. A version's default mode is one of these (class
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench import comfyui_env
@@ -93,25 +94,32 @@ def shown(entry: dict) -> dict[str, str]:
     return {key.removeprefix("show_"): "".join(out["text"]) for key, out in entry["outputs"].items() if key in PREVIEWS}
 
 
-def test_loaders_reload_files_saved_again_under_every_cache_mode(pack):
+def test_this_comfyui_offers_the_cache_modes(comfy):
+    assert {"classic", "lru", "none"} <= offered_cache_modes().keys()
+
+
+@pytest.mark.parametrize(
+    "mode", [m if m == "lru" else pytest.param(m, marks=pytest.mark.one_version) for m in CACHE_MODES]
+)
+def test_loaders_reload_files_saved_again(pack, mode):
+    """Under each cache mode this ComfyUI offers (LRU on every version, the others with the newest: the loaders'
+    fingerprints are the same code under every mode)."""
     from comfy_server import ComfyServer
 
-    modes = offered_cache_modes()
-    assert {"classic", "lru", "none"} <= modes.keys(), modes
-    stale = {}
-    for mode, args in modes.items():
-        with ComfyServer({"ComfyUI-SafeRoPE": comfyui_env.REPO}, extra_args=args) as server:
-            models = server.base / "models"
-            first = save_files(pack, models, "a")
-            before = shown(server.run(GRAPH))
-            assert before.keys() == first.keys(), (mode, before)
-            assert all(first[loader] in text for loader, text in before.items()), (mode, before)
-            second = save_files(pack, models, "b")
-            after = shown(server.run(GRAPH))
-        assert after.keys() == second.keys(), (mode, after)
-        stale[mode] = sorted(loader for loader, text in after.items() if second[loader] not in text)
-    stale = {mode: loaders for mode, loaders in stale.items() if loaders}
-    assert not stale, f"loaders that showed the old file after it was saved again (per cache mode): {stale}"
+    args = offered_cache_modes().get(mode)
+    if args is None:  # 0.3.64 has no RAM-pressure cache
+        return
+    with ComfyServer({"ComfyUI-SafeRoPE": comfyui_env.REPO}, extra_args=args) as server:
+        models = server.base / "models"
+        first = save_files(pack, models, "a")
+        before = shown(server.run(GRAPH))
+        assert before.keys() == first.keys(), before
+        assert all(first[loader] in text for loader, text in before.items()), before
+        second = save_files(pack, models, "b")
+        after = shown(server.run(GRAPH))
+    assert after.keys() == second.keys(), after
+    stale = sorted(loader for loader, text in after.items() if second[loader] not in text)
+    assert not stale, f"loaders that showed the old file after it was saved again under --{mode}: {stale}"
 
 
 def test_every_loaders_fingerprint_follows_its_file(pack, folders):

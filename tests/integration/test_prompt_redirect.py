@@ -142,6 +142,7 @@ def test_bad_strength_is_refused(pack, tiny, bad):
 
 
 @pytest.mark.skipif(bool(MISSING), reason=f"testbed needs {', '.join(MISSING)}")
+@pytest.mark.one_version
 def test_testbed_redirector_erases_red_by_replacing_it(comfy, pack, tmp_path, monkeypatch):
     """Reduced testbed run through the nodes: Prompt Set (anchors: the word removed) -> Train Prompt Redirector ->
     Save -> Load -> Redirect Unsafe Prompts -> sampling; red is erased, and erased images still show an object. The

