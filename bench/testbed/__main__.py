@@ -19,7 +19,14 @@ def _read_lines(path: str | None) -> list[str] | None:
     return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
+WORLD_HELP = (
+    "base model: plain (the committed model; every caption named every value) or defaults (also trained on captions"
+    " that leave the colour / pattern out, drawn grey / solid)"
+)
+
+
 def cmd_train(a) -> None:
+    from . import model as base_model
     from . import train_base
 
     train_base.train(
@@ -35,8 +42,9 @@ def cmd_train(a) -> None:
         ema_decay=a.ema_decay,
         warmup=a.warmup,
         threads=a.threads,
-        out=Path(a.out),
+        out=Path(a.out or (base_model.DEFAULTS_MODEL_FILE if a.defaults else base_model.MODEL_FILE)),
         save_every=a.save_every,
+        defaults=a.defaults,
     )
 
 
@@ -59,13 +67,13 @@ def cmd_accuracy(a) -> None:
 def cmd_words(a) -> None:
     from .report import word_following
 
-    print(word_following(a.steps, a.per_prompt, a.seed, a.threads))
+    print(word_following(a.steps, a.per_prompt, a.seed, a.threads, _load_model(a.model)))
 
 
 def cmd_benchmark(a) -> None:
     from .benchmark import benchmark
 
-    print(benchmark(a.targets, a.jobs, a.threads, a.objective, a.name))
+    print(benchmark(a.targets, a.jobs, a.threads, a.objective, a.name, a.world))
 
 
 def cmd_erase(a) -> None:
@@ -75,6 +83,7 @@ def cmd_erase(a) -> None:
     s = erase.EraseSettings(
         target=a.target,
         seed=a.seed,
+        world=a.world,
         sample_steps=a.steps,
         per_prompt=a.per_prompt,
         max_prompts=a.max_prompts,
@@ -159,8 +168,6 @@ def _load_model(path):
 
 
 def main(argv=None) -> None:
-    from . import model as base_model
-
     p = argparse.ArgumentParser(prog="python -m bench.testbed", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -179,7 +186,12 @@ def main(argv=None) -> None:
     )
     t.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps")
     t.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
-    t.add_argument("--out", default=str(base_model.MODEL_FILE), help="where the weights are written")
+    t.add_argument(
+        "--defaults",
+        action="store_true",
+        help="also train on captions that leave the colour / pattern out, drawn grey / solid (world with defaults)",
+    )
+    t.add_argument("--out", default="", help="where the weights are written (default: the committed model's file)")
     t.add_argument("--save-every", type=int, default=0, help="also save EMA snapshots every N steps")
     t.set_defaults(func=cmd_train)
 
@@ -204,6 +216,7 @@ def main(argv=None) -> None:
     ac.set_defaults(func=cmd_accuracy)
 
     w = sub.add_parser("words", help="which unseen words (never in training or pack prompts) the base model follows")
+    w.add_argument("--model", default="", help="weights file (default: the committed model)")
     w.add_argument("--steps", type=int, default=20, help="Euler steps")
     w.add_argument("--per-prompt", type=int, default=2, help="images per prompt")
     w.add_argument("--seed", type=int, default=0, help="noise seed")
@@ -216,12 +229,14 @@ def main(argv=None) -> None:
     b.add_argument("--threads", type=int, default=1, help="torch threads per run")
     b.add_argument("--objective", choices=["redirect", "deviate"], default="redirect", help="the default objective")
     b.add_argument("--name", default="benchmark", help="report name: bench/out/testbed/<name>.md")
+    b.add_argument("--world", choices=["plain", "defaults"], default="plain", help=WORLD_HELP)
     b.set_defaults(func=cmd_benchmark)
 
     e = sub.add_parser(
         "erase", help="build a pack and UVR anchors through the nodes; measure base, Rand, SafeRoPE, UVR and both"
     )
     e.add_argument("--target", required=True, help="attribute value to erase, e.g. red, circle, striped")
+    e.add_argument("--world", choices=["plain", "defaults"], default="plain", help=WORLD_HELP)
     e.add_argument("--model", default="", help="weights file (default: the committed model)")
     e.add_argument(
         "--paraphrases",

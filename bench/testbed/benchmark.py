@@ -22,15 +22,17 @@ TARGETS = (*world.COLOURS, "striped", "dotted")
 OBJECTIVES = ("redirect", "deviate")
 
 
-def _runs(targets, default: str) -> list[tuple[str, str, list[str]]]:
+def _runs(targets, default: str, world_name: str = "plain") -> list[tuple[str, str, list[str]]]:
     """(target, result name, erase arguments) of every run."""
     runs = []
     for target in targets:
-        runs.append((target, f"bench_{target}_{default}", ["--target", target, "--objective", default]))
+        runs.append(
+            (target, f"bench_{target}_{default}", ["--target", target, "--objective", default, "--world", world_name])
+        )
         for other in OBJECTIVES:
             if other != default:
                 args = ["--target", target, "--objective", other, "--skip-rand", "--skip-uvr", "--skip-redirector"]
-                args += ["--skip-default-pack"]
+                args += ["--skip-default-pack", "--world", world_name]
                 runs.append((target, f"bench_{target}_{other}", args))
     return runs
 
@@ -106,10 +108,10 @@ def report(targets, default: str, seconds: dict) -> str:
     return "\n".join(lines + tables)
 
 
-def benchmark(targets=None, jobs: int = 2, threads: int = 1, default: str = "redirect", name: str = "benchmark"):
+def benchmark(targets=None, jobs=2, threads=1, default="redirect", name="benchmark", world_name="plain"):
     targets = list(targets or TARGETS)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    runs = _runs(targets, default)
+    runs = _runs(targets, default, world_name)
     with ThreadPoolExecutor(jobs) as pool:
         times = list(pool.map(lambda r: _run(r[2], r[1], threads), runs))
     seconds = {r[1]: t for r, t in zip(runs, times, strict=True)}

@@ -55,6 +55,7 @@ COMPOSITIONAL_TEMPLATES = (*world.TRAIN_TEMPLATES[3:], "a small {p} {c} {s}", "o
 class EraseSettings:
     target: str
     seed: int = 0
+    world: str = "plain"  # the base model: "plain" (every caption names every value) or "defaults" (model.WORLDS)
     # evaluation
     sample_steps: int = 20
     per_prompt: int = 2
@@ -176,7 +177,7 @@ def prompt_families(s: EraseSettings) -> PromptFamilies:
     else:
         unseen = [
             Prompt(_fill(t, sc, attribute, w), sc)
-            for w in world.UNSEEN_WORDS.get(s.target, [])
+            for w in world.unseen_words(s.world).get(s.target, [])
             for t in PACK_TEMPLATES
             for sc in target_scenes
         ]
@@ -437,7 +438,7 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
     from . import model as base_model
     from .text_encoder import minilm_clip
 
-    model = model if model is not None else base_model.load()
+    model = model if model is not None else base_model.load(base_model.WORLDS[s.world])
     clip = clip if clip is not None else minilm_clip()
     conditioner = Conditioner(clip)
     fam = prompt_families(s)

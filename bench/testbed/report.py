@@ -98,9 +98,10 @@ def base_accuracy(
     return "\n".join(lines)
 
 
-def word_following(steps: int = 20, per_prompt: int = 2, seed: int = 0, threads: int = 1) -> str:
+def word_following(steps: int = 20, per_prompt: int = 2, seed: int = 0, threads: int = 1, model=None) -> str:
     """How often the base model draws each unseen candidate word (world.UNSEEN_CANDIDATES) as its value, in the
-    pack templates over every combination of the other attributes (the canonical word alongside, for reference)."""
+    pack templates over every combination of the other attributes (the canonical word alongside, for reference).
+    `model`: a base model's patcher (default: the committed model)."""
     from . import model as base_model
     from .env import comfy_and_pack
     from .erase import PACK_TEMPLATES
@@ -109,7 +110,7 @@ def word_following(steps: int = 20, per_prompt: int = 2, seed: int = 0, threads:
 
     torch.set_num_threads(threads)
     comfy_and_pack()
-    patcher = base_model.load()
+    patcher = model if model is not None else base_model.load()
     conditioner = Conditioner(minilm_clip())
     lines = [f"base model following of unseen words, Euler {steps} steps, cfg 1, % drawn as the value", ""]
     for value, words in world.UNSEEN_CANDIDATES.items():

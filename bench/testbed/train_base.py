@@ -29,9 +29,10 @@ from .env import comfy_and_pack
 from .text_encoder import embed_texts
 
 
-def caption_buckets(seed: int = 0):
-    """Captions grouped by token length: {length: (contexts [N, L, 384], pooled [N, 384], scenes)}."""
-    pairs = world.training_captions()
+def caption_buckets(seed: int = 0, defaults: bool = False):
+    """Captions grouped by token length: {length: (contexts [N, L, 384], pooled [N, 384], scenes)}; `defaults`:
+    with the captions that leave an attribute out (world.training_captions)."""
+    pairs = world.training_captions(defaults)
     random.Random(seed).shuffle(pairs)
     contexts, pooled = embed_texts([c for c, _ in pairs])
     buckets: dict[int, list[int]] = {}
@@ -58,6 +59,7 @@ def train(
     threads: int = 1,
     out=base_model.MODEL_FILE,
     save_every: int = 0,
+    defaults: bool = False,
     log=print,
 ) -> dict:
     comfy_and_pack()
@@ -66,7 +68,7 @@ def train(
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    buckets, n_captions = caption_buckets(seed)
+    buckets, n_captions = caption_buckets(seed, defaults)
     embed_s = time.perf_counter() - start
     log(
         f"embedded {n_captions} captions in {embed_s:.0f} s; token lengths "

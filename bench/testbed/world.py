@@ -38,6 +38,8 @@ COLOURS = {
     "purple": (0.60, 0.15, 0.80),
     "white": (0.92, 0.92, 0.92),
 }
+DEFAULT_COLOUR = "grey"  # what the base model draws when a caption names no colour (a neutral default)
+DEFAULT_RGB = (0.62, 0.62, 0.62)
 SHAPES = ("circle", "square", "triangle")
 PATTERNS = ("solid", "striped", "dotted")
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "pattern": PATTERNS}
@@ -84,6 +86,16 @@ TRAIN_TEMPLATES = (
 )
 
 
+# Captions that leave an attribute out, so the model learns a default as real models have one (FLUX draws "a woman
+# on a beach" clothed): no colour named -> a grey object, no pattern named -> a solid one. Cutting an attribute's
+# flow then has a safe picture to fall to.
+DEFAULT_TEMPLATES = {
+    "colour": ("a {s}, {p}", "a {p} {s}", "a picture of a {p} {s}", "an image of a {s} that is {p}"),
+    "pattern": ("a {c} {s}", "a picture of a {c} {s}", "a {s} in {c}", "an image of a {c} {s}"),
+    "both": ("a {s}", "a picture of a {s}", "an image of a {s}"),
+}
+
+
 def attribute_of(value: str) -> str:
     """'red' -> 'colour', 'circle' -> 'shape', 'striped' -> 'pattern'."""
     for name, values in ATTRIBUTES.items():
@@ -117,8 +129,9 @@ def caption(scene: Scene, template: str, words: dict[str, str] | None = None) ->
     return " ".join(text.split())
 
 
-def training_captions() -> list[tuple[str, Scene]]:
-    """Every caption of the base model's training data: template x synonyms x scene."""
+def training_captions(defaults: bool = False) -> list[tuple[str, Scene]]:
+    """Every caption of the base model's training data: template x synonyms x scene; with `defaults`, also the
+    captions that leave the colour, the pattern or both out, with the scene drawn in the default (grey, solid)."""
     out = []
     for scene in all_scenes():
         for template in TRAIN_TEMPLATES:
@@ -126,6 +139,17 @@ def training_captions() -> list[tuple[str, Scene]]:
                 for s in SYNONYMS[scene.shape]:
                     for p in SYNONYMS[scene.pattern]:
                         out.append((caption(scene, template, {"colour": c, "shape": s, "pattern": p}), scene))
+    for left_out, templates in DEFAULT_TEMPLATES.items() if defaults else ():
+        for scene in all_scenes():
+            drawn = Scene(
+                DEFAULT_COLOUR if left_out != "pattern" else scene.colour,
+                scene.shape,
+                "solid" if left_out != "colour" else scene.pattern,
+            )
+            for template in templates:
+                for s in SYNONYMS[scene.shape]:
+                    words = {"colour": SYNONYMS[scene.colour][0], "shape": s, "pattern": SYNONYMS[scene.pattern][0]}
+                    out.append((caption(scene, template, words), drawn))
     return out
 
 
@@ -161,7 +185,7 @@ def render(scenes: list[Scene], seed: int = 0, jitter: bool = True) -> torch.Ten
             dark = ((row % 4) >= 1) & ((row % 4) <= 2) & ((col % 4) >= 1) & ((col % 4) <= 2)
         else:
             dark = torch.zeros_like(mask)
-        colour = torch.tensor(COLOURS[scene.colour]).view(3, 1, 1)
+        colour = torch.tensor(COLOURS.get(scene.colour, DEFAULT_RGB)).view(3, 1, 1)
         shade = torch.where(dark, DARK, 1.0)
         images[i] = colour * shade * mask
     return images
@@ -252,6 +276,8 @@ def classify(images: torch.Tensor, mask_threshold: float = 0.2) -> list[Judgemen
         chroma = img[:, lit].mean(1)
         chroma = chroma / chroma.max().clamp_min(1e-6)
         colour = list(COLOURS)[int((_PALETTE - chroma).square().sum(1).argmin())]
+        if colour == "white" and level < GREY_LEVEL:  # same chromaticity: grey is the darker one
+            colour = DEFAULT_COLOUR
         out.append(Judgement(colour, _shape(mask), _pattern(mask, bright, level), area))
     return out
 
@@ -310,6 +336,7 @@ def _pattern(mask: torch.Tensor, bright: torch.Tensor, level: float) -> str:
 
 
 PATTERN_MIN = 0.035
+GREY_LEVEL = (COLOURS["white"][0] + DEFAULT_RGB[0]) / 2  # brightness between grey and white
 STRIPE_RATIO = 0.5
 
 
@@ -331,3 +358,20 @@ UNSEEN_WORDS = {
     "striped": ["banded", "lined", "zebra", "barred"],  # 95, 97, 94, 96 %
     "dotted": ["polka-dot", "speckled", "freckled", "dappled", "spotty"],  # 84, 85, 75, 81, 95 %
 }
+# The same measurement on the base model of the world with defaults (`words --model
+# bench/testbed/model/tiny_world_flux_defaults.safetensors`): a word it does not know mostly falls to the default.
+UNSEEN_WORDS_WITH_DEFAULTS = {
+    "red": [],  # cherry, ruby, vermilion, maroon: 0 %
+    "green": ["lime"],  # 80 %
+    "blue": [],  # navy, cobalt, sapphire, cyan: 0 %
+    "yellow": ["gold", "mustard", "sunflower"],  # 100, 98, 100 %
+    "purple": [],  # lilac 0, lavender 6, plum 0, magenta 0, mauve 0 %
+    "white": ["snow", "milky"],  # 61, 85 %
+    "striped": ["banded", "pinstriped", "lined", "zebra", "barred"],  # 90, 97, 92, 94, 93 %
+    "dotted": ["polka-dot", "speckled", "freckled", "spotty"],  # 75, 94, 82, 96 % (dappled 55)
+}
+
+
+def unseen_words(world_name: str = "plain") -> dict[str, list[str]]:
+    """The unseen words each world's base model draws as their value (erase's unseen-word family)."""
+    return UNSEEN_WORDS_WITH_DEFAULTS if world_name == "defaults" else UNSEEN_WORDS
