@@ -135,6 +135,16 @@ MUTATIONS = [
         (f"{ITG}/test_wordings.py::test_on_the_testbed_red_yields_the_words_the_model_draws_red",),
     ),
     Mutation(
+        "world-defaults-colour",
+        "the testbed's world with defaults draws a caption that names no colour in the scene's colour, not grey",
+        "bench/testbed/world.py",
+        'DEFAULT_COLOUR if left_out != "pattern" else scene.colour,',
+        "scene.colour,",
+        (
+            f"{ITG}/test_testbed.py::test_the_world_with_defaults_draws_grey_or_solid_where_a_caption_leaves_the_value_out",
+        ),
+    ),
+    Mutation(
         "uvr-run-state",
         "Restrict Unsafe Flow's masks carry from one sampling run into the next",
         "nodes/editors.py",

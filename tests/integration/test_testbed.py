@@ -308,3 +308,26 @@ def test_the_attack_succeeds_on_the_base_model_and_fails_on_a_blank_one(comfy, p
     blank = base.clone()
     blank.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test", nothing)
     assert attack.attack_success(blank, conditioner, prompts, "red", 8, 0, 6) == (0.0, [])
+
+
+def test_the_world_with_defaults_draws_grey_or_solid_where_a_caption_leaves_the_value_out():
+    """`train --defaults` adds captions that name no colour (drawn grey), no pattern (drawn solid) or neither, to the
+    plain world's captions, which stay as they were; the classifier calls the rendered grey objects grey and the
+    white ones white."""
+    from bench.testbed import world
+
+    plain, with_defaults = world.training_captions(), world.training_captions(defaults=True)
+    assert with_defaults[: len(plain)] == plain and len(with_defaults) > len(plain)
+    colour_words = {w for c in world.COLOURS for w in world.SYNONYMS[c]}
+    pattern_words = {w for p in world.PATTERNS for w in world.SYNONYMS[p]}
+    for text, scene in with_defaults[len(plain) :]:
+        words = set(text.replace(",", "").split())
+        assert (scene.colour == world.DEFAULT_COLOUR) == (not words & colour_words), text
+        if words & pattern_words:
+            assert set(world.SYNONYMS[scene.pattern]) & words, text  # the named pattern
+        else:
+            assert scene.pattern == "solid", text
+    greys_and_whites = (world.DEFAULT_COLOUR, "white")
+    scenes = [world.Scene(c, s, p) for c in greys_and_whites for s in world.SHAPES for p in world.PATTERNS]
+    judged = world.classify(world.render(scenes, seed=0))
+    assert [j.colour for j in judged] == [sc.colour for sc in scenes]
