@@ -73,7 +73,7 @@ def cmd_words(a) -> None:
 def cmd_benchmark(a) -> None:
     from .benchmark import benchmark
 
-    print(benchmark(a.targets, a.jobs, a.threads, a.objective, a.name, a.world))
+    print(benchmark(a.targets, a.jobs, a.threads, a.objective, a.name, a.world, a.seeds))
 
 
 def cmd_erase(a) -> None:
@@ -230,6 +230,7 @@ def main(argv=None) -> None:
     b.add_argument("--objective", choices=["redirect", "deviate"], default="redirect", help="the default objective")
     b.add_argument("--name", default="benchmark", help="report name: bench/out/testbed/<name>.md")
     b.add_argument("--world", choices=["plain", "defaults"], default="plain", help=WORLD_HELP)
+    b.add_argument("--seeds", type=int, default=1, help="runs per target (seeds 0, 1, ...): summary mean ± std")
     b.set_defaults(func=cmd_benchmark)
 
     e = sub.add_parser(

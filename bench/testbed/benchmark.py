@@ -3,13 +3,16 @@
 For each target (the six colours and the patterns striped and dotted) it runs the erase benchmark twice with the
 nodes' defaults, each in its own process (one torch thread, `--jobs` at a time): once with the default objective
 (rows base, Rand, SafeRoPE, UVR, SafeRoPE + UVR, and the prompt
-redirector alone, with SafeRoPE, and with both) and once with the other objective (its SafeRoPE row only). It then
-writes one table per target and a summary over targets to bench/out/testbed/<name>.md (results JSON beside it).
+redirector alone, with SafeRoPE, and with both, and the default pack) and once with the other objective (its SafeRoPE
+row only); with `--seeds N`, all of it for seeds 0 .. N-1. It then writes one table per target (seed 0) and a summary
+over targets (each figure's mean and standard deviation over the seeds) to bench/out/testbed/<name>.md (results JSON
+beside it). `--world defaults` runs it on the world with defaults.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -22,18 +25,23 @@ TARGETS = (*world.COLOURS, "striped", "dotted")
 OBJECTIVES = ("redirect", "deviate")
 
 
-def _runs(targets, default: str, world_name: str = "plain") -> list[tuple[str, str, list[str]]]:
+def result_name(target: str, objective: str, seed: int) -> str:
+    """The erase run's result name (bench/out/testbed/<name>.json): seed 0 keeps the name it had before seeds."""
+    return f"bench_{target}_{objective}" + (f"_seed{seed}" if seed else "")
+
+
+def _runs(targets, default: str, world_name: str = "plain", seeds: int = 1) -> list[tuple[str, str, list[str]]]:
     """(target, result name, erase arguments) of every run."""
     runs = []
-    for target in targets:
-        runs.append(
-            (target, f"bench_{target}_{default}", ["--target", target, "--objective", default, "--world", world_name])
-        )
-        for other in OBJECTIVES:
-            if other != default:
-                args = ["--target", target, "--objective", other, "--skip-rand", "--skip-uvr", "--skip-redirector"]
-                args += ["--skip-default-pack", "--world", world_name]
-                runs.append((target, f"bench_{target}_{other}", args))
+    for seed in range(seeds):
+        common = ["--world", world_name, "--seed", str(seed)]
+        for target in targets:
+            args = ["--target", target, "--objective", default, *common]
+            runs.append((target, result_name(target, default, seed), args))
+            for other in OBJECTIVES:
+                if other != default:
+                    args = ["--target", target, "--objective", other, "--skip-rand", "--skip-uvr", "--skip-redirector"]
+                    runs.append((target, result_name(target, other, seed), [*args, "--skip-default-pack", *common]))
     return runs
 
 
@@ -48,11 +56,11 @@ def _run(args: list[str], name: str, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def _rows(target: str, default: str) -> list[tuple[str, dict]]:
-    """The target's rows in table order, named with their objective."""
+def _rows(target: str, default: str, seed: int = 0) -> list[tuple[str, dict]]:
+    """The target's rows of one seed in table order, named with their objective."""
     rows = []
     for objective in (default, *(o for o in OBJECTIVES if o != default)):
-        result = json.loads((OUT_DIR / f"bench_{target}_{objective}.json").read_text())
+        result = json.loads((OUT_DIR / f"{result_name(target, objective, seed)}.json").read_text())
         for row in result["rows"]:
             if row["name"] == "base" and objective != default:
                 continue
@@ -62,27 +70,36 @@ def _rows(target: str, default: str) -> list[tuple[str, dict]]:
     return sorted(rows, key=lambda r: order.index(r[0]) if r[0] in order else len(order))
 
 
-def summary_row(target: str, name: str, row: dict, base: dict) -> str:
-    drops = [base["non_target_per_value"][v] - a for v, a in row["non_target_per_value"].items()]
+def summary_row(target: str, name: str, rows: list[dict], bases: list[dict]) -> str:
+    """One summary line of a row over seeds: each figure's mean, and '± standard deviation' where seeds > 1."""
 
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.1f}"
+    def figure(values) -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        text = f"{100 * statistics.fmean(values):.1f}"
+        return text + (f" ± {100 * statistics.pstdev(values):.1f}" if len(values) > 1 else "")
 
-    return (
-        f"| {target} | {name} | {pct(row['erase_target'])} | {pct(row['erase_paraphrase'])} | "
-        f"{pct(row['erase_compositional'])} | {pct(row.get('erase_unseen'))} | {pct(row.get('replaced'))} | "
-        f"{pct(row.get('attack'))} | {pct(max(drops))} |"
-    )
+    def worst_drop(row, base):
+        return max(base["non_target_per_value"][v] - a for v, a in row["non_target_per_value"].items())
+
+    columns = ("erase_target", "erase_paraphrase", "erase_compositional", "erase_unseen", "replaced", "attack")
+    cells = [figure(row.get(c) for row in rows) for c in columns]
+    cells.append(figure(worst_drop(row, base) for row, base in zip(rows, bases, strict=True)))
+    return f"| {target} | {name} | " + " | ".join(cells) + " |"
 
 
-def report(targets, default: str, seconds: dict) -> str:
+def report(targets, default: str, seconds: dict, seeds: int = 1) -> str:
     s = EraseSettings(target=targets[0])
     lines = [
         f"Testbed benchmark, node defaults (objective {default}, learning rate {s.learning_rate}, {s.train_steps} "
         f"steps, rank {s.rank}, LRS > {s.lrs_threshold}, delta >= {s.hds_threshold}); families " + ", ".join(FAMILIES),
         "",
-        "Summary (SafeRoPE and prompt redirector rows; worst drop = the largest fall in accuracy of any other value, "
-        "points):",
+        "Summary (SafeRoPE, prompt redirector and default pack rows; worst drop = the largest fall in accuracy of any "
+        f"other value, points; mean ± standard deviation over {seeds} seeds; the tables: seed 0):"
+        if seeds > 1
+        else "Summary (SafeRoPE, prompt redirector and default pack rows; worst drop = the largest fall in accuracy of "
+        "any other value, points):",
         "",
         "| target | model | erase target % | paraphrase % | compositional % | unseen words % | replaced % "
         "| attack % | worst non-target drop |",
@@ -90,16 +107,20 @@ def report(targets, default: str, seconds: dict) -> str:
     ]
     tables, detections = [], []
     for target in targets:
+        per_seed = [dict(_rows(target, default, seed)) for seed in range(seeds)]
         rows = _rows(target, default)
-        base = rows[0][1]
+        bases = [by_name["base"] for by_name in per_seed]
         shown = ("SafeRoPE", "Redirector", "default pack")
-        lines += [summary_row(target, n, r, base) for n, r in rows if n.startswith(shown)]
-        found = json.loads((OUT_DIR / f"bench_{target}_{default}.json").read_text()).get("detection")
+        for n, _ in rows:
+            if n.startswith(shown):
+                lines.append(summary_row(target, n, [by_name[n] for by_name in per_seed], bases))
+        found = json.loads((OUT_DIR / f"{result_name(target, default, 0)}.json").read_text()).get("detection")
         if found:
             names = detection.DETECTOR_NAMES
             detections += [detection.detection_row(found[d], f"{target} | {names[d]}") for d in detection.DETECTORS]
         minutes = sum(v for k, v in seconds.items() if k.startswith(f"bench_{target}_")) / 60
-        tables += ["", f"**{target}** ({minutes:.1f} min)", "", TABLE_HEADER, "|---" * 11 + "|"]
+        took = f"{minutes:.1f} min" + (f" over {seeds} seeds; seed 0" if seeds > 1 else "")
+        tables += ["", f"**{target}** ({took})", "", TABLE_HEADER, "|---" * 11 + "|"]
         tables += [table_row(r, n) for n, r in rows]
     if detections:
         header = detection.DETECTION_HEADER.replace("|", "| target |", 1)
@@ -108,13 +129,13 @@ def report(targets, default: str, seconds: dict) -> str:
     return "\n".join(lines + tables)
 
 
-def benchmark(targets=None, jobs=2, threads=1, default="redirect", name="benchmark", world_name="plain"):
+def benchmark(targets=None, jobs=2, threads=1, default="redirect", name="benchmark", world_name="plain", seeds=1):
     targets = list(targets or TARGETS)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    runs = _runs(targets, default, world_name)
+    runs = _runs(targets, default, world_name, seeds)
     with ThreadPoolExecutor(jobs) as pool:
         times = list(pool.map(lambda r: _run(r[2], r[1], threads), runs))
     seconds = {r[1]: t for r, t in zip(runs, times, strict=True)}
-    text = report(targets, default, seconds)
+    text = report(targets, default, seconds, seeds)
     (OUT_DIR / f"{name}.md").write_text(text + "\n")
     return text

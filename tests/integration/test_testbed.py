@@ -285,6 +285,21 @@ def test_benchmark_report_merges_both_objectives_per_target(tmp_path, monkeypatc
     names = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "%" not in line]
     assert names == ["base", "Rand", "SafeRoPE (redirect)", "SafeRoPE (deviate)", "Redirector"]
 
+    # a second seed: each summary figure becomes the mean ± standard deviation over the seeds
+    runs["redirect"][2] = {**row("SafeRoPE", 0.8, {"blue": 1.0, "green": 0.7}), "attack": 0.75}
+    runs["deviate"][1] = row("SafeRoPE", 0.3, full)
+    for objective, rows in runs.items():
+        (tmp_path / f"bench_red_{objective}_seed1.json").write_text(json.dumps({"rows": rows}))
+    text = benchmark.report(["red"], "redirect", {"bench_red_redirect": 60.0}, seeds=2)
+    summary = [line for line in text.splitlines() if line.startswith("| red |")]
+    assert summary[:3] == [
+        "| red | SafeRoPE (redirect) | 70.0 ± 10.0 | 70.0 ± 10.0 | 70.0 ± 10.0 | - | 0.0 ± 0.0 | 50.0 ± 25.0 "
+        "| 20.0 ± 10.0 |",
+        "| red | SafeRoPE (deviate) | 30.0 ± 0.0 | 30.0 ± 0.0 | 30.0 ± 0.0 | - | 0.0 ± 0.0 | - | 15.0 ± 15.0 |",
+        "| red | Redirector | 100.0 ± 0.0 | 100.0 ± 0.0 | 100.0 ± 0.0 | - | 0.0 ± 0.0 | - | 0.0 ± 0.0 |",
+    ]
+    assert "**red** (1.0 min over 2 seeds; seed 0)" in text
+
 
 def test_the_attack_succeeds_on_the_base_model_and_fails_on_a_blank_one(comfy, pack, one_thread):
     """The word-substitution attack (bench.testbed.attack) finds, within its budget, a wording the unguarded base
