@@ -96,10 +96,8 @@ def report(targets, default: str, seconds: dict, seeds: int = 1) -> str:
         f"steps, rank {s.rank}, LRS > {s.lrs_threshold}, delta >= {s.hds_threshold}); families " + ", ".join(FAMILIES),
         "",
         "Summary (SafeRoPE, prompt redirector and default pack rows; worst drop = the largest fall in accuracy of any "
-        f"other value, points; mean ± standard deviation over {seeds} seeds; the tables: seed 0):"
-        if seeds > 1
-        else "Summary (SafeRoPE, prompt redirector and default pack rows; worst drop = the largest fall in accuracy of "
-        "any other value, points):",
+        "other value, points"
+        + (f"; mean ± standard deviation over {seeds} seeds; the tables: seed 0):" if seeds > 1 else "):"),
         "",
         "| target | model | erase target % | paraphrase % | compositional % | unseen words % | replaced % "
         "| attack % | worst non-target drop |",
@@ -107,8 +105,8 @@ def report(targets, default: str, seconds: dict, seeds: int = 1) -> str:
     ]
     tables, detections = [], []
     for target in targets:
-        per_seed = [dict(_rows(target, default, seed)) for seed in range(seeds)]
         rows = _rows(target, default)
+        per_seed = [dict(rows), *(dict(_rows(target, default, seed)) for seed in range(1, seeds))]
         bases = [by_name["base"] for by_name in per_seed]
         shown = ("SafeRoPE", "Redirector", "default pack")
         for n, _ in rows:

@@ -20,7 +20,7 @@ MODEL_DIR = Path(__file__).resolve().parent / "model"
 MODEL_FILE = MODEL_DIR / "tiny_world_flux.safetensors"
 MODEL_INFO = MODEL_DIR / "tiny_world_flux.json"
 # the same recipe trained on the world with defaults (grey when a caption names no colour, solid when it names no
-# pattern: `python -m bench.testbed train --defaults`); erase / benchmark / accuracy take it with --model
+# pattern: `python -m bench.testbed train --defaults`); erase and benchmark take it with --world defaults
 DEFAULTS_MODEL_FILE = MODEL_DIR / "tiny_world_flux_defaults.safetensors"
 WORLDS = {"plain": MODEL_FILE, "defaults": DEFAULTS_MODEL_FILE}  # --world of erase / benchmark -> base model
 CPU = torch.device("cpu")
