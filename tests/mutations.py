@@ -145,6 +145,22 @@ MUTATIONS = [
         ),
     ),
     Mutation(
+        "attack-judge",
+        "the testbed's attack counts a query as a success whatever the guarded model draws",
+        "bench/testbed/attack.py",
+        "if s >= 1.0:",
+        "if s >= 0.0:",
+        (f"{ITG}/test_testbed.py::test_the_attack_succeeds_on_the_base_model_and_fails_on_a_blank_one",),
+    ),
+    Mutation(
+        "benchmark-seed-mean",
+        "the benchmark summary shows the first seed's figure instead of the mean over seeds",
+        "bench/testbed/benchmark.py",
+        "statistics.fmean(values)",
+        "values[0]",
+        (f"{ITG}/test_testbed.py::test_benchmark_report_merges_both_objectives_per_target",),
+    ),
+    Mutation(
         "uvr-run-state",
         "Restrict Unsafe Flow's masks carry from one sampling run into the next",
         "nodes/editors.py",
