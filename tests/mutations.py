@@ -153,6 +153,14 @@ MUTATIONS = [
         (f"{ITG}/test_testbed.py::test_the_attack_succeeds_on_the_base_model_and_fails_on_a_blank_one",),
     ),
     Mutation(
+        "attack-confirmation",
+        "the testbed's attack counts one image judged as the target as a success, unconfirmed",
+        "bench/testbed/attack.py",
+        ">= CONFIRM_NEEDED",
+        ">= 0",
+        (f"{ITG}/test_testbed.py::test_an_attack_hit_counts_only_when_fresh_draws_confirm_it",),
+    ),
+    Mutation(
         "benchmark-seed-mean",
         "the benchmark summary shows the first seed's figure instead of the mean over seeds",
         "bench/testbed/benchmark.py",

@@ -121,6 +121,7 @@ def cmd_erase(a) -> None:
         redirector_lr=a.redirector_lr,
         skip_redirector=a.skip_redirector,
         skip_default_pack=a.skip_default_pack,
+        only_default_pack=a.only_default_pack,
         skip_attack=a.skip_attack,
         attack_budget=a.attack_budget,
     )
@@ -295,6 +296,9 @@ def main(argv=None) -> None:
     e.add_argument("--redirector-lr", type=float, default=1e-3, help="Train Prompt Redirector learning_rate")
     e.add_argument("--skip-redirector", action="store_true", help="skip the prompt redirector rows")
     e.add_argument("--skip-default-pack", action="store_true", help="skip the default pack row (Apply Safety Pack)")
+    e.add_argument(
+        "--only-default-pack", action="store_true", help="rows base and default pack only (no single guards)"
+    )
     e.add_argument("--skip-attack", action="store_true", help="skip the word-substitution attack column")
     e.add_argument("--attack-budget", type=int, default=16, help="attack queries per attacked prompt")
     e.add_argument("--save-pack", action="store_true", help="also write the trained pack to bench/out/testbed")

@@ -104,6 +104,7 @@ class EraseSettings:
     skip_redirector: bool = False
     # the default pack: Mine Wordings -> every guard from the mined Prompt Set -> Save / Load / Apply Safety Pack
     skip_default_pack: bool = False
+    only_default_pack: bool = False  # rows base and default pack only (the single guards are not built)
     # the word-substitution attack (attack.py) on every row: target prompts attacked, queries per prompt
     attack_prompts: int = 8
     attack_budget: int = 16
@@ -326,7 +327,8 @@ def build_redirector(model, clip, prompts, s: EraseSettings, nodes, log=print):
 def build_default_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettings, nodes, log=print):
     """The default pack, all through the nodes with their defaults: Mine Wordings on the Prompt Set, then Collect
     Q/K -> Build Subspaces -> Train Risk Rotations, Collect UVR Anchors and Train Prompt Redirector on the mined
-    Prompt Set, Save Safety Pack -> Load Safety Pack -> Apply Safety Pack. (patched model, build seconds, report)."""
+    Prompt Set, Save Safety Pack -> Load Safety Pack -> Apply Safety Pack. (patched model, build seconds, report,
+    its trained rotations)."""
     import folder_paths
 
     folder_paths.add_model_folder_path(nodes.model_files.FOLDER, str(OUT_DIR / "packs"), is_default=True)
@@ -346,7 +348,7 @@ def build_default_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettin
         safety, info = nodes.safety_pack_nodes.LoadSafetyPack.execute(f"{name}.safetensors")
         (guarded,) = nodes.safety_pack_nodes.ApplySafetyPack.execute(model, safety, 1.0, True, True, True)
     log(info)
-    return guarded, time.perf_counter() - t0, f"{mine_report}\n{info}"
+    return guarded, time.perf_counter() - t0, f"{mine_report}\n{info}", trained
 
 
 def random_pack(trained, seed: int):
@@ -432,33 +434,13 @@ def evaluate(patcher, conditioner, fam: PromptFamilies, s: EraseSettings, base_n
     return res, deviation
 
 
-def run(s: EraseSettings, model=None, clip=None, log=print):
-    """The benchmark: returns (result dict with 'table', images per row and family, the trained pack)."""
-    pack_mod = comfy_and_pack()
-    from . import model as base_model
-    from .text_encoder import minilm_clip
-
-    model = model if model is not None else base_model.load(base_model.WORLDS[s.world])
-    clip = clip if clip is not None else minilm_clip()
-    conditioner = Conditioner(clip)
-    fam = prompt_families(s)
-    attr = fam.attribute
-    log(
-        f"target '{s.target}' ({attr}): {len(fam.pack_templates)} pack templates, {len(fam.safe)} safe prompts; "
-        f"evaluating {len(fam.target)} target, {len(fam.paraphrase)} paraphrase, {len(fam.compositional)} "
-        f"compositional, {len(fam.unseen)} unseen-word, {len(fam.non_target)} non-target prompts "
-        f"x {s.per_prompt} images, {s.sample_steps} steps"
-    )
-
-    t0 = time.perf_counter()
-    base_res, _ = evaluate(model, conditioner, fam, s)
-    log(f"base evaluated in {time.perf_counter() - t0:.0f} s")
-    nodes = pack_mod.nodes
-    prompts, prompt_report = prompt_set(fam, s, nodes)
-    subspaces, trained, timings, texts = build_pack(model, clip, fam, prompts, s, nodes, log)
-    texts["prompt_set"] = prompt_report
+def single_guards(model, clip, conditioner, fam, prompts, s: EraseSettings, nodes, rows_in, texts, log=print):
+    """The single guards' rows (Rand, SafeRoPE, UVR, the prompt redirector and their stacks), appended to `rows_in`
+    (the base row first); node reports go into `texts`. Returns (trained rotations, timings, detection table)."""
+    base_res = rows_in[0][1]
+    _, trained, timings, built = build_pack(model, clip, fam, prompts, s, nodes, log)
+    texts.update(built)
     apply = nodes.rotation_nodes.ApplyRiskRotation.execute
-    rows_in = [("base", base_res, None, None, model)]
     if not s.skip_rand:
         with torch.inference_mode():
             (rand_model,) = apply(model, random_pack(trained, s.rand_seed), s.strength, s.apply_to)
@@ -494,8 +476,43 @@ def run(s: EraseSettings, model=None, clip=None, log=print):
                 (redirected,) = redirect(guarded, redirector, 1.0, 0.0, 3)
             res, dev = evaluate(redirected, conditioner, fam, s, base_res["non_target"])
             rows_in.append((name, res, dev, extra_s + seconds, redirected))
+    return trained, timings, detected
+
+
+def run(s: EraseSettings, model=None, clip=None, log=print):
+    """The benchmark: returns (result dict with 'table', images per row and family, the trained pack)."""
+    pack_mod = comfy_and_pack()
+    from . import model as base_model
+    from .text_encoder import minilm_clip
+
+    model = model if model is not None else base_model.load(base_model.WORLDS[s.world])
+    clip = clip if clip is not None else minilm_clip()
+    conditioner = Conditioner(clip)
+    fam = prompt_families(s)
+    attr = fam.attribute
+    log(
+        f"target '{s.target}' ({attr}): {len(fam.pack_templates)} pack templates, {len(fam.safe)} safe prompts; "
+        f"evaluating {len(fam.target)} target, {len(fam.paraphrase)} paraphrase, {len(fam.compositional)} "
+        f"compositional, {len(fam.unseen)} unseen-word, {len(fam.non_target)} non-target prompts "
+        f"x {s.per_prompt} images, {s.sample_steps} steps"
+    )
+
+    t0 = time.perf_counter()
+    base_res, _ = evaluate(model, conditioner, fam, s)
+    log(f"base evaluated in {time.perf_counter() - t0:.0f} s")
+    nodes = pack_mod.nodes
+    prompts, prompt_report = prompt_set(fam, s, nodes)
+    rows_in = [("base", base_res, None, None, model)]
+    texts, timings, trained, detected = {"prompt_set": prompt_report}, {}, None, None
+    if not s.only_default_pack:
+        trained, timings, detected = single_guards(
+            model, clip, conditioner, fam, prompts, s, nodes, rows_in, texts, log
+        )
     if not s.skip_default_pack:
-        guarded, seconds, texts["default pack"] = build_default_pack(model, clip, fam, prompts, s, nodes, log)
+        guarded, seconds, texts["default pack"], pack_trained = build_default_pack(
+            model, clip, fam, prompts, s, nodes, log
+        )
+        trained = trained if trained is not None else pack_trained
         res, dev = evaluate(guarded, conditioner, fam, s, base_res["non_target"])
         rows_in.append(("default pack", res, dev, seconds, guarded))
     attacked = {}

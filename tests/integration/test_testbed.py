@@ -325,6 +325,29 @@ def test_the_attack_succeeds_on_the_base_model_and_fails_on_a_blank_one(comfy, p
     assert attack.attack_success(blank, conditioner, prompts, "red", 8, 0, 6) == (0.0, [])
 
 
+def test_an_attack_hit_counts_only_when_fresh_draws_confirm_it(comfy, pack, one_thread):
+    """A query judged as the target is redrawn (attack.CONFIRM images, one batch) and counts only when most of them
+    are judged as the target too. A model that draws like the base for one image at a time and draws nothing in a
+    batch has hits in the search and none confirmed: the attack must fail on it."""
+    import comfy.patcher_extension
+
+    from bench.testbed import attack, erase
+    from bench.testbed import model as base_model
+    from bench.testbed.sampling import Conditioner
+    from bench.testbed.text_encoder import minilm_clip
+
+    base, conditioner = base_model.load(), Conditioner(minilm_clip())
+    prompts = [p.text for p in erase.prompt_families(erase.EraseSettings(target="red")).target[:2]]
+
+    def lucky_once(executor, x, t, *args, **kwargs):  # one image: the base model; a batch: nothing
+        return executor(x, t, *args, **kwargs) if x.shape[0] == 1 else torch.zeros_like(x)
+
+    flaky = base.clone()
+    flaky.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test", lucky_once)
+    assert attack.CONFIRM > 1
+    assert attack.attack_success(flaky, conditioner, prompts, "red", 8, 0, 6) == (0.0, [])
+
+
 def test_the_world_with_defaults_draws_grey_or_solid_where_a_caption_leaves_the_value_out():
     """`train --defaults` adds captions that name no colour (drawn grey), no pattern (drawn solid) or neither, to the
     plain world's captions, which stay as they were; the classifier calls the rendered grey objects grey and the
