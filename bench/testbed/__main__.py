@@ -73,7 +73,7 @@ def cmd_words(a) -> None:
 def cmd_benchmark(a) -> None:
     from .benchmark import benchmark
 
-    print(benchmark(a.targets, a.jobs, a.threads, a.objective, a.name, a.world, a.seeds))
+    print(benchmark(a.targets, a.jobs, a.threads, a.objective, a.name, a.world, a.seeds, a.only_default_pack, a.resume))
 
 
 def cmd_erase(a) -> None:
@@ -232,6 +232,10 @@ def main(argv=None) -> None:
     b.add_argument("--name", default="benchmark", help="report name: bench/out/testbed/<name>.md")
     b.add_argument("--world", choices=["plain", "defaults"], default="plain", help=WORLD_HELP)
     b.add_argument("--seeds", type=int, default=1, help="runs per target (seeds 0, 1, ...): summary mean ± std")
+    b.add_argument(
+        "--only-default-pack", action="store_true", help="rows base and default pack only (erase --only-default-pack)"
+    )
+    b.add_argument("--resume", action="store_true", help="keep the runs whose result file exists")
     b.set_defaults(func=cmd_benchmark)
 
     e = sub.add_parser(

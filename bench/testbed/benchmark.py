@@ -25,23 +25,31 @@ TARGETS = (*world.COLOURS, "striped", "dotted")
 OBJECTIVES = ("redirect", "deviate")
 
 
-def result_name(target: str, objective: str, seed: int) -> str:
-    """The erase run's result name (bench/out/testbed/<name>.json): seed 0 keeps the name it had before seeds."""
-    return f"bench_{target}_{objective}" + (f"_seed{seed}" if seed else "")
+def result_name(target: str, objective: str, seed: int, world_name: str = "plain") -> str:
+    """The erase run's result name (bench/out/testbed/<name>.json): the plain world's seed 0 keeps the name it had
+    before worlds and seeds."""
+    world_part = "" if world_name == "plain" else f"_{world_name}"
+    return f"bench_{target}_{objective}{world_part}" + (f"_seed{seed}" if seed else "")
 
 
-def _runs(targets, default: str, world_name: str = "plain", seeds: int = 1) -> list[tuple[str, str, list[str]]]:
+def _runs(
+    targets, default: str, world_name: str = "plain", seeds: int = 1, only_default_pack: bool = False
+) -> list[tuple[str, str, list[str]]]:
     """(target, result name, erase arguments) of every run."""
     runs = []
     for seed in range(seeds):
         common = ["--world", world_name, "--seed", str(seed)]
         for target in targets:
             args = ["--target", target, "--objective", default, *common]
-            runs.append((target, result_name(target, default, seed), args))
+            if only_default_pack:
+                runs.append((target, result_name(target, default, seed, world_name), [*args, "--only-default-pack"]))
+                continue
+            runs.append((target, result_name(target, default, seed, world_name), args))
             for other in OBJECTIVES:
                 if other != default:
                     args = ["--target", target, "--objective", other, "--skip-rand", "--skip-uvr", "--skip-redirector"]
-                    runs.append((target, result_name(target, other, seed), [*args, "--skip-default-pack", *common]))
+                    name = result_name(target, other, seed, world_name)
+                    runs.append((target, name, [*args, "--skip-default-pack", *common]))
     return runs
 
 
@@ -56,11 +64,15 @@ def _run(args: list[str], name: str, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def _rows(target: str, default: str, seed: int = 0) -> list[tuple[str, dict]]:
-    """The target's rows of one seed in table order, named with their objective."""
+def _rows(target: str, default: str, seed: int = 0, world_name: str = "plain") -> list[tuple[str, dict]]:
+    """The target's rows of one seed in table order, named with their objective (the other objective's run only
+    where it was run)."""
     rows = []
     for objective in (default, *(o for o in OBJECTIVES if o != default)):
-        result = json.loads((OUT_DIR / f"{result_name(target, objective, seed)}.json").read_text())
+        path = OUT_DIR / f"{result_name(target, objective, seed, world_name)}.json"
+        if objective != default and not path.exists():
+            continue
+        result = json.loads(path.read_text())
         for row in result["rows"]:
             if row["name"] == "base" and objective != default:
                 continue
@@ -89,7 +101,7 @@ def summary_row(target: str, name: str, rows: list[dict], bases: list[dict]) -> 
     return f"| {target} | {name} | " + " | ".join(cells) + " |"
 
 
-def report(targets, default: str, seconds: dict, seeds: int = 1) -> str:
+def report(targets, default: str, seconds: dict, seeds: int = 1, world_name: str = "plain") -> str:
     s = EraseSettings(target=targets[0])
     lines = [
         f"Testbed benchmark, node defaults (objective {default}, learning rate {s.learning_rate}, {s.train_steps} "
@@ -105,14 +117,16 @@ def report(targets, default: str, seconds: dict, seeds: int = 1) -> str:
     ]
     tables, detections = [], []
     for target in targets:
-        rows = _rows(target, default)
-        per_seed = [dict(rows), *(dict(_rows(target, default, seed)) for seed in range(1, seeds))]
+        rows = _rows(target, default, 0, world_name)
+        per_seed = [dict(rows), *(dict(_rows(target, default, seed, world_name)) for seed in range(1, seeds))]
         bases = [by_name["base"] for by_name in per_seed]
         shown = ("SafeRoPE", "Redirector", "default pack")
         for n, _ in rows:
             if n.startswith(shown):
                 lines.append(summary_row(target, n, [by_name[n] for by_name in per_seed], bases))
-        found = json.loads((OUT_DIR / f"{result_name(target, default, 0)}.json").read_text()).get("detection")
+        found = json.loads((OUT_DIR / f"{result_name(target, default, 0, world_name)}.json").read_text()).get(
+            "detection"
+        )
         if found:
             names = detection.DETECTOR_NAMES
             detections += [detection.detection_row(found[d], f"{target} | {names[d]}") for d in detection.DETECTORS]
@@ -127,13 +141,25 @@ def report(targets, default: str, seconds: dict, seeds: int = 1) -> str:
     return "\n".join(lines + tables)
 
 
-def benchmark(targets=None, jobs=2, threads=1, default="redirect", name="benchmark", world_name="plain", seeds=1):
+def benchmark(
+    targets=None,
+    jobs=2,
+    threads=1,
+    default="redirect",
+    name="benchmark",
+    world_name="plain",
+    seeds=1,
+    only_default_pack=False,
+    resume=False,
+):
+    """Every run, then the report. `resume`: a run whose result file exists is not run again (its time counts 0)."""
     targets = list(targets or TARGETS)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    runs = _runs(targets, default, world_name, seeds)
+    runs = _runs(targets, default, world_name, seeds, only_default_pack)
+    todo = [r for r in runs if not (resume and (OUT_DIR / f"{r[1]}.json").exists())]
     with ThreadPoolExecutor(jobs) as pool:
-        times = list(pool.map(lambda r: _run(r[2], r[1], threads), runs))
-    seconds = {r[1]: t for r, t in zip(runs, times, strict=True)}
-    text = report(targets, default, seconds, seeds)
+        times = list(pool.map(lambda r: _run(r[2], r[1], threads), todo))
+    seconds = {r[1]: t for r, t in zip(todo, times, strict=True)}
+    text = report(targets, default, seconds, seeds, world_name)
     (OUT_DIR / f"{name}.md").write_text(text + "\n")
     return text

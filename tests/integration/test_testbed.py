@@ -301,6 +301,47 @@ def test_benchmark_report_merges_both_objectives_per_target(tmp_path, monkeypatc
     assert "**red** (1.0 min over 2 seeds; seed 0)" in text
 
 
+def test_benchmark_of_the_default_pack_alone_runs_and_reports_only_its_rows(tmp_path, monkeypatch):
+    """`benchmark --only-default-pack --world defaults` runs one erase per target and seed with `--only-default-pack`
+    (no other-objective run), names results by world and seed, and reports the default pack's rows; `--resume` keeps
+    the runs whose result file exists."""
+    from bench.testbed import benchmark
+
+    monkeypatch.setattr(benchmark, "OUT_DIR", tmp_path)
+    runs = benchmark._runs(["red", "striped"], "redirect", "defaults", 2, only_default_pack=True)
+    assert [name for _, name, _ in runs] == [
+        "bench_red_redirect_defaults",
+        "bench_striped_redirect_defaults",
+        "bench_red_redirect_defaults_seed1",
+        "bench_striped_redirect_defaults_seed1",
+    ]
+    assert all("--only-default-pack" in args and args[args.index("--world") + 1] == "defaults" for *_, args in runs)
+    assert benchmark.result_name("red", "redirect", 0) == "bench_red_redirect"  # the plain world's names stay
+
+    def rows(erase):
+        per_value = {"solid": 1.0, "dotted": 1.0}
+        base = {"name": "base", "erase_target": 0.0, "non_target_per_value": per_value}
+        pack = {"name": "default pack", "erase_target": erase, "non_target_per_value": {**per_value, "dotted": 0.5}}
+        for row in (base, pack):
+            row.update({k: row["erase_target"] for k in ("erase_paraphrase", "erase_compositional", "erase_unseen")})
+            row.update(replaced=1.0, attack=None, deviation=None, build_s=None, target_object_kept=1.0)
+            row["non_target_accuracy"] = sum(row["non_target_per_value"].values()) / 2
+        return {"rows": [base, pack]}
+
+    for seed, erase in ((0, 0.5), (1, 1.0)):
+        name = benchmark.result_name("striped", "redirect", seed, "defaults")
+        (tmp_path / f"{name}.json").write_text(json.dumps(rows(erase)))
+    ran = []
+    monkeypatch.setattr(benchmark, "_run", lambda args, name, threads: ran.append(name) or 1.0)
+    text = benchmark.benchmark(["striped"], 1, 1, "redirect", "dp", "defaults", 2, True, resume=True)
+    assert ran == []
+    assert (
+        "| striped | default pack | 75.0 ± 25.0 | 75.0 ± 25.0 | 75.0 ± 25.0 | 75.0 ± 25.0 | 100.0 ± 0.0 | - "
+        "| 50.0 ± 0.0 |" in text.splitlines()
+    ), text
+    assert (tmp_path / "dp.md").read_text().strip() == text.strip()
+
+
 def test_the_attack_succeeds_on_the_base_model_and_fails_on_a_blank_one(comfy, pack, one_thread):
     """The word-substitution attack (bench.testbed.attack) finds, within its budget, a wording the unguarded base
     model draws red; against a model that draws no object (it predicts the zero latent: a uniform grey picture) it
