@@ -32,6 +32,7 @@ from ..saferope_core import (
     TrainingRecipe,
     batch_kind,
     deviation,
+    learning_rate_at,
     one_step_clean,
     preserve_loss,
     redirect_gap,
@@ -270,12 +271,16 @@ def load_checkpoint(path, state: TrainingState, recipe: TrainingRecipe, subspace
 
 
 def run_steps(state: TrainingState, recipe, step, checkpoint: tuple, on_step=None, should_stop=None) -> None:
-    """Optimise until `recipe.steps`: `step(index)` gives (loss, the figure to log, kind); `checkpoint` is (path or
-    None, every how many steps, the run's id), also written at the last step; `should_stop` raises to cancel."""
+    """Optimise until `recipe.steps` at the learning rate of the recipe's `lr_schedule` (constant where it has none):
+    `step(index)` gives (loss, the figure to log, kind); `checkpoint` is (path or None, every how many steps, the
+    run's id), also written at the last step; `should_stop` raises to cancel."""
     path, every, run_id = checkpoint
+    schedule = getattr(recipe, "lr_schedule", "constant")
     while state.step < recipe.steps:
         if should_stop is not None:
             should_stop()
+        for group in state.optimizer.param_groups:
+            group["lr"] = learning_rate_at(recipe.learning_rate, state.step, recipe.steps, schedule)
         loss, figure, kind = step(state.step)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -20,6 +20,7 @@ the subject replaced or removed), so the pack is trained to draw the safe versio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -124,6 +125,17 @@ def unlearn_loss(unsafe_deviation: torch.Tensor, recipe: TrainingRecipe) -> torc
 def preserve_loss(safe_deviation: torch.Tensor, recipe: TrainingRecipe) -> torch.Tensor:
     """Keep the deviation on safe prompts below the tolerance."""
     return recipe.preserve_weight * torch.log(recipe.tolerance + safe_deviation).mean()
+
+
+def learning_rate_at(base: float, step: int, steps: int, schedule: str = "constant") -> float:
+    """The learning rate of step `step` (0-based) of `steps`: `base` throughout ('constant'), or decayed from `base`
+    along a half cosine to 0 after the last step ('cosine'): the last steps move the weights little, so the result
+    depends less on which prompts and noise the last few steps drew."""
+    if schedule == "constant":
+        return base
+    if schedule != "cosine":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r} (constant or cosine)")
+    return base * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
 
 
 def batch_kind(step: int, run_length: int) -> str:

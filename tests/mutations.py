@@ -161,6 +161,14 @@ MUTATIONS = [
         (f"{ITG}/test_testbed.py::test_an_attack_hit_counts_only_when_fresh_draws_confirm_it",),
     ),
     Mutation(
+        "lr-schedule-ignored",
+        "training keeps the recipe's learning rate at every step, whatever its schedule",
+        "nodes/training.py",
+        'group["lr"] = learning_rate_at(recipe.learning_rate, state.step, recipe.steps, schedule)',
+        'group["lr"] = recipe.learning_rate',
+        (f"{ITG}/test_prompt_redirect.py::test_training_resumes_to_the_same_redirector",),
+    ),
+    Mutation(
         "benchmark-seed-mean",
         "the benchmark summary shows the first seed's figure instead of the mean over seeds",
         "bench/testbed/benchmark.py",

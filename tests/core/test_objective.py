@@ -118,3 +118,15 @@ def test_recipe_to_dict_round_trips():
     recipe = TrainingRecipe(steps=7, run_length=2, seed=3)
     assert TrainingRecipe(**recipe.to_dict()) == recipe
     assert recipe.to_dict()["steps"] == 7
+
+
+def test_learning_rate_schedules():
+    """'constant' keeps the rate; 'cosine' starts at it, is half of it half-way, falls every step and ends near 0."""
+    from saferope_core import learning_rate_at
+
+    assert [learning_rate_at(0.1, s, 4) for s in range(4)] == [0.1] * 4
+    cosine = [learning_rate_at(0.1, s, 4, "cosine") for s in range(5)]
+    assert cosine[0] == 0.1 and cosine[2] == pytest.approx(0.05) and cosine[4] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate_at(0.1, 0, 4, "linear")

@@ -2,6 +2,7 @@
 and on the offline testbed."""
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -212,33 +213,60 @@ MIN_GAIN, MIN_REPLACED = 0.5, 0.5
 
 
 def test_training_resumes_to_the_same_redirector(pack, tiny, tmp_path):
-    """4 steps in one run, or 2 steps then a resumed run to 4 (checkpoint in the training folder): the same
-    redirector; a checkpoint of another run (other prompts) is refused on run_name."""
+    """A run cancelled after 2 of 4 steps (checkpoint every 2) and resumed ends with the redirector of an uninterrupted
+    4-step run; the learning rate falls along a half cosine over the run's steps (the last step's is small); the node
+    run again with more steps continues from the checkpoint; a checkpoint of another run (other prompts) is refused
+    on run_name."""
     import folder_paths
 
     n = pack.nodes
+    pr = n.prompt_redirect
     folder_paths.add_model_folder_path(n.model_files.TRAINING_FOLDER, str(tmp_path), is_default=True)
     model, clip = tiny["model"], tiny["clip"]
     prompts, _ = run_node(
         n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman", "a cat\na dog", 2, 2, 0
     )
+    config, shape = pr.redirector_config(model), n.model_calls.latent_shape(model, 64, 64)
+    recipe = pr.RedirectorRecipe(steps=4, learning_rate=1e-3)
+
+    def trainer():
+        return pr.RedirectorTrainer(model, clip, prompts, shape, recipe, config)
+
+    whole = trainer().train().state_dict()
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_after_two(step, *_):
+        if step == 2:
+            raise Cancelled
+
+    checkpoint = tmp_path / "split.safetensors"
+    with pytest.raises(Cancelled):
+        trainer().train(str(checkpoint), True, 2, on_step=cancel_after_two)
+    resumed = trainer().train(str(checkpoint), True, 2).state_dict()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    _, meta = pack.saferope_core.files.read_safetensors(checkpoint, RuntimeError)
+    saved = meta["param_groups"]
+    assert recipe.lr_schedule == "cosine" and saved[0]["lr"] == pytest.approx(
+        1e-3 * 0.5 * (1 + math.cos(0.75 * math.pi))
+    )
 
     def train(steps, run_name, resume=True, prompt_set=prompts):
-        (redirector, _) = run_node(
+        (redirector, log) = run_node(
             n.TrainPromptRedirector.execute, model, clip, prompt_set, steps, 1e-3, 0, 64, 64, run_name, 2, resume, False
         )
-        return redirector.state_dict()
+        return redirector.state_dict(), log
 
-    whole = train(4, "whole", resume=False)
-    train(2, "split")
-    resumed = train(4, "split")
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    assert (tmp_path / "split.safetensors").is_file()
+    shorter, _ = train(2, "more")
+    longer, log = train(4, "more")  # 2 more steps from the checkpoint, on the 4-step run's schedule
+    assert log.startswith("2 steps") and "more.safetensors" in log
+    assert not any(all(torch.equal(a[k], longer[k]) for k in a) for a in (shorter, whole))
     other, _ = run_node(
         n.SafeRoPEPromptSet.execute, "custom", "naked", "", "a photo of a {subject} man", "a cat\na dog", 2, 2, 0
     )
     with pytest.raises(n.errors.SafeRoPEInputError) as err:
-        train(4, "split", prompt_set=other)
+        train(4, "more", prompt_set=other)
     assert err.value.input_name == "run_name"
 
 
