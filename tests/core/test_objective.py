@@ -127,6 +127,6 @@ def test_learning_rate_schedules():
     assert [learning_rate_at(0.1, s, 4) for s in range(4)] == [0.1] * 4
     cosine = [learning_rate_at(0.1, s, 4, "cosine") for s in range(5)]
     assert cosine[0] == 0.1 and cosine[2] == pytest.approx(0.05) and cosine[4] == pytest.approx(0.0, abs=1e-12)
-    assert all(a > b for a, b in zip(cosine, cosine[1:]))
+    assert all(a > b for a, b in zip(cosine[:-1], cosine[1:], strict=True))
     with pytest.raises(ValueError, match="schedule"):
         learning_rate_at(0.1, 0, 4, "linear")
