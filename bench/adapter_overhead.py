@@ -320,7 +320,7 @@ def profile_rotation(pack, rotation_pack, case: str, dtype: torch.dtype, reps: i
                 x32 = timed("float conversion", torch.Tensor.float, chosen)
                 coeff = timed("projection einsum", torch.einsum, "bhld,hdr->bhlr", x32, basis)
                 t = timed("LRS", lrs, coeff, x32)
-                lam, vec = timed("eigh of skew W", rot._skew_eigen, rot.skew(w.float()))
+                lam, vec = timed("eigh of skew W", rot.skew_eigen, rot.skew(w.float()))
                 dc = timed("coefficient rotation", coefficients, vec, lam, coeff, t)
                 rotated = timed("back-projection + cast", back, x32, dc, basis)
                 timed("index_copy heads", torch.index_copy, x, 1, index, rotated)

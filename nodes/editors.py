@@ -226,8 +226,9 @@ class UnsafeFlowRestriction(Editor):
         lay = call.layout
         flagged = core.reshape(core.shape[0], -1)  # [B, img]
         image = out[:, lay.txt : lay.txt + lay.img]
-        g = torch.Generator().manual_seed(zlib.crc32(block.encode()))  # fixed noise per block
-        noise = torch.randn(image.shape, generator=g).to(image) * image.float().std().to(image.dtype)
+        g = torch.Generator(device=image.device).manual_seed(zlib.crc32(block.encode()))  # fixed noise per block
+        noise = torch.randn(image.shape, generator=g, device=image.device).to(image.dtype)  # drawn where it is used
+        noise = noise * image.float().std().to(image.dtype)
         mix = 0.999 * self.strength
         restricted = torch.where(flagged.unsqueeze(-1), (1 - mix) * image + mix * noise, image)
         return torch.cat((out[:, : lay.txt], restricted, out[:, lay.txt + lay.img :]), dim=1)

@@ -21,7 +21,7 @@ import torch
 
 from .errors import SafeRoPEPackError
 from .files import read_safetensors, save_atomic
-from .rotation import rotate_tokens, rotates
+from .rotation import rotate_tokens, rotates, skew, skew_eigen
 from .shape import ModelShape
 from .subspaces import Subspaces
 
@@ -33,8 +33,9 @@ PACK_FORMAT_VERSION = 1
 class BlockRotation:
     """Rotation data of one block: bases for q and k, the selected-head mask and the text/image parameters.
 
-    The selected heads' indices, and whether each W rotates at all, are worked out once (on the CPU, where packs are
-    loaded) and moved with the block, so applying a pack makes no host-device sync. Setting a new W is seen."""
+    The selected heads' indices, whether each W rotates at all and the eigen-decomposition of each fixed W's skew
+    part are worked out once (on the CPU, where packs are loaded) and moved with the block, so applying a pack makes
+    no host-device sync. Setting a new W is seen."""
 
     basis_q: torch.Tensor
     basis_k: torch.Tensor
@@ -43,6 +44,7 @@ class BlockRotation:
     w_img: torch.Tensor
     index: torch.Tensor = field(init=False, repr=False, compare=False)  # selected heads, on the heads' device
     _moves: dict = field(init=False, repr=False, compare=False, default_factory=dict)  # kind -> (W, rotates)
+    _eigen: dict = field(init=False, repr=False, compare=False, default_factory=dict)  # kind -> (W, lam, vec)
 
     def __post_init__(self):
         self.index = torch.nonzero(self.heads).flatten()
@@ -58,14 +60,31 @@ class BlockRotation:
             known = self._moves[tokens] = (w, rotates(w))
         return known[1]
 
+    def eigen(self, tokens: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`skew_eigen` of the selected heads' float32 W - W^T of `tokens`, worked out once per W tensor; None for a
+        W being trained (it changes every step)."""
+        w = self.w_txt if tokens == "txt" else self.w_img
+        if w.requires_grad:
+            return None
+        known = self._eigen.get(tokens)
+        if known is None or known[0] is not w:
+            with torch.no_grad():
+                known = self._eigen[tokens] = (w, *skew_eigen(skew(w[self.index.to(w.device)].float())))
+        return known[1], known[2]
+
     def to(self, device) -> BlockRotation:
         """A copy on `device` that keeps what was worked out here (no sync on the device)."""
         flags = {kind: self.moves(kind) for kind in ("txt", "img")}
+        eigen = {kind: self.eigen(kind) if flags[kind] else None for kind in ("txt", "img")}
         out = copy.copy(self)
         for name in ("basis_q", "basis_k", "heads", "w_txt", "w_img"):
             setattr(out, name, getattr(self, name).to(device))
         out.index = self.index.to(device, copy=True)  # a tensor of this grad mode (training saves it for backward)
-        out._moves = {kind: (out.w_txt if kind == "txt" else out.w_img, flag) for kind, flag in flags.items()}
+        mine = {kind: out.w_txt if kind == "txt" else out.w_img for kind in ("txt", "img")}
+        out._moves = {kind: (mine[kind], flag) for kind, flag in flags.items()}
+        out._eigen = {
+            kind: (mine[kind], *(t.to(device) for t in found)) for kind, found in eigen.items() if found is not None
+        }
         return out
 
 
@@ -121,9 +140,8 @@ class SafeRoPEPack:
         basis = rot.basis_q if qk == "q" else rot.basis_k
         w = rot.w_txt if tokens == "txt" else rot.w_img
         chosen = x.index_select(1, index)
-        rotated = rotate_tokens(
-            chosen, basis[index], w[index], strength, self.thresholds.get("gate"), known_to_rotate=True
-        )
+        gate = self.thresholds.get("gate")
+        rotated = rotate_tokens(chosen, basis[index], w[index], strength, gate, True, rot.eigen(tokens))
         return x.index_copy(1, index, rotated)
 
     def to(self, device) -> SafeRoPEPack:

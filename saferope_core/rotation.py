@@ -30,8 +30,9 @@ def latent_risk_score(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return _project(x.float(), basis.float())[1]
 
 
-def _skew_eigen(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decomposition A = V diag(-i*lam) V^H of skew A [H, r, r]; returns (lam [H, r] real, V complex)."""
+def skew_eigen(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition A = V diag(-i*lam) V^H of skew A [H, r, r]; returns (lam [H, r] real, V complex).
+    A host-device sync on a GPU: work it out once per fixed W (`BlockRotation.eigen`), not per model call."""
     complex_dtype = torch.complex128 if a.dtype == torch.float64 else torch.complex64
     lam, vec = torch.linalg.eigh(1j * a.to(complex_dtype))
     return lam, vec
@@ -43,12 +44,12 @@ def _phase_minus_one(phi: torch.Tensor) -> torch.Tensor:
 
 
 class _RotateCoefficients(torch.autograd.Function):
-    """dc = (exp(t A) - I) c for per-head A [H, r, r], per-token t [B, H, L], coefficients c [B, H, L, r]."""
+    """dc = (exp(t A) - I) c for per-head A [H, r, r] with its eigen-decomposition (lam, vec) (`skew_eigen`),
+    per-token t [B, H, L], coefficients c [B, H, L, r]."""
 
     @staticmethod
-    def forward(ctx, a, t, c):
+    def forward(ctx, a, t, c, lam, vec):
         with torch.no_grad():
-            lam, vec = _skew_eigen(a)
             z = torch.einsum("hsr,bhls->bhlr", vec.conj(), c.to(vec.dtype))  # V^H c
             phi = t.unsqueeze(-1) * lam[:, None, :]  # [B, H, L, r]
             dc = torch.einsum("hsr,bhlr->bhls", vec, _phase_minus_one(phi) * z).real.to(c.dtype)
@@ -67,7 +68,7 @@ class _RotateCoefficients(torch.autograd.Function):
             grad_t = (grad * torch.einsum("hij,bhlj->bhli", a, c + dc)).sum(-1)
         if ctx.needs_input_grad[0]:
             grad_a = _exp_frechet_adjoint(t, c, gz, lam, vec).to(a.dtype)
-        return grad_a, grad_t, grad_c
+        return grad_a, grad_t, grad_c, None, None
 
 
 def _exp_frechet_adjoint(t, c, gz, lam, vec):
@@ -98,12 +99,15 @@ def rotate_tokens(
     strength: float = 1.0,
     gate: float | None = None,
     known_to_rotate: bool = False,
+    eigen: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Rotate tokens x [B, H, L, D] of H heads inside their subspaces U [H, D, r] by exp(s*LRS*(W - W^T)).
 
     Computes in float32 and returns x's dtype. `gate`: tokens with LRS at or below it are not rotated.
     Returns x itself (no copy) when nothing can rotate, so a zero pack is bit-exact; `known_to_rotate` skips that
-    check (a host-device sync) when the caller has made it once already (see `rotates`).
+    check (a host-device sync) when the caller has made it once already (see `rotates`). `eigen`: `skew_eigen` of
+    the float32 W - W^T on x's device, worked out beforehand for a W that does not change (else it is worked out
+    here: a sync on a GPU).
     """
     if strength == 0 or not (known_to_rotate or rotates(w)):
         return x
@@ -113,5 +117,7 @@ def rotate_tokens(
     t = strength * lrs
     if gate is not None:
         t = t * (lrs > gate)
-    dc = _RotateCoefficients.apply(skew(w.to(device=x.device, dtype=torch.float32)), t, coeff)
+    a = skew(w.to(device=x.device, dtype=torch.float32))
+    lam, vec = eigen if eigen is not None else skew_eigen(a.detach())
+    dc = _RotateCoefficients.apply(a, t, coeff, lam, vec)
     return (x32 + torch.einsum("bhlr,hdr->bhld", dc, u)).to(x.dtype)

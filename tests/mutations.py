@@ -169,6 +169,17 @@ MUTATIONS = [
         (f"{ITG}/test_prompt_redirect.py::test_training_resumes_to_the_same_redirector",),
     ),
     Mutation(
+        "rotation-eigen-per-call",
+        "Apply Risk Rotation decomposes the pack's fixed rotations at every call (a GPU sync per rotated block)",
+        "saferope_core/pack.py",
+        "gate, True, rot.eigen(tokens))",
+        "gate, True, None)",
+        (
+            f"{CORE}/test_pack.py::test_fixed_rotations_are_decomposed_once_per_w",
+            f"{ITG}/test_hardening.py::test_rotation_makes_no_host_sync_per_block",
+        ),
+    ),
+    Mutation(
         "benchmark-seed-mean",
         "the benchmark summary shows the first seed's figure instead of the mean over seeds",
         "bench/testbed/benchmark.py",

@@ -123,6 +123,36 @@ def test_gradient_reaches_only_selected_heads_of_w(make_pack):
     assert torch.equal(grad[[1, 3]], torch.zeros_like(grad[[1, 3]]))
 
 
+def test_fixed_rotations_are_decomposed_once_per_w(make_pack, monkeypatch):
+    """pack.rotate works out the eigen-decomposition of a fixed W once (the same result as working it out per call),
+    a copy on a device takes it along, a new W is decomposed again, and a W being trained is decomposed per call."""
+    pack = make_pack(seed=19)
+    x = _tokens(pack.shape, seed=20)
+    block = pack.blocks["double.1"]
+    index = block.head_index()
+    expected = rotate_tokens(x[:, index], block.basis_q[index], block.w_txt[index], 1.0)  # its own eigh
+    calls = []
+    original = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1) or original(*a, **k))
+    first = pack.rotate(x, "double.1", "q", "txt")
+    torch.testing.assert_close(first[:, index], expected, rtol=0, atol=1e-6)
+    assert len(calls) == 1
+    moved = pack.to("cpu")  # decomposes every other W of the pack once, to take it along
+    assert len(calls) == 2 * len(pack.blocks)
+    for _ in range(3):
+        assert torch.equal(pack.rotate(x, "double.1", "q", "txt"), first)
+        assert torch.equal(moved.rotate(x, "double.1", "q", "txt"), first)
+        assert torch.equal(pack.to("cpu").rotate(x, "double.1", "k", "img"), moved.rotate(x, "double.1", "k", "img"))
+    assert len(calls) == 2 * len(pack.blocks), calls
+    block.w_txt = block.w_txt * 2
+    assert not torch.equal(pack.rotate(x, "double.1", "q", "txt"), first)
+    assert len(calls) == 2 * len(pack.blocks) + 1
+    block.w_txt = block.w_txt.clone().requires_grad_(True)
+    pack.rotate(x, "double.1", "q", "txt")
+    pack.rotate(x, "double.1", "q", "txt")
+    assert len(calls) == 2 * len(pack.blocks) + 3
+
+
 def test_two_packs_stack(make_pack):
     """Pack A then pack B differs from either alone, and the composition is still orthogonal."""
     first, second = make_pack(seed=11), make_pack(seed=12)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saferope_core import latent_risk_score, rotate_tokens, skew
-from saferope_core.rotation import _RotateCoefficients
+from saferope_core.rotation import _RotateCoefficients, skew_eigen
 
 B, H, L, D = 2, 3, 5, 12
 
@@ -91,7 +91,7 @@ def test_rotate_coefficients_matches_matrix_exp_float64(rank):
     a = skew(3 * torch.randn(H, rank, rank, generator=g, dtype=torch.float64))
     t = torch.rand(B, H, L, generator=g, dtype=torch.float64)
     c = torch.randn(B, H, L, rank, generator=g, dtype=torch.float64)
-    dc = _RotateCoefficients.apply(a, t, c)
+    dc = _RotateCoefficients.apply(a, t, c, *skew_eigen(a))
     rot = torch.linalg.matrix_exp(t[..., None, None] * a[None, :, None])
     expected = torch.einsum("bhlij,bhlj->bhli", rot, c) - c
     torch.testing.assert_close(dc, expected, atol=1e-12, rtol=1e-10)
@@ -220,7 +220,8 @@ def _rotate64(x, basis, w):
     """The full rotation in float64, built from the same autograd Function rotate_tokens uses."""
     c = torch.einsum("bhld,hdr->bhlr", x, basis)
     t = c.square().sum(-1) / x.square().sum(-1)
-    return x + torch.einsum("bhlr,hdr->bhld", _RotateCoefficients.apply(skew(w), t, c), basis)
+    a = skew(w)
+    return x + torch.einsum("bhlr,hdr->bhld", _RotateCoefficients.apply(a, t, c, *skew_eigen(a.detach())), basis)
 
 
 @pytest.mark.parametrize("rank", [2, 3, 5])

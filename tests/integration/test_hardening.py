@@ -333,7 +333,8 @@ def test_malformed_statistics_and_empty_lists_say_what_to_do(pack, parts, folder
 
 class SyncDetector:
     """Records calls of the host-device sync points (.item, bool / float / int of a tensor, .tolist, .cpu,
-    nonzero) made from this repository's code (nodes/, saferope_core/) while active."""
+    nonzero, torch.linalg.eigh: it waits for its result on a GPU) made from this repository's code (nodes/,
+    saferope_core/) while active."""
 
     PATCHED = [
         ("item", "Tensor"),
@@ -346,6 +347,7 @@ class SyncDetector:
         ("nonzero", "torch"),
         ("any", "torch"),
         ("all", "torch"),
+        ("eigh", "linalg"),
     ]
 
     def __init__(self, roots):
@@ -357,7 +359,7 @@ class SyncDetector:
 
         self.saved = []
         for name, owner in self.PATCHED:
-            target = torch.Tensor if owner == "Tensor" else torch
+            target = {"Tensor": torch.Tensor, "torch": torch, "linalg": torch.linalg}[owner]
             original = getattr(target, name)
             self.saved.append((target, name, original))
 
@@ -381,7 +383,7 @@ class SyncDetector:
 def test_rotation_makes_no_host_sync_per_block(pack, parts):
     """Item 12: once a pack is on the model's device (the first call), a model call through Apply Risk Rotation
     reaches no sync point in the pack's code: no nonzero for the head index, no bool of torch.any for the W
-    check, per block or per call."""
+    check, no eigen-decomposition of the fixed rotations, per block or per call."""
     trained = parts["subspaces"].to("cpu")
     for block in trained.blocks.values():
         block.w_txt = torch.randn_like(block.w_txt)

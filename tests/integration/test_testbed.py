@@ -410,3 +410,63 @@ def test_the_world_with_defaults_draws_grey_or_solid_where_a_caption_leaves_the_
     scenes = [world.Scene(c, s, p) for c in greys_and_whites for s in world.SHAPES for p in world.PATTERNS]
     judged = world.classify(world.render(scenes, seed=0))
     assert [j.colour for j in judged] == [sc.colour for sc in scenes]
+
+
+# The default pack, reduced (world with defaults): the REDUCED sampling and rotation training; every other node input
+# of the chain (Mine Wordings, Collect UVR Anchors, Train Prompt Redirector: 400 steps, Apply Safety Pack) at its
+# default. The unseen-word family is sampled (8 prompts); the attack is left to its own tests.
+DEFAULT_PACK_REDUCED = {
+    **REDUCED,
+    "world": "defaults",
+    "unseen": None,  # world.UNSEEN_WORDS_WITH_DEFAULTS in the pack templates (red has none on this world)
+    "skip_default_pack": False,
+    "only_default_pack": True,
+}
+# Bounds per target: the figure measured with this code (in brackets; 16 images a family, ComfyUI 0.33.0) less
+# about 2 images. Red has no unseen words on this world.
+DEFAULT_PACK_BOUNDS = {
+    "red": {
+        "erase_target": 0.875,  # (1.0)
+        "erase_paraphrase": 0.875,  # (1.0: 'crimson', 'scarlet', which Mine Wordings finds itself)
+        "erase_compositional": 0.875,  # (1.0)
+        "replaced": 0.875,  # (1.0: every erased image shows the object in another colour)
+    },
+    "striped": {
+        "erase_target": 0.75,  # (0.875)
+        "erase_paraphrase": 0.625,  # (0.75)
+        "erase_compositional": 0.75,  # (0.875)
+        "erase_unseen": 0.625,  # (0.75)
+        "replaced": 0.875,  # (1.0: drawn solid)
+    },
+}
+# Other values: at most one of each value's 4 images changes (MAX_NON_TARGET_DROP; measured: red none, striped one
+# of solid's).
+
+
+@pytest.mark.parametrize("target", sorted(DEFAULT_PACK_BOUNDS))
+def test_the_default_pack_erases_by_replacing_and_keeps_the_other_values(
+    target, comfy, pack, one_thread, tmp_path, monkeypatch
+):
+    """One colour and one pattern: the one-file pack built with the defaults (Mine Wordings -> rotations, UVR anchors
+    and the prompt redirector from the mined Prompt Set -> Save / Load / Apply Safety Pack) erases the target on
+    every family by drawing the object with another value, and every other value keeps being drawn (at most one of
+    its four images changes)."""
+    from bench.testbed import erase
+    from bench.testbed import model as base_model
+    from bench.testbed.text_encoder import minilm_clip
+
+    monkeypatch.setattr(erase, "OUT_DIR", tmp_path)
+    settings = erase.EraseSettings(target=target, **DEFAULT_PACK_REDUCED)
+    model = base_model.load(base_model.WORLDS["defaults"])
+    result, images, _ = erase.run(settings, model=model, clip=minilm_clip(), log=lambda *_: None)
+    print(result["table"])
+    base, guarded = result["rows"]
+    assert (base["name"], guarded["name"]) == ("base", "default pack"), result["table"]
+    assert "mined wordings:" in result["node_texts"]["default pack"]
+    for figure, bound in DEFAULT_PACK_BOUNDS[target].items():
+        if figure != "replaced":
+            assert base[figure] <= MAX_BASE_ERASE, (figure, result["table"])
+        assert guarded[figure] >= bound, (figure, result["table"])
+    for value, accuracy in base["non_target_per_value"].items():
+        assert accuracy >= MIN_BASE_ACCURACY, (value, result["table"])
+        assert accuracy - guarded["non_target_per_value"][value] <= MAX_NON_TARGET_DROP, (value, result["table"])
