@@ -46,8 +46,9 @@ def find_comfyui() -> Path | None:
     return next((p.resolve() for p in candidates if _is_comfyui(p)), None)
 
 
-def import_comfyui(path: str | Path | None = None) -> Path:
-    """Put ComfyUI first on sys.path and import it on the CPU. Idempotent; returns the checkout used.
+def import_comfyui(path: str | Path | None = None, cpu: bool = True) -> Path:
+    """Put ComfyUI first on sys.path and import it on the CPU (`cpu=False`: on the device ComfyUI finds, for
+    bench.gpu_check). Idempotent; returns the checkout used.
 
     ComfyUI parses the command line only after `comfy.options.enable_args_parsing()` (main.py calls it), so
     pytest's argv never reaches its argparse. Its own top-level modules (`nodes`, `utils`, `tests`, ...) win over
@@ -67,9 +68,9 @@ def import_comfyui(path: str | Path | None = None) -> Path:
         comfy.options.enable_args_parsing(False)
     import comfy.cli_args
 
-    if "comfy.model_management" in sys.modules and not comfy.cli_args.args.cpu:
+    if cpu and "comfy.model_management" in sys.modules and not comfy.cli_args.args.cpu:
         raise RuntimeError("comfy.model_management was imported before import_comfyui(): it may not be on the CPU")
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu
     import comfy.model_management  # noqa: F401  (reads args.cpu once, at import)
 
     return path
@@ -282,9 +283,10 @@ def tiny_flux(
     dtype: torch.dtype = torch.float32,
     context_dim: int | None = None,
     pooled_dim: int = POOLED_DIM,
+    device: torch.device = CPU,
 ):
-    """A random FLUX-family model as a comfy ModelPatcher on the CPU: FLUX.1 dev / schnell / Kontext (= dev
-    config), FLUX.2, Chroma, Chroma Radiance or Ovis-Image (see ALL_KINDS).
+    """A random FLUX-family model as a comfy ModelPatcher on `device` (the CPU unless bench.gpu_check asks): FLUX.1
+    dev / schnell / Kontext (= dev config), FLUX.2, Chroma, Chroma Radiance or Ovis-Image (see ALL_KINDS).
 
     Built like a loaded checkpoint: the supported_models class -> model_base -> ldm transformer, with the same
     model types, latent formats and model sampling as the real ones.
@@ -299,9 +301,9 @@ def tiny_flux(
     config = flux_unet_config(kind, depth, depth_single, hidden, heads, context_dim, pooled_dim)
     model_config = config_class(fit_to_comfyui(kind, config))
     model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, device=CPU)
+    model = model_config.get_model({}, device=device)
     init_weights(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
 def latent_channels(kind: str) -> int:
