@@ -11,7 +11,7 @@ import os
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..saferope_core import PromptSet, QKStatistics, SafeRoPEPack, SafeRoPEPackError
+from ..saferope_core import PromptAlignmentError, PromptSet, QKStatistics, SafeRoPEPack, SafeRoPEPackError
 from ..saferope_core.redirector import PromptRedirector
 from ..saferope_core.safety_pack import SafetyPack
 from ..saferope_core.uvr import UVRAnchors
@@ -115,7 +115,9 @@ def check_input(node_class, spec, value) -> None:
 
 
 def checked(execute):
-    """Decorator of a node's execute: every input that is given is checked against the node's schema first."""
+    """Decorator of a node's execute: every input that is given is checked against the node's schema first, and a
+    text encoder that does not fit the model (PromptAlignmentError, found while encoding) is named as the node's
+    'clip' input."""
     signature = inspect.signature(execute)
 
     @functools.wraps(execute)
@@ -124,7 +126,11 @@ def checked(execute):
         for spec in cls.define_schema().inputs:
             if spec.id in given and not (spec.optional and given[spec.id] is None):
                 check_input(cls, spec, given[spec.id])
-        return execute(cls, *args, **kwargs)
+        try:
+            return execute(cls, *args, **kwargs)
+        except PromptAlignmentError as err:
+            fix = "Connect the text encoder that comes with this model (its checkpoint's CLIP)"
+            raise SafeRoPEInputError(cls.NODE, "clip" if "clip" in given else "model", str(err), fix) from None
 
     return run
 

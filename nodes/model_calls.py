@@ -15,14 +15,11 @@ import comfy.sampler_helpers
 import comfy.samplers
 import torch
 
+from ..saferope_core.errors import PromptAlignmentError
 from .flux_adapter import call_options
 
 POOLED_ONLY_TOKENIZERS = ("l", "g")  # CLIP-L / CLIP-G give FLUX.1's pooled vector, not its context
 TOKENS_PER_PIXEL_SIDE = 16  # every FLUX-family model sees one image token per 16 x 16 pixels
-
-
-class PromptAlignmentError(ValueError):
-    """The text encoder's tokens cannot be matched with the conditioning the model receives."""
 
 
 @dataclass

@@ -144,7 +144,7 @@ class RedirectorTrainer:
             params = list(redirector.parameters())
             state = TrainingState(0, params, torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0))
             if resume and checkpoint_path and os.path.isfile(checkpoint_path):
-                load_checkpoint(checkpoint_path, state, recipe, self.run_id)
+                load_checkpoint(checkpoint_path, state, recipe, self.run_id, "another model or Prompt Set")
             patched = self.patcher.clone()
             patched.add_wrapper_with_key(
                 comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _AlwaysRedirect(redirector)

@@ -61,7 +61,12 @@ class TrainPromptRedirector(io.ComfyNode):
                 Prompts.Input("prompts", tooltip="From SafeRoPE Prompt Set (its anchors are what gets drawn)"),
                 io.Int.Input("steps", default=400, min=1, max=100000, tooltip="Training steps"),
                 io.Float.Input(
-                    "learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-4, tooltip="AdamW learning rate"
+                    "learning_rate",
+                    default=1e-3,
+                    min=1e-6,
+                    max=1.0,
+                    step=1e-4,
+                    tooltip="AdamW learning rate at the first step; it falls along a half cosine to 0 at the last",
                 ),
                 seed_input("Seed of the redirector's start, the prompts and the noise of every step"),
                 *size_inputs("training runs at"),

@@ -243,13 +243,14 @@ def save_checkpoint(path, state: TrainingState, recipe: TrainingRecipe, subspace
     save_atomic(path, tensors, meta)
 
 
-def load_checkpoint(path, state: TrainingState, recipe: TrainingRecipe, subspaces_id: str) -> None:
-    """Restore W and the optimizer into `state`; CheckpointError if it is unreadable or belongs to another run."""
+def load_checkpoint(path, state: TrainingState, recipe, run_id: str, trained_on: str = "different subspaces") -> None:
+    """Restore the parameters and the optimizer into `state`; CheckpointError if it is unreadable or belongs to
+    another run (`trained_on` says what differs when the run id does)."""
     tensors, meta = read_safetensors(path, CheckpointError)
     if meta.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not a SafeRoPE training checkpoint")
-    if meta.get("subspaces") != subspaces_id:
-        raise CheckpointError(f"{path} was trained on different subspaces")
+    if meta.get("subspaces") != run_id:
+        raise CheckpointError(f"{path} was trained on {trained_on}")
     theirs = dict(meta.get("recipe", {}))
     mine = recipe.to_dict()
     for key in mine:

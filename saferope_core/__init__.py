@@ -1,6 +1,15 @@
 """SafeRoPE: subspaces, risk scores, head selection, risk-aware rotations and the pack file. No ComfyUI here."""
 
-from .errors import AnchorsError, CheckpointError, PromptSetError, SafeRoPEError, SafeRoPEPackError, StatisticsError
+from .errors import (
+    AnchorsError,
+    CheckpointError,
+    PromptAlignmentError,
+    PromptSetError,
+    RedirectorError,
+    SafeRoPEError,
+    SafeRoPEPackError,
+    StatisticsError,
+)
 from .objective import (
     TrainingRecipe,
     batch_kind,
@@ -24,7 +33,9 @@ from .subspaces import Subspaces, build_subspaces, subspace_basis
 __all__ = [
     "AnchorsError",
     "CheckpointError",
+    "PromptAlignmentError",
     "PromptSetError",
+    "RedirectorError",
     "SafeRoPEError",
     "StatisticsError",
     "FLUX_DEV",

@@ -27,3 +27,12 @@ class CheckpointError(SafeRoPEError):
 
 class PromptSetError(SafeRoPEError):
     """Prompt lists or a prompt file cannot make a prompt set."""
+
+
+class RedirectorError(SafeRoPEError):
+    """A prompt redirector file is unreadable, damaged or made for another model."""
+
+
+class PromptAlignmentError(SafeRoPEError):
+    """The text encoder's tokens cannot be matched with the conditioning the model receives (a text encoder made
+    for another model)."""

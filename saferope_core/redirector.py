@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import SafeRoPEError
+from .errors import RedirectorError
 from .files import read_safetensors, save_atomic
 from .pack import content_hash
 from .shape import FAMILIES
@@ -30,10 +30,6 @@ REDIRECTOR_KIND = "saferope.prompt_redirector"
 REDIRECTOR_VERSION = 1
 SIGMA_FEATURES = 16  # sinusoidal features of the noise level
 DETECTORS = ("fused", "text")
-
-
-class RedirectorError(SafeRoPEError):
-    """A prompt redirector file is unreadable, damaged or made for another model."""
 
 
 @dataclass(frozen=True)

@@ -398,3 +398,19 @@ def test_rotation_makes_no_host_sync_per_block(pack, parts):
             out = comfyui_env.run_model(patched, x, 0.9, context, pooled)
     assert math.isfinite(float(out.abs().sum()))
     assert detector.calls == [], detector.calls
+
+
+def test_a_text_encoder_whose_tokens_do_not_line_up_is_named_as_the_clip_input(pack, parts, monkeypatch):
+    """A text encoder whose conditioning has more tokens than its tokenizer gives (one made for another model) is
+    refused as the node's 'clip' input with a fix, never as a bare exception."""
+    clip = parts["clip"].clone()
+    encode = clip.encode_from_tokens_scheduled
+
+    def one_token_more(tokens, **kwargs):
+        ((context, extra),) = encode(tokens, **kwargs)
+        return [[torch.cat([context, context[:, :1]], dim=1), extra]]
+
+    monkeypatch.setattr(clip, "encode_from_tokens_scheduled", one_token_more)
+    n = pack.nodes
+    message = refused(pack, "clip", n.CollectQK.execute, parts["model"], clip, parts["prompts"], "1.0", 64, 64, 0, 16)
+    assert "do not line up" in message and "text encoder" in message

@@ -267,7 +267,7 @@ def test_training_resumes_to_the_same_redirector(pack, tiny, tmp_path):
     )
     with pytest.raises(n.errors.SafeRoPEInputError) as err:
         train(4, "more", prompt_set=other)
-    assert err.value.input_name == "run_name"
+    assert err.value.input_name == "run_name" and "trained on another model or Prompt Set" in str(err.value)
 
 
 def test_gradient_checkpointing_gives_the_same_redirector(pack, tiny, tmp_path, monkeypatch):
