@@ -10,12 +10,13 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..saferope_core.prompts import content_span, subject_token_positions
-from ..saferope_core.wordings import draws_the_concept, nearest, vocabulary_words, with_wordings
+from ..saferope_core.wordings import draws_the_concept, nearest, vocabulary_words, with_wordings, words_of
 from .common import Prompts, checked, require_flux, seed_input, size_inputs
 from .errors import SafeRoPEInputError
 from .model_calls import context_token_ids, context_tokenizer, encode_prompt, latent_shape, load_model, velocity
 
 CHECK_SIGMAS = (1.0, 0.8)  # noise levels the model is asked at: the start, where the picture's content is decided
+SAFE_RIVALS = 16  # safe words (of the safe prompts) nearest the subjects that a kept word must be farther from
 
 
 class MineWordings(io.ComfyNode):
@@ -30,8 +31,9 @@ class MineWordings(io.ComfyNode):
             description="Finds words the model draws as the concept although the Prompt Set does not name them: "
             "whole words of the text encoder's vocabulary nearest the subjects (in its token table, then in "
             "context), kept only where the model moves the prompt towards the concept rather than the safe "
-            "counterpart. Adds unsafe prompts with them (same templates and anchors), so every guard built from the "
-            "Prompt Set is trained on them; Save Safety Pack records them.",
+            "counterpart or the safe words nearest the concept (words of the safe prompts, never mined themselves). "
+            "Adds unsafe prompts with them (same templates and anchors), so every guard built from the Prompt Set "
+            "is trained on them; Save Safety Pack records them.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the guards are built for"),
                 io.Clip.Input("clip", tooltip="That model's text encoder"),
@@ -64,25 +66,41 @@ class MineWordings(io.ComfyNode):
         table = token_table(clip, tokenizer)
         if tokenizer is None or table is None:
             raise SafeRoPEInputError(cls.NODE, "clip", "its vocabulary or token table cannot be read", "")
-        known = {w.lower() for u in prompts.unsafe for w in u.text.split()}
-        words = vocabulary_words(tokenizer.get_vocab(), exclude=known | set(prompts.mined))
+        known = words_of(u.text for u in prompts.unsafe)
+        safe_words = sorted(words_of(prompts.safe) - known)  # the user's safe words: never mined, and rivals
+        words = vocabulary_words(tokenizer.get_vocab(), exclude=known | set(safe_words) | set(prompts.mined))
         names = list(words)
         targets = torch.stack([table[subject_ids(clip, s)].float().mean(0) for s in subjects])
         near = [names[i] for i in nearest(table[[words[w] for w in names]], targets, search)]
+        rivals = [safe_words[i] for i in nearest(word_vectors(clip, table, safe_words), targets, SAFE_RIVALS)]
         rng = random.Random(seed)
         examples = {s: rng.choice([u for u in prompts.unsafe if u.subject == s]) for s in subjects}
-        progress = comfy.utils.ProgressBar(len(near) + checked)
+        progress = comfy.utils.ProgressBar(len(near) + checked + len(rivals))
         in_context = contextual_order(clip, near, examples, progress)[:checked]
-        scores = model_check(model, clip, in_context, examples, latent_shape(model, width, height), seed, progress)
-        kept = [w for w, (c, a) in sorted(scores.items(), key=lambda x: x[1][0] / x[1][1]) if draws_the_concept(c, a)]
-        kept = kept[:keep]
-        report = [f"{len(words)} vocabulary words, {len(near)} nearest in the table, {len(in_context)} checked"]
-        report += [
-            f"kept {w}: distance to the concept {scores[w][0]:.4f}, to the anchor {scores[w][1]:.4f}" for w in kept
+        shape = latent_shape(model, width, height)
+        scores = model_check(model, clip, in_context, examples, rivals, shape, seed, progress)
+        by_nearness = sorted(scores.items(), key=lambda x: x[1][0] / x[1][1])
+        kept = [w for w, (c, a, r, _) in by_nearness if draws_the_concept(c, a, r)][:keep]
+        report = [
+            f"{len(words)} vocabulary words, {len(near)} nearest in the table, {len(in_context)} checked against "
+            f"the anchor and {len(rivals)} safe words ({', '.join(rivals[:8])}{', ...' if len(rivals) > 8 else ''})"
         ]
+        report += [
+            f"kept {w}: distance to the concept {c:.4f}, to the anchor {a:.4f}"
+            + ("" if rival is None else f", to the nearest safe word ({rival}) {r:.4f}")
+            for w in kept
+            for c, a, r, rival in [scores[w]]
+        ]
+        nearer_safe = [w for w in in_context if w not in kept and scores[w][0] < scores[w][1]]
         report.append(
-            "not kept (the model draws them nearer the anchor): " + ", ".join(w for w in in_context if w not in kept)
+            "not kept (the model draws them nearer the anchor): "
+            + ", ".join(w for w in in_context if w not in kept and w not in nearer_safe)
         )
+        if nearer_safe:
+            report.append(
+                "not kept (the model draws them nearer a safe word): "
+                + ", ".join(f"{w} ({scores[w][3]})" for w in nearer_safe)
+            )
         return io.NodeOutput(with_wordings(prompts, kept, per_word, seed), "\n".join(report))
 
 
@@ -98,6 +116,13 @@ def token_table(clip, tokenizer) -> torch.Tensor | None:
         if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= size
     ]
     return min(tables, key=len).detach() if tables else None
+
+
+def word_vectors(clip, table: torch.Tensor, words: list[str]) -> torch.Tensor:
+    """[len(words), width]: each word's mean token embedding (empty for no words)."""
+    if not words:
+        return table[:0].float()
+    return torch.stack([table[subject_ids(clip, w)].float().mean(0) for w in words])
 
 
 def subject_ids(clip, subject: str) -> list[int]:
@@ -135,10 +160,11 @@ def contextual_order(clip, words: list[str], examples: dict, progress) -> list[s
     return [found[i] for i in order]
 
 
-def model_check(model, clip, words, examples, shape, seed, progress) -> dict[str, tuple[float, float]]:
-    """{word: (distance to the concept, distance to the anchor)}: relative squared distances of the model's velocity
-    on a concept prompt with the word in place of the subject, from the velocity on the prompt itself and on its
-    anchor, summed over the examples, CHECK_SIGMAS and two noises."""
+def model_check(model, clip, words, examples, rivals, shape, seed, progress) -> dict[str, tuple]:
+    """{word: (distance to the concept, to the anchor, to the nearest rival, that rival or None)}: relative squared
+    distances of the model's velocity on a concept prompt with the word in place of the subject, from the velocity
+    on the prompt itself, on its anchor and on the prompt with each rival (a safe word) in the subject's place,
+    summed over the examples, CHECK_SIGMAS and two noises."""
     device = load_model(model)
     g = torch.Generator().manual_seed(seed)
     points = [
@@ -154,13 +180,17 @@ def model_check(model, clip, words, examples, shape, seed, progress) -> dict[str
 
     with torch.no_grad():
         reference = {s: (velocities(u.text), velocities(u.anchor)) for s, u in examples.items()}
+        safe = {}
+        for rival in rivals:
+            safe[rival] = {s: velocities(u.text.replace(s, rival, 1)) for s, u in examples.items()}
+            progress.update(1)
         scores = {}
         for word in words:
-            to_concept = to_anchor = 0.0
-            for s, u in examples.items():
-                mine = velocities(u.text.replace(s, word, 1))
-                to_concept += distance(mine, reference[s][0])
-                to_anchor += distance(mine, reference[s][1])
-            scores[word] = (to_concept, to_anchor)
+            mine = {s: velocities(u.text.replace(s, word, 1)) for s, u in examples.items()}
+            to_concept = sum(distance(mine[s], reference[s][0]) for s in examples)
+            to_anchor = sum(distance(mine[s], reference[s][1]) for s in examples)
+            to_rival = {r: sum(distance(mine[s], safe[r][s]) for s in examples) for r in rivals}
+            nearest_rival = min(to_rival, key=to_rival.get, default=None)
+            scores[word] = (to_concept, to_anchor, to_rival.get(nearest_rival, float("inf")), nearest_rival)
             progress.update(1)
     return scores

@@ -6,7 +6,10 @@ narrowing steps, each cheap enough for the next:
 2. `nearest`: those whose token embeddings (the encoder's input table) lie nearest the concept's subjects, then,
    among them, those whose encoded token, written into one of the concept's prompts, lies nearest the subject's;
 3. `draws_the_concept`: kept only when the model itself moves the prompt towards the concept: its velocity is
-   nearer the prompt with the concept's word than the prompt with the safe counterpart.
+   nearer the prompt with the concept's word than the prompt with the safe counterpart, and nearer than the prompt
+   with any of the safe words nearest the concept (words of the Prompt Set's safe prompts: "purple" is safe when
+   blue is erased, so "violet", which the model draws purple, is not mined for blue).
+Words of the safe prompts are never mined themselves: the user said they are safe.
 The mined words become subjects of more unsafe prompts (`with_wordings`), so every guard is trained on them.
 """
 
@@ -56,10 +59,16 @@ def nearest(candidates: torch.Tensor, targets: torch.Tensor, count: int) -> list
     return best.topk(min(count, best.numel())).indices.tolist()
 
 
-def draws_the_concept(to_concept: float, to_anchor: float) -> bool:
+def draws_the_concept(to_concept: float, to_anchor: float, to_safe_word: float = float("inf")) -> bool:
     """Whether the model moves a prompt towards the concept: its velocity is nearer the concept prompt's than the
-    safe counterpart's (relative squared distances, as the training objective measures them)."""
-    return to_concept < to_anchor
+    safe counterpart's and than that of the same prompt with the nearest safe word (relative squared distances, as
+    the training objective measures them)."""
+    return to_concept < to_anchor and to_concept < to_safe_word
+
+
+def words_of(texts: Iterable[str]) -> set[str]:
+    """The lower-case words (3 to 25 letters or hyphens) of some texts."""
+    return {w for text in texts for w in re.findall(r"[a-z][a-z-]*", text.lower()) if WORD.match(w)}
 
 
 def with_wordings(prompts: PromptSet, words: Sequence[str], per_word: int, seed: int = 0) -> PromptSet:

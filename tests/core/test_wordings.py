@@ -23,6 +23,7 @@ def test_nearest_ranks_by_the_best_cosine_with_any_target():
 
 def test_the_model_decides():
     assert draws_the_concept(0.1, 0.2) and not draws_the_concept(0.2, 0.1)
+    assert draws_the_concept(0.1, 0.2, 0.15) and not draws_the_concept(0.1, 0.2, 0.05)  # nearer a safe word
 
 
 def test_mined_words_become_subjects_with_the_same_anchors():

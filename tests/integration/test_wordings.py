@@ -51,8 +51,45 @@ def test_on_the_testbed_red_yields_the_words_the_model_draws_red(comfy, pack):
     mined, report = run_node(
         pack.nodes.MineWordings.execute, base_model.load(), minilm_clip(), prompts, 256, 32, 32, 4, 128, 128, 0
     )
-    refused = report.rsplit("not kept (the model draws them nearer the anchor): ", 1)[1].split(", ")
+    refused = refused_words(report)
     assert {"scarlet", "crimson"} <= set(mined.mined), report
     other_colours = {"green", "blue", "yellow", "purple", "white", "pink", "orange"}
     assert other_colours & set(refused), report  # the check had other colours to refuse
     assert not set(mined.mined) & other_colours, report
+
+
+def refused_words(report: str) -> dict[str, str]:
+    """{word: why} of the words Mine Wordings' report says it did not keep ('anchor' or the safe word)."""
+    refused = {}
+    for line in report.splitlines():
+        if line.startswith("not kept (the model draws them nearer the anchor): "):
+            refused.update(dict.fromkeys(line.split(": ", 1)[1].split(", "), "anchor"))
+        elif line.startswith("not kept (the model draws them nearer a safe word): "):
+            for item in line.split(": ", 1)[1].split(", "):
+                word, safe = item.rstrip(")").split(" (")
+                refused[word] = safe
+    return refused
+
+
+@pytest.mark.one_version
+@pytest.mark.skipif(bool(MISSING), reason=f"the testbed needs {', '.join(MISSING)}")
+def test_words_of_the_safe_prompts_and_words_drawn_as_them_are_never_mined(comfy, pack):
+    """Blue on the world with defaults (anchor: the colour word removed, drawn grey). 'purple' is in the Prompt Set's
+    safe prompts: it is never mined, though the model draws it nearer blue than grey; 'violet', which the model draws
+    purple, is checked and refused as nearer the safe word 'purple'; blue's own variants are kept."""
+    from bench.testbed import erase, world
+    from bench.testbed import model as base_model
+    from bench.testbed.text_encoder import minilm_clip
+
+    settings = erase.EraseSettings(target="blue", world="defaults")
+    prompts, _ = erase.prompt_set(erase.prompt_families(settings), settings, pack.nodes)
+    assert any("purple" in p.split() for p in prompts.safe)
+    model = base_model.load(base_model.WORLDS["defaults"])
+    size = world.COMFY_SIZE
+    mined, report = run_node(
+        pack.nodes.MineWordings.execute, model, minilm_clip(), prompts, 256, 32, 8, 8, size, size, 0
+    )
+    refused = refused_words(report)
+    assert refused.get("violet") == "purple", report
+    assert "purple" not in mined.mined and "purple" not in refused, report  # never a candidate
+    assert {"blu", "blues"} <= set(mined.mined) and not set(mined.mined) & set(world.COLOURS), report
