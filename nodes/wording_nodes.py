@@ -79,29 +79,28 @@ class MineWordings(io.ComfyNode):
         in_context = contextual_order(clip, near, examples, progress)[:checked]
         shape = latent_shape(model, width, height)
         scores = model_check(model, clip, in_context, examples, rivals, shape, seed, progress)
-        by_nearness = sorted(scores.items(), key=lambda x: x[1][0] / x[1][1])
-        kept = [w for w, (c, a, r, _) in by_nearness if draws_the_concept(c, a, r)][:keep]
+        by_nearness = sorted(scores, key=lambda w: scores[w][0] / scores[w][1])
+        drawn = [w for w in by_nearness if draws_the_concept(*scores[w][:3])]
+        kept = drawn[:keep]
+        nearer_anchor = [w for w in in_context if scores[w][0] >= scores[w][1]]
+        nearer_safe = [w for w in in_context if w not in drawn and w not in nearer_anchor]
         report = [
             f"{len(words)} vocabulary words, {len(near)} nearest in the table, {len(in_context)} checked against "
-            f"the anchor and {len(rivals)} safe words ({', '.join(rivals[:8])}{', ...' if len(rivals) > 8 else ''})"
+            f"the anchor and {len(rivals)} safe words ({', '.join(rivals[:8])}{', ...' if len(rivals) > 8 else ''})",
+            *(kept_line(w, *scores[w]) for w in kept),
+            "not kept (the model draws them nearer the anchor): " + ", ".join(nearer_anchor),
         ]
-        report += [
-            f"kept {w}: distance to the concept {c:.4f}, to the anchor {a:.4f}"
-            + ("" if rival is None else f", to the nearest safe word ({rival}) {r:.4f}")
-            for w in kept
-            for c, a, r, rival in [scores[w]]
-        ]
-        nearer_safe = [w for w in in_context if w not in kept and scores[w][0] < scores[w][1]]
-        report.append(
-            "not kept (the model draws them nearer the anchor): "
-            + ", ".join(w for w in in_context if w not in kept and w not in nearer_safe)
-        )
         if nearer_safe:
-            report.append(
-                "not kept (the model draws them nearer a safe word): "
-                + ", ".join(f"{w} ({scores[w][3]})" for w in nearer_safe)
-            )
+            listed = ", ".join(f"{w} ({scores[w][3]})" for w in nearer_safe)
+            report.append(f"not kept (the model draws them nearer a safe word): {listed}")
+        if drawn[keep:]:
+            report.append(f"not kept (more than keep = {keep}): " + ", ".join(drawn[keep:]))
         return io.NodeOutput(with_wordings(prompts, kept, per_word, seed), "\n".join(report))
+
+
+def kept_line(word: str, to_concept: float, to_anchor: float, to_safe: float, safe_word: str | None) -> str:
+    line = f"kept {word}: distance to the concept {to_concept:.4f}, to the anchor {to_anchor:.4f}"
+    return line if safe_word is None else f"{line}, to the nearest safe word ({safe_word}) {to_safe:.4f}"
 
 
 def token_table(clip, tokenizer) -> torch.Tensor | None:
