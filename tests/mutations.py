@@ -183,8 +183,8 @@ MUTATIONS = [
         "mined-wordings-near-safe-words",
         "Mine Wordings keeps a word the model draws as one of the Prompt Set's safe words",
         "nodes/wording_nodes.py",
-        "if draws_the_concept(c, a, r)]",
-        "if draws_the_concept(c, a)]",
+        "if draws_the_concept(*scores[w][:3])]",
+        "if draws_the_concept(*scores[w][:2])]",
         (f"{ITG}/test_wordings.py::test_words_of_the_safe_prompts_and_words_drawn_as_them_are_never_mined",),
     ),
     Mutation(
