@@ -70,7 +70,7 @@ class MineWordings(io.ComfyNode):
         safe_words = sorted(words_of(prompts.safe) - known)  # the user's safe words: never mined, and rivals
         words = vocabulary_words(tokenizer.get_vocab(), exclude=known | set(safe_words) | set(prompts.mined))
         names = list(words)
-        targets = torch.stack([table[subject_ids(clip, s)].float().mean(0) for s in subjects])
+        targets = word_vectors(clip, table, subjects)
         near = [names[i] for i in nearest(table[[words[w] for w in names]], targets, search)]
         rivals = [safe_words[i] for i in nearest(word_vectors(clip, table, safe_words), targets, SAFE_RIVALS)]
         rng = random.Random(seed)
