@@ -196,6 +196,22 @@ MUTATIONS = [
         (f"{ITG}/test_wordings.py::test_words_of_the_safe_prompts_and_words_drawn_as_them_are_never_mined",),
     ),
     Mutation(
+        "text-encoder-error-unnamed",
+        "a text encoder whose tokens do not line up surfaces as a bare error, not as the node's clip input",
+        "nodes/common.py",
+        "except PromptAlignmentError as err:",
+        "except ZeroDivisionError as err:",
+        (f"{ITG}/test_hardening.py::test_a_text_encoder_whose_tokens_do_not_line_up_is_named_as_the_clip_input",),
+    ),
+    Mutation(
+        "benchmark-default-pack-only-ignored",
+        "benchmark --only-default-pack runs the full erase (every single guard) instead of the default pack alone",
+        "bench/testbed/benchmark.py",
+        "            if only_default_pack:",
+        "            if False:",
+        (f"{ITG}/test_testbed.py::test_benchmark_of_the_default_pack_alone_runs_and_reports_only_its_rows",),
+    ),
+    Mutation(
         "benchmark-seed-mean",
         "the benchmark summary shows the first seed's figure instead of the mean over seeds",
         "bench/testbed/benchmark.py",
