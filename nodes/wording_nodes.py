@@ -9,7 +9,7 @@ import comfy.utils
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..saferope_core.prompts import content_span, subject_token_positions
+from ..saferope_core.prompts import content_span
 from ..saferope_core.wordings import draws_the_concept, nearest, vocabulary_words, with_wordings, words_of
 from .common import Prompts, checked, require_flux, seed_input, size_inputs
 from .errors import SafeRoPEInputError
@@ -39,9 +39,21 @@ class MineWordings(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="That model's text encoder"),
                 Prompts.Input("prompts", tooltip="From SafeRoPE Prompt Set (its anchors say what is safe)"),
                 io.Int.Input(
-                    "search", default=256, min=8, max=4096, tooltip="Words compared in context (nearest in the table)"
+                    "search",
+                    default=1024,
+                    min=8,
+                    max=8192,
+                    tooltip="Words the model screens (those nearest the subjects in the token table): one model call "
+                    "each",
                 ),
-                io.Int.Input("checked", default=32, min=1, max=512, tooltip="Words the model is asked about"),
+                io.Int.Input(
+                    "checked",
+                    default=32,
+                    min=1,
+                    max=512,
+                    tooltip="Of the screened words, those the model draws most like the concept are checked "
+                    "further (more noise, the safe words)",
+                ),
                 io.Int.Input("keep", default=8, min=1, max=128, tooltip="At most this many words are added"),
                 io.Int.Input("per_word", default=8, min=1, max=256, tooltip="Unsafe prompts added per word kept"),
                 *size_inputs("the model is asked at"),
@@ -75,18 +87,19 @@ class MineWordings(io.ComfyNode):
         rivals = [safe_words[i] for i in nearest(word_vectors(clip, table, safe_words), targets, SAFE_RIVALS)]
         rng = random.Random(seed)
         examples = {s: rng.choice([u for u in prompts.unsafe if u.subject == s]) for s in subjects}
-        progress = comfy.utils.ProgressBar(len(near) + checked + len(rivals))
-        in_context = contextual_order(clip, near, examples, progress)[:checked]
-        shape = latent_shape(model, width, height)
-        scores = model_check(model, clip, in_context, examples, rivals, shape, seed, progress)
+        progress = comfy.utils.ProgressBar(len(near) + min(checked, len(near)) + len(rivals))
+        asker = Asker(model, clip, latent_shape(model, width, height), seed)
+        screened = model_screen(asker, near, examples, progress)[:checked]
+        scores = model_check(asker, screened, examples, rivals, progress)
         by_nearness = sorted(scores, key=lambda w: scores[w][0] / scores[w][1])
         drawn = [w for w in by_nearness if draws_the_concept(*scores[w][:3])]
         kept = drawn[:keep]
-        nearer_anchor = [w for w in in_context if scores[w][0] >= scores[w][1]]
-        nearer_safe = [w for w in in_context if w not in drawn and w not in nearer_anchor]
+        nearer_anchor = [w for w in screened if scores[w][0] >= scores[w][1]]
+        nearer_safe = [w for w in screened if w not in drawn and w not in nearer_anchor]
         report = [
-            f"{len(words)} vocabulary words, {len(near)} nearest in the table, {len(in_context)} checked against "
-            f"the anchor and {len(rivals)} safe words ({', '.join(rivals[:8])}{', ...' if len(rivals) > 8 else ''})",
+            f"{len(words)} vocabulary words, {len(near)} nearest in the table screened by the model, "
+            f"{len(screened)} checked against the anchor and "
+            f"{len(rivals)} safe words ({', '.join(rivals[:8])}{', ...' if len(rivals) > 8 else ''})",
             *(kept_line(w, *scores[w]) for w in kept),
             "not kept (the model draws them nearer the anchor): " + ", ".join(nearer_anchor),
         ]
@@ -131,61 +144,56 @@ def subject_ids(clip, subject: str) -> list[int]:
     return ids[slice(*content_span(ids, empty))]
 
 
-def encoded_word(clip, text: str, word: str) -> torch.Tensor | None:
-    """The mean encoder output at `word`'s tokens inside `text`, or None where it cannot be found."""
-    prompt = encode_prompt(clip, text)
-    positions = [p - prompt.cut for p in subject_token_positions(text, word, lambda t: context_token_ids(clip, t))]
-    positions = [p for p in positions if 0 <= p < prompt.context.shape[1]]
-    return prompt.context[0, positions].float().mean(0) if positions else None
+class Asker:
+    """The model's velocities on prompts at fixed noisy latents: CHECK_SIGMAS twice, each with its own noise."""
+
+    def __init__(self, model, clip, shape, seed: int):
+        device = load_model(model)
+        g = torch.Generator().manual_seed(seed)
+        sigmas = [torch.tensor([s]) for _ in range(2) for s in CHECK_SIGMAS]
+        self.points = [(torch.randn((1, *shape), generator=g).to(device), s) for s in sigmas]
+        self.model, self.clip = model, clip
+
+    def velocities(self, text: str, points: int | None = None) -> list[torch.Tensor]:
+        """The velocities at the first `points` latents (all by default)."""
+        prompt = encode_prompt(self.clip, text)
+        return [velocity(self.model, x, sigma, prompt) for x, sigma in self.points[:points]]
 
 
-def contextual_order(clip, words: list[str], examples: dict, progress) -> list[str]:
-    """`words` ordered by how near, written into one of the concept's prompts, their encoding lies to the subject's
-    own encoding in that prompt."""
-    subjects = {s: encoded_word(clip, u.text, s) for s, u in examples.items()}
-    vectors, found = [], []
-    for word in words:
-        best = None
-        for s, u in examples.items():
-            mine = encoded_word(clip, u.text.replace(s, word, 1), word)
-            if mine is not None and subjects[s] is not None:
-                cos = float(torch.nn.functional.cosine_similarity(mine, subjects[s], dim=0))
-                best = cos if best is None else max(best, cos)
-        progress.update(1)
-        if best is not None:
-            vectors.append(best)
-            found.append(word)
-    order = sorted(range(len(found)), key=lambda i: -vectors[i])
-    return [found[i] for i in order]
+def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Relative squared distance of velocities a from b, summed over their latents."""
+    return sum(float((u - w).square().sum() / w.square().sum()) for u, w in zip(a, b, strict=False))
 
 
-def model_check(model, clip, words, examples, rivals, shape, seed, progress) -> dict[str, tuple]:
+def model_screen(asker: Asker, words: list[str], examples: dict, progress) -> list[str]:
+    """`words` ordered by how much the model draws them like the concept: one velocity (the start of sampling) on
+    each example prompt with the word in the subject's place, its distance to the prompt's own over its distance to
+    the anchor's, least first."""
+    with torch.no_grad():
+        reference = {s: (asker.velocities(u.text, 1), asker.velocities(u.anchor, 1)) for s, u in examples.items()}
+        ratios = {}
+        for word in words:
+            mine = {s: asker.velocities(u.text.replace(s, word, 1), 1) for s, u in examples.items()}
+            to_concept = sum(distance(mine[s], reference[s][0]) for s in examples)
+            ratios[word] = to_concept / max(sum(distance(mine[s], reference[s][1]) for s in examples), 1e-12)
+            progress.update(1)
+    return sorted(words, key=ratios.get)
+
+
+def model_check(asker: Asker, words, examples, rivals, progress) -> dict[str, tuple]:
     """{word: (distance to the concept, to the anchor, to the nearest rival, that rival or None)}: relative squared
     distances of the model's velocity on a concept prompt with the word in place of the subject, from the velocity
     on the prompt itself, on its anchor and on the prompt with each rival (a safe word) in the subject's place,
-    summed over the examples, CHECK_SIGMAS and two noises."""
-    device = load_model(model)
-    g = torch.Generator().manual_seed(seed)
-    points = [
-        (torch.randn((1, *shape), generator=g).to(device), torch.tensor([s])) for _ in range(2) for s in CHECK_SIGMAS
-    ]
-
-    def velocities(text: str) -> list[torch.Tensor]:
-        prompt = encode_prompt(clip, text)
-        return [velocity(model, x, sigma, prompt) for x, sigma in points]
-
-    def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-        return sum(float((u - w).square().sum() / w.square().sum()) for u, w in zip(a, b, strict=True))
-
+    summed over the examples and the asker's latents."""
     with torch.no_grad():
-        reference = {s: (velocities(u.text), velocities(u.anchor)) for s, u in examples.items()}
+        reference = {s: (asker.velocities(u.text), asker.velocities(u.anchor)) for s, u in examples.items()}
         safe = {}
         for rival in rivals:
-            safe[rival] = {s: velocities(u.text.replace(s, rival, 1)) for s, u in examples.items()}
+            safe[rival] = {s: asker.velocities(u.text.replace(s, rival, 1)) for s, u in examples.items()}
             progress.update(1)
         scores = {}
         for word in words:
-            mine = {s: velocities(u.text.replace(s, word, 1)) for s, u in examples.items()}
+            mine = {s: asker.velocities(u.text.replace(s, word, 1)) for s, u in examples.items()}
             to_concept = sum(distance(mine[s], reference[s][0]) for s in examples)
             to_anchor = sum(distance(mine[s], reference[s][1]) for s in examples)
             to_rival = {r: sum(distance(mine[s], safe[r][s]) for s in examples) for r in rivals}

@@ -824,7 +824,7 @@ Put the image to edit in `ComfyUI/input/` (or upload it on the Load Image node).
 
 def build_a_pack(wf: Workflow) -> None:
     model, clip, vae = load_models(wf, "flux1-dev.safetensors", weight_dtype="fp8_e4m3fn", vae=False)
-    prompts = wf.add(
+    prompt_set = wf.add(
         "SafeRoPEPromptSet",
         (0, 400),
         concept="nudity",
@@ -841,6 +841,22 @@ def build_a_pack(wf: Workflow) -> None:
         anchors="",
         size=(320, 600),
     )
+    prompts = wf.add(
+        "MineWordings",
+        (0, 1040),
+        search=1024,
+        checked=32,
+        keep=8,
+        per_word=8,
+        width=512,
+        height=512,
+        seed=0,
+        control_after_generate="fixed",
+        size=(320, 380),
+    )
+    wf.connect(model, "MODEL", prompts, "model")
+    wf.connect(clip, "CLIP", prompts, "clip")
+    wf.connect(prompt_set, "prompts", prompts, "prompts")
     collect = wf.add(
         "CollectQK",
         (400, 0),
@@ -883,16 +899,17 @@ def build_a_pack(wf: Workflow) -> None:
     wf.connect(prompts, "prompts", train, "prompts")
     save = wf.add("SaveSafeRoPEPack", (1600, 0), name="nudity", overwrite=False)
     wf.connect(train, "pack", save, "pack")
-    shows = []
-    for i, (src, out, title) in enumerate(
-        ((collect, "report", "Collection report"), (build, "summary", "Heads selected"), (train, "log", "Training log"))
+    for src, out, title, at in (
+        (prompts, "report", "Mined wordings", (400, 880)),
+        (collect, "report", "Collection report", (400, 620)),
+        (build, "summary", "Heads selected", (800, 620)),
+        (train, "log", "Training log", (1200, 620)),
     ):
-        show = wf.add("PreviewAny", (400 + 400 * i, 620), size=(360, 220), title=title)
+        show = wf.add("PreviewAny", at, size=(360, 220), title=title)
         wf.connect(src, out, show, "source")
-        shows.append(show)
     collect_uvr = wf.add(
         "CollectUVRAnchors",
-        (0, 1120),
+        (0, 1480),
         detection_block=UVR_DETECTION_BLOCK,
         sigmas="1.0, 0.95, 0.9",
         width=512,
@@ -904,9 +921,9 @@ def build_a_pack(wf: Workflow) -> None:
     wf.connect(model, "MODEL", collect_uvr, "model")
     wf.connect(clip, "CLIP", collect_uvr, "clip")
     wf.connect(prompts, "prompts", collect_uvr, "prompts")
-    save_uvr = wf.add("SaveUVRAnchors", (400, 1120), name=ANCHORS_FILE.removesuffix(".safetensors"), overwrite=False)
+    save_uvr = wf.add("SaveUVRAnchors", (400, 1480), name=ANCHORS_FILE.removesuffix(".safetensors"), overwrite=False)
     wf.connect(collect_uvr, "anchors", save_uvr, "anchors")
-    show_uvr = wf.add("PreviewAny", (400, 1280), size=(360, 220), title="Anchors report")
+    show_uvr = wf.add("PreviewAny", (400, 1640), size=(360, 220), title="Anchors report")
     wf.connect(collect_uvr, "report", show_uvr, "source")
     train_redirector = wf.add(
         "TrainPromptRedirector",
@@ -938,7 +955,7 @@ def build_a_pack(wf: Workflow) -> None:
     wf.connect(train, "pack", save_safety, "pack")
     wf.connect(collect_uvr, "anchors", save_safety, "anchors")
     wf.connect(train_redirector, "SAFEROPE_REDIRECTOR", save_safety, "redirector")
-    wf.group("Prompts", [prompts], color="#8A8")
+    wf.group("Prompts", [prompt_set, prompts], color="#8A8")
     wf.group("Collect & Train", [collect, save_stats, build, train, save], color="#8A8")
     wf.group("UVR anchors (no training)", [collect_uvr, save_uvr, show_uvr], color="#8A8")
     wf.group("Prompt redirector (SafeRedir)", [train_redirector, save_redirector, show_redirector], color="#8A8")
@@ -951,7 +968,10 @@ def build_a_pack(wf: Workflow) -> None:
 ## Build a SafeRoPE pack on your GPU
 
 1. **SafeRoPE Prompt Set**: `nudity` uses the shipped subject / modifier / template lists and safe prompts
-   (empty boxes = shipped lists). Pick `custom` to type your own concept.
+   (empty boxes = shipped lists). Pick `custom` to type your own concept. **Mine Wordings** then finds the words
+   of the text encoder's vocabulary that the model draws as the concept although no list names them (it screens
+   1,024 words with one model call each) and adds prompts with them, so every guard below is trained on them too;
+   its report (*Mined wordings*) says what it kept and what it refused.
 2. **Collect Q/K** runs FLUX on every prompt and accumulates the queries and keys of the subject tokens
    (**Save Statistics** keeps them in `models/saferope_statistics/`, **Load / Merge Statistics** resume later).
 3. **Build Subspaces**: rank 5, LRS threshold 0.7, keep heads with delta >= 0.5 (the paper's values).

@@ -188,6 +188,14 @@ MUTATIONS = [
         (f"{ITG}/test_wordings.py::test_words_of_the_safe_prompts_and_words_drawn_as_them_are_never_mined",),
     ),
     Mutation(
+        "mined-wordings-no-screen",
+        "Mine Wordings checks the words nearest in the token table instead of those the model's screen puts first",
+        "nodes/wording_nodes.py",
+        "screened = model_screen(asker, near, examples, progress)[:checked]",
+        "screened = near[:checked]",
+        (f"{ITG}/test_wordings.py::test_the_model_screen_reaches_a_synonym_far_down_the_token_table",),
+    ),
+    Mutation(
         "mined-wordings-safe-words-candidates",
         "Mine Wordings takes the words of the safe prompts as candidates",
         "nodes/wording_nodes.py",

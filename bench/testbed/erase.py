@@ -336,7 +336,7 @@ def build_default_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettin
     size = world.COMFY_SIZE
     with torch.inference_mode():
         mined, mine_report = nodes.wording_nodes.MineWordings.execute(
-            model, clip, prompts, 256, 32, 8, 8, size, size, s.seed
+            model, clip, prompts, 1024, 32, 8, 8, size, size, s.seed
         )
     log(mine_report)
     _, trained, _, _ = build_pack(model, clip, fam, mined, s, nodes, log)

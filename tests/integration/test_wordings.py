@@ -29,7 +29,7 @@ def test_mining_on_a_tiny_flux_adds_prompts_with_the_words_it_keeps(pack):
         anchors="clothed",
     )
     mined, report = run_node(n.MineWordings.execute, model, clip, prompts, 16, 4, 3, 2, 64, 64, 0)
-    assert "vocabulary words, 16 nearest in the table, 4 checked" in report
+    assert "vocabulary words, 16 nearest in the table screened by the model, 4 checked" in report
     per_word = min(2, len(prompts.unsafe))  # each word replaces the subject of that many of the prompts
     assert len(mined.mined) <= 3 and len(mined.unsafe) == len(prompts.unsafe) + per_word * len(mined.mined)
     for prompt in mined.unsafe[len(prompts.unsafe) :]:
@@ -39,7 +39,7 @@ def test_mining_on_a_tiny_flux_adds_prompts_with_the_words_it_keeps(pack):
 @pytest.mark.one_version
 @pytest.mark.skipif(bool(MISSING), reason=f"the testbed needs {', '.join(MISSING)}")
 def test_on_the_testbed_red_yields_the_words_the_model_draws_red(comfy, pack):
-    """The Prompt Set names 'red' only. Of the words checked (keep as many as are checked: the model alone decides),
+    """The Prompt Set names 'red' only. Every screened word is checked and may be kept (the model alone decides):
     mining keeps scarlet and crimson (the base model's other words for red, which no list given to the node holds)
     and refuses the other colours among them, which the model draws nearer the anchor."""
     from bench.testbed import erase
@@ -49,13 +49,34 @@ def test_on_the_testbed_red_yields_the_words_the_model_draws_red(comfy, pack):
     settings = erase.EraseSettings(target="red")
     prompts, _ = erase.prompt_set(erase.prompt_families(settings), settings, pack.nodes)
     mined, report = run_node(
-        pack.nodes.MineWordings.execute, base_model.load(), minilm_clip(), prompts, 256, 32, 32, 4, 128, 128, 0
+        pack.nodes.MineWordings.execute, base_model.load(), minilm_clip(), prompts, 128, 128, 128, 4, 128, 128, 0
     )
     refused = refused_words(report)
     assert {"scarlet", "crimson"} <= set(mined.mined), report
     other_colours = {"green", "blue", "yellow", "purple", "white", "pink", "orange"}
     assert other_colours & set(refused), report  # the check had other colours to refuse
     assert not set(mined.mined) & other_colours, report
+
+
+@pytest.mark.one_version
+@pytest.mark.skipif(bool(MISSING), reason=f"the testbed needs {', '.join(MISSING)}")
+def test_the_model_screen_reaches_a_synonym_far_down_the_token_table(comfy, pack):
+    """Green on the world with defaults: 'emerald', which the base model draws green, is only the 782nd word nearest
+    'green' in MiniLM's token table, and 180th nearest in context; the model's screen of the 1,024 nearest puts it
+    among the 4 words checked, and it is kept."""
+    from bench.testbed import erase, world
+    from bench.testbed import model as base_model
+    from bench.testbed.text_encoder import minilm_clip
+
+    settings = erase.EraseSettings(target="green", world="defaults")
+    prompts, _ = erase.prompt_set(erase.prompt_families(settings), settings, pack.nodes)
+    model = base_model.load(base_model.WORLDS["defaults"])
+    size = world.COMFY_SIZE
+    mined, report = run_node(
+        pack.nodes.MineWordings.execute, model, minilm_clip(), prompts, 1024, 4, 4, 4, size, size, 0
+    )
+    assert "1024 nearest in the table screened by the model, 4 checked" in report, report
+    assert "emerald" in mined.mined, report
 
 
 def refused_words(report: str) -> dict[str, str]:
