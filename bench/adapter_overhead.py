@@ -105,7 +105,7 @@ def build(env, pack, case: str, dtype: torch.dtype):
     head_dim = cfg["hidden"] // cfg["heads"]
     assert sum(model.params.axes_dim) == head_dim, model.params.axes_dim
     rotation_pack = bench_pack(pack, case)
-    assert rotation_pack.shape == pack.nodes.flux_adapter.model_shape(base)
+    assert rotation_pack.shape == pack.saferope_comfy.flux_adapter.model_shape(base)
 
     timer = HookTimer()
     plain = timer.add(timer.add(base, inner=False), inner=True)

@@ -100,7 +100,7 @@ def build_parts(name: str):
             "dev", context_dim=spec["context_dim"], pooled_dim=spec["pooled_dim"], **spec["flux"]
         )
         clip = comfyui_env.tiny_flux_clip(context_dim=spec["context_dim"], pooled_dim=spec["pooled_dim"])
-    shape = pack.nodes.flux_adapter.model_shape(model)
+    shape = pack.saferope_comfy.flux_adapter.model_shape(model)
     g = torch.Generator().manual_seed(0)
     heads = torch.zeros(shape.heads, dtype=torch.bool)
     heads[: max(1, int(shape.heads * SELECTED_SHARE))] = True
@@ -126,7 +126,7 @@ def probe_forward_backward(name: str, repeats: int) -> dict:
     import torch
 
     pack, model, clip, _, prompts = build_parts(name)
-    training, calls = pack.nodes.training, pack.nodes.model_calls
+    training, calls = pack.saferope_comfy.training, pack.saferope_comfy.model_calls
     training.make_autograd_safe(model.model)
     options = training.training_options(model, checkpointing=False)
     prompt = calls.encode_prompt(clip, prompts.safe[0])
@@ -155,13 +155,13 @@ def probe_forward_backward(name: str, repeats: int) -> dict:
 def probe_train(name: str, repeats: int, checkpointing: bool) -> dict:
     """Train Risk Rotations steps (RotationTrainer, as the node runs it), unsafe and safe alternating."""
     pack, model, clip, subspaces, prompts = build_parts(name)
-    training, core = pack.nodes.training, pack.saferope_core
+    training, core = pack.saferope_comfy.training, pack.saferope_core
     warmup = 2  # one unsafe and one safe step: prompt encoding (cached afterwards) and first-call allocations
     recipe = core.TrainingRecipe(steps=warmup + repeats, learning_rate=1e-3, run_length=1, seed=0)
     data = training.TrainingData(prompts, (16, SIZE // 8, SIZE // 8))
     trainer = training.RotationTrainer(model, clip, subspaces, data, recipe, checkpointing)
     for text in (prompts.unsafe[0].text, prompts.safe[0]):  # text-encoder activations before the baseline
-        pack.nodes.model_calls.encode_prompt(clip, text)
+        pack.saferope_comfy.model_calls.encode_prompt(clip, text)
     baseline = peak_rss_mib()
     marks = []
     trainer.train(on_step=lambda *_: marks.append(time.perf_counter()))

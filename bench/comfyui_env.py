@@ -520,7 +520,7 @@ def combo_options(spec: list) -> list:
 def editor(cls):
     """A test editor class (edit_qk / edit_attention) made a subclass of the pack's Editor, so it has every hook the
     adapter calls (import_pack() first)."""
-    return type(cls.__name__, (cls, import_pack().nodes.editors.Editor), {})
+    return type(cls.__name__, (cls, import_pack().saferope_comfy.editors.Editor), {})
 
 
 def node_input(node_class, name: str):

@@ -13,8 +13,8 @@ Per model, at 1024 x 1024 (4,096 image tokens) with 512 text tokens:
 - train: one Train Risk Rotations step (RotationTrainer, gradient checkpointing on, the node's default) against one
   plain forward + backward of the same model, and the peak CUDA memory of each (torch.cuda.max_memory_allocated);
 - syncs: one step of each arm under torch.cuda.set_sync_debug_mode("warn"), counting the synchronising calls made
-  from this repository's code (nodes/, saferope_core/) and from everything else (ComfyUI, torch); "error" mode is
-  what the issue asked for, but ComfyUI's own step may sync, which would hide the pack's.
+  from this repository's code (nodes/, saferope_comfy/, saferope_core/) and from everything else (ComfyUI, torch);
+  "error" mode is what the issue asked for, but ComfyUI's own step may sync, which would hide the pack's.
 
 Without CUDA it says that it needs a GPU and exits with status 2.
 """
@@ -80,7 +80,7 @@ def build(pack, spec: dict, device, dtype):
         pooled_dim=pooled_dim or comfyui_env.POOLED_DIM,  # not used by kinds without a pooled vector
         **spec["shape"],
     )
-    shape = nodes.flux_adapter.model_shape(model)
+    shape = pack.saferope_comfy.flux_adapter.model_shape(model)
     g = torch.Generator().manual_seed(0)
     blocks = {}
     for name in shape.block_names():
@@ -98,8 +98,8 @@ def build(pack, spec: dict, device, dtype):
         ["gpu check"],
     )
     torch.manual_seed(0)
-    redirector = core.redirector.PromptRedirector(nodes.prompt_redirect.redirector_config(model))
-    redirect = nodes.prompt_redirect.RedirectWrapper(redirector, 1.0, -1e9, 3)  # every sample flagged
+    redirector = core.redirector.PromptRedirector(pack.saferope_comfy.prompt_redirect.redirector_config(model))
+    redirect = pack.saferope_comfy.prompt_redirect.RedirectWrapper(redirector, 1.0, -1e9, 3)  # every sample flagged
     with torch.inference_mode():
         (rotated,) = nodes.rotation_nodes.ApplyRiskRotation.execute(model, rotations, 1.0, "both").args
         (restricted,) = nodes.uvr_nodes.RestrictUnsafeFlow.execute(model, anchors, 1.0, -1.0, 0.85, -1).args
@@ -107,7 +107,7 @@ def build(pack, spec: dict, device, dtype):
         "unpatched": model,
         "Apply Risk Rotation": rotated,
         "Restrict Unsafe Flow": restricted,
-        "Redirect Unsafe Prompts": nodes.prompt_redirect.with_redirection(model, redirect),
+        "Redirect Unsafe Prompts": pack.saferope_comfy.prompt_redirect.with_redirection(model, redirect),
     }
     latent = torch.randn(1, *spec["latent"], generator=g).to(device, dtype)
     context = torch.randn(1, spec.get("text_tokens", TEXT_TOKENS), spec["context_dim"], generator=g).to(device, dtype)
@@ -143,7 +143,7 @@ def syncs(arms: dict, inputs, device) -> dict:
     if device.type != "cuda":
         return {name: (None, None) for name in arms}
     latent, context, pooled = inputs
-    roots = (str(REPO / "nodes"), str(REPO / "saferope_core"))
+    roots = tuple(str(REPO / part) for part in ("nodes", "saferope_comfy", "saferope_core"))
     counts = {}
     with torch.inference_mode():
         for name, patched in arms.items():
@@ -162,8 +162,8 @@ def syncs(arms: dict, inputs, device) -> dict:
 
 def training(pack, model, rotations, spec: dict, device, repeats: int) -> dict:
     """Seconds and peak memory of one Train Risk Rotations step and of one plain forward + backward."""
-    core, nodes = pack.saferope_core, pack.nodes
-    train, calls = nodes.training, nodes.model_calls
+    core = pack.saferope_core
+    train, calls = pack.saferope_comfy.training, pack.saferope_comfy.model_calls
     clip = text_encoder(spec)
     prompts = core.PromptSet(
         "gpu check", [core.UnsafePrompt("a photo of a nude woman", "nude", "a photo of a woman")], ["a bowl of fruit"]

@@ -2,13 +2,12 @@
 
     COMFYUI_PATH=<a ComfyUI >= 0.33 checkout> python -m bench.qk_mechanisms [--cases tiny slice] [--repeats 7]
 
-Mechanisms (nodes/flux_adapter.py): "attn1_patch", ComfyUI's own pre-attention patch of FLUX's blocks (ComfyUI >=
-0.33, what Apply Risk Rotation uses there), and "hooks", forward hooks on the QK-norm modules for the duration of
-each call (what older ComfyUIs get). Same cases and pack as bench.adapter_overhead (512 text + 1,024 image tokens,
-rank 5 on half the heads of every block). Arms: the unpatched model, the pack through each mechanism; they run in
-rotating order, one denoiser call each (comfyui_env.run_model, under inference_mode), process CPU time with one
-thread; medians of the per-round ratios. On an older ComfyUI only the hooks arm runs.
-"""
+Mechanisms (saferope_comfy/flux_adapter.py): "attn1_patch", ComfyUI's own pre-attention patch of FLUX's blocks (ComfyUI
+>= 0.33, what Apply Risk Rotation uses there), and "hooks", forward hooks on the QK-norm modules for the duration of
+each call (what older ComfyUIs get). Same cases and pack as bench.adapter_overhead (512 text + 1,024 image tokens, rank
+5 on half the heads of every block). Arms: the unpatched model, the pack through each mechanism; they run in rotating
+order, one denoiser call each (comfyui_env.run_model, under inference_mode), process CPU time with one thread; medians
+of the per-round ratios. On an older ComfyUI only the hooks arm runs."""
 
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from .adapter_overhead import CASES, LATENT_HW, TEXT_TOKENS, bench_pack, comfyui
 
 def arms(env, pack, case: str) -> dict:
     """{arm name: patcher} for one case: unpatched, and the pack applied through each available mechanism."""
-    adapter, editors = pack.nodes.flux_adapter, pack.nodes.editors
+    adapter, editors = pack.saferope_comfy.flux_adapter, pack.saferope_comfy.editors
     base = env.tiny_flux("dev", seed=0, **CASES[case])
     rotation = editors.RiskRotation(bench_pack(pack, case), 1.0, ("txt", "img"))
     mechanisms = ["hooks"] + (["attn1_patch"] if adapter.flux_blocks_call_attn1_patch() else [])

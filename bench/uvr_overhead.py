@@ -38,7 +38,7 @@ def setup(name: str, kind: str = "dev"):
     model = comfyui_env.tiny_flux(
         kind, depth=cfg["depth"], depth_single=cfg["depth_single"], hidden=cfg["hidden"], heads=cfg["heads"]
     )
-    shape = pack.nodes.flux_adapter.model_shape(model)
+    shape = pack.saferope_comfy.flux_adapter.model_shape(model)
     g = torch.Generator().manual_seed(0)
     anchors = torch.nn.functional.normalize(torch.randn(shape.heads, 4, shape.head_dim, generator=g), dim=-1)
     uvr = pack.saferope_core.uvr.UVRAnchors(
@@ -48,7 +48,7 @@ def setup(name: str, kind: str = "dev"):
     context = torch.randn(1, cfg["text"], comfyui_env.CONTEXT_DIM, generator=g)
     pooled = torch.randn(1, comfyui_env.POOLED_DIM, generator=g)
     editor = pack.nodes.uvr_nodes.UnsafeFlowRestriction(uvr, 1.0, -1.0, 0.85)
-    return model, pack.nodes.flux_adapter.with_qk_editor(model, editor), editor, (x, context, pooled)
+    return model, pack.saferope_comfy.flux_adapter.with_qk_editor(model, editor), editor, (x, context, pooled)
 
 
 def timed(model, inputs, sigmas) -> float:

@@ -1,13 +1,13 @@
-"""ComfyUI nodes of the SafeRoPE pack (thin V3 schemas: inputs -> saferope_core -> outputs), the editors they run
-and the FLUX adapter."""
+"""The SafeRoPE pack's ComfyUI nodes (V3 schemas: inputs, outputs, tooltips, validation, a short execute) over
+saferope_comfy (the model wrapper, model calls, trainers, files) over saferope_core (the method)."""
 
-from .version_check import check_running_comfyui
+from ..saferope_comfy.version_check import check_running_comfyui
 
 check_running_comfyui()  # before anything else: an old ComfyUI gets one clear import error
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from . import model_files
+from ..saferope_comfy import model_files
 from .collect_nodes import (
     BuildSubspaces,
     CollectQK,

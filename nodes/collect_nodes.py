@@ -12,6 +12,18 @@ import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..saferope_comfy import model_files
+from ..saferope_comfy.editors import QKCollector
+from ..saferope_comfy.flux_adapter import with_qk_editor
+from ..saferope_comfy.model_calls import (
+    context_token_ids,
+    encode_prompt,
+    latent_shape,
+    load_model,
+    model_inputs,
+    velocity,
+)
+from ..saferope_comfy.model_files import STATS_FOLDER
 from ..saferope_core import (
     PromptSet,
     PromptSetError,
@@ -31,7 +43,6 @@ from ..saferope_core.prompts import (
     read_prompt_file,
 )
 from ..saferope_core.statistics import STATISTICS_KIND
-from . import model_files
 from .common import (
     Pack,
     Prompts,
@@ -49,11 +60,7 @@ from .common import (
     target_path,
     validation,
 )
-from .editors import QKCollector
 from .errors import SafeRoPEInputError
-from .flux_adapter import with_qk_editor
-from .model_calls import context_token_ids, encode_prompt, latent_shape, load_model, model_inputs, velocity
-from .model_files import STATS_FOLDER
 
 CATEGORY = "SafeRoPE/Collect & Train"
 CUSTOM = "custom"

@@ -11,12 +11,12 @@ import os
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..saferope_comfy.flux_adapter import NotFluxError, model_shape
 from ..saferope_core import PromptAlignmentError, PromptSet, QKStatistics, SafeRoPEPack, SafeRoPEPackError
 from ..saferope_core.redirector import PromptRedirector
 from ..saferope_core.safety_pack import SafetyPack
 from ..saferope_core.uvr import UVRAnchors
 from .errors import SafeRoPEInputError
-from .flux_adapter import NotFluxError, model_shape
 
 # The pack's own socket types (the names stay: saved workflows connect by them)
 Pack = io.Custom("SAFEROPE_PACK")  # a pack, or the untrained subspaces Build Subspaces makes

@@ -10,9 +10,16 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.v0_0_2 import io
 
+from ..saferope_comfy import model_files
+from ..saferope_comfy.model_calls import latent_shape, load_model
+from ..saferope_comfy.model_files import REDIRECTOR_FOLDER, TRAINING_FOLDER
+from ..saferope_comfy.prompt_redirect import (
+    RedirectorRecipe,
+    RedirectorTrainer,
+    redirector_config,
+)
 from ..saferope_core import CheckpointError, PromptSet
 from ..saferope_core.redirector import REDIRECTOR_KIND, PromptRedirector, RedirectorError
-from . import model_files
 from .common import (
     Prompts,
     Redirector,
@@ -28,16 +35,7 @@ from .common import (
     validation,
 )
 from .errors import SafeRoPEInputError
-from .model_calls import latent_shape, load_model
-from .model_files import REDIRECTOR_FOLDER, TRAINING_FOLDER
-from .prompt_redirect import (
-    RedirectorRecipe,
-    RedirectorTrainer,
-    RedirectWrapper,
-    redirector_config,
-    refuse_other_model,
-    with_redirection,
-)
+from .guards import redirected
 
 log = logging.getLogger("saferope")
 
@@ -282,15 +280,3 @@ class RedirectUnsafePrompts(io.ComfyNode):
         return io.NodeOutput(
             redirected(cls.NODE, "redirector", model, redirector, float(strength), float(threshold), int(cooldown))
         )
-
-
-def redirected(node: str, input_name: str, model, redirector, strength: float, threshold: float, cooldown: int):
-    """A clone of `model` whose flagged samples the redirector redirects (after checking it fits the model; errors
-    name node and input)."""
-    require_flux(node, model)
-    problem = refuse_other_model(redirector.config, model)
-    if problem:
-        raise SafeRoPEInputError(
-            node, input_name, f"the redirector does not fit this model: {problem}", "Train one on this model"
-        )
-    return with_redirection(model, RedirectWrapper(redirector, strength, threshold, cooldown))

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
+from ..saferope_comfy import model_files
 from ..saferope_core import SafeRoPEPackError, load_pack
-from . import model_files
-from .common import Pack, checked, require_pack_fits
-from .editors import RiskRotation
+from .common import Pack, checked
 from .errors import SafeRoPEInputError
-from .flux_adapter import with_qk_editor
+from .guards import rotated
 
 TOKEN_CHOICES = {"both": ("txt", "img"), "text": ("txt",), "image": ("img",)}
 
@@ -148,9 +147,3 @@ class ApplyRiskRotation(io.ComfyNode):
     @checked
     def execute(cls, model, pack, strength, apply_to) -> io.NodeOutput:
         return io.NodeOutput(rotated(cls.NODE, "pack", model, pack, float(strength), TOKEN_CHOICES[apply_to]))
-
-
-def rotated(node: str, input_name: str, model, pack, strength: float, tokens: tuple[str, ...]):
-    """A clone of `model` whose q/k the pack rotates (after checking the pack fits it; errors name node and input)."""
-    require_pack_fits(node, input_name, pack, model, "Use a pack built for this model")
-    return with_qk_editor(model, RiskRotation(pack, strength, tokens))

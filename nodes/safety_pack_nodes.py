@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
+from ..saferope_comfy import model_files
 from ..saferope_core.safety_pack import SAFETY_PACK_KIND, SafetyPack, SafetyPackError, load_safety_pack
-from . import model_files
 from .common import (
     Anchors,
     Pack,
@@ -22,9 +22,7 @@ from .common import (
     validation,
 )
 from .errors import SafeRoPEInputError
-from .redirect_nodes import redirected
-from .rotation_nodes import rotated
-from .uvr_nodes import restricted
+from .guards import redirected, restricted, rotated
 
 # How Apply Safety Pack runs each guard at strength 1 (the separate nodes' defaults)
 REDIRECT_THRESHOLD, REDIRECT_COOLDOWN = 0.0, 3

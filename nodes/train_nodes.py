@@ -10,8 +10,10 @@ import comfy.utils
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..saferope_comfy import model_files
+from ..saferope_comfy.model_calls import latent_shape, load_model
+from ..saferope_comfy.training import RotationTrainer, TrainingData
 from ..saferope_core import CheckpointError, PromptSet, SafeRoPEPack, TrainingRecipe, clean_lines
-from . import model_files
 from .common import (
     Pack,
     Prompts,
@@ -24,8 +26,6 @@ from .common import (
     validation,
 )
 from .errors import SafeRoPEInputError
-from .model_calls import latent_shape, load_model
-from .training import RotationTrainer, TrainingData
 
 log = logging.getLogger("saferope")
 OBJECTIVES = ("redirect", "deviate")

@@ -20,9 +20,13 @@ import comfy.utils
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..saferope_comfy import model_files
+from ..saferope_comfy.editors import AttentionOutputCollector
+from ..saferope_comfy.flux_adapter import with_qk_editor
+from ..saferope_comfy.model_calls import encode_prompt, latent_shape, load_model, velocity
+from ..saferope_comfy.model_files import ANCHORS_FOLDER, STATS_FOLDER
 from ..saferope_core import AnchorsError, PromptSet, QKStatistics
 from ..saferope_core.uvr import ANCHORS_KIND, UVRAnchors, build_anchors
-from . import model_files
 from .common import (
     Anchors,
     Prompts,
@@ -38,11 +42,8 @@ from .common import (
     target_path,
     validation,
 )
-from .editors import AttentionOutputCollector, UnsafeFlowRestriction
 from .errors import SafeRoPEInputError
-from .flux_adapter import with_qk_editor
-from .model_calls import encode_prompt, latent_shape, load_model, velocity
-from .model_files import ANCHORS_FOLDER, STATS_FOLDER
+from .guards import restricted
 
 CATEGORY = "SafeRoPE/UVR"
 ANCHOR_FOLDERS = (ANCHORS_FOLDER, STATS_FOLDER)  # anchors saved before they had their own folder still load
@@ -207,30 +208,6 @@ class RestrictUnsafeFlow(io.ComfyNode):
         return io.NodeOutput(
             restricted(cls.NODE, "anchors", model, anchors, float(strength), cut, float(sigma_start), detection_block)
         )
-
-
-def restricted(
-    node: str, input_name: str, model, anchors, strength: float, threshold: float, sigma_start: float, block=-1
-):
-    """A clone of `model` whose unsafe flow UVR restricts (after checking the anchors fit it; errors name node and
-    input). `block`: the detection block, -1 for the anchors' own."""
-    shape = require_flux(node, model)
-    problem = anchors.shape.mismatch(shape)
-    if problem:
-        raise SafeRoPEInputError(
-            node,
-            input_name,
-            f"anchors were collected on another model ({problem})",
-            "Collect UVR Anchors on this model",
-        )
-    if block >= 0 and f"single.{block}" != anchors.block:
-        raise SafeRoPEInputError(
-            node,
-            "detection_block",
-            f"the anchors belong to {anchors.block}",
-            "Leave -1, or collect anchors at that block",
-        )
-    return with_qk_editor(model, UnsafeFlowRestriction(anchors, strength, threshold, sigma_start))
 
 
 class SaveUVRAnchors(io.ComfyNode):

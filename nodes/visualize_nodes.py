@@ -7,13 +7,9 @@ import torch
 from comfy_api.v0_0_2 import io
 from PIL import Image, ImageDraw, ImageFont
 
-from ..saferope_core import SafeRoPEPack
-from ..saferope_core.prompts import content_span
-from .common import Pack, checked, require_pack_fits, seed_input
-from .editors import RiskObserver
-from .errors import SafeRoPEInputError
-from .flux_adapter import with_qk_editor
-from .model_calls import (
+from ..saferope_comfy.editors import RiskObserver
+from ..saferope_comfy.flux_adapter import with_qk_editor
+from ..saferope_comfy.model_calls import (
     context_token_ids,
     context_tokenizer,
     encode_prompt,
@@ -22,6 +18,10 @@ from .model_calls import (
     model_inputs,
     velocity,
 )
+from ..saferope_core import SafeRoPEPack
+from ..saferope_core.prompts import content_span
+from .common import Pack, checked, require_pack_fits, seed_input
+from .errors import SafeRoPEInputError
 
 PANEL = 512
 

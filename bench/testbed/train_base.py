@@ -11,7 +11,7 @@ attributes from the context tokens (as FLUX reads T5), not only from the global 
 warm-up and cosine decay; the saved weights are an exponential moving average.
 
 The stock FLUX blocks update their residual stream in place, so training calls the model with the pack's own
-backward-safe block patches (nodes.training.training_options), the same mechanism Train Risk Rotations uses.
+backward-safe block patches (saferope_comfy.training.training_options), the same mechanism Train Risk Rotations uses.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def train(
     log=print,
 ) -> dict:
     comfy_and_pack()
-    from comfyui_saferope.nodes.training import training_options
+    from comfyui_saferope.saferope_comfy.training import training_options
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)

@@ -47,7 +47,7 @@ def folders(tmp_path_factory, pack):
     import folder_paths
 
     root = tmp_path_factory.mktemp("models")
-    names = pack.nodes.model_files.FOLDERS
+    names = pack.saferope_comfy.model_files.FOLDERS
 
     def forget_file_lists():  # folder_paths caches file lists per folder name
         for name in names:

@@ -52,7 +52,7 @@ def make_pack(pack, shape, seed=0, heads=None, scale=2.0, zero=False, concept="p
 
 
 def planted(pack, patcher, **kw):
-    return make_pack(pack, pack.nodes.flux_adapter.model_shape(patcher), **kw)
+    return make_pack(pack, pack.saferope_comfy.flux_adapter.model_shape(patcher), **kw)
 
 
 def apply(pack, model, rotation_pack, strength=1.0, apply_to="both"):
@@ -113,7 +113,7 @@ def with_wrapper(patcher, key, wrapper):
 
 
 def recorder(pack) -> QKRecorder:
-    return QKRecorder(pack.nodes.flux_adapter.qk_mechanism())
+    return QKRecorder(pack.saferope_comfy.flux_adapter.qk_mechanism())
 
 
 def instrumented(pack, base, *applies):
@@ -279,7 +279,7 @@ def test_hooks_are_removed_when_a_call_fails(pack, base):
                 raise comfy.model_management.InterruptProcessingException()
             return q, k
 
-    failing = pack.nodes.flux_adapter.with_qk_editor(base, comfyui_env.editor(Failing)())
+    failing = pack.saferope_comfy.flux_adapter.with_qk_editor(base, comfyui_env.editor(Failing)())
     model = apply(pack, failing, planted(pack, base))
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         run(model, *inputs())
@@ -302,7 +302,7 @@ def test_kontext_reference_tokens_are_image_tokens(pack, method, n_refs):
     applies = [(rotation_pack, 1.0, "both")]
     observer = comfyui_env.editor(LayoutObserver)()
     model, pre, post = instrumented(pack, kontext, *applies)
-    model = pack.nodes.flux_adapter.with_qk_editor(model, observer)
+    model = pack.saferope_comfy.flux_adapter.with_qk_editor(model, observer)
     g = torch.Generator().manual_seed(7)
     refs = [torch.randn(1, 16, 6, 10, generator=g), torch.randn(1, 16, 5, 3, generator=g)][:n_refs]
     latent, context, pooled = inputs(batch=2)
@@ -355,7 +355,7 @@ def test_odd_resolution(pack, base):
     applies = [(planted(pack, base, seed=6), 1.0, "both")]
     observer = comfyui_env.editor(LayoutObserver)()
     model, pre, post = instrumented(pack, base, *applies)
-    model = pack.nodes.flux_adapter.with_qk_editor(model, observer)
+    model = pack.saferope_comfy.flux_adapter.with_qk_editor(model, observer)
     latent, context, pooled = inputs(h=9, w=13)
     out = run(model, latent, context, pooled)
     assert observer.layouts[0].img_hw == (5, 7) and observer.layouts[0].img == 35
@@ -412,7 +412,7 @@ def test_attn1_patch_and_hooks_give_the_same_velocity(pack, base):
     tokens; where they do not (older ComfyUI), the hooks are used and the patch is refused."""
     import comfyui_version
 
-    adapter = pack.nodes.flux_adapter
+    adapter = pack.saferope_comfy.flux_adapter
     newer = tuple(int(x) for x in comfyui_version.__version__.split(".")[:2]) >= (0, 33)
     assert adapter.flux_blocks_call_attn1_patch() is newer
     assert adapter.qk_mechanism() == ("attn1_patch" if newer else "hooks")
@@ -424,7 +424,9 @@ def test_attn1_patch_and_hooks_give_the_same_velocity(pack, base):
     def through(mechanism, *packs):
         model = base
         for p in packs:
-            model = adapter.with_qk_editor(model, pack.nodes.editors.RiskRotation(p, 1.0, ("txt", "img")), mechanism)
+            model = adapter.with_qk_editor(
+                model, pack.saferope_comfy.editors.RiskRotation(p, 1.0, ("txt", "img")), mechanism
+            )
         return run(model, latent, context, pooled)
 
     if not newer:
@@ -459,7 +461,7 @@ def test_attention_override_takes_tensor_containers(pack):
     if not hasattr(attention, "AttentionTensorContainer"):  # older ComfyUI: no containers to take
         assert tuple(int(x) for x in comfyui_version.__version__.split(".")[:2]) < (0, 33)
         return
-    adapter = pack.nodes.flux_adapter
+    adapter = pack.saferope_comfy.flux_adapter
     seen = []
 
     class HalveValues:
@@ -494,7 +496,7 @@ def test_attention_override_takes_tensor_containers(pack):
 @pytest.mark.parametrize("field, value", [("heads", 8), ("double_blocks", 3), ("head_dim", 8)])
 def test_pack_for_another_model_is_refused(pack, base, field, value):
     """A pack built for another shape: SafeRoPEInputError naming the node, the input 'pack' and the dimension."""
-    shape = pack.nodes.flux_adapter.model_shape(base)
+    shape = pack.saferope_comfy.flux_adapter.model_shape(base)
     other = pack.saferope_core.ModelShape(**{**shape.to_dict(), field: value})
     heads = {"double.0": [1] + [0] * (other.heads - 1)}
     with pytest.raises(pack.nodes.errors.SafeRoPEInputError) as info:

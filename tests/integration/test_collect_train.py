@@ -76,7 +76,7 @@ def nodes_of(pack):
 
 
 def tokenizer(pack, clip):
-    return lambda text: pack.nodes.model_calls.context_token_ids(clip, text)
+    return lambda text: pack.saferope_comfy.model_calls.context_token_ids(clip, text)
 
 
 def concept_lists(pack, clip) -> dict[str, list[str]]:
@@ -145,7 +145,7 @@ def plant_head(pack, model, clip, prompts, gain: float = 5.0) -> float:
     try:
         texts = [(p.text, location.found[i]) for i, p in enumerate(prompts.unsafe)] + [(t, []) for t in prompts.safe]
         for text, positions in texts:
-            encoded = pack.nodes.model_calls.encode_prompt(clip, text)
+            encoded = pack.saferope_comfy.model_calls.encode_prompt(clip, text)
             comfyui_env.run_model(model, torch.zeros(1, 16, 2, 2), 1.0, encoded.context, encoded.pooled)
             x = seen.pop()
             subject.append(x[positions])
@@ -304,7 +304,7 @@ def test_merge_of_halves_equals_one_collection_and_save_load_round_trip(pack, fo
 
 def mean_deviation(pack, base_model, rotated_model, clip, texts, seed: int = 123) -> float:
     """Mean relative deviation ||v_base - v_rot||^2 / ||v_base||^2 over texts, at sigma 1.0 and 0.7."""
-    calls = pack.nodes.model_calls
+    calls = pack.saferope_comfy.model_calls
     g = torch.Generator().manual_seed(seed)
     values = []
     with torch.no_grad():
@@ -351,8 +351,8 @@ def train_node(
 
 
 def trainer(pack, planted, steps, checkpointing=False):
-    """nodes.training.RotationTrainer with the recipe Train Risk Rotations builds from the same inputs."""
-    training = pack.nodes.training
+    """saferope_comfy.training.RotationTrainer with the recipe Train Risk Rotations builds from the same inputs."""
+    training = pack.saferope_comfy.training
     recipe = pack.saferope_core.TrainingRecipe(steps=steps, learning_rate=LEARNING_RATE, seed=0, objective=OBJECTIVE)
     data = training.TrainingData(planted.prompts, (16, SIZE // 8, SIZE // 8))
     return training.RotationTrainer(planted.model, planted.clip, planted.subspaces, data, recipe, checkpointing)
@@ -367,7 +367,7 @@ def weights(rotations) -> list[torch.Tensor]:
 def trained(pack, planted, folders):
     """Train Risk Rotations, 40 steps (runs of 10 unsafe / 10 safe), checkpoint folder in a temp dir."""
     probe = torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(9))
-    encoded = pack.nodes.model_calls.encode_prompt(planted.clip, planted.held.unsafe[0].text)
+    encoded = pack.saferope_comfy.model_calls.encode_prompt(planted.clip, planted.held.unsafe[0].text)
     with torch.inference_mode():
         before = comfyui_env.run_model(planted.model, probe, 0.8, encoded.context, encoded.pooled)
     options = repr(planted.model.model_options)
@@ -380,7 +380,7 @@ def trained(pack, planted, folders):
 def test_training_unlearns_unsafe_and_preserves_safe(pack, planted, trained):
     """On held-out prompts: the unsafe deviation rises 100-fold from the initial rotations and the safe deviation
     stays below a third of it (and below 1% of the velocity's energy)."""
-    training = pack.nodes.training
+    training = pack.saferope_comfy.training
     recipe = pack.saferope_core.TrainingRecipe(
         steps=TRAIN_STEPS, learning_rate=LEARNING_RATE, seed=0, objective=OBJECTIVE
     )
@@ -437,7 +437,7 @@ def test_saved_pack_loads_validates_and_patches(pack, planted, trained, folders)
     recipe = pack.saferope_core.TrainingRecipe(
         steps=TRAIN_STEPS, learning_rate=LEARNING_RATE, seed=0, objective=OBJECTIVE
     )
-    start = pack.nodes.training.trainable_pack(planted.subspaces, recipe, "cpu")[0]
+    start = pack.saferope_comfy.training.trainable_pack(planted.subspaces, recipe, "cpu")[0]
     moved = [not torch.equal(w, w0.detach()) for w, w0 in zip(weights(loaded), weights(start), strict=True)]
     assert all(moved), f"rotation parameters unchanged by training (text, image per block): {moved}"
     assert loaded.heads_rotated() == 1 and loaded.rank == RANK
@@ -449,7 +449,7 @@ def test_saved_pack_loads_validates_and_patches(pack, planted, trained, folders)
     node_pack, info = result["result"]
     assert "rank 2" in info and "1 heads" in info
     (rotated,) = run_node(n.ApplyRiskRotation.execute, planted.model, node_pack, 1.0, "both")
-    encoded = n.model_calls.encode_prompt(planted.clip, planted.held.unsafe[0].text)
+    encoded = pack.saferope_comfy.model_calls.encode_prompt(planted.clip, planted.held.unsafe[0].text)
     latent = torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         base = comfyui_env.run_model(planted.model, latent, 0.9, encoded.context, encoded.pooled)
@@ -495,7 +495,7 @@ def test_training_keeps_ordinary_weights_frozen(pack, small):
     """A model built outside inference mode (a library caller, another custom node) is trained against frozen:
     no parameter of it gets a gradient."""
     model = comfyui_env.tiny_flux("dev")  # same shape as small["model"], ordinary tensors
-    training = pack.nodes.training
+    training = pack.saferope_comfy.training
     recipe = pack.saferope_core.TrainingRecipe(steps=2, seed=0)
     data = training.TrainingData(small["prompts"], (16, 4, 4))
     training.RotationTrainer(model, small["clip"], small["subspaces"], data, recipe).train()
@@ -509,7 +509,7 @@ def test_training_frees_replaced_inference_weights(pack, small):
     with torch.inference_mode():
         model = comfyui_env.tiny_flux("dev")  # same shape as small["model"]
     originals = [weakref.ref(p) for p in model.model.parameters()]
-    training = pack.nodes.training
+    training = pack.saferope_comfy.training
     recipe = pack.saferope_core.TrainingRecipe(steps=2, seed=0)
     data = training.TrainingData(small["prompts"], (16, 4, 4))
     alive = []
@@ -561,7 +561,7 @@ class StopTraining(Exception):
 def first_training_step(pack, small, checkpointing: bool) -> dict:
     """The first step of a Train Risk Rotations run on the small model (then cancelled): how many blocks ran through
     torch.utils.checkpoint, and the bytes each differentiable forward (the rotated model's) left held for backward."""
-    training = pack.nodes.training
+    training = pack.saferope_comfy.training
     found = {"checkpointed": 0, "held": []}
     real_checkpoint, real_velocity = torch.utils.checkpoint.checkpoint, training.velocity
 
@@ -607,7 +607,7 @@ def first_steps(pack, small) -> dict:
 def test_gradient_checkpointing_runs_only_when_asked(pack, small, first_steps):
     """With gradient checkpointing on, every block of the rotated model's differentiable forward runs through
     torch.utils.checkpoint; off, none does (that both give the same parameters is checked above)."""
-    blocks = len(pack.nodes.flux_adapter.model_shape(small["model"]).block_names())
+    blocks = len(pack.saferope_comfy.flux_adapter.model_shape(small["model"]).block_names())
     plain, checkpointed = first_steps[False], first_steps[True]
     assert plain["checkpointed"] == 0 and len(plain["held"]) == 1
     assert len(checkpointed["held"]) == 1 and checkpointed["checkpointed"] == blocks

@@ -68,12 +68,12 @@ def clip_of(kind: str):
 
 
 def noise(pack, model, seed=0):
-    shape = pack.nodes.model_calls.latent_shape(model, SIZE, SIZE)
+    shape = pack.saferope_comfy.model_calls.latent_shape(model, SIZE, SIZE)
     return torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed))
 
 
 def velocity(pack, model, clip, text, x, sigma=0.9):
-    calls = pack.nodes.model_calls
+    calls = pack.saferope_comfy.model_calls
     with torch.inference_mode():
         return calls.velocity(model, x, torch.tensor([sigma]), calls.encode_prompt(clip, text))
 
@@ -81,7 +81,7 @@ def velocity(pack, model, clip, text, x, sigma=0.9):
 def planted_pack(pack, model, seed=0, scale=2.0, rank=2):
     """Random orthonormal bases and W on heads 0 and 1 of every block of the model's shape."""
     core = pack.saferope_core
-    shape = pack.nodes.flux_adapter.model_shape(model)
+    shape = pack.saferope_comfy.flux_adapter.model_shape(model)
     g = torch.Generator().manual_seed(seed)
     mask = torch.tensor([i < 2 for i in range(shape.heads)])
 
@@ -125,7 +125,7 @@ def test_this_comfyui_builds_what_it_should(comfy):
 
 
 def test_family_and_shape_are_read_from_the_model(pack, kind):
-    shape = pack.nodes.flux_adapter.model_shape(model_of(kind))
+    shape = pack.saferope_comfy.flux_adapter.model_shape(model_of(kind))
     assert (shape.family, shape.double_blocks, shape.single_blocks, shape.heads, shape.head_dim) == (
         comfyui_env.FAMILY_OF_KIND[kind],
         2,
@@ -133,7 +133,7 @@ def test_family_and_shape_are_read_from_the_model(pack, kind):
         4,
         16,
     )
-    other = pack.nodes.flux_adapter.model_shape(model_of(kind, **OTHER_SHAPE))
+    other = pack.saferope_comfy.flux_adapter.model_shape(model_of(kind, **OTHER_SHAPE))
     assert (other.family, other.double_blocks, other.single_blocks, other.heads, other.head_dim) == (
         comfyui_env.FAMILY_OF_KIND[kind],
         1,
@@ -194,7 +194,7 @@ def test_model_calls_get_what_sampling_gives(pack, kind):
     import comfy.patcher_extension
 
     model, clip = model_of(kind), clip_of(kind)
-    calls = pack.nodes.model_calls
+    calls = pack.saferope_comfy.model_calls
     prompt = calls.encode_prompt(clip, UNSAFE[0])
     recorder = InputRecorder()
     recorded = model.clone()
@@ -217,7 +217,7 @@ def test_model_calls_get_what_sampling_gives(pack, kind):
 def test_subject_positions_land_on_the_subject_in_the_models_context(pack, kind):
     """Collect Q/K's positions, after the encoder's cut (Ovis-Image's chat template) and the model's padding
     (FLUX.2), point at the subject's own encoder vectors in the context the model receives."""
-    calls, core = pack.nodes.model_calls, pack.saferope_core
+    calls, core = pack.saferope_comfy.model_calls, pack.saferope_core
     model, clip = model_of(kind), clip_of(kind)
     prompt = calls.encode_prompt(clip, UNSAFE[1])
     positions = core.prompts.subject_token_positions(UNSAFE[1], "nude", lambda t: calls.context_token_ids(clip, t))
@@ -251,7 +251,7 @@ def test_apply_risk_rotation(pack, kind):
     assert relative_change(velocity(pack, patched, clip, UNSAFE[0], x), before) > 1e-5  # rounding: ~1e-12
     assert torch.equal(velocity(pack, off, clip, UNSAFE[0], x), before)
     assert torch.equal(velocity(pack, model, clip, UNSAFE[0], x), before)
-    prompt = pack.nodes.model_calls.encode_prompt(clip, UNSAFE[0])
+    prompt = pack.saferope_comfy.model_calls.encode_prompt(clip, UNSAFE[0])
     out = comfyui_env.sample(patched, prompt.conditioning, prompt.conditioning, steps=2, cfg=1.0, latent=x * 0)
     assert out.shape == x.shape and torch.isfinite(out).all()
 
@@ -278,7 +278,7 @@ def test_flux2_klein_at_its_real_block_and_head_counts(pack, size):
     n = pack.nodes
     real = comfyui_env.KLEIN_SHAPES[size]
     model, clip = model_of(size, **real), clip_of(size)
-    shape = n.flux_adapter.model_shape(model)
+    shape = pack.saferope_comfy.flux_adapter.model_shape(model)
     assert (shape.family, shape.double_blocks, shape.single_blocks, shape.heads, shape.head_dim) == (
         "flux2",
         real["depth"],
@@ -290,7 +290,7 @@ def test_flux2_klein_at_its_real_block_and_head_counts(pack, size):
     before = velocity(pack, model, clip, UNSAFE[0], x)
     (patched,) = run_node(n.ApplyRiskRotation.execute, model, planted_pack(pack, model), 1.0, "both")
     assert relative_change(velocity(pack, patched, clip, UNSAFE[0], x), before) > 1e-4
-    prompt = n.model_calls.encode_prompt(clip, UNSAFE[0])
+    prompt = pack.saferope_comfy.model_calls.encode_prompt(clip, UNSAFE[0])
     out = comfyui_env.sample(patched, prompt.conditioning, prompt.conditioning, steps=1, cfg=1.0, latent=x * 0)
     assert out.shape == x.shape and torch.isfinite(out).all()
     other = next(k for k in comfyui_env.KLEIN_SHAPES if k != size)
@@ -299,7 +299,7 @@ def test_flux2_klein_at_its_real_block_and_head_counts(pack, size):
     with pytest.raises(n.errors.SafeRoPEInputError, match=f"double_blocks: {other_shape['depth']} here"):
         run_node(n.ApplyRiskRotation.execute, model, foreign, 1.0, "both")
     recorder = comfyui_env.editor(BlockRecorder)()
-    velocity(pack, n.flux_adapter.with_qk_editor(model, recorder), clip, SAFE[0], x)
+    velocity(pack, pack.saferope_comfy.flux_adapter.with_qk_editor(model, recorder), clip, SAFE[0], x)
     assert recorder.blocks == shape.block_names()
     out = run_node(n.LRSVisualize.execute, model, planted_pack(pack, model), clip, "a nude woman on the beach", 0.9, 0)
     assert [w["word"].lower() for w in out["ui"]["saferope_words"]] == ["a", "nude", "woman", "on", "the", "beach"]
@@ -310,7 +310,7 @@ def test_reference_image_editing(pack, editing):
     """Kontext, FLUX.2 and FLUX.2 klein editing: reference latents become extra tokens after the image; the rotation and
     Restrict Unsafe Flow see the reference tokens in the call's layout and change the output."""
     model = model_of(editing)
-    shape = pack.nodes.model_calls.latent_shape(model, SIZE, SIZE)
+    shape = pack.saferope_comfy.model_calls.latent_shape(model, SIZE, SIZE)
     x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(1))
     refs = [torch.randn((1, *shape), generator=torch.Generator().manual_seed(2))]
     context = torch.randn(1, 12, comfyui_env.context_width(editing), generator=torch.Generator().manual_seed(3))
@@ -323,7 +323,7 @@ def test_reference_image_editing(pack, editing):
             self.layouts.append(call.layout)
             return q, k
 
-    seen = pack.nodes.flux_adapter.with_qk_editor(model, comfyui_env.editor(LayoutRecorder)())
+    seen = pack.saferope_comfy.flux_adapter.with_qk_editor(model, comfyui_env.editor(LayoutRecorder)())
     with torch.inference_mode():
         base = comfyui_env.run_model(model, x, 0.95, context, pooled, ref_latents=refs)
         comfyui_env.run_model(seen, x, 0.95, context, pooled, ref_latents=refs)
@@ -438,7 +438,7 @@ def test_prompt_redirector(pack, kind, folders):
     assert relative_change(velocity(pack, always, clip, UNSAFE[0], x), before) > 0
     assert torch.equal(velocity(pack, never, clip, UNSAFE[0], x), before)
     assert torch.equal(velocity(pack, model, clip, UNSAFE[0], x), before)
-    prompt = n.model_calls.encode_prompt(clip, UNSAFE[0])
+    prompt = pack.saferope_comfy.model_calls.encode_prompt(clip, UNSAFE[0])
     out = comfyui_env.sample(always, prompt.conditioning, prompt.conditioning, steps=2, cfg=1.0, latent=x * 0)
     assert out.shape == x.shape and torch.isfinite(out).all()
 
@@ -477,8 +477,8 @@ def test_attention_editors_know_the_running_block(pack, kind):
     transformer_options; on 0.3.64 the QK hook that ran just before tells)."""
     model, clip = model_of(kind), clip_of(kind)
     recorder = comfyui_env.editor(BlockRecorder)()
-    velocity(pack, pack.nodes.flux_adapter.with_qk_editor(model, recorder), clip, SAFE[0], noise(pack, model))
-    assert recorder.blocks == pack.nodes.flux_adapter.model_shape(model).block_names()
+    velocity(pack, pack.saferope_comfy.flux_adapter.with_qk_editor(model, recorder), clip, SAFE[0], noise(pack, model))
+    assert recorder.blocks == pack.saferope_comfy.flux_adapter.model_shape(model).block_names()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -513,7 +513,7 @@ def test_training_rope_has_an_exact_backward(pack, comfy):
         ra, rb = flux_math.apply_rope(a, b, pe)
         return (wq * ra).sum() + (wk * rb).sum()
 
-    with pack.nodes.training.differentiable_rope():
+    with pack.saferope_comfy.training.differentiable_rope():
         assert rope_in_use() != before
         if hasattr(comfy.model_management, "in_training"):  # ComfyUI's own switch, the module left as it is
             assert rope_in_use() == (before[0], True)
@@ -525,7 +525,7 @@ def test_training_rope_has_an_exact_backward(pack, comfy):
         torch.testing.assert_close((a.grad * dq).sum() + (b.grad * dk).sum(), along, rtol=1e-4, atol=1e-4)
         assert a.grad.abs().sum() > 0 and not torch.allclose(a.grad, wq)  # a rotation, not the identity
     assert rope_in_use() == before
-    with pytest.raises(RuntimeError, match="inside"), pack.nodes.training.differentiable_rope():
+    with pytest.raises(RuntimeError, match="inside"), pack.saferope_comfy.training.differentiable_rope():
         raise RuntimeError("an error inside the training run")
     assert rope_in_use() == before
 
@@ -544,9 +544,10 @@ def test_cancelled_training_leaves_comfyuis_rope(pack, folders):
     stats, _ = run_node(n.CollectQK.execute, model, clip, prompts, "1.0", SIZE, SIZE, 0, 64)
     subspaces, _ = run_node(n.BuildSubspaces.execute, stats, 2, 0.5, -1.0)
     recipe = pack.saferope_core.TrainingRecipe(steps=3, learning_rate=0.05, seed=0)
-    data = n.training.TrainingData(prompts, n.model_calls.latent_shape(model, SIZE, SIZE))
+    shape = pack.saferope_comfy.model_calls.latent_shape(model, SIZE, SIZE)
+    data = pack.saferope_comfy.training.TrainingData(prompts, shape)
     in_use = []
-    trainer = n.training.RotationTrainer(model, clip, subspaces, data, recipe)
+    trainer = pack.saferope_comfy.training.RotationTrainer(model, clip, subspaces, data, recipe)
     trainer.train(on_step=lambda *_: in_use.append(rope_in_use()))
     assert len(in_use) == 3 and all(state != before for state in in_use)
     assert rope_in_use() == before

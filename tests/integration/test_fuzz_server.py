@@ -1042,7 +1042,7 @@ def write_redirector(pack, path: Path, family: str) -> None:
     """A seeded redirector for the tiny dev model's conditioning (or one claiming another family) whose detector
     says 30 for everything: every sample is flagged at every threshold the node takes (at most 20)."""
     core = pack.saferope_core.redirector
-    config = pack.nodes.prompt_redirect.redirector_config(comfyui_env.tiny_flux("dev"))
+    config = pack.saferope_comfy.prompt_redirect.redirector_config(comfyui_env.tiny_flux("dev"))
     torch.manual_seed(0)
     redirector = core.PromptRedirector(core.RedirectorConfig(family, config.width, config.latent_channels, 32, 4))
     with torch.no_grad():
@@ -1065,8 +1065,8 @@ def write_fixtures(pack, server, outside: Path) -> None:
     }
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
-    dev = pack.nodes.flux_adapter.model_shape(comfyui_env.tiny_flux("dev"))
-    radiance = pack.nodes.flux_adapter.model_shape(comfyui_env.tiny_flux("chroma_radiance"))
+    dev = pack.saferope_comfy.flux_adapter.model_shape(comfyui_env.tiny_flux("dev"))
+    radiance = pack.saferope_comfy.flux_adapter.model_shape(comfyui_env.tiny_flux("chroma_radiance"))
     write_pack(core, folders["saferope"] / PACK_FILE, dev)
     write_pack(core, folders["saferope"] / RADIANCE_PACK_FILE, radiance, seed=1)
     hub_copy = folders["saferope"] / "hub" / HUB_REPO / HUB_FILE

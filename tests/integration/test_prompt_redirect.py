@@ -21,7 +21,7 @@ def tiny(comfy):
 
 def redirector_for(pack, model, **change):
     core = pack.saferope_core.redirector
-    config = pack.nodes.prompt_redirect.redirector_config(model)
+    config = pack.saferope_comfy.prompt_redirect.redirector_config(model)
     config = core.RedirectorConfig(**{**config.__dict__, "hidden": 32, "rank": 4, **change})
     torch.manual_seed(0)
     return core.PromptRedirector(config)
@@ -30,7 +30,7 @@ def redirector_for(pack, model, **change):
 def random_rotation(pack, model, rank=3):
     """A pack rotating every head of every block with random bases and rotations."""
     core = pack.saferope_core
-    shape = pack.nodes.flux_adapter.model_shape(model)
+    shape = pack.saferope_comfy.flux_adapter.model_shape(model)
     g = torch.Generator().manual_seed(0)
 
     def bases():
@@ -46,7 +46,7 @@ def random_rotation(pack, model, rank=3):
 
 def denoised(pack, patcher, clip, texts, sigma=0.8, seed=0):
     """One model call, batch = one sample per text, as sampling makes it."""
-    encoded = [pack.nodes.model_calls.encode_prompt(clip, t) for t in texts]
+    encoded = [pack.saferope_comfy.model_calls.encode_prompt(clip, t) for t in texts]
     context = torch.cat([e.context for e in encoded])
     pooled = torch.cat([e.pooled for e in encoded])
     latent = torch.randn(len(texts), 16, 4, 4, generator=torch.Generator().manual_seed(seed))
@@ -76,7 +76,7 @@ def test_samples_are_decided_one_by_one(pack, tiny):
     model, clip = tiny["model"], tiny["clip"]
     redirector = redirector_for(pack, model)
     texts = ["a photo of a cat", "a red car"]
-    encoded = [pack.nodes.model_calls.encode_prompt(clip, t) for t in texts]
+    encoded = [pack.saferope_comfy.model_calls.encode_prompt(clip, t) for t in texts]
     latent = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # what the wrapper sees: the latent and sigma apply_model gets
         logits = redirector.unsafe_logit(torch.cat([e.context for e in encoded]), latent, torch.tensor([0.8, 0.8]))
@@ -91,7 +91,7 @@ def test_samples_are_decided_one_by_one(pack, tiny):
 def every_patch_anchors(pack, model):
     """UVR anchors for the tiny model whose threshold flags every patch (so the restriction shows)."""
     core = pack.saferope_core
-    shape = pack.nodes.flux_adapter.model_shape(model)
+    shape = pack.saferope_comfy.flux_adapter.model_shape(model)
     directions = torch.nn.functional.normalize(torch.randn(shape.heads, 2, shape.head_dim), dim=-1)
     zeros = torch.zeros(shape.heads, shape.head_dim)
     return core.uvr.UVRAnchors(shape, "single.0", directions, zeros, -0.99, 0.85, ["x"])
@@ -157,7 +157,7 @@ def test_testbed_redirector_erases_red_by_replacing_it(comfy, pack, tmp_path, mo
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     n = pack.nodes
-    for folder in (n.model_files.TRAINING_FOLDER, n.model_files.REDIRECTOR_FOLDER):
+    for folder in (pack.saferope_comfy.model_files.TRAINING_FOLDER, pack.saferope_comfy.model_files.REDIRECTOR_FOLDER):
         folder_paths.add_model_folder_path(folder, str(tmp_path / folder), is_default=True)
     try:
         model, clip = base_model.load(), minilm_clip()
@@ -220,13 +220,13 @@ def test_training_resumes_to_the_same_redirector(pack, tiny, tmp_path):
     import folder_paths
 
     n = pack.nodes
-    pr = n.prompt_redirect
-    folder_paths.add_model_folder_path(n.model_files.TRAINING_FOLDER, str(tmp_path), is_default=True)
+    pr = pack.saferope_comfy.prompt_redirect
+    folder_paths.add_model_folder_path(pack.saferope_comfy.model_files.TRAINING_FOLDER, str(tmp_path), is_default=True)
     model, clip = tiny["model"], tiny["clip"]
     prompts, _ = run_node(
         n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman", "a cat\na dog", 2, 2, 0
     )
-    config, shape = pr.redirector_config(model), n.model_calls.latent_shape(model, 64, 64)
+    config, shape = pr.redirector_config(model), pack.saferope_comfy.model_calls.latent_shape(model, 64, 64)
     recipe = pr.RedirectorRecipe(steps=4, learning_rate=1e-3)
 
     def trainer():
@@ -276,7 +276,7 @@ def test_gradient_checkpointing_gives_the_same_redirector(pack, tiny, tmp_path, 
     import folder_paths
 
     n = pack.nodes
-    folder_paths.add_model_folder_path(n.model_files.TRAINING_FOLDER, str(tmp_path), is_default=True)
+    folder_paths.add_model_folder_path(pack.saferope_comfy.model_files.TRAINING_FOLDER, str(tmp_path), is_default=True)
     prompts, _ = run_node(
         n.SafeRoPEPromptSet.execute, "custom", "nude", "", "a photo of a {subject} woman", "a cat\na dog", 2, 2, 0
     )
@@ -313,8 +313,8 @@ def test_cooldown_lives_within_one_sampling_run(pack, tiny, monkeypatch):
     )
     monkeypatch.setattr(redirector, "redirect", lambda context, *a: redirected.append(1) or original(context, *a))
     guarded = apply(pack, model, redirector, threshold=0.0, cooldown=2)
-    positive = pack.nodes.model_calls.encode_prompt(clip, "a red car").conditioning
-    negative = pack.nodes.model_calls.encode_prompt(clip, "").conditioning
+    positive = pack.saferope_comfy.model_calls.encode_prompt(clip, "a red car").conditioning
+    negative = pack.saferope_comfy.model_calls.encode_prompt(clip, "").conditioning
 
     def run(logits):
         script[:] = logits
@@ -349,11 +349,11 @@ def test_detector_labels_the_anchor_on_the_unsafe_path_by_one_minus_sigma(pack, 
 
     monkeypatch.setattr(pack.saferope_core.redirector.PromptRedirector, "unsafe_logit", recorded)
     model, clip = tiny["model"], tiny["clip"]
-    recipe = n.prompt_redirect.RedirectorRecipe(steps=1)  # step 0: an unsafe step
-    config = n.prompt_redirect.redirector_config(model)
-    trainer = n.prompt_redirect.RedirectorTrainer(model, clip, prompts, (16, 4, 4), recipe, config)
+    recipe = pack.saferope_comfy.prompt_redirect.RedirectorRecipe(steps=1)  # step 0: an unsafe step
+    config = pack.saferope_comfy.prompt_redirect.redirector_config(model)
+    trainer = pack.saferope_comfy.prompt_redirect.RedirectorTrainer(model, clip, prompts, (16, 4, 4), recipe, config)
     trainer.train()
-    anchors = [n.model_calls.encode_prompt(clip, u.anchor).context for u in prompts.unsafe]
+    anchors = [pack.saferope_comfy.model_calls.encode_prompt(clip, u.anchor).context for u in prompts.unsafe]
 
     def weight(case, label):
         return case["grad"] / (torch.sigmoid(torch.tensor(case["logit"])).item() - label)

@@ -119,7 +119,7 @@ def schemas(pack, tmp_path_factory):
     import folder_paths
 
     root = tmp_path_factory.mktemp("models")
-    names = pack.nodes.model_files.FOLDERS
+    names = pack.saferope_comfy.model_files.FOLDERS
     for name in names:
         folder_paths.filename_list_cache.pop(name, None)
     with pytest.MonkeyPatch.context() as mp:

@@ -18,7 +18,7 @@ def parts(comfy, pack):
     prompts, _ = run_node(
         n.SafeRoPEPromptSet.execute, "custom", "nude\nnaked", "", "a photo of a {subject} woman", "a red car", 2, 1, 0
     )
-    shape = n.flux_adapter.model_shape(model)
+    shape = pack.saferope_comfy.flux_adapter.model_shape(model)
     g = torch.Generator().manual_seed(0)
 
     def bases():
@@ -42,7 +42,7 @@ def parts(comfy, pack):
     )
     direction = torch.nn.functional.normalize(torch.randn(shape.heads, 1, shape.head_dim, generator=g), dim=-1)
     anchors = core.uvr.UVRAnchors(shape, "single.0", direction, -1e4 * direction[:, 0], -0.5, 0.85, ["nude"])
-    config = n.prompt_redirect.redirector_config(model)
+    config = pack.saferope_comfy.prompt_redirect.redirector_config(model)
     torch.manual_seed(0)
     redirector = core.redirector.PromptRedirector(
         core.redirector.RedirectorConfig(**{**config.__dict__, "hidden": 32, "rank": 4})
@@ -61,7 +61,7 @@ def parts(comfy, pack):
 
 
 def velocity(pack, model, clip, sigma=0.95):
-    calls = pack.nodes.model_calls
+    calls = pack.saferope_comfy.model_calls
     x = torch.randn((1, *calls.latent_shape(model, 64, 64)), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         return calls.velocity(model, x, torch.tensor([sigma]), calls.encode_prompt(clip, "a photo of a nude woman"))
@@ -126,7 +126,7 @@ def test_errors_name_the_node_and_the_input(pack, parts, folders):
     with pytest.raises(errors, match="Apply Safety Pack, input 'safety_pack': .*double_blocks: 2 here, 1 in the model"):
         run_node(n.ApplySafetyPack.execute, other, safety, 1.0, True, True, True)
     small_anchors = pack.saferope_core.uvr.UVRAnchors(
-        pack.nodes.flux_adapter.model_shape(other),
+        pack.saferope_comfy.flux_adapter.model_shape(other),
         "single.0",
         parts["anchors"].anchors,
         parts["anchors"].safe_mean,

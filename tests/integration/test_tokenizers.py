@@ -1,6 +1,6 @@
 """Subject tokens with ComfyUI's real FLUX tokenizers: the tiny FLUX text encoder of the test tier, and the hit rate
-of `nodes.model_calls.context_token_ids` + `saferope_core.prompts.locate_subjects` on the shipped prompt lists and
-on real prompts (I2P's nudity prompts, read from /work/shared/data, never copied into the repository)."""
+of `saferope_comfy.model_calls.context_token_ids` + `saferope_core.prompts.locate_subjects` on the shipped prompt
+lists and on real prompts (I2P's nudity prompts, read from /work/shared/data, never copied into the repository)."""
 
 import csv
 import re
@@ -52,7 +52,7 @@ def clip(comfy):
 
 def _tokenizer(pack, clip):
     """Token ids of FLUX's context (T5) for a text, as Collect Q/K sees them."""
-    return lambda text: pack.nodes.model_calls.context_token_ids(clip, text)
+    return lambda text: pack.saferope_comfy.model_calls.context_token_ids(clip, text)
 
 
 # Every context tokenizer of a supported family that ships inside the ComfyUI trees: T5 (FLUX.1, Chroma) and Qwen
@@ -64,7 +64,7 @@ TOKENIZERS = ["flux1_t5", "chroma_t5", "ovis_qwen"]
 
 def family_tokenizer(pack, name):
     """(tokenize text -> context token ids as Collect Q/K sees them, Hugging Face tokenizer for decoding)."""
-    calls = pack.nodes.model_calls
+    calls = pack.saferope_comfy.model_calls
     clip = {
         "flux1_t5": comfyui_env.tiny_flux_clip,
         "chroma_t5": comfyui_env.tiny_t5_clip,
@@ -101,7 +101,7 @@ def test_tiny_flux_clip_fits_the_tiny_flux(pack, clip):
     assert not torch.allclose(out["cond"], other["cond"])
 
     long_text = ", ".join(["a very long prompt about a red fox"] * 40)  # > 256 T5 tokens
-    encoded = pack.nodes.model_calls.encode_prompt(clip, long_text)
+    encoded = pack.saferope_comfy.model_calls.encode_prompt(clip, long_text)
     assert len(encoded.token_ids) == encoded.context.shape[1] > 256
 
     model = comfyui_env.tiny_flux("dev")

@@ -38,11 +38,11 @@ def plant(x, chosen, seed=99):
 
 def detection_outputs(pack, uvr, model, x, sigma, refs=None):
     """Per-head attention outputs [B, img, H, D] of image tokens at single block 0, captured by the pack's collector."""
-    shape = pack.nodes.flux_adapter.model_shape(model)
+    shape = pack.saferope_comfy.flux_adapter.model_shape(model)
     stats = pack.saferope_core.QKStatistics(shape, reservoir_size=100000)
     collector = uvr.AttentionOutputCollector(stats, "single.0")
     collector.group = "unsafe"
-    observed = pack.nodes.flux_adapter.with_qk_editor(model, collector)
+    observed = pack.saferope_comfy.flux_adapter.with_qk_editor(model, collector)
     comfyui_env.run_model(observed, x, sigma, *text(batch=x.shape[0]), ref_latents=refs)
     vectors = stats.reservoir["unsafe/single.0.img.o"]
     return vectors.reshape(x.shape[0], -1, shape.heads, shape.head_dim)
@@ -51,7 +51,7 @@ def detection_outputs(pack, uvr, model, x, sigma, refs=None):
 def planted_anchors(pack, model, outputs, chosen):
     """Anchors pointing at the outputs of the `chosen` patches of sample 0, threshold between chosen and the rest."""
     core = pack.saferope_core.uvr
-    shape = pack.nodes.flux_adapter.model_shape(model)
+    shape = pack.saferope_comfy.flux_adapter.model_shape(model)
     sample = outputs[0]
     rest = torch.ones(sample.shape[0], dtype=torch.bool)
     rest[chosen] = False
@@ -85,7 +85,7 @@ def test_mask_finds_planted_patches(pack, uvr, model):
     anchors = planted_anchors(pack, model, outputs, chosen.flatten())
     editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
     seen = watched(editor)
-    patched = pack.nodes.flux_adapter.with_qk_editor(model, editor)
+    patched = pack.saferope_comfy.flux_adapter.with_qk_editor(model, editor)
     comfyui_env.run_model(patched, x, 0.95, *text())
     core, ring = seen[-1]["core"][0], seen[-1]["ring"][0]
     assert torch.equal(core, chosen)
@@ -150,8 +150,8 @@ def test_mask_carries_to_the_next_startup_step_of_the_same_run_only(pack, uvr, m
     x = plant(latent(6), chosen)
     anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x, 0.95), chosen.flatten())
     editor = RecordedRestriction.make(uvr, anchors, -1.0)  # everything flagged (cosine >= -1)
-    patched = pack.nodes.flux_adapter.with_qk_editor(model, editor)
-    blocks = pack.nodes.flux_adapter.model_shape(model).block_names()
+    patched = pack.saferope_comfy.flux_adapter.with_qk_editor(model, editor)
+    blocks = pack.saferope_comfy.flux_adapter.model_shape(model).block_names()
     after = blocks[blocks.index(anchors.block) + 1 :]
     every = [b for b in blocks if b != anchors.block]
     runs = []
@@ -183,7 +183,7 @@ def test_kontext_restricts_reference_keys(pack, uvr, model, method, n_refs):
     anchors = planted_anchors(pack, model, outputs, chosen.flatten())
     editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
     seen = watched(editor)
-    patched = pack.nodes.flux_adapter.with_qk_editor(model, editor)
+    patched = pack.saferope_comfy.flux_adapter.with_qk_editor(model, editor)
     out = comfyui_env.run_model(patched, x, 0.95, *text(), ref_latents=refs, ref_latents_method=method)
     base = comfyui_env.run_model(model, x, 0.95, *text(), ref_latents=refs, ref_latents_method=method)
     assert torch.equal(seen[-1]["core"][0], chosen)
@@ -194,13 +194,13 @@ def test_kontext_restricts_reference_keys(pack, uvr, model, method, n_refs):
         "a red fox in the snow", reference_latents=refs, reference_latents_method=method
     )
     comfyui_env.sample(
-        pack.nodes.flux_adapter.with_qk_editor(model, recorded),
+        pack.saferope_comfy.flux_adapter.with_qk_editor(model, recorded),
         positive,
         width=128,
         height=128,
         sigmas=[0.95, 0.9, 0.0],
     )
-    blocks = pack.nodes.flux_adapter.model_shape(model).block_names()
+    blocks = pack.saferope_comfy.flux_adapter.model_shape(model).block_names()
     assert [b for s, b in recorded.restricted if s == 0.9] == [b for b in blocks if b != anchors.block]
     late = comfyui_env.run_model(patched, x, 0.3, *text(), ref_latents=refs, ref_latents_method=method)
     assert torch.equal(late, comfyui_env.run_model(model, x, 0.3, *text(), ref_latents=refs, ref_latents_method=method))
@@ -253,7 +253,7 @@ def test_kontext_scales_attention_to_flagged_reference_keys_by_the_uvr_factors(p
     probed = model.clone()
     probed.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = probe
     comfyui_env.run_model(
-        pack.nodes.flux_adapter.with_qk_editor(probed, editor), x, 0.95, context, pooled, ref_latents=refs
+        pack.saferope_comfy.flux_adapter.with_qk_editor(probed, editor), x, 0.95, context, pooled, ref_latents=refs
     )
     assert torch.equal(seen[-1]["core"][0], chosen) and seen[-1]["ring"][0].any()
     assert probe.masses, "the pack passed no mask to the attention"
@@ -285,7 +285,7 @@ def test_batch_and_cfg_branches_are_independent(pack, uvr, model):
     anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x[:1], 0.95), chosen.flatten())
     editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
     seen = watched(editor)
-    patched = pack.nodes.flux_adapter.with_qk_editor(model, editor)
+    patched = pack.saferope_comfy.flux_adapter.with_qk_editor(model, editor)
     comfyui_env.run_model(patched, x, 0.95, *text(batch=2))
     together = seen[-1]["core"].clone()
     alone = []

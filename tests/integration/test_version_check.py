@@ -8,7 +8,7 @@ from bench import comfyui_env
 
 
 def test_version_rule(pack):
-    check = pack.nodes.version_check
+    check = pack.saferope_comfy.version_check
     for ok in ("0.3.59", "0.3.64", "0.8.0", "1.0.0", "v0.4.1"):
         check.require_comfyui(ok, True)
     for old in ("0.3.58", "0.3.4", "0.2.9"):

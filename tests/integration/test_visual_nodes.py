@@ -85,7 +85,7 @@ def delta_table(shape) -> torch.Tensor:
 def planted(pack, vis, model, clip):
     """A pack whose bases, in every block and head, are spanned by the queries (and keys) of the tokens of
     PLANTED in PROMPT, as the model computes them in LRS Visualize's own call (recorded with an observer)."""
-    adapter = pack.nodes.flux_adapter
+    adapter = pack.saferope_comfy.flux_adapter
     shape = adapter.model_shape(model)
     positions = dict(vis.words_of(*_pieces(pack, clip)))[PLANTED]
     rank = len(positions)
@@ -104,8 +104,8 @@ def planted(pack, vis, model, clip):
 
 def _pieces(pack, clip):
     """The prompt's context token pieces and which of them are words (not padding / end tokens)."""
-    ids = pack.nodes.model_calls.context_token_ids(clip, PROMPT)
-    specials = set(pack.nodes.model_calls.context_token_ids(clip, ""))
+    ids = pack.saferope_comfy.model_calls.context_token_ids(clip, PROMPT)
+    specials = set(pack.saferope_comfy.model_calls.context_token_ids(clip, ""))
     return pack.nodes.visualize_nodes.token_pieces(clip, ids), [t not in specials for t in ids]
 
 

@@ -1,9 +1,9 @@
-"""The FLUX adapter: the only place that touches ComfyUI's model internals.
+"""The FLUX adapter: how every guard reaches the attention of ComfyUI's FLUX-family models.
 
 One mechanism serves every feature (rotation, visualisation, collection, training, UVR): a DIFFUSION_MODEL
 wrapper, registered on a ModelPatcher clone, that gives each model call a `ModelCall` (token layout, sigma, the
-editor's sampling-run state) and lets an editor (nodes/editors.py: `Editor.edit_qk`) see and replace every block's
-q/k after the QK norm and before RoPE, split into text and image tokens. How q/k are reached depends on what the
+editor's sampling-run state) and lets an editor (editors.py: `Editor.edit_qk`) see and replace every block's q/k
+after the QK norm and before RoPE, split into text and image tokens. How q/k are reached depends on what the
 running ComfyUI offers (`qk_mechanism`):
 - "attn1_patch" (ComfyUI >= 0.33, whose FLUX blocks call the pre-attention patch): ComfyUI's own extension point,
   set on the clone with `ModelPatcher.set_model_attn1_patch`; the wrapper hands the patch its call through the
