@@ -93,6 +93,23 @@ MUTATIONS = [
         "self.left[k] = self.left.get(k, 0) - 1 if was_held else 0",
         (f"{CORE}/test_redirector.py::test_redirected_samples_stay_redirected_for_the_cooldown",),
     ),
+    # -- the layers (nodes/ over saferope_comfy/ over saferope_core/)
+    Mutation(
+        "layers-glue-imports-nodes",
+        "a module of the ComfyUI glue imports from the node schemas above it",
+        "saferope_comfy/model_files.py",
+        "from ..saferope_core.files import file_kind",
+        "from ..nodes.errors import SafeRoPEInputError  # noqa: F401\nfrom ..saferope_core.files import file_kind",
+        (f"{CORE}/test_layers.py",),
+    ),
+    Mutation(
+        "layers-node-imports-node",
+        "a node file imports another node file",
+        "nodes/safety_pack_nodes.py",
+        "from .guards import redirected, restricted, rotated",
+        "from .guards import redirected, restricted\nfrom .rotation_nodes import rotated",
+        (f"{CORE}/test_layers.py::test_no_node_file_imports_another",),
+    ),
     # -- the ComfyUI side (nodes/)
     Mutation(
         "rotate-q-only",
