@@ -47,7 +47,7 @@ def setup(name: str, kind: str = "dev"):
     x = torch.randn(1, 16, cfg["size"] // 8, cfg["size"] // 8, generator=g)
     context = torch.randn(1, cfg["text"], comfyui_env.CONTEXT_DIM, generator=g)
     pooled = torch.randn(1, comfyui_env.POOLED_DIM, generator=g)
-    editor = pack.nodes.uvr_nodes.UnsafeFlowRestriction(uvr, 1.0, -1.0, 0.85)
+    editor = pack.saferope_comfy.editors.UnsafeFlowRestriction(uvr, 1.0, -1.0, 0.85)
     return model, pack.saferope_comfy.flux_adapter.with_qk_editor(model, editor), editor, (x, context, pooled)
 
 

@@ -4,21 +4,18 @@ Redirect Unsafe Prompts. The mechanism is in prompt_redirect.py, the model in sa
 from __future__ import annotations
 
 import logging
-import os
 
-import comfy.model_management
-import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from ..saferope_comfy import model_files
 from ..saferope_comfy.model_calls import latent_shape, load_model
-from ..saferope_comfy.model_files import REDIRECTOR_FOLDER, TRAINING_FOLDER
+from ..saferope_comfy.model_files import REDIRECTOR_FOLDER
 from ..saferope_comfy.prompt_redirect import (
     RedirectorRecipe,
     RedirectorTrainer,
     redirector_config,
 )
-from ..saferope_core import CheckpointError, PromptSet
+from ..saferope_core import PromptSet
 from ..saferope_core.redirector import REDIRECTOR_KIND, PromptRedirector, RedirectorError
 from .common import (
     Prompts,
@@ -29,13 +26,13 @@ from .common import (
     require_flux,
     save_node_output,
     seed_input,
-    show_progress_text,
     size_inputs,
     target_path,
     validation,
 )
 from .errors import SafeRoPEInputError
 from .guards import redirected
+from .training_run import NodeRun
 
 log = logging.getLogger("saferope")
 
@@ -109,7 +106,8 @@ class TrainPromptRedirector(io.ComfyNode):
         resume,
         gradient_checkpointing,
     ) -> io.NodeOutput:
-        run_file = f"{file_stem(cls.NODE, run_name, 'run_name')}.safetensors"
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        run = NodeRun.named(cls.NODE, node_id, run_name, steps, ("redirect gap (1 = base, 0 = the anchor)", "edit"))
         if not prompts.unsafe or not prompts.safe:
             raise SafeRoPEInputError(cls.NODE, "prompts", "needs unsafe and safe prompts")
         require_flux(cls.NODE, model)
@@ -118,48 +116,10 @@ class TrainPromptRedirector(io.ComfyNode):
         recipe = RedirectorRecipe(steps=steps, learning_rate=learning_rate, seed=seed)
         shape = latent_shape(model, width, height)
         trainer = RedirectorTrainer(model, clip, prompts, shape, recipe, config, gradient_checkpointing)
-        checkpoint = os.path.join(model_files.output_dir(TRAINING_FOLDER), run_file)
-        progress = comfy.utils.ProgressBar(steps)
-        history = []
-        node_id = cls.hidden.unique_id if cls.hidden is not None else None
-
-        def on_step(step, kind, figure, loss):
-            progress.update_absolute(step, steps)
-            history.append((kind, figure))
-            if step % 10 == 0 or step == steps:
-                text = f"step {step}/{steps}  {kind}  {'gap' if kind == 'unsafe' else 'edit'} {figure:.4g}"
-                show_progress_text(node_id, text)
-                log.info("Train Prompt Redirector: %s", text)
-
-        try:
-            redirector = trainer.train(
-                checkpoint,
-                resume,
-                checkpoint_every,
-                on_step,
-                comfy.model_management.throw_exception_if_processing_interrupted,
-            )
-        except CheckpointError as err:
-            raise SafeRoPEInputError(cls.NODE, "run_name", str(err), "Use a new run_name or turn resume off") from None
-        redirector.meta = {
-            "concept": prompts.concept,
-            "recipe": {**recipe.to_dict(), "steps": max(steps, trainer.steps_done)},
-        }
-        return io.NodeOutput(redirector, summarize(history, checkpoint))
-
-
-def summarize(history, checkpoint: str) -> str:
-    def ends(kind) -> str:
-        values = [v for k, v in history if k == kind]
-        if not values:
-            return "-"
-        n = max(len(values) // 5, 1)
-        return f"{sum(values[:n]) / n:.4g} -> {sum(values[-n:]) / n:.4g}"
-
-    return (
-        f"{len(history)} steps; redirect gap on unsafe prompts (1 = base, 0 = the anchor) {ends('unsafe')}; "
-        f"edit of safe prompts' conditioning {ends('safe')}; checkpoint {checkpoint}"
-    )
+        redirector = run.train(trainer, resume, checkpoint_every)
+        redirector.concept = prompts.concept
+        redirector.recipe = {**recipe.to_dict(), "steps": max(steps, trainer.steps_done)}
+        return io.NodeOutput(redirector, run.summary())
 
 
 class SavePromptRedirector(io.ComfyNode):
@@ -188,8 +148,7 @@ class SavePromptRedirector(io.ComfyNode):
     @checked
     def execute(cls, redirector: PromptRedirector, name, overwrite) -> io.NodeOutput:
         path = target_path(cls.NODE, model_files.output_dir(REDIRECTOR_FOLDER), name, overwrite)
-        meta = getattr(redirector, "meta", {})
-        redirector.save(path, meta.get("concept", ""), meta.get("recipe", {}))
+        redirector.save(path, redirector.concept, redirector.recipe)
         return save_node_output(path)
 
 
@@ -229,10 +188,9 @@ class LoadPromptRedirector(io.ComfyNode):
                 f"Train one with Train Prompt Redirector -> Save Prompt Redirector (models/{REDIRECTOR_FOLDER})",
             )
         try:
-            redirector, meta = PromptRedirector.load(model_files.resolve_in(name, REDIRECTOR_FOLDER))
+            redirector, _ = PromptRedirector.load(model_files.resolve_in(name, REDIRECTOR_FOLDER))
         except RedirectorError as err:
             raise SafeRoPEInputError(cls.NODE, "name", str(err), "Train and save the redirector again") from None
-        redirector.meta = {"concept": meta.get("concept", ""), "recipe": meta.get("recipe", {})}
         return io.NodeOutput(redirector)
 
 

@@ -76,7 +76,7 @@ class SaveSafetyPack(io.ComfyNode):
                 pack,
                 anchors,
                 redirector,
-                getattr(redirector, "meta", {}),
+                {"concept": redirector.concept, "recipe": redirector.recipe} if redirector is not None else {},
                 wordings,
                 file_stem(cls.NODE, name),
             )

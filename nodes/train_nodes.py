@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 
-import comfy.model_management
-import comfy.utils
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..saferope_comfy import model_files
 from ..saferope_comfy.model_calls import latent_shape, load_model
 from ..saferope_comfy.training import RotationTrainer, TrainingData
-from ..saferope_core import CheckpointError, PromptSet, SafeRoPEPack, TrainingRecipe, clean_lines
+from ..saferope_core import PromptSet, SafeRoPEPack, TrainingRecipe, clean_lines
 from .common import (
     Pack,
     Prompts,
@@ -21,11 +17,11 @@ from .common import (
     file_stem,
     require_pack_fits,
     seed_input,
-    show_progress_text,
     size_inputs,
     validation,
 )
 from .errors import SafeRoPEInputError
+from .training_run import NodeRun
 
 log = logging.getLogger("saferope")
 OBJECTIVES = ("redirect", "deviate")
@@ -171,7 +167,8 @@ class TrainRiskRotations(io.ComfyNode):
         safe_captions="",
         objective=None,
     ) -> io.NodeOutput:
-        run_file = f"{file_stem(cls.NODE, run_name, 'run_name')}.safetensors"  # checked before any work starts
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        run = NodeRun.named(cls.NODE, node_id, run_name, steps, ("relative deviation", "relative deviation"))
         require_pack_fits(
             cls.NODE, "subspaces", subspaces, model, "Collect statistics and build subspaces on this model"
         )
@@ -191,32 +188,10 @@ class TrainRiskRotations(io.ComfyNode):
         data = TrainingData(prompts, latent_shape(model, width, height))
         if safe_images is not None:
             data.safe_latents, data.safe_captions = cls.safe_latents(model, vae, safe_images, safe_captions)
-        checkpoint = os.path.join(model_files.output_dir(model_files.TRAINING_FOLDER), run_file)
-        progress = comfy.utils.ProgressBar(steps)
-        history = []
-        node_id = cls.hidden.unique_id if cls.hidden is not None else None
-
-        def on_step(step, kind, dev, loss):
-            progress.update_absolute(step, steps)
-            history.append((step, kind, dev))
-            if step % 10 == 0 or step == steps:
-                text = f"step {step}/{steps}  {kind}  deviation {dev:.4g}  loss {loss:.4g}"
-                show_progress_text(node_id, text)
-                log.info("Train Risk Rotations: %s", text)
-
         trainer = RotationTrainer(model, clip, subspaces, data, recipe, gradient_checkpointing)
-        try:
-            pack = trainer.train(
-                checkpoint,
-                resume,
-                checkpoint_every,
-                on_step,
-                comfy.model_management.throw_exception_if_processing_interrupted,
-            )
-        except CheckpointError as err:
-            raise SafeRoPEInputError(cls.NODE, "run_name", str(err), "Use a new run_name or turn resume off") from None
+        pack = run.train(trainer, resume, checkpoint_every)
         pack.name = "+".join(pack.concepts)
-        return io.NodeOutput(pack, f"{summarize(history, checkpoint)}\n{trainer.report.text()}")
+        return io.NodeOutput(pack, f"{run.summary()}\n{trainer.report.text()}")
 
     @classmethod
     def safe_latents(cls, model, vae, images: torch.Tensor, captions: str):
@@ -234,21 +209,3 @@ class TrainRiskRotations(io.ComfyNode):
             )
         latents = vae.encode(images[:, :, :, :3])
         return model.model.process_latent_in(latents).float().cpu(), lines
-
-
-def summarize(history, checkpoint: str) -> str:
-    """Mean relative deviation per kind over the first and the last fifth of that kind's steps."""
-    if not history:
-        return f"already trained (checkpoint {checkpoint})"
-
-    def ends(kind) -> str:
-        values = [d for _, k, d in history if k == kind]
-        if not values:
-            return "- (no step of this kind yet)"
-        n = max(len(values) // 5, 1)
-        return f"{sum(values[:n]) / n:.4g} -> {sum(values[-n:]) / n:.4g}"
-
-    return (
-        f"{history[-1][0]} steps; relative deviation on unsafe prompts {ends('unsafe')}, on safe prompts "
-        f"{ends('safe')}; checkpoint {checkpoint}"
-    )

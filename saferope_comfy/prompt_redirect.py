@@ -17,7 +17,6 @@ and the trainer of a redirector on a frozen model.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import asdict, dataclass
 
@@ -28,17 +27,9 @@ import torch.nn.functional as F
 from ..saferope_core import PromptSet, noised_latent, one_step_clean, redirect_gap
 from ..saferope_core.pack import content_hash
 from ..saferope_core.redirector import PromptRedirector, Redirection, RedirectorConfig
-from .flux_adapter import RUN_STATES, RunStateWrapper, call_options, flux_model, model_family
-from .model_calls import EncodedPrompt, encode_prompt, velocity
-from .training import (
-    TrainingState,
-    differentiable_rope,
-    frozen,
-    load_checkpoint,
-    make_autograd_safe,
-    run_steps,
-    training_options,
-)
+from .flux_adapter import RUN_STATES, RunStateWrapper, flux_model, model_family
+from .model_calls import EncodedPrompt, encode_prompt
+from .training import TrainingRun, run_training
 
 WRAPPER_KEY = "saferope_prompt_redirect"
 
@@ -120,6 +111,10 @@ class _AlwaysRedirect:
 
 
 class RedirectorTrainer:
+    """Trains a prompt redirector on a frozen FLUX ModelPatcher: the objective `run_training` runs."""
+
+    what, trained_on = "a prompt redirector", "another model or Prompt Set"
+
     def __init__(
         self, patcher, clip, prompts: PromptSet, latent_size, recipe: RedirectorRecipe, config, checkpointing=False
     ):
@@ -128,6 +123,7 @@ class RedirectorTrainer:
         self._encoded: dict[str, EncodedPrompt] = {}
         self.steps_done = 0
         self.run_id = content_hash({}, {"config": asdict(config), "unsafe": [p.text for p in prompts.unsafe]})
+        self.redirector: PromptRedirector | None = None  # made by `start`
 
     def _prompt(self, text: str) -> EncodedPrompt:
         if text not in self._encoded:
@@ -135,38 +131,26 @@ class RedirectorTrainer:
         return self._encoded[text]
 
     def train(self, checkpoint_path=None, resume=True, checkpoint_every=100, on_step=None, should_stop=None):
-        """Returns the trained PromptRedirector (on the CPU)."""
-        recipe, device = self.recipe, self.patcher.load_device
-        make_autograd_safe(self.patcher.model)
-        with torch.inference_mode(False), torch.enable_grad(), frozen(self.patcher.model), differentiable_rope():
-            torch.manual_seed(recipe.seed)  # the redirector's start (normal tensors: created outside inference mode)
-            redirector = PromptRedirector(self.config).to(device)
-            params = list(redirector.parameters())
-            state = TrainingState(0, params, torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0))
-            if resume and checkpoint_path and os.path.isfile(checkpoint_path):
-                load_checkpoint(checkpoint_path, state, recipe, self.run_id, "another model or Prompt Set")
-            patched = self.patcher.clone()
-            patched.add_wrapper_with_key(
-                comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _AlwaysRedirect(redirector)
-            )
-            base_opts, train_opts = call_options(self.patcher), training_options(patched, self.checkpointing)
+        """The trained PromptRedirector (on the CPU)."""
+        run = TrainingRun(checkpoint_path, resume, checkpoint_every, on_step, should_stop, self.checkpointing)
+        self.steps_done = run_training(self.patcher, self, self.recipe, run)
+        return self.redirector.cpu().train(False)
 
-            def base(x, s, p):
-                return velocity(self.patcher, x, s, p, options=base_opts)
+    def start(self, device):
+        torch.manual_seed(self.recipe.seed)  # the redirector's start (normal tensors: created outside inference mode)
+        self.redirector = PromptRedirector(self.config).to(device)
+        patched = self.patcher.clone()
+        patched.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _AlwaysRedirect(self.redirector)
+        )
+        return list(self.redirector.parameters()), patched
 
-            def redirected(x, s, p):
-                return velocity(patched, x, s, p, options=train_opts)
+    def finish(self, device, base, redirected) -> None:
+        pass
 
-            def step(index):
-                return self._step(index, device, redirector, base, redirected)
-
-            run_steps(state, recipe, step, (checkpoint_path, checkpoint_every, self.run_id), on_step, should_stop)
-        self.steps_done = state.step  # a resumed checkpoint of a longer run holds more steps than this run asked
-        return redirector.cpu().train(False)
-
-    def _step(self, step, device, redirector, base, redirected):
+    def step(self, step, device, base, redirected):
         """(loss, logged figure, kind) of one step; unsafe and safe steps alternate."""
-        recipe = self.recipe
+        recipe, redirector = self.recipe, self.redirector
         rng = random.Random(recipe.seed * 1_000_003 + step)
         g = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
         noise = torch.randn((1, *self.latent_size), generator=g).to(device)

@@ -1,4 +1,5 @@
-"""Training risk rotations on a frozen FLUX inside a ComfyUI node.
+"""Training on a frozen FLUX inside a ComfyUI node: the one trainer (`run_training`, a strategy per objective) and
+the rotations' objective (`RotationTrainer`; the prompt redirector's is in prompt_redirect.py).
 
 - Only the rotation parameters W (text and image, per selected head) are leaf tensors with gradients; the model's
   own parameters are frozen for the duration (requires_grad restored afterwards).
@@ -227,7 +228,8 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
 
 
-def save_checkpoint(path, state: TrainingState, recipe: TrainingRecipe, subspaces_id: str) -> None:
+def save_checkpoint(path, state: TrainingState, recipe, run_id: str, what: str = "risk rotations") -> None:
+    """The run's parameters and optimizer state, with its recipe, run id and what it trains."""
     tensors = {f"param/{i}": p for i, p in enumerate(state.params)}
     opt = state.optimizer.state_dict()
     for idx, st in opt["state"].items():
@@ -237,20 +239,31 @@ def save_checkpoint(path, state: TrainingState, recipe: TrainingRecipe, subspace
         "kind": CHECKPOINT_KIND,
         "step": state.step,
         "recipe": recipe.to_dict(),
-        "subspaces": subspaces_id,
+        "subspaces": run_id,  # the run id (the key's name is kept: older checkpoints hold it)
+        "trains": what,
         "param_groups": json.loads(json.dumps(opt["param_groups"])),
     }
     save_atomic(path, tensors, meta)
 
 
-def load_checkpoint(path, state: TrainingState, recipe, run_id: str, trained_on: str = "different subspaces") -> None:
+def load_checkpoint(
+    path,
+    state: TrainingState,
+    recipe,
+    run_id: str,
+    what: str = "risk rotations",
+    trained_on: str = "different subspaces",
+) -> None:
     """Restore the parameters and the optimizer into `state`; CheckpointError if it is unreadable or belongs to
-    another run (`trained_on` says what differs when the run id does)."""
+    another run: of another kind (`what` it trains) or on other inputs (`trained_on` says which)."""
     tensors, meta = read_safetensors(path, CheckpointError)
     if meta.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not a SafeRoPE training checkpoint")
+    theirs = meta.get("trains", "risk rotations")  # checkpoints written before the key trained rotations
+    if theirs != what:
+        raise CheckpointError(f"{path} trains {theirs}, not {what}")
     if meta.get("subspaces") != run_id:
-        raise CheckpointError(f"{path} was trained on {trained_on}")
+        raise CheckpointError(f"{path} holds {what} trained on {trained_on}")
     theirs = dict(meta.get("recipe", {}))
     mine = recipe.to_dict()
     for key in mine:
@@ -271,11 +284,58 @@ def load_checkpoint(path, state: TrainingState, recipe, run_id: str, trained_on:
     state.step = int(meta["step"])
 
 
+@dataclass
+class TrainingRun:
+    """How a run keeps and reports itself: its checkpoint file (None: none), resumed from when it exists and
+    `resume` is on, written every `checkpoint_every` steps and at the last; `on_step(step, kind, figure, loss)`
+    after each step; `should_stop()` raises to cancel; `checkpointing`: gradient checkpointing of the blocks."""
+
+    checkpoint_path: str | None = None
+    resume: bool = True
+    checkpoint_every: int = 100
+    on_step: object = None
+    should_stop: object = None
+    checkpointing: bool = False
+
+
+def run_training(patcher, objective, recipe, run: TrainingRun) -> int:
+    """The one trainer: the model frozen (gradients reach only the objective's tensors), RoPE with a backward,
+    checkpoints, resume, progress and cancel, around a strategy `objective` that provides:
+    - `what` (what it trains) and `run_id` (a checkpoint of another run is refused), `trained_on` (what differs then);
+    - `start(device)` -> (trainable tensors, the model patched to use them);
+    - `step(index, device, base, trained)` -> (loss, figure to log, kind), with the base and the trained model's
+      velocity functions;
+    - `finish(device, base, trained)`: after the last step, still in training mode.
+    Returns the steps done (a resumed checkpoint of a longer run holds more than the recipe asks)."""
+    device = patcher.load_device
+    make_autograd_safe(patcher.model)  # before freezing, so no reference to replaced weights is kept
+    with torch.inference_mode(False), torch.enable_grad(), frozen(patcher.model), differentiable_rope():
+        params, trained = objective.start(device)
+        state = TrainingState(0, params, torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0))
+        if run.resume and run.checkpoint_path and os.path.isfile(run.checkpoint_path):
+            load_checkpoint(run.checkpoint_path, state, recipe, objective.run_id, objective.what, objective.trained_on)
+        base_opts, train_opts = call_options(patcher), training_options(trained, run.checkpointing)
+
+        def base(x, s, p):
+            return velocity(patcher, x, s, p, options=base_opts)
+
+        def trained_velocity(x, s, p):
+            return velocity(trained, x, s, p, options=train_opts)
+
+        def step(index):
+            return objective.step(index, device, base, trained_velocity)
+
+        checkpoint = (run.checkpoint_path, run.checkpoint_every, objective.run_id, objective.what)
+        run_steps(state, recipe, step, checkpoint, run.on_step, run.should_stop)
+        objective.finish(device, base, trained_velocity)
+    return state.step
+
+
 def run_steps(state: TrainingState, recipe, step, checkpoint: tuple, on_step=None, should_stop=None) -> None:
     """Optimise until `recipe.steps` at the learning rate of the recipe's `lr_schedule` (constant where it has none):
     `step(index)` gives (loss, the figure to log, kind); `checkpoint` is (path or None, every how many steps, the
-    run's id), also written at the last step; `should_stop` raises to cancel."""
-    path, every, run_id = checkpoint
+    run's id, what it trains), also written at the last step; `should_stop` raises to cancel."""
+    path, every, run_id, what = checkpoint
     schedule = getattr(recipe, "lr_schedule", "constant")
     while state.step < recipe.steps:
         if should_stop is not None:
@@ -290,7 +350,7 @@ def run_steps(state: TrainingState, recipe, step, checkpoint: tuple, on_step=Non
         if on_step is not None:
             on_step(state.step, kind, figure, float(loss.detach()))
         if path and (state.step % every == 0 or state.step == recipe.steps):
-            save_checkpoint(path, state, recipe, run_id)
+            save_checkpoint(path, state, recipe, run_id, what)
 
 
 @dataclass
@@ -302,7 +362,10 @@ class TrainingData:
 
 
 class RotationTrainer:
-    """Trains the rotations of an untrained (or partly trained) pack on a frozen FLUX ModelPatcher."""
+    """Trains the rotations of an untrained (or partly trained) pack on a frozen FLUX ModelPatcher: the objective
+    `run_training` runs (redirect or deviate, TrainingRecipe.objective)."""
+
+    what, trained_on = "risk rotations", "different subspaces"
 
     def __init__(
         self,
@@ -315,7 +378,7 @@ class RotationTrainer:
     ):
         self.patcher, self.clip, self.data, self.recipe = patcher, clip, data, recipe
         self.subspaces = subspaces
-        self.subspaces_id = content_hash(subspaces.tensors(), {"rank": subspaces.rank})
+        self.run_id = content_hash(subspaces.tensors(), {"rank": subspaces.rank})
         self.checkpointing = checkpointing
         self._encoded: dict[str, EncodedPrompt] = {}
         self.unsafe, self.held_out_unsafe = held_out_split(data.prompts.unsafe, seed=recipe.seed)
@@ -389,44 +452,33 @@ class RotationTrainer:
         on_step=None,
         should_stop=None,
     ) -> SafeRoPEPack:
-        recipe = self.recipe
-        device = self.patcher.load_device
-        make_autograd_safe(self.patcher.model)  # before freezing, so no reference to replaced weights is kept
-        with torch.inference_mode(False), torch.enable_grad(), frozen(self.patcher.model), differentiable_rope():
-            pack, params = trainable_pack(self.subspaces, recipe, device)
-            state = TrainingState(0, params, torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0))
-            if resume and checkpoint_path and os.path.isfile(checkpoint_path):
-                load_checkpoint(checkpoint_path, state, recipe, self.subspaces_id)
-            self.find_neighbours(device)
-            rotated = with_qk_editor(self.patcher, RiskRotation(pack, 1.0, ("txt", "img")))
-            base_opts = call_options(self.patcher)
-            train_opts = training_options(rotated, self.checkpointing)
-
-            def base(x, s, p):
-                return velocity(self.patcher, x, s, p, options=base_opts)
-
-            def rot(x, s, p):
-                return velocity(rotated, x, s, p, options=train_opts)
-
-            def step(index):
-                kind, prompt, anchor, noise, sigma, clean = self._batch(index, device)
-                loss, dev = self._loss(kind, prompt, anchor, noise, sigma, clean, base, rot)
-                return loss, float(dev.detach().mean()), kind
-
-            checkpoint = (checkpoint_path, checkpoint_every, self.subspaces_id)
-            run_steps(state, recipe, step, checkpoint, on_step, should_stop)
-            noise = torch.randn((1, *self.data.latent_size), generator=torch.Generator().manual_seed(recipe.seed + 1))
-            self.report = held_out_report(
-                recipe.objective,
-                base,
-                rot,
-                [(self._prompt(u.text), self._prompt(u.anchor)) for u in self.held_out_unsafe],
-                [(text, self._prompt(text)) for text in self.held_out_safe[:8]],
-                noise.to(device),
-            )
+        """The trained pack (on the CPU) with its recipe and held-out report."""
+        run = TrainingRun(checkpoint_path, resume, checkpoint_every, on_step, should_stop, self.checkpointing)
+        steps = run_training(self.patcher, self, self.recipe, run)
         # the recipe says what was trained: a checkpoint of a longer run holds more steps than this run asked for
-        recipe = dataclasses.replace(recipe, steps=max(state.step, recipe.steps))
-        return finished_pack(self.subspaces, pack, recipe, self.report)
+        recipe = dataclasses.replace(self.recipe, steps=max(steps, self.recipe.steps))
+        return finished_pack(self.subspaces, self._pack, recipe, self.report)
+
+    def start(self, device):
+        self._pack, params = trainable_pack(self.subspaces, self.recipe, device)
+        self.find_neighbours(device)
+        return params, with_qk_editor(self.patcher, RiskRotation(self._pack, 1.0, ("txt", "img")))
+
+    def step(self, index: int, device, base, rot):
+        kind, prompt, anchor, noise, sigma, clean = self._batch(index, device)
+        loss, dev = self._loss(kind, prompt, anchor, noise, sigma, clean, base, rot)
+        return loss, float(dev.detach().mean()), kind
+
+    def finish(self, device, base, rot) -> None:
+        noise = torch.randn((1, *self.data.latent_size), generator=torch.Generator().manual_seed(self.recipe.seed + 1))
+        self.report = held_out_report(
+            self.recipe.objective,
+            base,
+            rot,
+            [(self._prompt(u.text), self._prompt(u.anchor)) for u in self.held_out_unsafe],
+            [(text, self._prompt(text)) for text in self.held_out_safe[:8]],
+            noise.to(device),
+        )
 
 
 def finished_pack(

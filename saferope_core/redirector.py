@@ -82,6 +82,8 @@ class PromptRedirector(nn.Module):
         self.direction = nn.Sequential(nn.Linear(h, config.rank, bias=False), nn.Linear(config.rank, w, bias=False))
         self.scale = nn.Linear(h, 1)
         self.mask = nn.Linear(h, 1)
+        self.concept = ""  # what it was trained to redirect, and how (written into its file)
+        self.recipe: dict = {}
 
     def unsafe_logit(
         self, context: torch.Tensor, latent: torch.Tensor, sigma: torch.Tensor, valid: torch.Tensor | None = None
@@ -153,6 +155,7 @@ class PromptRedirector(nn.Module):
         if not all(torch.isfinite(t).all() for t in tensors.values()):
             raise RedirectorError(f"{name}: tensors contain NaN or Inf")
         model.load_state_dict({k: v.float() for k, v in tensors.items()})
+        model.concept, model.recipe = meta.get("concept", ""), dict(meta.get("recipe", {}))
         return model.train(False), meta
 
 

@@ -215,8 +215,8 @@ MIN_GAIN, MIN_REPLACED = 0.5, 0.5
 def test_training_resumes_to_the_same_redirector(pack, tiny, tmp_path):
     """A run cancelled after 2 of 4 steps (checkpoint every 2) and resumed ends with the redirector of an uninterrupted
     4-step run; the learning rate falls along a half cosine over the run's steps (the last step's is small); the node
-    run again with more steps continues from the checkpoint; a checkpoint of another run (other prompts) is refused
-    on run_name."""
+    run again with more steps continues from the checkpoint; a checkpoint of another run (other prompts, or risk
+    rotations) is refused on run_name, saying which."""
     import folder_paths
 
     n = pack.nodes
@@ -268,6 +268,13 @@ def test_training_resumes_to_the_same_redirector(pack, tiny, tmp_path):
     with pytest.raises(n.errors.SafeRoPEInputError) as err:
         train(4, "more", prompt_set=other)
     assert err.value.input_name == "run_name" and "trained on another model or Prompt Set" in str(err.value)
+    training = pack.saferope_comfy.training  # a checkpoint of risk rotations under the same run name
+    weight = torch.zeros(2, requires_grad=True)
+    state = training.TrainingState(1, [weight], torch.optim.AdamW([weight]))
+    training.save_checkpoint(tmp_path / "rotations.safetensors", state, pack.saferope_core.TrainingRecipe(), "id")
+    with pytest.raises(n.errors.SafeRoPEInputError) as err:
+        train(4, "rotations")
+    assert err.value.input_name == "run_name" and "trains risk rotations, not a prompt redirector" in str(err.value)
 
 
 def test_gradient_checkpointing_gives_the_same_redirector(pack, tiny, tmp_path, monkeypatch):

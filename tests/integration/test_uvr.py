@@ -40,7 +40,7 @@ def detection_outputs(pack, uvr, model, x, sigma, refs=None):
     """Per-head attention outputs [B, img, H, D] of image tokens at single block 0, captured by the pack's collector."""
     shape = pack.saferope_comfy.flux_adapter.model_shape(model)
     stats = pack.saferope_core.QKStatistics(shape, reservoir_size=100000)
-    collector = uvr.AttentionOutputCollector(stats, "single.0")
+    collector = pack.saferope_comfy.editors.AttentionOutputCollector(stats, "single.0")
     collector.group = "unsafe"
     observed = pack.saferope_comfy.flux_adapter.with_qk_editor(model, collector)
     comfyui_env.run_model(observed, x, sigma, *text(batch=x.shape[0]), ref_latents=refs)
@@ -83,7 +83,7 @@ def test_mask_finds_planted_patches(pack, uvr, model):
     x = plant(latent(0), chosen)
     outputs = detection_outputs(pack, uvr, model, x, 0.95)
     anchors = planted_anchors(pack, model, outputs, chosen.flatten())
-    editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
+    editor = pack.saferope_comfy.editors.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
     seen = watched(editor)
     patched = pack.saferope_comfy.flux_adapter.with_qk_editor(model, editor)
     comfyui_env.run_model(patched, x, 0.95, *text())
@@ -125,8 +125,8 @@ class RecordedRestriction:
     """Restrict Unsafe Flow's editor, recording (sigma, block) wherever it restricts flow."""
 
     @staticmethod
-    def make(uvr, anchors, threshold):
-        class Recorded(uvr.UnsafeFlowRestriction):
+    def make(editors, anchors, threshold):
+        class Recorded(editors.UnsafeFlowRestriction):
             def __init__(self):
                 super().__init__(anchors, 1.0, threshold, SIGMA_START)
                 self.restricted = []
@@ -149,7 +149,7 @@ def test_mask_carries_to_the_next_startup_step_of_the_same_run_only(pack, uvr, m
     chosen = region((8, 8), slice(2, 5), slice(3, 6))
     x = plant(latent(6), chosen)
     anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x, 0.95), chosen.flatten())
-    editor = RecordedRestriction.make(uvr, anchors, -1.0)  # everything flagged (cosine >= -1)
+    editor = RecordedRestriction.make(pack.saferope_comfy.editors, anchors, -1.0)  # everything flagged (cosine >= -1)
     patched = pack.saferope_comfy.flux_adapter.with_qk_editor(model, editor)
     blocks = pack.saferope_comfy.flux_adapter.model_shape(model).block_names()
     after = blocks[blocks.index(anchors.block) + 1 :]
@@ -181,7 +181,7 @@ def test_kontext_restricts_reference_keys(pack, uvr, model, method, n_refs):
     refs = [latent(10 + i, size=16 if i == 0 else 12) for i in range(n_refs)]
     outputs = detection_outputs(pack, uvr, model, x, 0.95, refs)
     anchors = planted_anchors(pack, model, outputs, chosen.flatten())
-    editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
+    editor = pack.saferope_comfy.editors.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
     seen = watched(editor)
     patched = pack.saferope_comfy.flux_adapter.with_qk_editor(model, editor)
     out = comfyui_env.run_model(patched, x, 0.95, *text(), ref_latents=refs, ref_latents_method=method)
@@ -189,7 +189,7 @@ def test_kontext_restricts_reference_keys(pack, uvr, model, method, n_refs):
     assert torch.equal(seen[-1]["core"][0], chosen)
     assert torch.isfinite(out).all() and not torch.equal(out, base)
     # in a sampling run, the next start-up step's carried mask restricts every block, the double blocks included
-    recorded = RecordedRestriction.make(uvr, anchors, -1.0)
+    recorded = RecordedRestriction.make(pack.saferope_comfy.editors, anchors, -1.0)
     positive = comfyui_env.conditioning(
         "a red fox in the snow", reference_latents=refs, reference_latents_method=method
     )
@@ -239,7 +239,7 @@ def test_kontext_scales_attention_to_flagged_reference_keys_by_the_uvr_factors(p
     x = plant(latent(3), chosen)
     refs = [latent(10)]  # the output's size: reference token i lies on output patch i
     anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x, 0.95, refs), chosen.flatten())
-    editor = uvr.UnsafeFlowRestriction(anchors, strength, anchors.threshold, SIGMA_START)
+    editor = pack.saferope_comfy.editors.UnsafeFlowRestriction(anchors, strength, anchors.threshold, SIGMA_START)
     seen = watched(editor)
     context, pooled = text()
     TEXT, OUTPUT, CORE, RING, OTHER = range(5)
@@ -283,7 +283,7 @@ def test_batch_and_cfg_branches_are_independent(pack, uvr, model):
     chosen = region((8, 8), slice(1, 3), slice(1, 3))
     x = torch.cat([plant(latent(4), chosen), latent(5)])
     anchors = planted_anchors(pack, model, detection_outputs(pack, uvr, model, x[:1], 0.95), chosen.flatten())
-    editor = uvr.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
+    editor = pack.saferope_comfy.editors.UnsafeFlowRestriction(anchors, 1.0, anchors.threshold, SIGMA_START)
     seen = watched(editor)
     patched = pack.saferope_comfy.flux_adapter.with_qk_editor(model, editor)
     comfyui_env.run_model(patched, x, 0.95, *text(batch=2))
