@@ -70,9 +70,9 @@ class NodeRun:
 
         unsafe, safe = self.figures
         safe = "" if safe == unsafe else f"{safe} "
-        first = self.history[0][0]
+        first, last = self.history[0][0], self.history[-1][0]
         resumed = f" (resumed after step {first - 1})" if first > 1 else ""
         return (
-            f"{len(self.history)} steps{resumed}; {unsafe} on unsafe prompts {ends('unsafe')}, {safe}on safe prompts "
+            f"{last} steps{resumed}; {unsafe} on unsafe prompts {ends('unsafe')}, {safe}on safe prompts "
             f"{ends('safe')}; checkpoint {self.checkpoint}"
         )

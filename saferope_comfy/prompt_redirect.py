@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..saferope_core import PromptSet, noised_latent, one_step_clean, redirect_gap
-from ..saferope_core.pack import content_hash
+from ..saferope_core.files import content_hash
 from ..saferope_core.redirector import PromptRedirector, Redirection, RedirectorConfig
 from .flux_adapter import RUN_STATES, RunStateWrapper, flux_model, model_family
 from .model_calls import EncodedPrompt, encode_prompt

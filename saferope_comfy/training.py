@@ -40,9 +40,8 @@ from ..saferope_core import (
     redirect_loss,
     unlearn_loss,
 )
-from ..saferope_core.files import read_safetensors, save_atomic
+from ..saferope_core.files import check_hash, content_hash, read_safetensors, write_file
 from ..saferope_core.held_out import HeldOutReport, held_out_report, held_out_split
-from ..saferope_core.pack import content_hash
 from .editors import RiskObserver, RiskRotation
 from .flux_adapter import call_options, rehooked, with_qk_editor
 from .model_calls import EncodedPrompt, encode_prompt, velocity
@@ -243,7 +242,7 @@ def save_checkpoint(path, state: TrainingState, recipe, run_id: str, what: str =
         "trains": what,
         "param_groups": json.loads(json.dumps(opt["param_groups"])),
     }
-    save_atomic(path, tensors, meta)
+    write_file(path, tensors, meta)
 
 
 def load_checkpoint(
@@ -259,6 +258,7 @@ def load_checkpoint(
     tensors, meta = read_safetensors(path, CheckpointError)
     if meta.get("kind") != CHECKPOINT_KIND:
         raise CheckpointError(f"{path} is not a SafeRoPE training checkpoint")
+    check_hash(tensors, meta, str(path), CheckpointError, required=False)  # unhashed before December 2026
     theirs = meta.get("trains", "risk rotations")  # checkpoints written before the key trained rotations
     if theirs != what:
         raise CheckpointError(f"{path} trains {theirs}, not {what}")

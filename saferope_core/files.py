@@ -1,7 +1,12 @@
-"""Atomic safetensors writing and guarded reading shared by every saved intermediate."""
+"""The one file protocol of every file the pack writes (packs, statistics, anchors, redirectors, safety packs,
+training checkpoints): safetensors only, JSON metadata under 'saferope' with a kind and a format version, a content
+hash over metadata and tensors, written atomically (`write_file`); read back with every problem raised as the
+reader's own SafeRoPEError type (`read_safetensors`, then `check_header`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -14,6 +19,63 @@ from safetensors.torch import save_file
 from .errors import SafeRoPEError
 
 METADATA_KEY = "saferope"
+
+
+def content_hash(tensors: dict[str, torch.Tensor], metadata: dict) -> str:
+    """sha256 over the metadata (without the hash) and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    meta = {k: v for k, v in metadata.items() if k != "content_hash"}
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous().reshape(-1)  # flat: a [H, D, 1] basis may keep a stride that view refuses
+        digest.update(f"{name}|{t.dtype}|{tuple(tensors[name].shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def hashed(tensors: dict[str, torch.Tensor], metadata: dict) -> dict:
+    """`metadata` with the content hash of the file it describes."""
+    return {**metadata, "content_hash": content_hash(tensors, metadata)}
+
+
+def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """Write a file of this pack: its metadata stamped with the content hash, written atomically."""
+    return save_atomic(path, tensors, hashed(tensors, metadata))
+
+
+def check_header(
+    tensors: dict,
+    meta: dict,
+    name: str,
+    kind: str,
+    version: int,
+    label: str,
+    error: type[SafeRoPEError],
+    *,
+    hash_required: bool = True,
+) -> None:
+    """Raise `error` (naming the file `name`) unless the file is a `label` of `kind` and `version` whose content
+    hash matches. Without `hash_required`, a file with no hash (written before files were hashed) passes."""
+    if meta.get("kind") != kind:
+        raise error(f"{name} is not a {label} (metadata kind is {meta.get('kind')!r})")
+    if meta.get("format_version") != version:
+        raise error(
+            f"{name}: format version {meta.get('format_version')!r} is not supported (this node pack reads version "
+            f"{version}); update the node pack or rebuild the file"
+        )
+    check_hash(tensors, meta, name, error, required=hash_required)
+
+
+def check_hash(tensors: dict, meta: dict, name: str, error: type[SafeRoPEError], *, required: bool = True) -> None:
+    """Raise `error` (naming the file `name`) unless the file's content hash matches; without `required`, a file
+    with no hash (written before files were hashed) passes."""
+    stamp = meta.get("content_hash")
+    if stamp is None and not required:
+        return
+    if not isinstance(stamp, str):
+        raise error(f"{name}: metadata field 'content_hash' is missing or not a string")
+    if content_hash(tensors, meta) != stamp:
+        raise error(f"{name}: content hash mismatch: the file was modified or damaged after it was written")
 
 
 def save_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> Path:

@@ -12,15 +12,13 @@ Every problem with a file raises SafeRoPEPackError with a message that says what
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import SafeRoPEPackError
-from .files import read_safetensors, save_atomic
+from .files import check_header, read_safetensors, write_file
 from .rotation import rotate_tokens, rotates, skew, skew_eigen
 from .shape import ModelShape
 from .subspaces import Subspaces
@@ -185,9 +183,7 @@ class SafeRoPEPack:
         }
 
     def save(self, path) -> Path:
-        tensors, meta = self.tensors(), self.metadata()
-        meta["content_hash"] = content_hash(tensors, meta)
-        return save_atomic(path, tensors, meta)
+        return write_file(path, self.tensors(), self.metadata())
 
     def describe(self) -> str:
         """One paragraph for the node UI: concept, rank, heads rotated, model it was built for."""
@@ -208,18 +204,6 @@ def orthonormal(bases: torch.Tensor) -> bool:
     return bool((gram - torch.eye(u.shape[-1], dtype=u.dtype)).abs().max() <= ORTHONORMAL_TOLERANCE)
 
 
-def content_hash(tensors: dict[str, torch.Tensor], metadata: dict) -> str:
-    """sha256 over the metadata (without the hash) and every tensor's name, dtype, shape and bytes."""
-    digest = hashlib.sha256()
-    meta = {k: v for k, v in metadata.items() if k != "content_hash"}
-    digest.update(json.dumps(meta, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous().reshape(-1)  # flat: a [H, D, 1] basis may keep a stride that view refuses
-        digest.update(f"{name}|{t.dtype}|{tuple(tensors[name].shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
 def load_pack(path) -> SafeRoPEPack:
     """Read and fully validate a pack file. Raises SafeRoPEPackError with what is wrong."""
     path = Path(path)
@@ -231,14 +215,8 @@ def pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
     def fail(msg: str):
         raise SafeRoPEPackError(f"{name}: {msg}")
 
-    if meta.get("kind") != PACK_KIND:
-        fail(f"not a SafeRoPE pack (metadata kind is {meta.get('kind')!r})")
-    if meta.get("format_version") != PACK_FORMAT_VERSION:
-        fail(
-            f"format version {meta.get('format_version')!r} is not supported (this pack reads version "
-            f"{PACK_FORMAT_VERSION}); update the node pack or rebuild the file"
-        )
-    for key in ("model", "concepts", "rank", "thresholds", "recipe", "blocks", "content_hash"):
+    check_header(tensors, meta, name, PACK_KIND, PACK_FORMAT_VERSION, "SafeRoPE pack", SafeRoPEPackError)
+    for key in ("model", "concepts", "rank", "thresholds", "recipe", "blocks"):
         if key not in meta:
             fail(f"metadata field '{key}' is missing")
     try:
@@ -257,8 +235,6 @@ def pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
         fail(f"gate threshold {gate!r} is not a number in [0, 1)")
     if not isinstance(meta["blocks"], list):
         fail("malformed metadata: 'blocks' must be a list of block names")
-    if not isinstance(meta["content_hash"], str):
-        fail("malformed metadata: 'content_hash' must be a string")
     names = shape.block_names()
     h, d = shape.heads, shape.head_dim
     expected = {
@@ -310,8 +286,6 @@ def pack_from_parts(tensors: dict, meta: dict, name: str) -> SafeRoPEPack:
         fail(f"unexpected tensors {sorted(extra)[:3]}")
     if not blocks:
         fail("the pack rotates no block")
-    if content_hash(tensors, meta) != meta["content_hash"]:
-        fail("content hash mismatch: the file was modified or damaged after it was written")
     return SafeRoPEPack(
         shape,
         meta["concepts"],

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from .errors import RedirectorError
-from .files import read_safetensors, save_atomic
-from .pack import content_hash
+from .files import check_header, hashed, read_safetensors, write_file
 from .shape import FAMILIES
 
 REDIRECTOR_KIND = "saferope.prompt_redirector"
@@ -123,11 +122,10 @@ class PromptRedirector(nn.Module):
             "concept": concept,
             "recipe": recipe,
         }
-        meta["content_hash"] = content_hash(self.tensors(), meta)
-        return meta
+        return hashed(self.tensors(), meta)
 
     def save(self, path, concept: str, recipe: dict) -> None:
-        save_atomic(path, self.tensors(), self.metadata(concept, recipe))
+        write_file(path, self.tensors(), self.metadata(concept, recipe))
 
     @classmethod
     def load(cls, path) -> tuple[PromptRedirector, dict]:
@@ -138,10 +136,7 @@ class PromptRedirector(nn.Module):
     @classmethod
     def from_parts(cls, tensors: dict, meta: dict, name: str) -> tuple[PromptRedirector, dict]:
         """(redirector, metadata) from a file's tensors and metadata, validated; RedirectorError naming `name`."""
-        if meta.get("kind") != REDIRECTOR_KIND or meta.get("format_version") != REDIRECTOR_VERSION:
-            raise RedirectorError(f"{name} is not a prompt redirector file of version {REDIRECTOR_VERSION}")
-        if meta.get("content_hash") != content_hash(tensors, meta):
-            raise RedirectorError(f"{name} was changed after it was written (content hash differs)")
+        check_header(tensors, meta, name, REDIRECTOR_KIND, REDIRECTOR_VERSION, "prompt redirector", RedirectorError)
         try:
             config = RedirectorConfig(**meta.get("config", {}))
             model = cls(config)

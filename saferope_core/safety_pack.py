@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import AnchorsError, SafeRoPEError, SafeRoPEPackError
-from .files import read_safetensors, save_atomic
-from .pack import SafeRoPEPack, content_hash, pack_from_parts
+from .files import check_header, hashed, read_safetensors, write_file
+from .pack import SafeRoPEPack, pack_from_parts
 from .redirector import PromptRedirector, RedirectorError
 from .shape import ModelShape
 from .uvr import UVRAnchors
@@ -80,10 +80,9 @@ class SafetyPack:
     def save(self, path) -> Path:
         tensors, guards = {}, {}
         if self.rotation is not None:
-            part, meta = self.rotation.tensors(), self.rotation.metadata()
-            meta["content_hash"] = content_hash(part, meta)
+            part = self.rotation.tensors()
             tensors.update({f"rotation/{k}": v for k, v in part.items()})
-            guards["rotation"] = meta
+            guards["rotation"] = hashed(part, self.rotation.metadata())
         if self.anchors is not None:
             tensors.update({f"uvr/{k}": v for k, v in self.anchors.tensors().items()})
             guards["uvr"] = self.anchors.metadata()
@@ -99,8 +98,7 @@ class SafetyPack:
             "guards": guards,
             "wordings": self.wordings,
         }
-        meta["content_hash"] = content_hash(tensors, meta)
-        return save_atomic(path, tensors, meta)
+        return write_file(path, tensors, meta)
 
 
 def load_safety_pack(path) -> SafetyPack:
@@ -114,12 +112,7 @@ def safety_pack_from_parts(tensors: dict, meta: dict, name: str) -> SafetyPack:
     def fail(problem: str):
         raise SafetyPackError(f"{name}: {problem}")
 
-    if meta.get("kind") != SAFETY_PACK_KIND:
-        fail(f"not a safety pack (metadata kind is {meta.get('kind')!r})")
-    if meta.get("format_version") != SAFETY_PACK_VERSION:
-        fail(f"format version {meta.get('format_version')!r} is not supported (this pack reads {SAFETY_PACK_VERSION})")
-    if not isinstance(meta.get("content_hash"), str) or content_hash(tensors, meta) != meta["content_hash"]:
-        fail("content hash mismatch: the file was modified or damaged after it was written")
+    check_header(tensors, meta, name, SAFETY_PACK_KIND, SAFETY_PACK_VERSION, "safety pack", SafetyPackError)
     try:
         shape = ModelShape.from_dict(meta.get("model"))
     except ValueError as err:

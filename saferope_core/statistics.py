@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .errors import StatisticsError
-from .files import read_safetensors, save_atomic
+from .files import check_header, read_safetensors, write_file
 from .shape import ModelShape
 
 GROUPS = ("unsafe", "safe")
@@ -133,18 +133,23 @@ class QKStatistics:
             "concepts": self.concepts,
             "count": self.count,
         }
-        save_atomic(path, tensors, meta)
+        write_file(path, tensors, meta)
 
     @classmethod
     def load(cls, path) -> QKStatistics:
         """Load saved statistics; raises StatisticsError saying what is wrong."""
         tensors, meta = read_safetensors(path, StatisticsError)
         name = Path(path).name
-        if meta.get("kind") != STATISTICS_KIND or meta.get("format_version") != STATISTICS_VERSION:
-            raise StatisticsError(
-                f"{name} is not a SafeRoPE statistics file of version {STATISTICS_VERSION} "
-                f"(kind={meta.get('kind')!r}, version={meta.get('format_version')!r})"
-            )
+        check_header(
+            tensors,
+            meta,
+            name,
+            STATISTICS_KIND,
+            STATISTICS_VERSION,
+            "statistics file",
+            StatisticsError,
+            hash_required=False,  # statistics were written without a hash before December 2026
+        )
         try:
             shape = ModelShape.from_dict(meta.get("model"))
         except ValueError as err:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import AnchorsError
-from .files import read_safetensors, save_atomic
+from .files import check_header, read_safetensors, write_file
 from .shape import ModelShape
 from .statistics import QKStatistics, site_name
 
@@ -50,7 +50,7 @@ class UVRAnchors:
         }
 
     def save(self, path) -> None:
-        save_atomic(path, self.tensors(), self.metadata())
+        write_file(path, self.tensors(), self.metadata())
 
     @classmethod
     def load(cls, path) -> UVRAnchors:
@@ -61,8 +61,16 @@ class UVRAnchors:
     @classmethod
     def from_parts(cls, tensors: dict, meta: dict, name: str) -> UVRAnchors:
         """Anchors from a file's tensors and metadata, validated; AnchorsError naming `name` and the problem."""
-        if meta.get("kind") != ANCHORS_KIND or meta.get("format_version") != ANCHORS_VERSION:
-            raise AnchorsError(f"{name} is not a UVR anchors file of version {ANCHORS_VERSION}")
+        check_header(
+            tensors,
+            meta,
+            name,
+            ANCHORS_KIND,
+            ANCHORS_VERSION,
+            "UVR anchors file",
+            AnchorsError,
+            hash_required=False,  # anchors were written without a hash before December 2026
+        )
         try:
             shape = ModelShape.from_dict(meta.get("model"))
         except ValueError as err:

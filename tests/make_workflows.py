@@ -909,7 +909,7 @@ def build_a_pack(wf: Workflow) -> None:
         wf.connect(src, out, show, "source")
     collect_uvr = wf.add(
         "CollectUVRAnchors",
-        (0, 1480),
+        (0, 1540),
         detection_block=UVR_DETECTION_BLOCK,
         sigmas="1.0, 0.95, 0.9",
         width=512,
@@ -921,9 +921,9 @@ def build_a_pack(wf: Workflow) -> None:
     wf.connect(model, "MODEL", collect_uvr, "model")
     wf.connect(clip, "CLIP", collect_uvr, "clip")
     wf.connect(prompts, "prompts", collect_uvr, "prompts")
-    save_uvr = wf.add("SaveUVRAnchors", (400, 1480), name=ANCHORS_FILE.removesuffix(".safetensors"), overwrite=False)
+    save_uvr = wf.add("SaveUVRAnchors", (400, 1540), name=ANCHORS_FILE.removesuffix(".safetensors"), overwrite=False)
     wf.connect(collect_uvr, "anchors", save_uvr, "anchors")
-    show_uvr = wf.add("PreviewAny", (400, 1640), size=(360, 220), title="Anchors report")
+    show_uvr = wf.add("PreviewAny", (400, 1700), size=(360, 220), title="Anchors report")
     wf.connect(collect_uvr, "report", show_uvr, "source")
     train_redirector = wf.add(
         "TrainPromptRedirector",

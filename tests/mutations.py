@@ -46,12 +46,12 @@ MUTATIONS = [
         (f"{CORE}/test_subspaces.py::test_head_selection_finds_the_planted_heads",),
     ),
     Mutation(
-        "pack-hash-check",
-        "a pack whose content hash does not match loads anyway",
-        "saferope_core/pack.py",
-        'if content_hash(tensors, meta) != meta["content_hash"]:',
+        "hash-check",
+        "a file whose content hash does not match (a pack, a safety pack) loads anyway",
+        "saferope_core/files.py",
+        "if content_hash(tensors, meta) != stamp:",
         "if False:",
-        (f"{CORE}/test_pack.py::test_single_bit_flips",),
+        (f"{CORE}/test_pack.py::test_single_bit_flips", f"{CORE}/test_safety_pack.py::test_a_changed_file_is_refused"),
     ),
     Mutation(
         "family-refusal",
@@ -68,14 +68,6 @@ MUTATIONS = [
         'return "yes" if left <= REDIRECTED else',
         'return "yes" if left < 1 else',
         (f"{CORE}/test_redirect.py",),
-    ),
-    Mutation(
-        "safety-pack-hash-check",
-        "a safety pack changed after it was written loads anyway",
-        "saferope_core/safety_pack.py",
-        'if not isinstance(meta.get("content_hash"), str) or content_hash(tensors, meta) != meta["content_hash"]:',
-        "if False:",
-        (f"{CORE}/test_safety_pack.py::test_a_changed_file_is_refused",),
     ),
     Mutation(
         "redirect-whole-batch",
@@ -264,8 +256,8 @@ MUTATIONS = [
         "checkpointing-ignored",
         "Train Risk Rotations ignores its gradient_checkpointing input",
         "saferope_comfy/training.py",
-        "training_options(rotated, self.checkpointing)",
-        "training_options(rotated, False)",
+        "training_options(trained, run.checkpointing)",
+        "training_options(trained, False)",
         (f"{ITG}/test_collect_train.py::test_gradient_checkpointing_runs_only_when_asked",),
     ),
     Mutation(

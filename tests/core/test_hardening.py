@@ -7,11 +7,18 @@ import tracemalloc
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from saferope_core import AnchorsError, SafeRoPEPackError, build_unsafe_prompts, load_pack
-from saferope_core.files import METADATA_KEY
-from saferope_core.pack import content_hash
+from saferope_core import (
+    AnchorsError,
+    QKStatistics,
+    SafeRoPEPackError,
+    StatisticsError,
+    build_unsafe_prompts,
+    load_pack,
+)
+from saferope_core.files import METADATA_KEY, content_hash
 from saferope_core.uvr import UVRAnchors
 
 
@@ -88,3 +95,33 @@ def test_deeply_nested_metadata_is_a_pack_error(tmp_path):
     save_file({"x": torch.zeros(1)}, str(path), metadata={METADATA_KEY: "[" * 100000 + "]" * 100000})
     with pytest.raises(SafeRoPEPackError, match="malformed metadata JSON"):
         load_pack(path)
+
+
+def _statistics(shape):
+    stats = QKStatistics(shape, reservoir_size=4, seed=0, concepts=["x"])
+    stats.add("unsafe", "double.0.txt.q", torch.randn(6, shape.heads, shape.head_dim))
+    return stats
+
+
+@pytest.mark.parametrize(
+    "make, load, error",
+    [("statistics", QKStatistics.load, StatisticsError), ("anchors", UVRAnchors.load, AnchorsError)],
+)
+def test_statistics_and_anchor_files_are_hashed(shape, tmp_path, make, load, error):
+    """Statistics and anchors files carry the content hash every file of the pack carries: one changed after it was
+    written is refused; one written before December 2026 (no hash at all) still loads."""
+    path = tmp_path / f"{make}.safetensors"
+    (_statistics(shape) if make == "statistics" else _anchors(shape)).save(path)
+    tensors, meta = load_file(str(path)), json.loads(safe_open(str(path), "pt").metadata()[METADATA_KEY])
+    assert meta["content_hash"] == content_hash(tensors, meta)
+    load(path)
+
+    name = next(iter(tensors))
+    changed = {**tensors, name: tensors[name] + 1}
+    save_file(changed, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    with pytest.raises(error, match="content hash mismatch"):
+        load(path)
+
+    unhashed = {k: v for k, v in meta.items() if k != "content_hash"}
+    save_file(changed, str(path), metadata={METADATA_KEY: json.dumps(unhashed)})
+    load(path)

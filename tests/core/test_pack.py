@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from saferope_core import ModelShape, SafeRoPEPackError, load_pack, rotate_tokens
-from saferope_core.files import METADATA_KEY
-from saferope_core.pack import PACK_FORMAT_VERSION, content_hash
+from saferope_core.files import METADATA_KEY, content_hash
+from saferope_core.pack import PACK_FORMAT_VERSION
 
 
 def _tokens(shape, seed=0, length=6):

@@ -7,8 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from saferope_core.files import METADATA_KEY
-from saferope_core.pack import content_hash
+from saferope_core.files import METADATA_KEY, content_hash
 from saferope_core.redirector import PromptRedirector, Redirection, RedirectorConfig, RedirectorError
 
 CONFIG = RedirectorConfig("flux", width=48, latent_channels=16, hidden=32, rank=4)

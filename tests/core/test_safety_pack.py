@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from saferope_core.files import METADATA_KEY
+from saferope_core.files import METADATA_KEY, content_hash
 from saferope_core.redirector import PromptRedirector, RedirectorConfig
 from saferope_core.safety_pack import SafetyPack, SafetyPackError, load_safety_pack
 from saferope_core.uvr import UVRAnchors
@@ -97,7 +97,6 @@ def test_a_changed_file_is_refused(shape, guards, tmp_path, change, words):
 def test_each_guard_is_validated_by_its_own_checks(shape, guards, tmp_path):
     """A guard whose own validation fails (here scaled rotation bases, re-hashed so the file hash holds) makes the
     pack unloadable, naming the guard and the problem."""
-    from saferope_core import safety_pack
 
     path = tmp_path / "p.safetensors"
     full_pack(shape, guards).save(path)
@@ -106,8 +105,8 @@ def test_each_guard_is_validated_by_its_own_checks(shape, guards, tmp_path):
         name = next(k for k in tensors if k.endswith("basis_q"))
         tensors[name] = tensors[name] * 3
         inner = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("rotation/")}
-        meta["guards"]["rotation"]["content_hash"] = safety_pack.content_hash(inner, meta["guards"]["rotation"])
-        meta["content_hash"] = safety_pack.content_hash(tensors, meta)
+        meta["guards"]["rotation"]["content_hash"] = content_hash(inner, meta["guards"]["rotation"])
+        meta["content_hash"] = content_hash(tensors, meta)
 
     rewrite(path, scale_bases)
     with pytest.raises(SafetyPackError, match=r"\(rotations\).*not orthonormal"):

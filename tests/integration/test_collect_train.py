@@ -486,7 +486,7 @@ def test_resume_after_interruption_matches_uninterrupted(pack, planted, folders)
 
     train_node(pack, planted, 3, "two_sessions")
     continued, log = train_node(pack, planted, steps, "two_sessions")
-    assert log.startswith(f"{steps} steps")
+    assert log.startswith(f"{steps} steps (resumed after step 3)")
     for a, b in zip(weights(continued), reference, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 

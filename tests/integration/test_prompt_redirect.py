@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from bench import comfyui_env
 from bench.comfyui_env import run_node
@@ -260,7 +262,7 @@ def test_training_resumes_to_the_same_redirector(pack, tiny, tmp_path):
 
     shorter, _ = train(2, "more")
     longer, log = train(4, "more")  # 2 more steps from the checkpoint, on the 4-step run's schedule
-    assert log.startswith("2 steps") and "more.safetensors" in log
+    assert log.startswith("4 steps (resumed after step 2)") and "more.safetensors" in log
     assert not any(all(torch.equal(a[k], longer[k]) for k in a) for a in (shorter, whole))
     other, _ = run_node(
         n.SafeRoPEPromptSet.execute, "custom", "naked", "", "a photo of a {subject} man", "a cat\na dog", 2, 2, 0
@@ -275,6 +277,13 @@ def test_training_resumes_to_the_same_redirector(pack, tiny, tmp_path):
     with pytest.raises(n.errors.SafeRoPEInputError) as err:
         train(4, "rotations")
     assert err.value.input_name == "run_name" and "trains risk rotations, not a prompt redirector" in str(err.value)
+    path = str(tmp_path / "rotations.safetensors")  # the same checkpoint, changed after it was written
+    with safe_open(path, "pt") as f:
+        header = f.metadata()
+    save_file({k: v + 1 for k, v in load_file(path).items()}, path, metadata=header)
+    with pytest.raises(n.errors.SafeRoPEInputError) as err:
+        train(4, "rotations")
+    assert "content hash mismatch" in str(err.value)
 
 
 def test_gradient_checkpointing_gives_the_same_redirector(pack, tiny, tmp_path, monkeypatch):

@@ -311,7 +311,7 @@ def test_needs_newer_comfyui_is_exact(server):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "saferope_version_check", comfyui_env.REPO / "nodes" / "version_check.py"
+        "saferope_version_check", comfyui_env.REPO / "saferope_comfy" / "version_check.py"
     )
     version_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(version_check)
