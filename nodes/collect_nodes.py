@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import comfy.model_management
 import comfy.utils
-import folder_paths
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..saferope_comfy import model_files
 from ..saferope_comfy.editors import QKCollector
 from ..saferope_comfy.flux_adapter import with_qk_editor
 from ..saferope_comfy.model_calls import (
@@ -48,19 +46,16 @@ from .common import (
     Prompts,
     Statistics,
     checked,
-    file_stem,
     input_path,
-    name_inputs,
     parse_sigmas,
     require_flux,
-    save_node_output,
     seed_input,
     sigmas_input,
     size_inputs,
-    target_path,
     validation,
 )
 from .errors import SafeRoPEInputError
+from .file_nodes import LoadFileNode, SaveFileNode
 
 CATEGORY = "SafeRoPE/Collect & Train"
 CUSTOM = "custom"
@@ -420,104 +415,48 @@ class BuildSubspaces(io.ComfyNode):
         return io.NodeOutput(pack, summary)
 
 
-class SaveSafeRoPEPack(io.ComfyNode):
-    NODE = "Save SafeRoPE Pack"
-
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="SaveSafeRoPEPack",
-            display_name=cls.NODE,
-            category="SafeRoPE",
-            description="Writes a pack (trained, or untrained subspaces) to models/saferope/<name>.safetensors, "
-            "where Load SafeRoPE Pack finds it.",
-            inputs=[
-                Pack.Input("pack", tooltip="From Train Risk Rotations (or Build Subspaces)"),
-                *name_inputs("my_pack", "pack"),
-            ],
-            outputs=[io.String.Output("path", display_name="path", tooltip="Where the pack was written")],
-            is_output_node=True,
-        )
-
-    @classmethod
-    def validate_inputs(cls, name=None):
-        return validation(cls.NODE, "name", name, lambda text: file_stem(cls.NODE, text))
+class SaveSafeRoPEPack(SaveFileNode):
+    NODE, NODE_ID, CATEGORY = "Save SafeRoPE Pack", "SaveSafeRoPEPack", "SafeRoPE"
+    DESCRIPTION = (
+        "Writes a pack (trained, or untrained subspaces) to models/saferope/<name>.safetensors, where Load SafeRoPE "
+        "Pack finds it."
+    )
+    CONTENT = Pack.Input("pack", tooltip="From Train Risk Rotations (or Build Subspaces)")
+    DEFAULT_NAME, WHAT = "my_pack", "pack"
 
     @classmethod
     @checked
     def execute(cls, pack: SafeRoPEPack, name, overwrite) -> io.NodeOutput:
-        path = target_path(cls.NODE, model_files.output_dir(), name, overwrite)
-        pack.save(path)
-        return save_node_output(path)
+        return cls.save(pack, name, overwrite)
 
 
-class SaveStatistics(io.ComfyNode):
-    NODE = "Save Statistics"
-
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="SaveStatistics",
-            display_name=cls.NODE,
-            category=CATEGORY,
-            description="Writes collected statistics to models/saferope_statistics/<name>.safetensors, to build "
-            "subspaces later or merge with another collection.",
-            inputs=[
-                Statistics.Input("statistics", tooltip="From Collect Q/K or Merge Statistics"),
-                *name_inputs("my_statistics", "statistics"),
-            ],
-            outputs=[io.String.Output("path", display_name="path", tooltip="Where the statistics were written")],
-            is_output_node=True,
-        )
-
-    @classmethod
-    def validate_inputs(cls, name=None):
-        return validation(cls.NODE, "name", name, lambda text: file_stem(cls.NODE, text))
+class SaveStatistics(SaveFileNode):
+    NODE, NODE_ID, CATEGORY, FOLDER = "Save Statistics", "SaveStatistics", CATEGORY, STATS_FOLDER
+    DESCRIPTION = (
+        "Writes collected statistics to models/saferope_statistics/<name>.safetensors, to build subspaces later or "
+        "merge with another collection."
+    )
+    CONTENT = Statistics.Input("statistics", tooltip="From Collect Q/K or Merge Statistics")
+    DEFAULT_NAME, WHAT = "my_statistics", "statistics"
 
     @classmethod
     @checked
     def execute(cls, statistics: QKStatistics, name, overwrite) -> io.NodeOutput:
-        path = target_path(cls.NODE, model_files.output_dir(STATS_FOLDER), name, overwrite)
-        statistics.save(path)
-        return save_node_output(path)
+        return cls.save(statistics, name, overwrite)
 
 
-class LoadStatistics(io.ComfyNode):
-    NODE = "Load Statistics"
-
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LoadStatistics",
-            display_name=cls.NODE,
-            category=CATEGORY,
-            description="Loads statistics saved by Save Statistics from models/saferope_statistics.",
-            inputs=[
-                io.Combo.Input(
-                    "name",
-                    options=[model_files.NO_FILE, *model_files.files_of_kind(STATISTICS_KIND, STATS_FOLDER)],
-                    tooltip="A statistics file in ComfyUI/models/saferope_statistics",
-                )
-            ],
-            outputs=[Statistics.Output(tooltip="For Build Subspaces or Merge Statistics")],
-        )
+class LoadStatistics(LoadFileNode):
+    NODE, NODE_ID, CATEGORY = "Load Statistics", "LoadStatistics", CATEGORY
+    DESCRIPTION = "Loads statistics saved by Save Statistics from models/saferope_statistics."
+    KIND, FOLDERS = STATISTICS_KIND, (STATS_FOLDER,)
+    NAME_TOOLTIP = "A statistics file in ComfyUI/models/saferope_statistics"
+    OUTPUTS = [Statistics.Output(tooltip="For Build Subspaces or Merge Statistics")]
+    NONE_CHOSEN = (
+        "no statistics file chosen",
+        "Save statistics with Save Statistics (they go to models/saferope_statistics)",
+    )
+    ERROR, REMAKE = StatisticsError, "Re-run Collect Q/K and save again"
 
     @classmethod
-    def fingerprint_inputs(cls, name):
-        """Reload when the file changes, not only when the name does."""
-        return model_files.fingerprint_in(name, STATS_FOLDER)
-
-    @classmethod
-    @checked
-    def execute(cls, name) -> io.NodeOutput:
-        if name == model_files.NO_FILE:
-            raise SafeRoPEInputError(
-                cls.NODE,
-                "name",
-                "no statistics file chosen",
-                "Save statistics with Save Statistics (they go to models/saferope_statistics)",
-            )
-        try:
-            return io.NodeOutput(QKStatistics.load(folder_paths.get_full_path_or_raise(STATS_FOLDER, name)))
-        except StatisticsError as err:
-            raise SafeRoPEInputError(cls.NODE, "name", str(err), "Re-run Collect Q/K and save again") from None
+    def read(cls, path):
+        return QKStatistics.load(path)

@@ -7,7 +7,6 @@ import logging
 
 from comfy_api.v0_0_2 import io
 
-from ..saferope_comfy import model_files
 from ..saferope_comfy.model_calls import latent_shape, load_model
 from ..saferope_comfy.model_files import REDIRECTOR_FOLDER
 from ..saferope_comfy.prompt_redirect import (
@@ -21,18 +20,14 @@ from .common import (
     Prompts,
     Redirector,
     checked,
-    file_stem,
-    name_inputs,
     require_flux,
-    save_node_output,
     seed_input,
     size_inputs,
-    target_path,
-    validation,
 )
 from .errors import SafeRoPEInputError
+from .file_nodes import LoadFileNode, SaveFileNode
 from .guards import redirected
-from .training_run import NodeRun
+from .training_run import NodeRun, learning_rate_input, run_inputs, validate_run_name
 
 log = logging.getLogger("saferope")
 
@@ -55,28 +50,12 @@ class TrainPromptRedirector(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="That model's text encoder"),
                 Prompts.Input("prompts", tooltip="From SafeRoPE Prompt Set (its anchors are what gets drawn)"),
                 io.Int.Input("steps", default=400, min=1, max=100000, tooltip="Training steps"),
-                io.Float.Input(
-                    "learning_rate",
-                    default=1e-3,
-                    min=1e-6,
-                    max=1.0,
-                    step=1e-4,
-                    tooltip="AdamW learning rate at the first step; it falls along a half cosine to 0 at the last",
+                learning_rate_input(
+                    1e-3, "AdamW learning rate at the first step; it falls along a half cosine to 0 at the last"
                 ),
                 seed_input("Seed of the redirector's start, the prompts and the noise of every step"),
                 *size_inputs("training runs at"),
-                io.String.Input(
-                    "run_name", default="redirector", tooltip="Name of the checkpoint in models/saferope_training"
-                ),
-                io.Int.Input(
-                    "checkpoint_every", default=100, min=1, max=100000, tooltip="Write the checkpoint this often"
-                ),
-                io.Boolean.Input("resume", default=True, tooltip="Continue from run_name's checkpoint if there is one"),
-                io.Boolean.Input(
-                    "gradient_checkpointing",
-                    default=True,
-                    tooltip="Recompute blocks in backward: far less memory, a little slower, same result",
-                ),
+                *run_inputs("redirector"),
             ],
             outputs=[
                 Redirector.Output(tooltip="For Save Prompt Redirector or Redirect Unsafe Prompts"),
@@ -87,7 +66,7 @@ class TrainPromptRedirector(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, run_name=None):
-        return validation(cls.NODE, "run_name", run_name, lambda text: file_stem(cls.NODE, text, "run_name"))
+        return validate_run_name(cls.NODE, run_name)
 
     @classmethod
     @checked
@@ -122,76 +101,38 @@ class TrainPromptRedirector(io.ComfyNode):
         return io.NodeOutput(redirector, run.summary())
 
 
-class SavePromptRedirector(io.ComfyNode):
-    NODE = "Save Prompt Redirector"
+class SavePromptRedirector(SaveFileNode):
+    NODE, NODE_ID, CATEGORY = "Save Prompt Redirector", "SavePromptRedirector", "SafeRoPE/Collect & Train"
+    FOLDER = REDIRECTOR_FOLDER
+    DESCRIPTION = f"Writes a redirector to models/{REDIRECTOR_FOLDER}/<name>.safetensors."
+    CONTENT = Redirector.Input("redirector", tooltip="From Train Prompt Redirector")
+    DEFAULT_NAME, WHAT = "redirector", "redirector"
 
     @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="SavePromptRedirector",
-            display_name=cls.NODE,
-            category="SafeRoPE/Collect & Train",
-            description=f"Writes a redirector to models/{REDIRECTOR_FOLDER}/<name>.safetensors.",
-            inputs=[
-                Redirector.Input("redirector", tooltip="From Train Prompt Redirector"),
-                *name_inputs("redirector", "redirector"),
-            ],
-            outputs=[io.String.Output("path", display_name="path", tooltip="Where the redirector was written")],
-            is_output_node=True,
-        )
-
-    @classmethod
-    def validate_inputs(cls, name=None):
-        return validation(cls.NODE, "name", name, lambda text: file_stem(cls.NODE, text))
+    def write(cls, redirector: PromptRedirector, path: str) -> None:
+        redirector.save(path, redirector.concept, redirector.recipe)
 
     @classmethod
     @checked
     def execute(cls, redirector: PromptRedirector, name, overwrite) -> io.NodeOutput:
-        path = target_path(cls.NODE, model_files.output_dir(REDIRECTOR_FOLDER), name, overwrite)
-        redirector.save(path, redirector.concept, redirector.recipe)
-        return save_node_output(path)
+        return cls.save(redirector, name, overwrite)
 
 
-class LoadPromptRedirector(io.ComfyNode):
-    NODE = "Load Prompt Redirector"
-
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LoadPromptRedirector",
-            display_name=cls.NODE,
-            category="SafeRoPE",
-            description=f"Loads a redirector saved by Save Prompt Redirector (from models/{REDIRECTOR_FOLDER}).",
-            inputs=[
-                io.Combo.Input(
-                    "name",
-                    options=[model_files.NO_FILE, *model_files.files_of_kind(REDIRECTOR_KIND, REDIRECTOR_FOLDER)],
-                    tooltip=f"A redirector file in ComfyUI/models/{REDIRECTOR_FOLDER}",
-                )
-            ],
-            outputs=[Redirector.Output(tooltip="For Redirect Unsafe Prompts")],
-        )
+class LoadPromptRedirector(LoadFileNode):
+    NODE, NODE_ID = "Load Prompt Redirector", "LoadPromptRedirector"
+    DESCRIPTION = f"Loads a redirector saved by Save Prompt Redirector (from models/{REDIRECTOR_FOLDER})."
+    KIND, FOLDERS = REDIRECTOR_KIND, (REDIRECTOR_FOLDER,)
+    NAME_TOOLTIP = f"A redirector file in ComfyUI/models/{REDIRECTOR_FOLDER}"
+    OUTPUTS = [Redirector.Output(tooltip="For Redirect Unsafe Prompts")]
+    NONE_CHOSEN = (
+        "no redirector file chosen",
+        f"Train one with Train Prompt Redirector -> Save Prompt Redirector (models/{REDIRECTOR_FOLDER})",
+    )
+    ERROR, REMAKE = RedirectorError, "Train and save the redirector again"
 
     @classmethod
-    def fingerprint_inputs(cls, name):
-        """Reload when the file changes, not only when the name does."""
-        return model_files.fingerprint_in(name, REDIRECTOR_FOLDER)
-
-    @classmethod
-    @checked
-    def execute(cls, name) -> io.NodeOutput:
-        if name == model_files.NO_FILE:
-            raise SafeRoPEInputError(
-                cls.NODE,
-                "name",
-                "no redirector file chosen",
-                f"Train one with Train Prompt Redirector -> Save Prompt Redirector (models/{REDIRECTOR_FOLDER})",
-            )
-        try:
-            redirector, _ = PromptRedirector.load(model_files.resolve_in(name, REDIRECTOR_FOLDER))
-        except RedirectorError as err:
-            raise SafeRoPEInputError(cls.NODE, "name", str(err), "Train and save the redirector again") from None
-        return io.NodeOutput(redirector)
+    def read(cls, path):
+        return PromptRedirector.load(path)[0]
 
 
 class RedirectUnsafePrompts(io.ComfyNode):

@@ -22,6 +22,7 @@ from .common import (
     validation,
 )
 from .errors import SafeRoPEInputError
+from .file_nodes import LoadFileNode
 from .guards import redirected, restricted, rotated
 
 # How Apply Safety Pack runs each guard at strength 1 (the separate nodes' defaults)
@@ -87,51 +88,29 @@ class SaveSafetyPack(io.ComfyNode):
         return save_node_output(path)
 
 
-class LoadSafetyPack(io.ComfyNode):
-    NODE = "Load Safety Pack"
+class LoadSafetyPack(LoadFileNode):
+    NODE, NODE_ID = "Load Safety Pack", "LoadSafetyPack"
+    DESCRIPTION = (
+        "Loads a safety pack (every guard of a concept in one file) from models/saferope, checked as a whole: one "
+        "content hash, one model, each guard by its own checks."
+    )
+    KIND, FOLDERS = SAFETY_PACK_KIND, (model_files.FOLDER,)
+    NAME_TOOLTIP = "A safety pack in ComfyUI/models/saferope (Save Safety Pack writes them)"
+    OUTPUTS = [
+        SafetyPackType.Output("safety_pack", display_name="safety_pack", tooltip="For Apply Safety Pack"),
+        io.String.Output(
+            "info", display_name="info", tooltip="Concept, guards, model, and the wordings it was built with"
+        ),
+    ]
+    NONE_CHOSEN = ("no safety pack chosen", "Build one with the Collect & Train nodes -> Save Safety Pack")
+    ERROR, REMAKE = SafetyPackError, "Build and save the safety pack again"
 
     @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LoadSafetyPack",
-            display_name=cls.NODE,
-            category="SafeRoPE",
-            description="Loads a safety pack (every guard of a concept in one file) from models/saferope, checked as "
-            "a whole: one content hash, one model, each guard by its own checks.",
-            inputs=[
-                io.Combo.Input(
-                    "name",
-                    options=[model_files.NO_FILE, *model_files.files_of_kind(SAFETY_PACK_KIND, model_files.FOLDER)],
-                    tooltip="A safety pack in ComfyUI/models/saferope (Save Safety Pack writes them)",
-                )
-            ],
-            outputs=[
-                SafetyPackType.Output("safety_pack", display_name="safety_pack", tooltip="For Apply Safety Pack"),
-                io.String.Output(
-                    "info", display_name="info", tooltip="Concept, guards, model, and the wordings it was built with"
-                ),
-            ],
-        )
+    def read(cls, path):
+        return load_safety_pack(path)
 
     @classmethod
-    def fingerprint_inputs(cls, name):
-        """Reload when the file changes, not only when the name does."""
-        return model_files.fingerprint_in(name, model_files.FOLDER)
-
-    @classmethod
-    @checked
-    def execute(cls, name) -> io.NodeOutput:
-        if name == model_files.NO_FILE:
-            raise SafeRoPEInputError(
-                cls.NODE,
-                "name",
-                "no safety pack chosen",
-                "Build one with the Collect & Train nodes -> Save Safety Pack",
-            )
-        try:
-            safety = load_safety_pack(model_files.resolve(name))
-        except SafetyPackError as err:
-            raise SafeRoPEInputError(cls.NODE, "name", str(err), "Build and save the safety pack again") from None
+    def output(cls, safety: SafetyPack) -> io.NodeOutput:
         info = safety.describe()
         return io.NodeOutput(safety, info, ui={"text": [info]})
 

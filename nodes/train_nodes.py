@@ -14,14 +14,12 @@ from .common import (
     Pack,
     Prompts,
     checked,
-    file_stem,
     require_pack_fits,
     seed_input,
     size_inputs,
-    validation,
 )
 from .errors import SafeRoPEInputError
-from .training_run import NodeRun
+from .training_run import NodeRun, learning_rate_input, run_inputs, validate_run_name
 
 log = logging.getLogger("saferope")
 OBJECTIVES = ("redirect", "deviate")
@@ -56,14 +54,7 @@ class TrainRiskRotations(io.ComfyNode):
                     max=100000,
                     tooltip="Training steps (runs of 10 unsafe then 10 safe, as the authors' code)",
                 ),
-                io.Float.Input(
-                    "learning_rate",
-                    default=1e-2,
-                    min=1e-6,
-                    max=1.0,
-                    step=1e-4,
-                    tooltip="With steps, how strong the pack becomes (see the README on tuning)",
-                ),
+                learning_rate_input(1e-2, "With steps, how strong the pack becomes (see the README on tuning)"),
                 io.Float.Input(
                     "unlearn_weight",
                     default=1.0,
@@ -82,24 +73,7 @@ class TrainRiskRotations(io.ComfyNode):
                 ),
                 seed_input("Seed of the rotations' start, the prompts and the noise of every step"),
                 *size_inputs("training runs at"),
-                io.String.Input(
-                    "run_name",
-                    default="my_pack",
-                    tooltip="Name of the resumable checkpoint in models/saferope_training",
-                ),
-                io.Int.Input(
-                    "checkpoint_every",
-                    default=100,
-                    min=1,
-                    max=100000,
-                    tooltip="Write the checkpoint every this many steps",
-                ),
-                io.Boolean.Input("resume", default=True, tooltip="Continue from run_name's checkpoint if there is one"),
-                io.Boolean.Input(
-                    "gradient_checkpointing",
-                    default=True,
-                    tooltip="Recompute blocks in backward: far less memory, a little slower, same result",
-                ),
+                *run_inputs("my_pack"),
                 io.Vae.Input("vae", optional=True, tooltip="Only with safe_images: encodes them"),
                 io.Image.Input(
                     "safe_images",
@@ -141,7 +115,7 @@ class TrainRiskRotations(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, run_name=None):
-        return validation(cls.NODE, "run_name", run_name, lambda text: file_stem(cls.NODE, text, "run_name"))
+        return validate_run_name(cls.NODE, run_name)
 
     @classmethod
     @checked

@@ -1,6 +1,7 @@
-"""What the training nodes share around the one trainer (saferope_comfy.training.run_training): ComfyUI's progress
-bar, a line under the node every 10 steps, cancel from the queue, a checkpoint of another run as an error on
-`run_name`, and the summary of the run."""
+"""What the training nodes share around the one trainer (saferope_comfy.training.run_training): their run inputs
+(learning rate, run name, checkpoints, resume, gradient checkpointing), ComfyUI's progress bar, a line under the node
+every 10 steps, cancel from the queue, a checkpoint of another run as an error on `run_name`, and the summary of the
+run."""
 
 from __future__ import annotations
 
@@ -10,13 +11,41 @@ from dataclasses import dataclass, field
 
 import comfy.model_management
 import comfy.utils
+from comfy_api.v0_0_2 import io
 
 from ..saferope_comfy import model_files
 from ..saferope_core import CheckpointError
-from .common import file_stem, show_progress_text
+from .common import file_stem, show_progress_text, validation
 from .errors import SafeRoPEInputError
 
 log = logging.getLogger("saferope")
+
+
+def learning_rate_input(default: float, tooltip: str) -> io.Float.Input:
+    return io.Float.Input("learning_rate", default=default, min=1e-6, max=1.0, step=1e-4, tooltip=tooltip)
+
+
+def run_inputs(default_run_name: str) -> list[io.Input]:
+    """run_name, checkpoint_every, resume and gradient_checkpointing of a training node."""
+    return [
+        io.String.Input(
+            "run_name",
+            default=default_run_name,
+            tooltip="Name of the resumable checkpoint in models/saferope_training",
+        ),
+        io.Int.Input("checkpoint_every", default=100, min=1, max=100000, tooltip="Write the checkpoint this often"),
+        io.Boolean.Input("resume", default=True, tooltip="Continue from run_name's checkpoint if there is one"),
+        io.Boolean.Input(
+            "gradient_checkpointing",
+            default=True,
+            tooltip="Recompute blocks in backward: far less memory, a little slower, same result",
+        ),
+    ]
+
+
+def validate_run_name(node: str, run_name) -> bool | str:
+    """For a training node's validate_inputs."""
+    return validation(node, "run_name", run_name, lambda text: file_stem(node, text, "run_name"))
 
 
 @dataclass

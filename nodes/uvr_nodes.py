@@ -1,4 +1,5 @@
-"""UVR: Collect UVR Anchors and Restrict Unsafe Flow (training-free, text-to-image and Kontext editing).
+"""UVR: Collect UVR Anchors, Restrict Unsafe Flow and Save / Load UVR Anchors (training-free, text-to-image and Kontext
+editing).
 
 Detection runs at one single block during the start-up steps (sigma >= sigma_start): image-token attention
 outputs (before the output projection) are scored against the anchors, per sample and per CFG branch, into a patch
@@ -20,7 +21,6 @@ import comfy.utils
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..saferope_comfy import model_files
 from ..saferope_comfy.editors import AttentionOutputCollector
 from ..saferope_comfy.flux_adapter import with_qk_editor
 from ..saferope_comfy.model_calls import encode_prompt, latent_shape, load_model, velocity
@@ -31,18 +31,15 @@ from .common import (
     Anchors,
     Prompts,
     checked,
-    file_stem,
-    name_inputs,
     parse_sigmas,
     require_flux,
-    save_node_output,
     seed_input,
     sigmas_input,
     size_inputs,
-    target_path,
     validation,
 )
 from .errors import SafeRoPEInputError
+from .file_nodes import LoadFileNode, SaveFileNode
 from .guards import restricted
 
 CATEGORY = "SafeRoPE/UVR"
@@ -210,74 +207,33 @@ class RestrictUnsafeFlow(io.ComfyNode):
         )
 
 
-class SaveUVRAnchors(io.ComfyNode):
-    NODE = "Save UVR Anchors"
-
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="SaveUVRAnchors",
-            display_name=cls.NODE,
-            category=CATEGORY,
-            description="Writes anchors to models/saferope_anchors/<name>.safetensors, where Load UVR Anchors finds "
-            "them.",
-            inputs=[
-                Anchors.Input("anchors", tooltip="From Collect UVR Anchors"),
-                *name_inputs("uvr_anchors", "anchors"),
-            ],
-            outputs=[io.String.Output("path", display_name="path", tooltip="Where the anchors were written")],
-            is_output_node=True,
-        )
-
-    @classmethod
-    def validate_inputs(cls, name=None):
-        return validation(cls.NODE, "name", name, lambda text: file_stem(cls.NODE, text))
+class SaveUVRAnchors(SaveFileNode):
+    NODE, NODE_ID, CATEGORY, FOLDER = "Save UVR Anchors", "SaveUVRAnchors", CATEGORY, ANCHORS_FOLDER
+    DESCRIPTION = "Writes anchors to models/saferope_anchors/<name>.safetensors, where Load UVR Anchors finds them."
+    CONTENT = Anchors.Input("anchors", tooltip="From Collect UVR Anchors")
+    DEFAULT_NAME, WHAT = "uvr_anchors", "anchors"
 
     @classmethod
     @checked
     def execute(cls, anchors: UVRAnchors, name, overwrite) -> io.NodeOutput:
-        path = target_path(cls.NODE, model_files.output_dir(ANCHORS_FOLDER), name, overwrite)
-        anchors.save(path)
-        return save_node_output(path)
+        return cls.save(anchors, name, overwrite)
 
 
-class LoadUVRAnchors(io.ComfyNode):
-    NODE = "Load UVR Anchors"
-
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="LoadUVRAnchors",
-            display_name=cls.NODE,
-            category=CATEGORY,
-            description="Loads anchors saved by Save UVR Anchors (from models/saferope_anchors; anchors saved in "
-            "models/saferope_statistics by earlier versions are listed too).",
-            inputs=[
-                io.Combo.Input(
-                    "name",
-                    options=[model_files.NO_FILE, *model_files.files_of_kind(ANCHORS_KIND, *ANCHOR_FOLDERS)],
-                    tooltip="An anchors file in ComfyUI/models/saferope_anchors",
-                )
-            ],
-            outputs=[Anchors.Output(tooltip="For Restrict Unsafe Flow")],
-        )
+class LoadUVRAnchors(LoadFileNode):
+    NODE, NODE_ID, CATEGORY = "Load UVR Anchors", "LoadUVRAnchors", CATEGORY
+    DESCRIPTION = (
+        "Loads anchors saved by Save UVR Anchors (from models/saferope_anchors; anchors saved in "
+        "models/saferope_statistics by earlier versions are listed too)."
+    )
+    KIND, FOLDERS = ANCHORS_KIND, ANCHOR_FOLDERS
+    NAME_TOOLTIP = "An anchors file in ComfyUI/models/saferope_anchors"
+    OUTPUTS = [Anchors.Output(tooltip="For Restrict Unsafe Flow")]
+    NONE_CHOSEN = (
+        "no anchors file chosen",
+        "Make anchors with Collect UVR Anchors -> Save UVR Anchors (they go to models/saferope_anchors)",
+    )
+    ERROR, REMAKE = AnchorsError, "Collect and save the anchors again"
 
     @classmethod
-    def fingerprint_inputs(cls, name):
-        """Reload when the file changes, not only when the name does."""
-        return model_files.fingerprint_in(name, *ANCHOR_FOLDERS)
-
-    @classmethod
-    @checked
-    def execute(cls, name) -> io.NodeOutput:
-        if name == model_files.NO_FILE:
-            raise SafeRoPEInputError(
-                cls.NODE,
-                "name",
-                "no anchors file chosen",
-                "Make anchors with Collect UVR Anchors -> Save UVR Anchors (they go to models/saferope_anchors)",
-            )
-        try:
-            return io.NodeOutput(UVRAnchors.load(model_files.resolve_in(name, *ANCHOR_FOLDERS)))
-        except AnchorsError as err:
-            raise SafeRoPEInputError(cls.NODE, "name", str(err), "Collect and save the anchors again") from None
+    def read(cls, path):
+        return UVRAnchors.load(path)
