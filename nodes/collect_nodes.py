@@ -6,21 +6,12 @@ are saved and loaded with the pack nodes and there is one file format for both.
 
 from __future__ import annotations
 
-import comfy.model_management
-import comfy.utils
 import torch
 from comfy_api.v0_0_2 import io
 
 from ..saferope_comfy.editors import QKCollector
 from ..saferope_comfy.flux_adapter import with_qk_editor
-from ..saferope_comfy.model_calls import (
-    context_token_ids,
-    encode_prompt,
-    latent_shape,
-    load_model,
-    model_inputs,
-    velocity,
-)
+from ..saferope_comfy.model_calls import context_token_ids, latent_shape, model_inputs, run_prompts
 from ..saferope_comfy.model_files import STATS_FOLDER
 from ..saferope_core import (
     PromptSet,
@@ -276,25 +267,19 @@ class CollectQK(io.ComfyNode):
         stats = QKStatistics(shape, reservoir_size, seed, [prompts.concept])
         collector = QKCollector(stats)
         patched = with_qk_editor(model, collector)
-        device = load_model(patched)
-        generator = torch.Generator().manual_seed(seed)
-        size = latent_shape(patched, width, height)
-        progress = comfy.utils.ProgressBar(len(jobs) * len(sigma_list))
-        for group, text, positions in jobs:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            prompt = encode_prompt(clip, text)
-            if positions is None:
+
+        def aim(index, prompt, noise) -> bool:
+            group, _, positions = jobs[index]
+            if positions is None:  # a safe prompt: every content token
                 positions = list(range(*content_span(prompt.token_ids, empty)))
-            noises = [torch.randn((1, *size), generator=generator).to(device) for _ in sigma_list]
-            context = model_inputs(patched, prompt, noises[0])["c_crossattn"]
+            context = model_inputs(patched, prompt, noise)["c_crossattn"]
             positions = prompt.context_positions(positions, context)
-            if not positions:
-                progress.update(len(sigma_list))
-                continue
-            collector.target(group, positions)
-            for sigma, noise in zip(sigma_list, noises, strict=True):
-                velocity(patched, noise, torch.tensor([sigma]), prompt)
-                progress.update(1)
+            if positions:
+                collector.target(group, positions)
+            return bool(positions)
+
+        size = latent_shape(patched, width, height)
+        run_prompts(patched, clip, [text for _, text, _ in jobs], sigma_list, size, seed, aim)
         collector.target(None)
         report = (
             location.report(prompts.unsafe) + f"\n{len(prompts.safe)} safe prompts; "

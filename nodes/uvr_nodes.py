@@ -16,14 +16,11 @@ Outside the start-up steps, and when nothing is flagged, attention runs untouche
 
 from __future__ import annotations
 
-import comfy.model_management
-import comfy.utils
-import torch
 from comfy_api.v0_0_2 import io
 
 from ..saferope_comfy.editors import AttentionOutputCollector
 from ..saferope_comfy.flux_adapter import with_qk_editor
-from ..saferope_comfy.model_calls import encode_prompt, latent_shape, load_model, velocity
+from ..saferope_comfy.model_calls import latent_shape, run_prompts
 from ..saferope_comfy.model_files import ANCHORS_FOLDER, STATS_FOLDER
 from ..saferope_core import AnchorsError, PromptSet, QKStatistics
 from ..saferope_core.uvr import ANCHORS_KIND, UVRAnchors, build_anchors
@@ -120,20 +117,14 @@ class CollectUVRAnchors(io.ComfyNode):
         stats = QKStatistics(shape, 4096, seed, [prompts.concept])
         collector = AttentionOutputCollector(stats, block)
         patched = with_qk_editor(model, collector)
-        device = load_model(patched)
         jobs = [("unsafe", p.text) for p in prompts.unsafe] + [("safe", t) for t in prompts.safe]
-        generator = torch.Generator().manual_seed(seed)
+
+        def aim(index, prompt, noise) -> bool:
+            collector.group = jobs[index][0]
+            return True
+
         size = latent_shape(patched, width, height)
-        progress = comfy.utils.ProgressBar(len(jobs) * len(sigma_list))
-        for group, text in jobs:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            prompt = encode_prompt(clip, text)
-            collector.group = group
-            for sigma in sigma_list:
-                velocity(
-                    patched, torch.randn((1, *size), generator=generator).to(device), torch.tensor([sigma]), prompt
-                )
-                progress.update(1)
+        run_prompts(patched, clip, [text for _, text in jobs], sigma_list, size, seed, aim)
         collector.group = None
         try:
             anchors = build_anchors(stats, block, anchors_per_head, min(sigma_list))

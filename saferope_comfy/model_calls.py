@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import comfy.model_management
 import comfy.sampler_helpers
 import comfy.samplers
+import comfy.utils
 import torch
 
 from ..saferope_core.errors import PromptAlignmentError
@@ -130,3 +131,22 @@ def latent_shape(patcher, width: int, height: int) -> tuple[int, int, int]:
     channels = patcher.model.latent_format.latent_channels
     scale = TOKENS_PER_PIXEL_SIDE // patcher.model.diffusion_model.patch_size
     return channels, height // scale, width // scale
+
+
+def run_prompts(patcher, clip, texts: list[str], sigmas: list[float], size, seed: int, aim) -> None:
+    """One velocity call per prompt and sigma from seeded noise (drawn per prompt, in order), with ComfyUI's progress
+    bar and cancel: what collection runs while an editor records. `aim(index, prompt, first_noise)` is called before
+    a prompt's calls, to point the editor at it; it returns False to skip the prompt."""
+    device = load_model(patcher)
+    generator = torch.Generator().manual_seed(seed)
+    progress = comfy.utils.ProgressBar(len(texts) * len(sigmas))
+    for index, text in enumerate(texts):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        prompt = encode_prompt(clip, text)
+        noises = [torch.randn((1, *size), generator=generator).to(device) for _ in sigmas]
+        if not aim(index, prompt, noises[0]):
+            progress.update(len(sigmas))
+            continue
+        for sigma, noise in zip(sigmas, noises, strict=True):
+            velocity(patcher, noise, torch.tensor([sigma]), prompt)
+            progress.update(1)
