@@ -44,7 +44,7 @@ class SaveFileNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, name=None, **_):
+    def validate_inputs(cls, name=None):  # no **kwargs: with them ComfyUI skips its own checks of widget values
         return validation(cls.NODE, "name", name, lambda text: file_stem(cls.NODE, text))
 
     @classmethod
