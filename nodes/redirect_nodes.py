@@ -95,10 +95,7 @@ class TrainPromptRedirector(io.ComfyNode):
         recipe = RedirectorRecipe(steps=steps, learning_rate=learning_rate, seed=seed)
         shape = latent_shape(model, width, height)
         trainer = RedirectorTrainer(model, clip, prompts, shape, recipe, config, gradient_checkpointing)
-        redirector = run.train(trainer, resume, checkpoint_every)
-        redirector.concept = prompts.concept
-        redirector.recipe = {**recipe.to_dict(), "steps": max(steps, trainer.steps_done)}
-        return io.NodeOutput(redirector, run.summary())
+        return io.NodeOutput(run.train(trainer, resume, checkpoint_every), run.summary())
 
 
 class SavePromptRedirector(SaveFileNode):

@@ -131,10 +131,14 @@ class RedirectorTrainer:
         return self._encoded[text]
 
     def train(self, checkpoint_path=None, resume=True, checkpoint_every=100, on_step=None, should_stop=None):
-        """The trained PromptRedirector (on the CPU)."""
+        """The trained PromptRedirector (on the CPU), with its concept and recipe (the steps it was trained for: a
+        checkpoint of a longer run holds more than this run asked)."""
         run = TrainingRun(checkpoint_path, resume, checkpoint_every, on_step, should_stop, self.checkpointing)
         self.steps_done = run_training(self.patcher, self, self.recipe, run)
-        return self.redirector.cpu().train(False)
+        redirector = self.redirector.cpu().train(False)
+        redirector.concept = self.prompts.concept
+        redirector.recipe = {**self.recipe.to_dict(), "steps": max(self.recipe.steps, self.steps_done)}
+        return redirector
 
     def start(self, device):
         torch.manual_seed(self.recipe.seed)  # the redirector's start (normal tensors: created outside inference mode)
