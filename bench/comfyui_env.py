@@ -551,7 +551,8 @@ def run_model(
 ) -> torch.Tensor:
     """One denoiser call `patcher.model.apply_model` (returns the denoised x0 prediction), prepared as sampling
     prepares it: the patcher's wrappers and callbacks are merged into transformer_options by ComfyUI's
-    sampler_helpers.prepare_model_patcher, the model is loaded (patches applied) by load_models_gpu, and
+    sampler_helpers.prepare_model_patcher, the model and the models it carries are loaded (patches applied) by
+    load_models_gpu, and
     transformer_options is assembled as in samplers._calc_cond_batch.
 
     latent, ref_latents: model space (after process_latent_in), [B, 16, h, w] (ref_latents repeated to B, as
@@ -570,7 +571,7 @@ def run_model(
     model_options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
     model_options.setdefault("transformer_options", {})
     comfy.sampler_helpers.prepare_model_patcher(patcher, {}, model_options)
-    comfy.model_management.load_models_gpu([patcher])
+    comfy.model_management.load_models_gpu([patcher, *patcher.get_nested_additional_models()])  # as sampling loads
     comfy.samplers.cast_to_load_options(model_options, device=patcher.load_device, dtype=patcher.model_dtype())
 
     kwargs = {

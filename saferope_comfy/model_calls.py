@@ -97,8 +97,9 @@ def encode_prompt(clip, text: str) -> EncodedPrompt:
 
 
 def load_model(patcher) -> torch.device:
-    """Load the patcher's model onto its device the way samplers do; returns that device."""
-    comfy.model_management.load_models_gpu([patcher])
+    """Load the patcher's model, and the models it carries (a prompt redirector's weights), onto its device the way
+    samplers do; returns that device."""
+    comfy.model_management.load_models_gpu([patcher, *patcher.get_nested_additional_models()])
     return patcher.load_device
 
 

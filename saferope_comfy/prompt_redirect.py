@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
+import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 import torch.nn.functional as F
@@ -53,8 +54,6 @@ class RedirectWrapper:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kw)
         redirection = getattr(transformer_options.get(RUN_STATES), "by_editor", {}).get(id(self))
         redirection = redirection if redirection is not None else self.new_run_state()  # outside a sampler
-        if next(self.redirector.parameters()).device != x.device:
-            self.redirector.to(x.device)
         branches = list(transformer_options.get("cond_or_uncond", [0]))
         per = max(x.shape[0] // max(len(branches), 1), 1)
         keys = [(branches[min(i // per, len(branches) - 1)], i % per) for i in range(x.shape[0])]
@@ -63,11 +62,15 @@ class RedirectWrapper:
 
 
 def with_redirection(patcher, wrapper: RedirectWrapper):
-    """A clone of `patcher` whose model calls go through `wrapper` (stacks with every other patch of the pack)."""
+    """A clone of `patcher` whose model calls go through `wrapper` (stacks with every other patch of the pack). The
+    redirector's weights are an additional model of the clone: ComfyUI's model management loads them with the model
+    (onto its device) and offloads them with it."""
     flux_model(patcher)
     clone = patcher.clone()
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, RunStateWrapper(wrapper))
+    weights = comfy.model_patcher.ModelPatcher(wrapper.redirector, patcher.load_device, patcher.offload_device)
+    clone.set_additional_models(f"{WRAPPER_KEY}_{id(wrapper)}", [weights])  # one per redirector: they may stack
     return clone
 
 

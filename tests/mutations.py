@@ -70,6 +70,14 @@ MUTATIONS = [
         (f"{CORE}/test_redirect.py",),
     ),
     Mutation(
+        "redirector-unmanaged",
+        "the redirector's weights are left outside ComfyUI's model management (not loaded with the model)",
+        "saferope_comfy/prompt_redirect.py",
+        'clone.set_additional_models(f"{WRAPPER_KEY}_{id(wrapper)}", [weights])',
+        "del weights",
+        (f"{ITG}/test_prompt_redirect.py::test_comfyui_loads_the_redirector_with_the_model",),
+    ),
+    Mutation(
         "redirect-whole-batch",
         "one flagged sample redirects the whole batch",
         "saferope_core/redirector.py",

@@ -389,3 +389,23 @@ def test_detector_labels_the_anchor_on_the_unsafe_path_by_one_minus_sigma(pack, 
     assert not torch.equal(on_unsafe_path["latent"], on_own_path["latent"])
     for case in (on_unsafe_path, on_own_path):
         assert any(torch.equal(case["latent"], c["latent"]) for c in prompt_cases)
+
+
+def test_comfyui_loads_the_redirector_with_the_model(pack, tiny):
+    """The redirector's weights reach the model's device through ComfyUI's model management: the redirected clone
+    carries them as an additional model, which sampling loads with the model (the input model carries nothing)."""
+    import comfy.model_management
+
+    from bench.testbed import sampling
+
+    model, clip = tiny["model"], tiny["clip"]
+    redirector = redirector_for(pack, model)
+    guarded = apply(pack, model, redirector)
+    assert [m.model for m in guarded.get_nested_additional_models()] == [redirector]
+    assert model.get_nested_additional_models() == []
+    comfy.model_management.unload_all_models()
+    positive = pack.saferope_comfy.model_calls.encode_prompt(clip, "a red car").conditioning
+    negative = pack.saferope_comfy.model_calls.encode_prompt(clip, "").conditioning
+    sampling.generate(guarded, positive, negative, 1, 0, 2)
+    loaded = [m.model.model for m in comfy.model_management.current_loaded_models if m.model is not None]
+    assert any(weights is redirector for weights in loaded)
