@@ -69,9 +69,20 @@ def with_redirection(patcher, wrapper: RedirectWrapper):
     clone = patcher.clone()
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, RunStateWrapper(wrapper))
-    weights = comfy.model_patcher.ModelPatcher(wrapper.redirector, patcher.load_device, patcher.offload_device)
-    clone.set_additional_models(f"{WRAPPER_KEY}_{id(wrapper)}", [weights])  # one per redirector: they may stack
+    clone.set_additional_models(f"{WRAPPER_KEY}_{id(wrapper)}", [weights_patcher(wrapper.redirector, patcher)])
     return clone
+
+
+def weights_patcher(redirector: PromptRedirector, patcher):
+    """The ModelPatcher that carries the redirector's weights for ComfyUI's model management: one per redirector and
+    device pair, kept on the redirector. ComfyUI warns of a memory leak (and collects garbage before every run)
+    when a loaded model outlives its patcher, as the redirector of a cached Load node outlives the clones made from
+    it."""
+    devices = (patcher.load_device, patcher.offload_device)
+    kept = vars(redirector).setdefault("_comfy_patchers", {})
+    if devices not in kept:
+        kept[devices] = comfy.model_patcher.ModelPatcher(redirector, *devices)
+    return kept[devices]
 
 
 def redirector_config(patcher) -> RedirectorConfig:

@@ -97,9 +97,18 @@ MUTATIONS = [
         "redirector-unmanaged",
         "the redirector's weights are left outside ComfyUI's model management (not loaded with the model)",
         "saferope_comfy/prompt_redirect.py",
-        'clone.set_additional_models(f"{WRAPPER_KEY}_{id(wrapper)}", [weights])',
-        "del weights",
+        'clone.set_additional_models(f"{WRAPPER_KEY}_{id(wrapper)}", [weights_patcher(wrapper.redirector, patcher)])',
+        "pass",
         (f"{ITG}/test_prompt_redirect.py::test_comfyui_loads_the_redirector_with_the_model",),
+    ),
+    Mutation(
+        "redirector-patcher-per-clone",
+        "each redirected clone carries a new patcher of the redirector's weights (ComfyUI then finds them loaded "
+        "without a live patcher: a memory-leak warning and a full garbage collection before every run)",
+        "saferope_comfy/prompt_redirect.py",
+        "    if devices not in kept:\n",
+        "    if True:\n",
+        (f"{ITG}/test_prompt_redirect.py::test_a_redirector_outliving_its_guarded_clones_is_no_memory_leak",),
     ),
     Mutation(
         "redirect-whole-batch",

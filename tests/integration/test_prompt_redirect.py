@@ -409,3 +409,27 @@ def test_comfyui_loads_the_redirector_with_the_model(pack, tiny):
     sampling.generate(guarded, positive, negative, 1, 0, 2)
     loaded = [m.model.model for m in comfy.model_management.current_loaded_models if m.model is not None]
     assert any(weights is redirector for weights in loaded)
+
+
+def test_a_redirector_outliving_its_guarded_clones_is_no_memory_leak(pack, tiny):
+    """A Load node's redirector outlives the clones applied from it (a changed strength makes a new one): ComfyUI
+    must not find its weights loaded without a live patcher (it warns of a memory leak and collects garbage before
+    every run), and a new clone reuses the loaded weights."""
+    import gc
+
+    import comfy.model_management
+
+    from bench.testbed import sampling
+
+    model, clip = tiny["model"], tiny["clip"]
+    redirector = redirector_for(pack, model)
+    positive = pack.saferope_comfy.model_calls.encode_prompt(clip, "a red car").conditioning
+    negative = pack.saferope_comfy.model_calls.encode_prompt(clip, "").conditioning
+    comfy.model_management.unload_all_models()
+    for strength in (1.0, 0.5):
+        sampling.generate(apply(pack, model, redirector, strength), positive, negative, 1, 0, 2)
+        gc.collect()
+        dead = [m.real_model() for m in comfy.model_management.current_loaded_models if m.is_dead()]
+        assert not dead, dead
+    carried = [m for m in comfy.model_management.current_loaded_models if m.real_model() is redirector]
+    assert len(carried) == 1
