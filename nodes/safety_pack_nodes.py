@@ -149,8 +149,7 @@ class ApplySafetyPack(io.ComfyNode):
                     "rotate",
                     default=True,
                     tooltip="SafeRoPE rotations: risky queries and keys are turned inside the concept's subspace, so "
-                    "attention cannot assemble it, on any wording (when the pack has them, and their held-out check "
-                    "kept the nearest safe prompts; Load Safety Pack says when not)",
+                    "attention cannot assemble it, on any wording (when the pack has them)",
                 ),
                 io.Boolean.Input(
                     "restrict",
@@ -174,7 +173,7 @@ class ApplySafetyPack(io.ComfyNode):
             return io.NodeOutput(model)
         if redirect and safety_pack.redirector is not None:
             model = redirected(cls.NODE, name, model, safety_pack.redirector, s, REDIRECT_THRESHOLD, REDIRECT_COOLDOWN)
-        if rotate and safety_pack.rotation_applies():
+        if rotate and safety_pack.rotation is not None:
             model = rotated(cls.NODE, name, model, safety_pack.rotation, s, ("txt", "img"))
         if restrict and safety_pack.anchors is not None:
             anchors = safety_pack.anchors

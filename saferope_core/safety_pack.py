@@ -47,13 +47,6 @@ class SafetyPack:
     def guards(self) -> list[str]:
         return [g for g, part in zip(GUARDS, (self.rotation, self.anchors, self.redirector), strict=True) if part]
 
-    def rotation_applies(self) -> bool:
-        """Whether Apply Safety Pack applies the rotations: unless their held-out check at training found that they
-        move the safe prompts nearest the concept: such rotations cost the other values and weaken the prompt
-        redirector (measured on the testbed's patterns, README). Apply Risk Rotation still applies them alone."""
-        held_out = self.rotation.recipe.get("held_out", {}) if self.rotation is not None else {}
-        return self.rotation is not None and held_out.get("keeps_neighbours") != "no"
-
     def mismatch(self) -> str | None:
         """Why the guards cannot form one pack (none, or one built for another model), or None."""
         if not self.guards():
@@ -78,8 +71,6 @@ class SafetyPack:
             {"rotation": "rotations", "uvr": "UVR anchors", "redirector": "prompt redirector"}[g] for g in self.guards()
         )
         lines = [f"{self.concept} | {guards} | for {self.shape.describe()}"]
-        if self.rotation is not None and not self.rotation_applies():
-            lines.append("rotations not applied: their held-out check moved the nearest safe prompts")
         for kind in ("named", "mined"):
             if self.wordings.get(kind):
                 lines.append(f"{kind} wordings: " + ", ".join(self.wordings[kind]))

@@ -111,17 +111,6 @@ MUTATIONS = [
         (f"{ITG}/test_prompt_redirect.py::test_a_redirector_outliving_its_guarded_clones_is_no_memory_leak",),
     ),
     Mutation(
-        "rotations-that-moved-neighbours-applied",
-        "Apply Safety Pack applies rotations whose held-out check found that they move the nearest safe prompts",
-        "saferope_core/safety_pack.py",
-        'return self.rotation is not None and held_out.get("keeps_neighbours") != "no"',
-        "return self.rotation is not None",
-        (
-            f"{CORE}/test_safety_pack.py::test_rotations_that_moved_their_neighbours_are_not_applied",
-            f"{ITG}/test_safety_pack.py::test_rotations_that_moved_their_neighbours_are_left_out",
-        ),
-    ),
-    Mutation(
         "redirect-whole-batch",
         "one flagged sample redirects the whole batch",
         "saferope_core/redirector.py",

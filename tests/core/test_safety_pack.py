@@ -111,16 +111,3 @@ def test_each_guard_is_validated_by_its_own_checks(shape, guards, tmp_path):
     rewrite(path, scale_bases)
     with pytest.raises(SafetyPackError, match=r"\(rotations\).*not orthonormal"):
         load_safety_pack(path)
-
-
-@pytest.mark.parametrize("kept, applies", [("yes", True), ("no", False), (None, True)])
-def test_rotations_that_moved_their_neighbours_are_not_applied(shape, guards, tmp_path, kept, applies):
-    """The rotations' held-out verdict on the nearest safe prompts decides whether the one node applies them (a pack
-    trained without a held-out check applies them); the file keeps them either way and says so."""
-    rotation = guards["rotation"]
-    if kept is not None:
-        rotation.recipe["held_out"] = {"erases": "partly", "keeps_neighbours": kept}
-    full_pack(shape, guards).save(tmp_path / "p.safetensors")
-    loaded = load_safety_pack(tmp_path / "p.safetensors")
-    assert loaded.rotation is not None and loaded.rotation_applies() is applies
-    assert ("rotations not applied" in loaded.describe()) is not applies

@@ -114,21 +114,6 @@ def test_a_pack_with_some_guards_applies_those(pack, parts, folders):
     assert torch.equal(velocity(pack, patched, parts["clip"]), velocity(pack, restricted[0], parts["clip"]))
 
 
-def test_rotations_that_moved_their_neighbours_are_left_out(pack, parts, folders):
-    """A pack whose rotations' held-out check moved the nearest safe prompts: the one node applies the other guards
-    only, and Load Safety Pack says so."""
-    import dataclasses
-
-    held_out = {"erases": "partly", "keeps_neighbours": "no"}
-    moved = dataclasses.replace(parts["pack"], recipe={**parts["pack"].recipe, "held_out": held_out})
-    answer = saved_and_loaded(pack, parts, "moved", pack=moved, anchors=parts["anchors"])
-    safety, info = answer["result"]
-    assert "rotations not applied" in info
-    (patched,) = run_node(pack.nodes.ApplySafetyPack.execute, parts["model"], safety, 1.0, True, True, True)
-    restricted = run_node(pack.nodes.RestrictUnsafeFlow.execute, parts["model"], parts["anchors"], 1.0, -1.0, 0.85, -1)
-    assert torch.equal(velocity(pack, patched, parts["clip"]), velocity(pack, restricted[0], parts["clip"]))
-
-
 def test_errors_name_the_node_and_the_input(pack, parts, folders):
     """No guard connected, guards of another model, a pack applied to another model, no file chosen."""
     n = pack.nodes
