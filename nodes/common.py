@@ -34,7 +34,7 @@ def seed_input(tooltip: str) -> io.Int.Input:
     return io.Int.Input("seed", default=0, min=0, max=MAX_SEED, tooltip=tooltip)
 
 
-def size_inputs(what: str) -> list[io.Int.Input]:
+def size_inputs(what: str, optional: bool = False) -> list[io.Int.Input]:
     """width and height of the images `what` runs at."""
     return [
         io.Int.Input(
@@ -43,6 +43,7 @@ def size_inputs(what: str) -> list[io.Int.Input]:
             min=64,
             max=2048,
             step=16,
+            optional=optional,
             tooltip=f"image {name} in pixels {what} (sets the latent size; 512 is a good start)",
         )
         for name in ("width", "height")
@@ -237,9 +238,9 @@ def input_path(node: str, input_name: str, name: str, folder: bool = False) -> s
     return path
 
 
-def save_node_output(path: str) -> io.NodeOutput:
-    """A Save node's output: the path, also shown under the node."""
-    return io.NodeOutput(path, ui={"text": [f"saved {path}"]})
+def save_node_output(path: str, report: str = "") -> io.NodeOutput:
+    """A Save node's output: the path, also shown under the node (after `report`, when there is one)."""
+    return io.NodeOutput(path, ui={"text": [f"{report}\nsaved {path}" if report else f"saved {path}"]})
 
 
 def name_inputs(default: str, what: str) -> list[io.Input]:

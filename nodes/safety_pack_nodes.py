@@ -1,11 +1,13 @@
 """Save Safety Pack, Load Safety Pack and Apply Safety Pack: every guard of a concept in one file, applied by one
-node."""
+node. Save Safety Pack, given the model and text encoder, runs the guard check (which guards to apply together) and
+records its choice in the file."""
 
 from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
 from ..saferope_comfy import model_files
+from ..saferope_comfy.guard_check import check_guards
 from ..saferope_core.safety_pack import SAFETY_PACK_KIND, SafetyPack, SafetyPackError, load_safety_pack
 from .common import (
     Anchors,
@@ -18,6 +20,7 @@ from .common import (
     name_inputs,
     require_flux,
     save_node_output,
+    size_inputs,
     target_path,
     validation,
 )
@@ -28,6 +31,21 @@ from .guards import redirected, restricted, rotated
 # How Apply Safety Pack runs each guard at strength 1 (the separate nodes' defaults)
 REDIRECT_THRESHOLD, REDIRECT_COOLDOWN = 0.0, 3
 UVR_SIGMA_START = 0.85
+# The guard check: sampling steps, and unsafe and safe prompts of the Prompt Set it samples
+CHECK_STEPS, CHECK_PROMPTS = 10, 16
+
+
+def apply_guards(node: str, model, safety_pack: SafetyPack, strength: float, guards) -> object:
+    """A clone of `model` with the pack's `guards` applied at `strength`: redirect, then rotate, then restrict."""
+    s, name = float(strength), "safety_pack"
+    if "redirector" in guards and safety_pack.redirector is not None:
+        model = redirected(node, name, model, safety_pack.redirector, s, REDIRECT_THRESHOLD, REDIRECT_COOLDOWN)
+    if "rotation" in guards and safety_pack.rotation is not None:
+        model = rotated(node, name, model, safety_pack.rotation, s, ("txt", "img"))
+    if "uvr" in guards and safety_pack.anchors is not None:
+        anchors = safety_pack.anchors
+        model = restricted(node, name, model, anchors, min(s, 1.0), anchors.threshold, UVR_SIGMA_START)
+    return model
 
 
 class SaveSafetyPack(io.ComfyNode):
@@ -41,13 +59,21 @@ class SaveSafetyPack(io.ComfyNode):
             category="SafeRoPE/Collect & Train",
             description="Writes every guard built for one concept into one file in models/saferope: the trained "
             "rotations, the UVR anchors and the prompt redirector (any of them; at least one), with the "
-            "wordings of the Prompt Set. Apply Safety Pack applies them all.",
+            "wordings of the Prompt Set. With the model and text encoder connected it first runs the guard check: "
+            "it samples some of the Prompt Set's prompts with every combination of the guards and records the one "
+            "that moves unsafe prompts furthest to their safe version while changing safe prompts least; Apply "
+            "Safety Pack applies that combination (without the check: all of them).",
             inputs=[
                 Prompts.Input("prompts", tooltip="The Prompt Set the guards were built from (concept and wordings)"),
                 Pack.Input("pack", optional=True, tooltip="Trained rotations, from Train Risk Rotations"),
                 Anchors.Input("anchors", optional=True, tooltip="From Collect UVR Anchors"),
                 Redirector.Input("redirector", optional=True, tooltip="From Train Prompt Redirector"),
                 *name_inputs("nudity_safety_pack", "safety pack"),
+                io.Model.Input(
+                    "model", optional=True, tooltip="The model the guards were built on: runs the guard check"
+                ),
+                io.Clip.Input("clip", optional=True, tooltip="Its text encoder (for the guard check)"),
+                *size_inputs("of the guard check's samples, as the guards were built", optional=True),
             ],
             outputs=[io.String.Output("path", display_name="path", tooltip="Where the safety pack was written")],
             is_output_node=True,
@@ -59,7 +85,19 @@ class SaveSafetyPack(io.ComfyNode):
 
     @classmethod
     @checked
-    def execute(cls, prompts, name, overwrite, pack=None, anchors=None, redirector=None) -> io.NodeOutput:
+    def execute(
+        cls,
+        prompts,
+        name,
+        overwrite,
+        pack=None,
+        anchors=None,
+        redirector=None,
+        model=None,
+        clip=None,
+        width=512,
+        height=512,
+    ) -> io.NodeOutput:
         shape = next((part.shape for part in (pack, anchors) if part is not None), None)
         if shape is None and redirector is None:
             raise SafeRoPEInputError(cls.NODE, "pack", "no guard is connected", "Connect a pack, anchors or both")
@@ -84,8 +122,36 @@ class SaveSafetyPack(io.ComfyNode):
         except SafetyPackError as err:
             raise SafeRoPEInputError(cls.NODE, "pack", str(err), "Build every guard on the same model") from None
         path = target_path(cls.NODE, model_files.output_dir(), name, overwrite)
+        checked_guards = model is not None or clip is not None
+        report = cls.guard_check(safety, prompts, model, clip, (width, height)) if checked_guards else ""
         safety.save(path)
-        return save_node_output(path)
+        return save_node_output(path, report)
+
+    @classmethod
+    def guard_check(cls, safety: SafetyPack, prompts, model, clip, size) -> str:
+        """Run the guard check and record its choice in `safety`; the check's report."""
+        if model is None or clip is None:
+            missing = "model" if model is None else "clip"
+            raise SafeRoPEInputError(cls.NODE, missing, "the guard check needs both", f"Connect {missing} too")
+        try:
+            safety.check_model(require_flux(cls.NODE, model))
+        except SafetyPackError as err:
+            raise SafeRoPEInputError(
+                cls.NODE, "model", str(err), "Connect the model the guards were built on"
+            ) from None
+        guards = safety.guards()
+        check = check_guards(
+            model,
+            clip,
+            prompts,
+            guards,
+            lambda combo: apply_guards(cls.NODE, model, safety, 1.0, combo),
+            size,
+            CHECK_STEPS,
+            CHECK_PROMPTS,
+        )
+        safety.applies, safety.guard_check = list(check.chosen()), check.to_dict()
+        return check.text()
 
 
 class LoadSafetyPack(LoadFileNode):
@@ -124,10 +190,10 @@ class ApplySafetyPack(io.ComfyNode):
             node_id="ApplySafetyPack",
             display_name=cls.NODE,
             category="SafeRoPE",
-            description="Applies every guard a safety pack carries, at one strength: the prompt redirector (redraws "
-            "the concept as its safe counterpart), SafeRoPE's rotations (the concept cannot form in attention) and "
-            "UVR (restricts the flow of patches that still carry it, also from reference images). The input model "
-            "is not changed.",
+            description="Applies the guards a safety pack carries (those its guard check chose, when it was built "
+            "with one), at one strength: the prompt redirector (redraws the concept as its safe counterpart), "
+            "SafeRoPE's rotations (the concept cannot form in attention) and UVR (restricts the flow of patches that "
+            "still carry it, also from reference images). The input model is not changed.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the pack was built for (or a patched copy)"),
                 SafetyPackType.Input("safety_pack", tooltip="From Load Safety Pack"),
@@ -143,19 +209,20 @@ class ApplySafetyPack(io.ComfyNode):
                     "redirect",
                     default=True,
                     tooltip="Prompt redirector: flagged samples get their concept words moved to the safe meaning, so "
-                    "the safe version is drawn (when the pack has one)",
+                    "the safe version is drawn (when the pack has one and its guard check kept it)",
                 ),
                 io.Boolean.Input(
                     "rotate",
                     default=True,
                     tooltip="SafeRoPE rotations: risky queries and keys are turned inside the concept's subspace, so "
-                    "attention cannot assemble it, on any wording (when the pack has them)",
+                    "attention cannot assemble it, on any wording (when the pack has them and its guard check kept "
+                    "them)",
                 ),
                 io.Boolean.Input(
                     "restrict",
                     default=True,
                     tooltip="UVR: in the first steps, image patches that carry the concept have their flow "
-                    "restricted, from reference images too (when the pack has anchors)",
+                    "restricted, from reference images too (when the pack has anchors and its guard check kept them)",
                 ),
             ],
             outputs=[io.Model.Output(tooltip="A patched copy of the model; sample with it instead of the input")],
@@ -168,14 +235,8 @@ class ApplySafetyPack(io.ComfyNode):
             safety_pack.check_model(require_flux(cls.NODE, model))
         except SafetyPackError as err:
             raise SafeRoPEInputError(cls.NODE, "safety_pack", str(err), "Use one built for this model") from None
-        s, name = float(strength), "safety_pack"
-        if s == 0:
+        if float(strength) == 0:
             return io.NodeOutput(model)
-        if redirect and safety_pack.redirector is not None:
-            model = redirected(cls.NODE, name, model, safety_pack.redirector, s, REDIRECT_THRESHOLD, REDIRECT_COOLDOWN)
-        if rotate and safety_pack.rotation is not None:
-            model = rotated(cls.NODE, name, model, safety_pack.rotation, s, ("txt", "img"))
-        if restrict and safety_pack.anchors is not None:
-            anchors = safety_pack.anchors
-            model = restricted(cls.NODE, name, model, anchors, min(s, 1.0), anchors.threshold, UVR_SIGMA_START)
-        return io.NodeOutput(model)
+        switched_on = {g for g, on in (("redirector", redirect), ("rotation", rotate), ("uvr", restrict)) if on}
+        guards = [g for g in safety_pack.applied_guards() if g in switched_on]
+        return io.NodeOutput(apply_guards(cls.NODE, model, safety_pack, strength, guards))

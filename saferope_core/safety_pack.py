@@ -4,7 +4,9 @@ A safety pack holds, for its concept, any of: SafeRoPE's rotations (a SafeRoPEPa
 redirector, with the wordings it was built with (the concept's words, and those mined from the text encoder). The
 file is one safetensors file: each guard's tensors under its prefix (`rotation/`, `uvr/`, `redirector/`), each
 guard's own metadata under `guards`, and one content hash over everything. It is checked as a whole (kind, version,
-hash, one model family and shape that every guard agrees with) and each guard by its own validation.
+hash, one model family and shape that every guard agrees with) and each guard by its own validation. A pack saved
+with the guard check (saferope_core.guard_check) records which of its guards to apply together (`applies`) and the
+check's figures; Apply Safety Pack applies those.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from .errors import AnchorsError, SafeRoPEError, SafeRoPEPackError
 from .files import check_header, hashed, read_safetensors, write_file
+from .guard_check import GUARD_NAMES
 from .pack import SafeRoPEPack, pack_from_parts
 from .redirector import PromptRedirector, RedirectorError
 from .shape import ModelShape
@@ -38,6 +41,8 @@ class SafetyPack:
     redirector_meta: dict = field(default_factory=dict)  # the redirector's recipe and concept, as trained
     wordings: dict[str, list[str]] = field(default_factory=dict)  # "named" (the Prompt Set's), "mined": words
     name: str = "safety pack"
+    applies: list[str] | None = None  # the guards to apply together, as the guard check chose; None: all
+    guard_check: dict = field(default_factory=dict)  # the check's figures (GuardCheck.to_dict)
 
     def __post_init__(self):
         problem = self.mismatch()
@@ -46,6 +51,10 @@ class SafetyPack:
 
     def guards(self) -> list[str]:
         return [g for g, part in zip(GUARDS, (self.rotation, self.anchors, self.redirector), strict=True) if part]
+
+    def applied_guards(self) -> list[str]:
+        """The guards Apply Safety Pack applies: those the guard check chose, or all when it was not run."""
+        return list(self.applies) if self.applies is not None else self.guards()
 
     def mismatch(self) -> str | None:
         """Why the guards cannot form one pack (none, or one built for another model), or None."""
@@ -57,6 +66,8 @@ class SafetyPack:
                 return f"its {guard} were built for another model ({problem})"
         if self.redirector is not None and self.redirector.config.family != self.shape.family:
             return f"its prompt redirector was trained on {self.redirector.config.family}, not {self.shape.family}"
+        if self.applies is not None and (not self.applies or set(self.applies) - set(self.guards())):
+            return f"it applies {self.applies or 'no guard'}, which is not a choice among its guards {self.guards()}"
         return None
 
     def check_model(self, shape: ModelShape) -> None:
@@ -71,6 +82,13 @@ class SafetyPack:
             {"rotation": "rotations", "uvr": "UVR anchors", "redirector": "prompt redirector"}[g] for g in self.guards()
         )
         lines = [f"{self.concept} | {guards} | for {self.shape.describe()}"]
+        if self.applies is not None:
+            left_out = [GUARD_NAMES[g] for g in self.guards() if g not in self.applies]
+            lines.append(
+                "applies: "
+                + " + ".join(GUARD_NAMES[g] for g in self.applies)
+                + (f" (the guard check left out {', '.join(left_out)})" if left_out else " (as the guard check chose)")
+            )
         for kind in ("named", "mined"):
             if self.wordings.get(kind):
                 lines.append(f"{kind} wordings: " + ", ".join(self.wordings[kind]))
@@ -98,6 +116,8 @@ class SafetyPack:
             "guards": guards,
             "wordings": self.wordings,
         }
+        if self.applies is not None:
+            meta.update(applies=list(self.applies), guard_check=self.guard_check)
         return write_file(path, tensors, meta)
 
 
@@ -124,6 +144,11 @@ def safety_pack_from_parts(tensors: dict, meta: dict, name: str) -> SafetyPack:
         isinstance(words, list) and all(isinstance(w, str) for w in words) for words in wordings.values()
     ):
         fail("malformed metadata: 'wordings' must map kinds to lists of words")
+    applies = meta.get("applies")
+    if applies is not None and not (isinstance(applies, list) and all(isinstance(g, str) for g in applies)):
+        fail("malformed metadata: 'applies' must list guards")
+    if not isinstance(meta.get("guard_check", {}), dict):
+        fail("malformed metadata: 'guard_check' must be a mapping")
     unknown = {k for k in tensors if k.split("/", 1)[0] not in guards}
     if unknown:
         fail(f"tensors of no guard: {sorted(unknown)[:3]}")
@@ -144,4 +169,12 @@ def safety_pack_from_parts(tensors: dict, meta: dict, name: str) -> SafetyPack:
             parts.update(redirector=redirector, redirector_meta=redirector_meta)
     except (SafeRoPEPackError, AnchorsError, RedirectorError) as err:
         raise SafetyPackError(str(err)) from None
-    return SafetyPack(shape, meta["concept"], wordings=wordings, name=name, **parts)
+    return SafetyPack(
+        shape,
+        meta["concept"],
+        wordings=wordings,
+        name=name,
+        applies=applies,
+        guard_check=meta.get("guard_check", {}),
+        **parts,
+    )

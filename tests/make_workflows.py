@@ -949,8 +949,15 @@ def build_a_pack(wf: Workflow) -> None:
     show_redirector = wf.add("PreviewAny", (1200, 1280), size=(360, 220), title="Redirector training log")
     wf.connect(train_redirector, "log", show_redirector, "source")
     save_safety = wf.add(
-        "SaveSafetyPack", (1600, 1120), name=SAFETY_PACK_FILE.removesuffix(".safetensors"), overwrite=False
+        "SaveSafetyPack",
+        (1600, 1120),
+        name=SAFETY_PACK_FILE.removesuffix(".safetensors"),
+        overwrite=False,
+        width=512,
+        height=512,
     )
+    wf.connect(model, "MODEL", save_safety, "model")
+    wf.connect(clip, "CLIP", save_safety, "clip")
     wf.connect(prompts, "prompts", save_safety, "prompts")
     wf.connect(train, "pack", save_safety, "pack")
     wf.connect(collect_uvr, "anchors", save_safety, "anchors")
@@ -991,8 +998,11 @@ def build_a_pack(wf: Workflow) -> None:
    `models/{REDIRECTOR_FOLDER}/{REDIRECTOR_FILE}`, which the redirector workflow loads.
 8. **Save Safety Pack** writes the three (trained rotations, UVR anchors, redirector) with the Prompt Set's
    wordings into one file, `models/{PACK_FOLDER}/{SAFETY_PACK_FILE}`: **the safety pack the FLUX.1
-   text-to-image and Kontext workflows load** (Load Safety Pack -> Apply Safety Pack). The separate files
-   above keep working with their own nodes.
+   text-to-image and Kontext workflows load** (Load Safety Pack -> Apply Safety Pack). With the model and text
+   encoder connected (as here) it first runs the **guard check**: 16 unsafe and 16 safe prompts of the Prompt Set,
+   sampled (10 Euler steps) with every combination of the three guards, and records the one that brings unsafe
+   prompts nearest to their safe version while changing safe prompts least; Apply Safety Pack applies that one.
+   The separate files above keep working with their own nodes.
 
 Set the seeds to `fixed` (as here) so a re-run continues the same run.
 

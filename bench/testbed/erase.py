@@ -331,8 +331,8 @@ def build_redirector(model, clip, prompts, s: EraseSettings, nodes, log=print):
 def build_default_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettings, nodes, log=print):
     """The default pack, all through the nodes with their defaults: Mine Wordings on the Prompt Set, then Collect
     Q/K -> Build Subspaces -> Train Risk Rotations, Collect UVR Anchors and Train Prompt Redirector on the mined
-    Prompt Set, Save Safety Pack -> Load Safety Pack -> Apply Safety Pack. (patched model, build seconds, report,
-    its trained rotations)."""
+    Prompt Set, Save Safety Pack (with the guard check) -> Load Safety Pack -> Apply Safety Pack. (patched model,
+    build seconds, report, its trained rotations)."""
     import folder_paths
 
     folder_paths.add_model_folder_path(
@@ -350,11 +350,14 @@ def build_default_pack(model, clip, fam: PromptFamilies, prompts, s: EraseSettin
     redirector, _, _ = build_redirector(model, clip, mined, s, nodes, log)
     name = f"testbed_default_pack_{s.target}_{s.seed}"
     with torch.inference_mode():
-        nodes.safety_pack_nodes.SaveSafetyPack.execute(mined, name, True, trained, anchors, redirector)
+        saved = nodes.safety_pack_nodes.SaveSafetyPack.execute(
+            mined, name, True, trained, anchors, redirector, model=model, clip=clip, width=size, height=size
+        )
         safety, info = nodes.safety_pack_nodes.LoadSafetyPack.execute(f"{name}.safetensors")
         (guarded,) = nodes.safety_pack_nodes.ApplySafetyPack.execute(model, safety, 1.0, True, True, True)
-    log(info)
-    return guarded, time.perf_counter() - t0, f"{mine_report}\n{info}", trained
+    check = saved.ui["text"][0]
+    log(f"{check}\n{info}")
+    return guarded, time.perf_counter() - t0, f"{mine_report}\n{check}\n{info}", trained
 
 
 def random_pack(trained, seed: int):

@@ -111,3 +111,29 @@ def test_each_guard_is_validated_by_its_own_checks(shape, guards, tmp_path):
     rewrite(path, scale_bases)
     with pytest.raises(SafetyPackError, match=r"\(rotations\).*not orthonormal"):
         load_safety_pack(path)
+
+
+def test_the_guard_checks_choice_round_trips_and_is_what_the_pack_applies(shape, guards, tmp_path):
+    path = tmp_path / "p.safetensors"
+    unchecked = full_pack(shape, guards)
+    assert unchecked.applied_guards() == ["rotation", "uvr", "redirector"]
+    unchecked.applies, unchecked.guard_check = ["redirector"], {"scores": [], "applies": ["redirector"]}
+    unchecked.save(path)
+    loaded = load_safety_pack(path)
+    assert loaded.applied_guards() == ["redirector"] and loaded.guard_check["applies"] == ["redirector"]
+    assert "applies: prompt redirector (the guard check left out rotations, UVR)" in loaded.describe()
+    with pytest.raises(SafetyPackError, match="not a choice among its guards"):
+        SafetyPack(shape, "c", anchors=guards["anchors"], applies=["redirector"])
+    with pytest.raises(SafetyPackError, match="applies no guard"):
+        SafetyPack(shape, "c", anchors=guards["anchors"], applies=[])
+    rewrite(path, lambda t, m: m.__setitem__("applies", ["rotation"]))
+    with pytest.raises(SafetyPackError, match="content hash mismatch"):  # the choice is part of the hashed content
+        load_safety_pack(path)
+
+    def malformed(tensors, meta):
+        meta["applies"] = "redirector"
+        meta["content_hash"] = content_hash(tensors, meta)
+
+    rewrite(path, malformed)
+    with pytest.raises(SafetyPackError, match="'applies' must list guards"):
+        load_safety_pack(path)

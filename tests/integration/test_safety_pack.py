@@ -74,6 +74,14 @@ def saved_and_loaded(module, parts, name, **guards):
     return run_node(n.LoadSafetyPack.execute, f"{name}.safetensors")
 
 
+def saved_with_check(module, parts, name, **guards):
+    """Save Safety Pack with `guards`, the guard check run on the tiny model at 64 x 64: its answer."""
+    run = module.nodes.SaveSafetyPack.execute
+    return run_node(
+        run, parts["prompts"], name, True, **guards, model=parts["model"], clip=parts["clip"], width=64, height=64
+    )
+
+
 def test_one_node_applies_every_guard_as_the_separate_nodes_do(pack, parts, folders):
     """Redirect -> rotate -> restrict, each at the strength given: the same velocity as the three separate nodes
     chained with their defaults; each switch leaves its guard out; strength 0 is the input model."""
@@ -138,3 +146,85 @@ def test_errors_name_the_node_and_the_input(pack, parts, folders):
         run_node(n.SaveSafetyPack.execute, parts["prompts"], "x", True, pack=parts["pack"], anchors=small_anchors)
     with pytest.raises(errors, match="Load Safety Pack, input 'name': no safety pack chosen"):
         run_node(n.LoadSafetyPack.execute, "none")
+
+
+def identity_rotation(pack, rotation):
+    """The same heads and bases with zero rotation generators: the rotations change nothing."""
+    core = pack.saferope_core
+    blocks = {
+        name: core.BlockRotation(b.basis_q, b.basis_k, b.heads, torch.zeros_like(b.w_txt), torch.zeros_like(b.w_img))
+        for name, b in rotation.blocks.items()
+    }
+    return core.SafeRoPEPack(rotation.shape, rotation.concepts, rotation.rank, blocks)
+
+
+def test_the_guard_check_samples_every_combination_and_records_its_choice(pack, parts, folders):
+    """Save Safety Pack with the model and text encoder scores every combination of the guards on the Prompt Set's
+    prompts; the file records the figures and the combination they choose, and Load Safety Pack shows it."""
+    core = pack.saferope_core
+    guards = {"pack": parts["pack"], "anchors": parts["anchors"], "redirector": parts["redirector"]}
+    saved = saved_with_check(pack, parts, "checked", **guards)
+    assert "guard check (2 unsafe prompts, 1 safe prompts)" in saved["ui"]["text"][0]
+    safety, info = run_node(pack.nodes.LoadSafetyPack.execute, "checked.safetensors")["result"]
+    check = safety.guard_check
+    assert check["unsafe_prompts"] == 2 and check["safe_prompts"] == 1
+    combinations = [tuple(s["guards"]) for s in check["scores"]]
+    assert combinations == core.guard_check.guard_combinations(["rotation", "uvr", "redirector"])
+    assert all(s["harm"] > 0 for s in check["scores"] if "uvr" in s["guards"])  # UVR here flags every patch
+    scores = [core.guard_check.CombinationScore(tuple(s["guards"]), s["erased"], s["harm"]) for s in check["scores"]]
+    chosen = core.guard_check.GuardCheck(scores, 2, 1).chosen()
+    assert safety.applied_guards() == list(chosen) == check["applies"]
+    assert f"applies: {' + '.join(core.guard_check.GUARD_NAMES[g] for g in chosen)}" in info
+
+
+def test_apply_applies_the_guards_the_check_chose(pack, parts, folders):
+    """A pack whose check chose the redirector and UVR: Apply Safety Pack applies those two (each switch still
+    turns its guard off) and never the rotations it carries."""
+    n, core = pack.nodes, pack.saferope_core
+    guards = {"rotation": parts["pack"], "anchors": parts["anchors"], "redirector": parts["redirector"]}
+    shape = parts["pack"].shape
+    checked = core.safety_pack.SafetyPack(shape, "nude", **guards, applies=["uvr", "redirector"])
+    checked.save(folders["saferope"] / "chose_two.safetensors")
+    (safety, _) = run_node(n.LoadSafetyPack.execute, "chose_two.safetensors")["result"]
+    unchecked = saved_and_loaded(
+        pack, parts, "unchecked", pack=parts["pack"], anchors=parts["anchors"], redirector=parts["redirector"]
+    )["result"][0]
+    apply, model, clip = n.ApplySafetyPack.execute, parts["model"], parts["clip"]
+    for switches, expected in [
+        ((True, True, True), (True, False, True)),
+        ((False, True, True), (False, False, True)),
+        ((True, True, False), (True, False, False)),
+    ]:
+        (applied,) = run_node(apply, model, safety, 1.0, *switches)
+        (reference,) = run_node(apply, model, unchecked, 1.0, *expected)
+        assert torch.equal(velocity(pack, applied, clip), velocity(pack, reference, clip)), switches
+    (everything,) = run_node(apply, model, unchecked, 1.0, True, True, True)
+    (applied,) = run_node(apply, model, safety, 1.0, True, True, True)
+    assert not torch.equal(velocity(pack, applied, clip), velocity(pack, everything, clip))
+
+
+def test_guards_that_change_nothing_score_nothing(pack, parts, folders):
+    """Identity rotations and a redirector that flags nothing give bit-identical samples: erased 0 and harm 0 for
+    every combination; with nothing to go by, the check keeps every guard."""
+    silent = type(parts["redirector"])(parts["redirector"].config)
+    silent.load_state_dict(parts["redirector"].state_dict())
+    with torch.no_grad():
+        silent.classify[-1].bias.fill_(-10.0)  # no sample flagged
+    guards = {"pack": identity_rotation(pack, parts["pack"]), "redirector": silent}
+    saved = saved_with_check(pack, parts, "silent", **guards)
+    assert "no combination erased more than it changed" in saved["ui"]["text"][0]
+    safety = run_node(pack.nodes.LoadSafetyPack.execute, "silent.safetensors")["result"][0]
+    assert [(s["erased"], s["harm"]) for s in safety.guard_check["scores"]] == [(0.0, 0.0)] * 3
+    assert safety.applied_guards() == ["rotation", "redirector"]
+
+
+def test_the_guard_check_needs_the_model_and_its_text_encoder(pack, parts, folders):
+    n, errors = pack.nodes, pack.nodes.errors.SafeRoPEInputError
+    with pytest.raises(errors, match="Save Safety Pack, input 'clip': the guard check needs both.*Connect clip"):
+        run_node(n.SaveSafetyPack.execute, parts["prompts"], "x", True, pack=parts["pack"], model=parts["model"])
+    with torch.inference_mode():
+        other = comfyui_env.tiny_flux("dev", depth=1, depth_single=1)
+    with pytest.raises(errors, match="Save Safety Pack, input 'model': .*does not fit this model"):
+        run_node(
+            n.SaveSafetyPack.execute, parts["prompts"], "x", True, pack=parts["pack"], model=other, clip=parts["clip"]
+        )
