@@ -196,8 +196,8 @@ MUTATIONS = [
         "safety-pack-switch",
         "Apply Safety Pack rotates although its rotate switch is off",
         "nodes/safety_pack_nodes.py",
-        "if rotate and safety_pack.rotation is not None:",
-        "if safety_pack.rotation is not None:",
+        '("rotation", rotate)',
+        '("rotation", True)',
         (f"{ITG}/test_safety_pack.py::test_one_node_applies_every_guard_as_the_separate_nodes_do",),
     ),
     Mutation(

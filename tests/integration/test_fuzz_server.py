@@ -361,7 +361,7 @@ def latent_problems(ctx, entry: dict, patched: bool) -> list[str]:
 
 
 def saved_file_problems(ctx, entry: dict, folder: str, load) -> list[str]:
-    text = preview_text(entry, "F")
+    text = preview_text(entry, "F").rsplit("\n", 1)[-1]  # after the node's report, when it has one
     if not text.startswith("saved "):
         return [f"no 'saved <path>' text: {text[:200]!r}"]
     path = Path(text[len("saved ") :])
@@ -379,6 +379,19 @@ def saved_file_problems(ctx, entry: dict, folder: str, load) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The node specs
+
+
+def check_guard_checked(ctx, entry, inputs):
+    """Save Safety Pack with the model and text encoder: the pack is saved with the guard check's choice, which the
+    node shows above the path."""
+    problems = saved_file_problems(ctx, entry, "saferope", ctx.load_safety_pack)
+    if not problems:
+        saved = ctx.load_safety_pack(Path(preview_text(entry, "F").rsplit("\n", 1)[-1][len("saved ") :]))
+        if saved.applies is None or not saved.guard_check:
+            problems.append(f"saved without the guard check's choice: applies {saved.applies}")
+        if not preview_text(entry, "F").startswith("guard check ("):
+            problems.append(f"no guard check report: {preview_text(entry, 'F')[:200]!r}")
+    return problems
 
 
 def check_load_pack(ctx, entry, inputs):
@@ -941,6 +954,25 @@ def specs() -> list[Spec]:
                 "name": [("existing name", SAFETY_FILE.removesuffix(".safetensors")), ("dot file", ".hidden")],
                 "pack": [("a pack of another model", ["r_pack", 0])],
             },
+        ),
+        Spec(
+            "SaveSafetyPack",
+            {
+                "prompts": ["prompts", 0],
+                "name": lambda: unique("fuzz_checked_safety_pack"),
+                "overwrite": False,
+                "pack": ["pack", 0],
+                "model": ["model", 0],
+                "clip": ["clip", 0],
+                "width": 64,
+                "height": 64,
+            },
+            lambda: {},
+            check_guard_checked,
+            label="SaveSafetyPack (guard check)",
+            fuzz=("model", "clip", "width", "height"),
+            also={"model": [("F", "clip")], "clip": [("F", "model")]},
+            extra={"model": [("a model of another family", ["r_model", 0])]},
         ),
         Spec(
             "LoadSafetyPack",

@@ -422,8 +422,8 @@ DEFAULT_PACK_REDUCED = {
     "skip_default_pack": False,
     "only_default_pack": True,
 }
-# Bounds per target: the figure measured with this code (in brackets; 16 images a family, ComfyUI 0.33.0) less
-# about 2 images. Red has no unseen words on this world.
+# Bounds per target: the figure measured with this code (in brackets; 16 images a family, ComfyUI 0.33.0; the guard
+# check applies the prompt redirector alone for both) less about 2 images. Red has no unseen words on this world.
 DEFAULT_PACK_BOUNDS = {
     "red": {
         "erase_target": 0.875,  # (1.0)
@@ -432,15 +432,14 @@ DEFAULT_PACK_BOUNDS = {
         "replaced": 0.875,  # (1.0: every erased image shows the object in another colour)
     },
     "striped": {
-        "erase_target": 0.75,  # (0.875)
-        "erase_paraphrase": 0.625,  # (0.75)
-        "erase_compositional": 0.75,  # (0.875)
+        "erase_target": 0.6875,  # (0.8125)
+        "erase_paraphrase": 0.4375,  # (0.5625)
+        "erase_compositional": 0.6875,  # (0.8125)
         "erase_unseen": 0.625,  # (0.75)
-        "replaced": 0.875,  # (1.0: drawn solid)
+        "replaced": 0.8125,  # (0.923)
     },
 }
-# Other values: at most one of each value's 4 images changes (MAX_NON_TARGET_DROP; measured: red none, striped one
-# of solid's).
+# Other values: at most one of each value's 4 images changes (MAX_NON_TARGET_DROP; measured: none for either).
 
 
 @pytest.mark.parametrize("target", sorted(DEFAULT_PACK_BOUNDS))
@@ -463,6 +462,7 @@ def test_the_default_pack_erases_by_replacing_and_keeps_the_other_values(
     base, guarded = result["rows"]
     assert (base["name"], guarded["name"]) == ("base", "default pack"), result["table"]
     assert "mined wordings:" in result["node_texts"]["default pack"]
+    assert "guard check (" in result["node_texts"]["default pack"]
     for figure, bound in DEFAULT_PACK_BOUNDS[target].items():
         if figure != "replaced":
             assert base[figure] <= MAX_BASE_ERASE, (figure, result["table"])
