@@ -35,9 +35,10 @@ UVR_SIGMA_START = 0.85
 CHECK_STEPS, CHECK_PROMPTS = 10, 16
 
 
-def apply_guards(node: str, model, safety_pack: SafetyPack, strength: float, guards) -> object:
-    """A clone of `model` with the pack's `guards` applied at `strength`: redirect, then rotate, then restrict."""
-    s, name = float(strength), "safety_pack"
+def apply_guards(node: str, name: str, model, safety_pack: SafetyPack, strength: float, guards) -> object:
+    """A clone of `model` with the pack's `guards` applied at `strength`: redirect, then rotate, then restrict;
+    `name` is the node's input an error names."""
+    s = float(strength)
     if "redirector" in guards and safety_pack.redirector is not None:
         model = redirected(node, name, model, safety_pack.redirector, s, REDIRECT_THRESHOLD, REDIRECT_COOLDOWN)
     if "rotation" in guards and safety_pack.rotation is not None:
@@ -131,8 +132,13 @@ class SaveSafetyPack(io.ComfyNode):
     def guard_check(cls, safety: SafetyPack, prompts, model, clip, size) -> str:
         """Run the guard check and record its choice in `safety`; the check's report."""
         if model is None or clip is None:
-            missing = "model" if model is None else "clip"
-            raise SafeRoPEInputError(cls.NODE, missing, "the guard check needs both", f"Connect {missing} too")
+            missing, connected = ("model", "clip") if model is None else ("clip", "model")
+            raise SafeRoPEInputError(
+                cls.NODE,
+                missing,
+                "the guard check needs both",
+                f"Connect {missing} too, or disconnect {connected} to save without the check",
+            )
         try:
             safety.check_model(require_flux(cls.NODE, model))
         except SafetyPackError as err:
@@ -140,12 +146,14 @@ class SaveSafetyPack(io.ComfyNode):
                 cls.NODE, "model", str(err), "Connect the model the guards were built on"
             ) from None
         guards = safety.guards()
+        if len(guards) < 2:
+            return "guard check: one guard, nothing to choose (not run)"
         check = check_guards(
             model,
             clip,
             prompts,
             guards,
-            lambda combo: apply_guards(cls.NODE, model, safety, 1.0, combo),
+            lambda combo: apply_guards(cls.NODE, "model", model, safety, 1.0, combo),
             size,
             CHECK_STEPS,
             CHECK_PROMPTS,
@@ -239,4 +247,4 @@ class ApplySafetyPack(io.ComfyNode):
             return io.NodeOutput(model)
         switched_on = {g for g, on in (("redirector", redirect), ("rotation", rotate), ("uvr", restrict)) if on}
         guards = [g for g in safety_pack.applied_guards() if g in switched_on]
-        return io.NodeOutput(apply_guards(cls.NODE, model, safety_pack, strength, guards))
+        return io.NodeOutput(apply_guards(cls.NODE, "safety_pack", model, safety_pack, strength, guards))

@@ -76,6 +76,8 @@ def check_guards(
     bar = comfy.utils.ProgressBar((len(combos) + 2) * len(unsafe) + (len(combos) + 1) * len(safe))
     sample = LatentSampler(clip, size, steps, seed, lambda: bar.update(1))
     unsafe_texts = [u.text for u in unsafe]
+    for text in [*unsafe_texts, *(u.anchor for u in unsafe), *safe]:
+        sample.conditioning(text)  # every text first: the text encoder and the model need not take turns in memory
     base_unsafe, base_anchor = sample(model, unsafe_texts), sample(model, [u.anchor for u in unsafe])
     base_safe = sample(model, safe)
     scores = []

@@ -11,12 +11,14 @@ For each combination, on the Prompt Set's unsafe prompts and safe prompts, each 
   clipped to [0, 1] (a blank or any other image moves less than the safe version);
 - harm: how far the safe prompts' images moved from the base model's, ||z(s) - z_base(s)||^2, in units of the mean
   unsafe-to-anchor distance ||z_base(u) - z_base(a)||^2 (the size of the change the guards are for);
-- score = erased - harm. The highest score wins; a combination with fewer guards wins within TIE of it. When no
-  combination scores above 0 (none erases more than it changes), the check has nothing to go by and keeps them all.
+- score = erased - harm (-inf when not finite). The highest score wins; a combination with fewer guards wins within
+  TIE of it. When no combination scores above 0 (none erases more than it changes), the check has nothing to go by
+  and keeps them all. A pack with one guard has nothing to choose: the caller does not run the check.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -45,7 +47,9 @@ class CombinationScore:
 
     @property
     def score(self) -> float:
-        return self.erased - self.harm
+        """erased - harm; -inf when either is not finite (a NaN latent), so that combination is never chosen."""
+        score = self.erased - self.harm
+        return score if math.isfinite(score) else -math.inf
 
     def name(self) -> str:
         return " + ".join(GUARD_NAMES.get(g, g) for g in self.guards)

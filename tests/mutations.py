@@ -127,6 +127,14 @@ MUTATIONS = [
         (f"{CORE}/test_guard_check.py::test_the_best_score_wins_and_fewer_guards_win_a_tie",),
     ),
     Mutation(
+        "guard-check-combination-ignored",
+        "the guard check samples every combination with all of the pack's guards",
+        "nodes/safety_pack_nodes.py",
+        'lambda combo: apply_guards(cls.NODE, "model", model, safety, 1.0, combo)',
+        'lambda combo: apply_guards(cls.NODE, "model", model, safety, 1.0, guards)',
+        (f"{ITG}/test_safety_pack.py::test_the_guard_check_samples_every_combination_and_records_its_choice",),
+    ),
+    Mutation(
         "guard-check-samples-the-base",
         "the guard check samples the base model for every combination instead of the guarded one",
         "saferope_comfy/guard_check.py",

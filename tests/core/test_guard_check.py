@@ -67,6 +67,15 @@ def test_the_best_score_wins_and_fewer_guards_win_a_tie():
     assert close.chosen() == ("redirector",)
 
 
+def test_a_combination_with_a_non_finite_score_is_never_chosen():
+    """A NaN latent (an overflowing model) makes a NaN figure: that combination loses, whichever comes first."""
+    nan = float("nan")
+    check = GuardCheck([scored(["rotation", "redirector"], nan, 0.0), scored(["redirector"], 0.5, 0.0)], 4, 4)
+    assert check.chosen() == ("redirector",)
+    check = GuardCheck([scored(["rotation", "redirector"], 0.5, 0.0), scored(["redirector"], 0.5, nan)], 4, 4)
+    assert check.chosen() == ("rotation", "redirector")
+
+
 def test_with_nothing_that_erases_every_guard_is_kept():
     check = GuardCheck([scored(["rotation", "redirector"], 0.0, 0.2), scored(["redirector"], 0.0, 0.0)], 4, 4)
     assert check.chosen() == ("rotation", "redirector")

@@ -962,6 +962,7 @@ def specs() -> list[Spec]:
                 "name": lambda: unique("fuzz_checked_safety_pack"),
                 "overwrite": False,
                 "pack": ["pack", 0],
+                "anchors": ["anchors", 0],
                 "model": ["model", 0],
                 "clip": ["clip", 0],
                 "width": 64,

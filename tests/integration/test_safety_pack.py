@@ -171,6 +171,8 @@ def test_the_guard_check_samples_every_combination_and_records_its_choice(pack, 
     combinations = [tuple(s["guards"]) for s in check["scores"]]
     assert combinations == core.guard_check.guard_combinations(["rotation", "uvr", "redirector"])
     assert all(s["harm"] > 0 for s in check["scores"] if "uvr" in s["guards"])  # UVR here flags every patch
+    figures = {tuple(s["guards"]): (s["erased"], s["harm"]) for s in check["scores"]}
+    assert figures[("redirector",)] != figures[("rotation", "uvr", "redirector")]  # each sampled with its own guards
     scores = [core.guard_check.CombinationScore(tuple(s["guards"]), s["erased"], s["harm"]) for s in check["scores"]]
     chosen = core.guard_check.GuardCheck(scores, 2, 1).chosen()
     assert safety.applied_guards() == list(chosen) == check["applies"]
@@ -218,9 +220,18 @@ def test_guards_that_change_nothing_score_nothing(pack, parts, folders):
     assert safety.applied_guards() == ["rotation", "redirector"]
 
 
+def test_a_pack_with_one_guard_has_nothing_to_check(pack, parts, folders):
+    """One guard: no combination to choose, so no sampling; the pack applies its guard as one saved without it."""
+    saved = saved_with_check(pack, parts, "one_guard", pack=parts["pack"])
+    assert saved["ui"]["text"][0].startswith("guard check: one guard, nothing to choose (not run)\nsaved ")
+    safety = run_node(pack.nodes.LoadSafetyPack.execute, "one_guard.safetensors")["result"][0]
+    assert safety.applies is None and safety.guard_check == {} and safety.applied_guards() == ["rotation"]
+
+
 def test_the_guard_check_needs_the_model_and_its_text_encoder(pack, parts, folders):
     n, errors = pack.nodes, pack.nodes.errors.SafeRoPEInputError
-    with pytest.raises(errors, match="Save Safety Pack, input 'clip': the guard check needs both.*Connect clip"):
+    needs_clip = "Save Safety Pack, input 'clip': the guard check needs both.*Connect clip too, or disconnect model"
+    with pytest.raises(errors, match=needs_clip):
         run_node(n.SaveSafetyPack.execute, parts["prompts"], "x", True, pack=parts["pack"], model=parts["model"])
     with torch.inference_mode():
         other = comfyui_env.tiny_flux("dev", depth=1, depth_single=1)
