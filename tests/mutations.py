@@ -122,8 +122,8 @@ MUTATIONS = [
         "guard-check-ignores-harm",
         "the guard check scores a combination by what it erases alone, not what it changes on safe prompts",
         "saferope_core/guard_check.py",
-        "        return self.erased - self.harm\n",
-        "        return self.erased\n",
+        "score = self.erased - self.harm",
+        "score = self.erased",
         (f"{CORE}/test_guard_check.py::test_the_best_score_wins_and_fewer_guards_win_a_tie",),
     ),
     Mutation(
