@@ -127,6 +127,22 @@ MUTATIONS = [
         (f"{CORE}/test_guard_check.py::test_the_best_score_wins_and_fewer_guards_win_a_tie",),
     ),
     Mutation(
+        "guard-check-nan-wins",
+        "a combination whose score is NaN (a NaN latent) can be chosen",
+        "saferope_core/guard_check.py",
+        "return score if math.isfinite(score) else -math.inf",
+        "return score",
+        (f"{CORE}/test_guard_check.py::test_a_combination_with_a_non_finite_score_is_never_chosen",),
+    ),
+    Mutation(
+        "guard-check-one-guard",
+        "Save Safety Pack samples the guard check for a pack with one guard (nothing to choose)",
+        "nodes/safety_pack_nodes.py",
+        "if len(guards) < 2:",
+        "if not guards:",
+        (f"{ITG}/test_safety_pack.py::test_a_pack_with_one_guard_has_nothing_to_check",),
+    ),
+    Mutation(
         "guard-check-combination-ignored",
         "the guard check samples every combination with all of the pack's guards",
         "nodes/safety_pack_nodes.py",

@@ -360,8 +360,13 @@ def latent_problems(ctx, entry: dict, patched: bool) -> list[str]:
     return []
 
 
+def saved_line(entry: dict) -> str:
+    """The Save node's last text line, 'saved <path>' (after the node's report, when it has one)."""
+    return preview_text(entry, "F").rsplit("\n", 1)[-1]
+
+
 def saved_file_problems(ctx, entry: dict, folder: str, load) -> list[str]:
-    text = preview_text(entry, "F").rsplit("\n", 1)[-1]  # after the node's report, when it has one
+    text = saved_line(entry)
     if not text.startswith("saved "):
         return [f"no 'saved <path>' text: {text[:200]!r}"]
     path = Path(text[len("saved ") :])
@@ -386,7 +391,7 @@ def check_guard_checked(ctx, entry, inputs):
     node shows above the path."""
     problems = saved_file_problems(ctx, entry, "saferope", ctx.load_safety_pack)
     if not problems:
-        saved = ctx.load_safety_pack(Path(preview_text(entry, "F").rsplit("\n", 1)[-1][len("saved ") :]))
+        saved = ctx.load_safety_pack(Path(saved_line(entry).removeprefix("saved ")))
         if saved.applies is None or not saved.guard_check:
             problems.append(f"saved without the guard check's choice: applies {saved.applies}")
         if not preview_text(entry, "F").startswith("guard check ("):
