@@ -73,7 +73,20 @@ def cmd_words(a) -> None:
 def cmd_benchmark(a) -> None:
     from .benchmark import benchmark
 
-    print(benchmark(a.targets, a.jobs, a.threads, a.objective, a.name, a.world, a.seeds, a.only_default_pack, a.resume))
+    print(
+        benchmark(
+            a.targets,
+            a.jobs,
+            a.threads,
+            a.objective,
+            a.name,
+            a.world,
+            a.seeds,
+            a.only_default_pack,
+            a.resume,
+            a.single_guards,
+        )
+    )
 
 
 def cmd_erase(a) -> None:
@@ -120,6 +133,7 @@ def cmd_erase(a) -> None:
         redirector_steps=a.redirector_steps,
         redirector_lr=a.redirector_lr,
         skip_redirector=a.skip_redirector,
+        skip_stacks=a.skip_stacks,
         skip_default_pack=a.skip_default_pack,
         only_default_pack=a.only_default_pack,
         skip_attack=a.skip_attack,
@@ -235,6 +249,11 @@ def main(argv=None) -> None:
     b.add_argument(
         "--only-default-pack", action="store_true", help="rows base and default pack only (erase --only-default-pack)"
     )
+    b.add_argument(
+        "--single-guards",
+        action="store_true",
+        help="rows base, SafeRoPE, UVR, prompt redirector and default pack (no Rand, stacks or other objective)",
+    )
     b.add_argument("--resume", action="store_true", help="keep the runs whose result file exists")
     b.set_defaults(func=cmd_benchmark)
 
@@ -299,6 +318,9 @@ def main(argv=None) -> None:
     e.add_argument("--redirector-steps", type=int, default=400, help="Train Prompt Redirector steps")
     e.add_argument("--redirector-lr", type=float, default=1e-3, help="Train Prompt Redirector learning_rate")
     e.add_argument("--skip-redirector", action="store_true", help="skip the prompt redirector rows")
+    e.add_argument(
+        "--skip-stacks", action="store_true", help="the single guards alone: no stacked rows, no detection table"
+    )
     e.add_argument("--skip-default-pack", action="store_true", help="skip the default pack row (Apply Safety Pack)")
     e.add_argument(
         "--only-default-pack", action="store_true", help="rows base and default pack only (no single guards)"

@@ -6,7 +6,9 @@ nodes' defaults, each in its own process (one torch thread, `--jobs` at a time):
 redirector alone, with SafeRoPE, and with both, and the default pack) and once with the other objective (its SafeRoPE
 row only); with `--seeds N`, all of it for seeds 0 .. N-1. It then writes one table per target (seed 0) and a summary
 over targets (each figure's mean and standard deviation over the seeds) to bench/out/testbed/<name>.md (results JSON
-beside it). `--world defaults` runs it on the world with defaults.
+beside it). `--world defaults` runs it on the world with defaults; `--only-default-pack` runs the rows base and
+default pack only, `--single-guards` the rows base, SafeRoPE, UVR, prompt redirector and default pack (no Rand, no
+stacks, no other objective). A row missing from some seeds' runs is summarised over the seeds that have it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ def result_name(target: str, objective: str, seed: int, world_name: str = "plain
 
 
 def _runs(
-    targets, default: str, world_name: str = "plain", seeds: int = 1, only_default_pack: bool = False
+    targets,
+    default: str,
+    world_name: str = "plain",
+    seeds: int = 1,
+    only_default_pack: bool = False,
+    single_guards: bool = False,
 ) -> list[tuple[str, str, list[str]]]:
     """(target, result name, erase arguments) of every run."""
     runs = []
@@ -41,8 +48,9 @@ def _runs(
         common = ["--world", world_name, "--seed", str(seed)]
         for target in targets:
             args = ["--target", target, "--objective", default, *common]
-            if only_default_pack:
-                runs.append((target, result_name(target, default, seed, world_name), [*args, "--only-default-pack"]))
+            if only_default_pack or single_guards:
+                rows = ["--only-default-pack"] if only_default_pack else ["--skip-rand", "--skip-stacks"]
+                runs.append((target, result_name(target, default, seed, world_name), [*args, *rows]))
                 continue
             runs.append((target, result_name(target, default, seed, world_name), args))
             for other in OBJECTIVES:
@@ -120,10 +128,11 @@ def report(targets, default: str, seconds: dict, seeds: int = 1, world_name: str
         rows = _rows(target, default, 0, world_name)
         per_seed = [dict(rows), *(dict(_rows(target, default, seed, world_name)) for seed in range(1, seeds))]
         bases = [by_name["base"] for by_name in per_seed]
-        shown = ("SafeRoPE", "Redirector", "default pack")
+        shown = ("SafeRoPE", "UVR", "Redirector", "default pack")
         for n, _ in rows:
-            if n.startswith(shown):
-                lines.append(summary_row(target, n, [by_name[n] for by_name in per_seed], bases))
+            if n.startswith(shown):  # over the seeds whose run has the row
+                seeds_with = [(by_name[n], base) for by_name, base in zip(per_seed, bases, strict=True) if n in by_name]
+                lines.append(summary_row(target, n, *map(list, zip(*seeds_with, strict=True))))
         found = json.loads((OUT_DIR / f"{result_name(target, default, 0, world_name)}.json").read_text()).get(
             "detection"
         )
@@ -151,11 +160,12 @@ def benchmark(
     seeds=1,
     only_default_pack=False,
     resume=False,
+    single_guards=False,
 ):
     """Every run, then the report. `resume`: a run whose result file exists is not run again (its time counts 0)."""
     targets = list(targets or TARGETS)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    runs = _runs(targets, default, world_name, seeds, only_default_pack)
+    runs = _runs(targets, default, world_name, seeds, only_default_pack, single_guards)
     todo = [r for r in runs if not (resume and (OUT_DIR / f"{r[1]}.json").exists())]
     with ThreadPoolExecutor(jobs) as pool:
         times = list(pool.map(lambda r: _run(r[2], r[1], threads), todo))

@@ -102,6 +102,7 @@ class EraseSettings:
     redirector_steps: int = 400
     redirector_lr: float = 1e-3
     skip_redirector: bool = False
+    skip_stacks: bool = False  # the single guards alone: no stacked rows (SafeRoPE + UVR, ...) and no detection table
     # the default pack: Mine Wordings -> every guard from the mined Prompt Set -> Save / Load / Apply Safety Pack
     skip_default_pack: bool = False
     only_default_pack: bool = False  # rows base and default pack only (the single guards are not built)
@@ -461,7 +462,10 @@ def single_guards(model, clip, conditioner, fam, prompts, s: EraseSettings, node
     rows_in.append(("SafeRoPE", safe_res, safe_dev, timings["build_s"], safe_model))
     if not s.skip_uvr:  # anchors are collected on the model they guard: the rotated one for the stacked row
         restrict = nodes.uvr_nodes.RestrictUnsafeFlow.execute
-        for name, guarded, extra_s in (("UVR", model, 0.0), ("SafeRoPE + UVR", safe_model, timings["build_s"])):
+        uvr_rows = [("UVR", model, 0.0)]
+        if not s.skip_stacks:
+            uvr_rows.append(("SafeRoPE + UVR", safe_model, timings["build_s"]))
+        for name, guarded, extra_s in uvr_rows:
             anchors, seconds, texts[name] = build_uvr(guarded, clip, prompts, s, nodes, log)
             with torch.inference_mode():
                 (restricted,) = restrict(guarded, anchors, s.uvr_strength, s.uvr_threshold, s.uvr_sigma_start, -1)
@@ -470,10 +474,12 @@ def single_guards(model, clip, conditioner, fam, prompts, s: EraseSettings, node
     detected = None
     if not s.skip_redirector:  # the redirector is trained on the base model and guards every stack
         redirector, seconds, texts["redirector"] = build_redirector(model, clip, prompts, s, nodes, log)
-        detected = detection.detection(redirector, model, clip, prompts, fam, s, nodes, log)
         redirect = nodes.redirect_nodes.RedirectUnsafePrompts.execute
-        stacks = [("Redirector", model, 0.0), ("Redirector + SafeRoPE", safe_model, timings["build_s"])]
-        if not s.skip_uvr:
+        stacks = [("Redirector", model, 0.0)]
+        if not s.skip_stacks:
+            detected = detection.detection(redirector, model, clip, prompts, fam, s, nodes, log)
+            stacks.append(("Redirector + SafeRoPE", safe_model, timings["build_s"]))
+        if not s.skip_uvr and not s.skip_stacks:
             anchors, uvr_s, _ = build_uvr(safe_model, clip, prompts, s, nodes, log)
             with torch.inference_mode():
                 (all_three,) = nodes.uvr_nodes.RestrictUnsafeFlow.execute(
