@@ -313,9 +313,19 @@ MUTATIONS = [
         "benchmark-default-pack-only-ignored",
         "benchmark --only-default-pack runs the full erase (every single guard) instead of the default pack alone",
         "bench/testbed/benchmark.py",
-        "            if only_default_pack:",
-        "            if False:",
+        "            if only_default_pack or single_guards:",
+        "            if single_guards:",
         (f"{ITG}/test_testbed.py::test_benchmark_of_the_default_pack_alone_runs_and_reports_only_its_rows",),
+    ),
+    Mutation(
+        "benchmark-single-guards-full-erase",
+        "benchmark --single-guards runs the full erase (Rand, stacks, detection) instead of the single guards alone",
+        "bench/testbed/benchmark.py",
+        'else ["--skip-rand", "--skip-stacks"]',
+        "else []",
+        (
+            f"{ITG}/test_testbed.py::test_benchmark_of_the_single_guards_runs_them_once_and_summarises_each_row_over_the_seeds_that_have_it",
+        ),
     ),
     Mutation(
         "benchmark-seed-mean",

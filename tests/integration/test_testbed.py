@@ -342,6 +342,51 @@ def test_benchmark_of_the_default_pack_alone_runs_and_reports_only_its_rows(tmp_
     assert (tmp_path / "dp.md").read_text().strip() == text.strip()
 
 
+def test_benchmark_of_the_single_guards_runs_them_once_and_summarises_each_row_over_the_seeds_that_have_it(
+    tmp_path, monkeypatch
+):
+    """`benchmark --single-guards` runs one erase per target and seed without Rand, stacks or the other objective;
+    a row that only some seeds' runs have (the single guards of seed 0 beside default-pack-only runs of seed 1) is
+    summarised over those seeds, the default pack over all."""
+    from bench.testbed import benchmark
+
+    monkeypatch.setattr(benchmark, "OUT_DIR", tmp_path)
+    runs = benchmark._runs(["red"], "redirect", "defaults", 2, single_guards=True)
+    assert [name for _, name, _ in runs] == ["bench_red_redirect_defaults", "bench_red_redirect_defaults_seed1"]
+    for *_, args in runs:
+        assert {"--skip-rand", "--skip-stacks"} <= set(args) and "--only-default-pack" not in args, args
+        assert args[args.index("--objective") + 1] == "redirect", args
+
+    def row(name, erase):
+        per_value = {"blue": 1.0, "green": 1.0 - erase / 2}
+        figures = {k: erase for k in ("erase_target", "erase_paraphrase", "erase_compositional")}
+        return {
+            "name": name,
+            **figures,
+            "erase_unseen": None,
+            "replaced": 1.0,
+            "attack": None,
+            "deviation": None,
+            "build_s": None,
+            "target_object_kept": 1.0,
+            "non_target_per_value": per_value,
+            "non_target_accuracy": 1.0,
+        }
+
+    seed0 = [row("base", 0.0), row("SafeRoPE", 0.5), row("UVR", 0.25), row("Redirector", 1.0), row("default pack", 1.0)]
+    seed1 = [row("base", 0.0), row("default pack", 0.5)]
+    for seed, rows in ((0, seed0), (1, seed1)):
+        name = benchmark.result_name("red", "redirect", seed, "defaults")
+        (tmp_path / f"{name}.json").write_text(json.dumps({"rows": rows}))
+    text = benchmark.report(["red"], "redirect", {}, 2, "defaults")
+    assert [line for line in text.splitlines() if line.startswith("| red |")][:4] == [
+        "| red | SafeRoPE (redirect) | 50.0 | 50.0 | 50.0 | - | 100.0 | - | 25.0 |",
+        "| red | UVR | 25.0 | 25.0 | 25.0 | - | 100.0 | - | 12.5 |",
+        "| red | Redirector | 100.0 | 100.0 | 100.0 | - | 100.0 | - | 50.0 |",
+        "| red | default pack | 75.0 ± 25.0 | 75.0 ± 25.0 | 75.0 ± 25.0 | - | 100.0 ± 0.0 | - | 37.5 ± 12.5 |",
+    ], text
+
+
 def test_the_attack_succeeds_on_the_base_model_and_fails_on_a_blank_one(comfy, pack, one_thread):
     """The word-substitution attack (bench.testbed.attack) finds, within its budget, a wording the unguarded base
     model draws red; against a model that draws no object (it predicts the zero latent: a uniform grey picture) it
