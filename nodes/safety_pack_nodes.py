@@ -31,6 +31,8 @@ from .guards import redirected, restricted, rotated
 # How Apply Safety Pack runs each guard at strength 1 (the separate nodes' defaults)
 REDIRECT_THRESHOLD, REDIRECT_COOLDOWN = 0.0, 3
 UVR_SIGMA_START = 0.85
+# Apply Safety Pack's guards input: the guard check's choice (the default), or every guard the pack carries
+GUARD_CHOICES = ("as checked", "every guard")
 # The guard check: sampling steps, and unsafe and safe prompts of the Prompt Set it samples
 CHECK_STEPS, CHECK_PROMPTS = 10, 16
 
@@ -199,9 +201,10 @@ class ApplySafetyPack(io.ComfyNode):
             display_name=cls.NODE,
             category="SafeRoPE",
             description="Applies the guards a safety pack carries (those its guard check chose, when it was built "
-            "with one), at one strength: the prompt redirector (redraws the concept as its safe counterpart), "
-            "SafeRoPE's rotations (the concept cannot form in attention) and UVR (restricts the flow of patches that "
-            "still carry it, also from reference images). The input model is not changed.",
+            "with one, unless guards is set to every guard), at one strength: the prompt redirector (redraws the "
+            "concept as its safe counterpart), SafeRoPE's rotations (the concept cannot form in attention) and UVR "
+            "(restricts the flow of patches that still carry it, also from reference images). The input model is "
+            "not changed.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the pack was built for (or a patched copy)"),
                 SafetyPackType.Input("safety_pack", tooltip="From Load Safety Pack"),
@@ -232,13 +235,24 @@ class ApplySafetyPack(io.ComfyNode):
                     tooltip="UVR: in the first steps, image patches that carry the concept have their flow "
                     "restricted, from reference images too (when the pack has anchors and its guard check kept them)",
                 ),
+                io.Combo.Input(
+                    "guards",
+                    options=list(GUARD_CHOICES),
+                    default=GUARD_CHOICES[0],
+                    optional=True,
+                    tooltip="as checked: the guards the pack's guard check chose (all of them when it was saved "
+                    "without the check). every guard: all the pack carries; reaches more wordings nobody mined, but "
+                    "prompts without the concept may change too. The switches above still turn each one off",
+                ),
             ],
             outputs=[io.Model.Output(tooltip="A patched copy of the model; sample with it instead of the input")],
         )
 
     @classmethod
     @checked
-    def execute(cls, model, safety_pack: SafetyPack, strength, redirect, rotate, restrict) -> io.NodeOutput:
+    def execute(
+        cls, model, safety_pack: SafetyPack, strength, redirect, rotate, restrict, guards=GUARD_CHOICES[0]
+    ) -> io.NodeOutput:
         try:
             safety_pack.check_model(require_flux(cls.NODE, model))
         except SafetyPackError as err:
@@ -246,5 +260,6 @@ class ApplySafetyPack(io.ComfyNode):
         if float(strength) == 0:
             return io.NodeOutput(model)
         switched_on = {g for g, on in (("redirector", redirect), ("rotation", rotate), ("uvr", restrict)) if on}
-        guards = [g for g in safety_pack.applied_guards() if g in switched_on]
-        return io.NodeOutput(apply_guards(cls.NODE, "safety_pack", model, safety_pack, strength, guards))
+        offered = safety_pack.applied_guards() if guards == GUARD_CHOICES[0] else safety_pack.guards()
+        applied = [g for g in offered if g in switched_on]
+        return io.NodeOutput(apply_guards(cls.NODE, "safety_pack", model, safety_pack, strength, applied))

@@ -553,12 +553,14 @@ anchors and the prompt redirector of one concept in one file, checked as a whole
 yet: the **build_a_pack** workflow writes this file (its **Save Safety Pack**, next to the separate files).
 *Safety pack info* shows what it holds (concept, guards, model, wordings) once the graph has run.
 
-**Apply Safety Pack** returns a patched copy of the model with every guard the file carries, each as its own node
-applies it by default: `redirect` (Redirect Unsafe Prompts: a flagged image is drawn as the safe version), `rotate`
-(Apply Risk Rotation on text and image tokens: the concept cannot form in attention, on any wording) and
-`restrict` (Restrict Unsafe Flow: patches that still carry it are held back in the start-up steps). `strength` 1 =
-as built, 0 turns it off; switch a guard off to compare. One guard alone, from its own file: the `_with_uvr` and
-`_with_redirector` workflows.
+**Apply Safety Pack** returns a patched copy of the model with the guards the file's guard check chose (every
+guard it carries when it was saved without the check), each as its own node applies it by default: `redirect`
+(Redirect Unsafe Prompts: a flagged image is drawn as the safe version), `rotate` (Apply Risk Rotation on text and
+image tokens: the concept cannot form in attention, on any wording) and `restrict` (Restrict Unsafe Flow: patches
+that still carry it are held back in the start-up steps). `strength` 1 = as built, 0 turns it off; switch a guard
+off to compare. `guards` *every guard* applies all the file carries, whatever the check chose: more reach to
+wordings nobody mined, but prompts without the concept may change too. One guard alone, from its own file: the
+`_with_uvr` and `_with_redirector` workflows.
 """
 UVR_NOTE = """
 ## Restrict Unsafe Flow (UVR): no trained pack needed
@@ -640,10 +642,12 @@ def load_models(
 
 
 def load_and_apply_safety_pack(wf: Workflow, model: Node, x: int, y: int, info_at=None) -> Node:
-    """Load Safety Pack -> Apply Safety Pack (strength 1, every guard on) in column x, and a Preview Any of the
-    pack's info below them (or at info_at)."""
+    """Load Safety Pack -> Apply Safety Pack (strength 1, every guard on, as checked) in column x, and a Preview Any
+    of the pack's info below them (or at info_at)."""
     safety = wf.add("LoadSafetyPack", (x, y), name=SAFETY_PACK_FILE)
-    apply = wf.add("ApplySafetyPack", (x, y + 150), strength=1.0, redirect=True, rotate=True, restrict=True)
+    apply = wf.add(
+        "ApplySafetyPack", (x, y + 150), strength=1.0, redirect=True, rotate=True, restrict=True, guards="as checked"
+    )
     wf.connect(model, "MODEL", apply, "model")
     wf.connect(safety, "safety_pack", apply, "safety_pack")
     info = wf.add("PreviewAny", info_at or (x, y + 380), size=(320, 160), title="Safety pack info")

@@ -225,6 +225,14 @@ MUTATIONS = [
         (f"{ITG}/test_safety_pack.py::test_one_node_applies_every_guard_as_the_separate_nodes_do",),
     ),
     Mutation(
+        "safety-pack-every-guard-ignored",
+        "Apply Safety Pack's guards 'every guard' still applies only the guards the check chose",
+        "nodes/safety_pack_nodes.py",
+        "if guards == GUARD_CHOICES[0] else safety_pack.guards()",
+        "if guards else safety_pack.guards()",
+        (f"{ITG}/test_safety_pack.py::test_apply_applies_the_guards_the_check_chose",),
+    ),
+    Mutation(
         "mined-wordings-unchecked",
         "Mine Wordings keeps the words the model draws nearer the anchor (any near word, e.g. other colours)",
         "saferope_core/wordings.py",

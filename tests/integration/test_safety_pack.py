@@ -181,7 +181,7 @@ def test_the_guard_check_samples_every_combination_and_records_its_choice(pack, 
 
 def test_apply_applies_the_guards_the_check_chose(pack, parts, folders):
     """A pack whose check chose the redirector and UVR: Apply Safety Pack applies those two (each switch still
-    turns its guard off) and never the rotations it carries."""
+    turns its guard off) and never the rotations it carries, unless its guards input says every guard."""
     n, core = pack.nodes, pack.saferope_core
     guards = {"rotation": parts["pack"], "anchors": parts["anchors"], "redirector": parts["redirector"]}
     shape = parts["pack"].shape
@@ -203,6 +203,14 @@ def test_apply_applies_the_guards_the_check_chose(pack, parts, folders):
     (everything,) = run_node(apply, model, unchecked, 1.0, True, True, True)
     (applied,) = run_node(apply, model, safety, 1.0, True, True, True)
     assert not torch.equal(velocity(pack, applied, clip), velocity(pack, everything, clip))
+    # guards "every guard": all the pack carries, the check's choice aside; the switches still turn each one off
+    for switches in ((True, True, True), (True, False, True), (False, True, False)):
+        (applied,) = run_node(apply, model, safety, 1.0, *switches, "every guard")
+        (reference,) = run_node(apply, model, unchecked, 1.0, *switches)
+        assert torch.equal(velocity(pack, applied, clip), velocity(pack, reference, clip)), switches
+    unknown = "Apply Safety Pack, input 'guards': 'all' is not one of its choices"
+    with pytest.raises(n.errors.SafeRoPEInputError, match=unknown):
+        run_node(apply, model, safety, 1.0, True, True, True, "all")
 
 
 def test_guards_that_change_nothing_score_nothing(pack, parts, folders):

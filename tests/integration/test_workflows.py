@@ -592,11 +592,12 @@ def test_workflows_load_what_build_a_pack_saves(server):
 
 
 def test_safety_pack_is_applied_as_built(server):
-    """Apply Safety Pack runs at its defaults (strength 1, every guard on), the values the notes describe, on the
-    safety pack build_a_pack writes."""
-    required = server.info["ApplySafetyPack"]["input"]["required"]
-    defaults = {k: spec[1]["default"] for k, spec in required.items() if k not in ("model", "safety_pack")}
-    assert defaults == {"strength": 1.0, "redirect": True, "rotate": True, "restrict": True}, defaults
+    """Apply Safety Pack runs at its defaults (strength 1, every guard on, the guards the pack's check chose), the
+    values the notes describe, on the safety pack build_a_pack writes."""
+    inputs = server.info["ApplySafetyPack"]["input"]
+    specs = {**inputs["required"], **inputs.get("optional", {})}
+    defaults = {k: spec[1]["default"] for k, spec in specs.items() if k not in ("model", "safety_pack")}
+    assert defaults == {"strength": 1.0, "redirect": True, "rotate": True, "restrict": True, "guards": "as checked"}
     applied = []
     for name in ALL_WORKFLOWS:
         wf = load(name)
