@@ -115,8 +115,8 @@ def report(targets, default: str, seconds: dict, seeds: int = 1, world_name: str
         f"Testbed benchmark, node defaults (objective {default}, learning rate {s.learning_rate}, {s.train_steps} "
         f"steps, rank {s.rank}, LRS > {s.lrs_threshold}, delta >= {s.hds_threshold}); families " + ", ".join(FAMILIES),
         "",
-        "Summary (SafeRoPE, prompt redirector and default pack rows; worst drop = the largest fall in accuracy of any "
-        "other value, points"
+        "Summary (SafeRoPE, UVR, prompt redirector and default pack rows; worst drop = the largest fall in accuracy of "
+        "any other value, points"
         + (f"; mean ± standard deviation over {seeds} seeds; the tables: seed 0):" if seeds > 1 else "):"),
         "",
         "| target | model | erase target % | paraphrase % | compositional % | unseen words % | replaced % "
