@@ -114,8 +114,8 @@ MUTATIONS = [
         "apply-ignores-guard-check",
         "Apply Safety Pack applies every guard the pack carries, not the combination its guard check chose",
         "nodes/safety_pack_nodes.py",
-        "guards = [g for g in safety_pack.applied_guards() if g in switched_on]",
-        "guards = [g for g in safety_pack.guards() if g in switched_on]",
+        "offered = safety_pack.applied_guards() if guards",
+        "offered = safety_pack.guards() if guards",
         (f"{ITG}/test_safety_pack.py::test_apply_applies_the_guards_the_check_chose",),
     ),
     Mutation(
