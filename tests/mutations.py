@@ -336,6 +336,16 @@ MUTATIONS = [
         ),
     ),
     Mutation(
+        "benchmark-summary-needs-every-seed",
+        "the benchmark summary expects every row in every seed's run (single guards beside default-pack-only seeds)",
+        "bench/testbed/benchmark.py",
+        "zip(per_seed, bases, strict=True) if n in by_name]",
+        "zip(per_seed, bases, strict=True)]",
+        (
+            f"{ITG}/test_testbed.py::test_benchmark_of_the_single_guards_runs_them_once_and_summarises_each_row_over_the_seeds_that_have_it",
+        ),
+    ),
+    Mutation(
         "benchmark-seed-mean",
         "the benchmark summary shows the first seed's figure instead of the mean over seeds",
         "bench/testbed/benchmark.py",

@@ -73,20 +73,8 @@ def cmd_words(a) -> None:
 def cmd_benchmark(a) -> None:
     from .benchmark import benchmark
 
-    print(
-        benchmark(
-            a.targets,
-            a.jobs,
-            a.threads,
-            a.objective,
-            a.name,
-            a.world,
-            a.seeds,
-            a.only_default_pack,
-            a.resume,
-            a.single_guards,
-        )
-    )
+    rows = {"only_default_pack": a.only_default_pack, "single_guards": a.single_guards}
+    print(benchmark(a.targets, a.jobs, a.threads, a.objective, a.name, a.world, a.seeds, resume=a.resume, **rows))
 
 
 def cmd_erase(a) -> None:
